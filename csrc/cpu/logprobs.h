@@ -1,0 +1,27 @@
+// CPU kernels of the log-prob / entropy / KL ops. Inputs are validated in Python; these check only invariants.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace rlhf_fast::cpu {
+
+// logits [N, V] (unit stride in V) -> (logp, entropy, lse), each float32 [N].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(const at::Tensor& logits,
+                                                               const std::optional<at::Tensor>& labels,
+                                                               double temperature, int64_t ignore_index,
+                                                               bool compute_entropy);
+// -> grad_logits [N, V] in the dtype of logits.
+at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& grad_lse,
+                            const at::Tensor& logits, const std::optional<at::Tensor>& labels, const at::Tensor& lse,
+                            const at::Tensor& entropy, double temperature, int64_t ignore_index);
+// -> (kl, lse_p, lse_q), each float32 [N].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_fwd_cpu(const at::Tensor& logits, const at::Tensor& ref_logits,
+                                                             double temperature);
+// -> grad_logits [N, V] in the dtype of logits.
+at::Tensor kl_div_bwd_cpu(const at::Tensor& grad_kl, const at::Tensor& logits, const at::Tensor& ref_logits,
+                          const at::Tensor& lse_p, const at::Tensor& lse_q, const at::Tensor& kl, double temperature);
+
+}  // namespace rlhf_fast::cpu

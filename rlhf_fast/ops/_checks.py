@@ -1,0 +1,83 @@
+"""Input validation shared by every op: a clear TypeError/ValueError naming the argument, before any kernel runs."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def tensor(x, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def float_tensor(x, name: str) -> torch.Tensor:
+    tensor(x, name)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+    return x
+
+
+def logits(x, name: str = "logits") -> torch.Tensor:
+    float_tensor(x, name)
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have at least one dimension (the vocabulary), got a 0-d tensor")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name} has an empty vocabulary dimension (shape {tuple(x.shape)})")
+    return x
+
+
+def same_device(x: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; put them on one device")
+
+
+def same_shape(x: torch.Tensor, name: str, shape, what: str) -> None:
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} ({what}), got {tuple(x.shape)}")
+
+
+def labels(y, name: str, logits_: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """int64 labels of shape logits.shape[:-1], on the logits' device, each in [0, V) or == ignore_index.
+
+    The range check reads the labels; it runs eagerly on CPU tensors only. On CUDA (and under torch.compile) it is
+    skipped to avoid a host synchronisation, and the kernels return NaN for an out-of-range label instead.
+    """
+    tensor(y, name)
+    if y.dtype != torch.int64:
+        raise TypeError(f"{name} must be int64 (torch.long), got {y.dtype}")
+    same_shape(y, name, logits_.shape[:-1], "logits.shape[:-1]")
+    same_device(y, name, logits_, "logits")
+    if y.device.type == "cpu" and not torch.compiler.is_compiling() and y.numel() > 0:
+        vocab = logits_.shape[-1]
+        bad = ((y < 0) | (y >= vocab)) & (y != ignore_index)
+        if bool(bad.any()):
+            index = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"{name}{list(index)} = {int(y[index])} is outside [0, {vocab}) and is not ignore_index={ignore_index}"
+            )
+    return y
+
+
+def integer(x, name: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    return x
+
+
+def positive_number(x, name: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a Python number, got {type(x).__name__}")
+    if not (math.isfinite(x) and x > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {x}")
+    return float(x)
+
+
+def choice(x, name: str, options) -> str:
+    if x not in options:
+        raise ValueError(f"{name} must be one of {tuple(options)}, got {x!r}")
+    return x

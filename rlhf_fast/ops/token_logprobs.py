@@ -1,0 +1,369 @@
+"""Log-probs of chosen tokens, entropy and KL, computed from logits without [N, V] float32 temporaries.
+
+Formulas (../shared/FORMULAS.md), with z = logits / temperature over the last dimension V:
+  logp[t]    = z[t, y_t] - logsumexp(z[t])            (0 where y_t == ignore_index, with no gradient)
+  entropy[t] = logsumexp(z[t]) - sum_v softmax(z[t])_v z[t, v]
+  KL[t]      = sum_v p_v (log p_v - log q_v)          p from logits, q from ref_logits, same temperature
+  kl_penalty: sampled-token estimators of KL(pi || pi_ref) with d = ref_logp - logp:
+    k1 = -d,  k2 = d^2 / 2,  k3 = exp(d) - d - 1 (d clamped to [-20, 20], result to [-10, 10]),  abs = |d|
+
+Every output is float32 whatever the logits dtype. NaN logits give NaN; a row that is entirely -inf gives NaN (as
+torch.log_softmax does); -inf entries elsewhere are fine and get zero gradient.
+
+Each op is a torch.library custom op in the ``rlhf_fast`` namespace with a fake (meta) implementation and an
+autograd formula; the backend (torch, cpp, cuda, triton) is chosen in Python before the op is called and passed
+to it, so ``torch.compile`` records the choice in the graph.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from . import _checks
+
+LOGPROBS_BACKENDS = ("torch", "cpp", "cuda", "triton")
+KL_BACKENDS = ("torch", "cpp", "triton")
+KL_KINDS = ("k1", "k2", "k3", "abs")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# References: short and obviously correct; the ground truth of the tests (autograd gives their gradients).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def logprobs_ref(logits: Tensor, labels: Tensor, temperature: float = 1.0, ignore_index: int = -100) -> Tensor:
+    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
+    keep = labels != ignore_index
+    picked = logp_all.gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(keep, picked, 0.0)
+
+
+def entropy_ref(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    z = logits.float() / temperature
+    p = torch.softmax(z, dim=-1)
+    return torch.logsumexp(z, dim=-1) - (p * torch.where(p > 0, z, 0.0)).sum(-1)
+
+
+def kl_divergence_ref(logits: Tensor, ref_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logq = torch.log_softmax(ref_logits.float() / temperature, dim=-1)
+    return (logp.exp() * torch.where(logp.exp() > 0, logp - logq, 0.0)).sum(-1)
+
+
+def kl_penalty_ref(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
+    d = ref_logp.float() - logp.float()
+    if kind == "k1":
+        return -d
+    if kind == "k2":
+        return 0.5 * d * d
+    if kind == "abs":
+        return d.abs()
+    d = d.clamp(-20.0, 20.0)
+    return (d.exp() - d - 1.0).clamp(-10.0, 10.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backend implementations on 2-D logits [N, V] (unit stride in V). The torch backend is the formulas below, written
+# out explicitly (not the autograd of the references), so the two check each other.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _zero_if_none(g: Optional[Tensor], like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if g is None else g.float().contiguous()
+
+
+def _logprobs_fwd_torch(logits, labels, temperature, ignore_index, compute_entropy):
+    z = logits.float() / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    entropy = entropy_ref(logits, temperature) if compute_entropy else torch.zeros_like(lse)
+    logp = torch.zeros_like(lse) if labels is None else logprobs_ref(logits, labels, temperature, ignore_index)
+    return logp, entropy, lse
+
+
+def _logprobs_bwd_torch(grad_logp, grad_entropy, grad_lse, logits, labels, lse, entropy, temperature, ignore_index):
+    z = logits.float() / temperature
+    p = torch.exp(z - lse[:, None])
+    if labels is None:
+        keep = torch.zeros_like(lse, dtype=torch.bool)
+        labels = torch.zeros_like(lse, dtype=torch.long)
+    else:
+        keep = labels != ignore_index
+    g = torch.where(keep, grad_logp, 0.0)
+    c = grad_lse - g + grad_entropy * (lse - entropy)
+    grad = p * (c[:, None] - grad_entropy[:, None] * torch.where(p > 0, z, 0.0))
+    grad.scatter_add_(1, torch.where(keep, labels, 0)[:, None], g[:, None])
+    return (grad / temperature).to(logits.dtype)
+
+
+def _kl_div_fwd_torch(logits, ref_logits, temperature):
+    lse_p = torch.logsumexp(logits.float() / temperature, dim=-1)
+    lse_q = torch.logsumexp(ref_logits.float() / temperature, dim=-1)
+    return kl_divergence_ref(logits, ref_logits, temperature), lse_p, lse_q
+
+
+def _kl_div_bwd_torch(grad_kl, logits, ref_logits, lse_p, lse_q, kl, temperature):
+    z = logits.float() / temperature
+    w = ref_logits.float() / temperature
+    p = torch.exp(z - lse_p[:, None])
+    term = torch.where(p > 0, (z - lse_p[:, None]) - (w - lse_q[:, None]) - kl[:, None], 0.0)
+    return (grad_kl[:, None] * p * term / temperature).to(logits.dtype)
+
+
+def _triton():
+    from ..kernels import logprobs as triton_logprobs  # imported on first use: importing triton is slow
+
+    return triton_logprobs
+
+
+def _logprobs_fwd(backend, *args):
+    if backend == "torch":
+        return _logprobs_fwd_torch(*args)
+    if backend == "triton":
+        return _triton().logprobs_fwd(*args)
+    return torch.ops.rlhf_fast_C.logprobs_fwd(*args)  # cpp / cuda: the compiled op dispatches on the device
+
+
+def _logprobs_bwd(backend, *args):
+    if backend == "torch":
+        return _logprobs_bwd_torch(*args)
+    if backend == "triton":
+        return _triton().logprobs_bwd(*args)
+    return torch.ops.rlhf_fast_C.logprobs_bwd(*args)
+
+
+def _kl_div_fwd(backend, *args):
+    if backend == "torch":
+        return _kl_div_fwd_torch(*args)
+    if backend == "triton":
+        return _triton().kl_div_fwd(*args)
+    return torch.ops.rlhf_fast_C.kl_div_fwd(*args)
+
+
+def _kl_div_bwd(backend, *args):
+    if backend == "torch":
+        return _kl_div_bwd_torch(*args)
+    if backend == "triton":
+        return _triton().kl_div_bwd(*args)
+    return torch.ops.rlhf_fast_C.kl_div_bwd(*args)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Custom ops (2-D logits, already validated) with fake and autograd implementations.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _row_vectors(logits: Tensor, count: int) -> tuple[Tensor, ...]:
+    return tuple(logits.new_empty(logits.shape[0], dtype=torch.float32) for _ in range(count))
+
+
+@torch.library.custom_op("rlhf_fast::logprobs_entropy", mutates_args=())
+def logprobs_entropy_op(
+    logits: Tensor, labels: Optional[Tensor], temperature: float, ignore_index: int, compute_entropy: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """logits [N, V] float/bf16/fp16, labels int64 [N] or None -> (logp, entropy, lse), float32 [N] each."""
+    return _logprobs_fwd(backend, logits, labels, temperature, ignore_index, compute_entropy)
+
+
+@logprobs_entropy_op.register_fake
+def _(logits, labels, temperature, ignore_index, compute_entropy, backend):
+    return _row_vectors(logits, 3)
+
+
+@torch.library.custom_op("rlhf_fast::logprobs_entropy_backward", mutates_args=())
+def logprobs_entropy_backward_op(
+    grad_logp: Tensor, grad_entropy: Tensor, grad_lse: Tensor, logits: Tensor, labels: Optional[Tensor],
+    lse: Tensor, entropy: Tensor, temperature: float, ignore_index: int, backend: str,
+) -> Tensor:
+    """-> grad_logits [N, V] in the logits dtype."""
+    return _logprobs_bwd(backend, grad_logp, grad_entropy, grad_lse, logits, labels, lse, entropy, temperature,
+                         ignore_index)
+
+
+@logprobs_entropy_backward_op.register_fake
+def _(grad_logp, grad_entropy, grad_lse, logits, labels, lse, entropy, temperature, ignore_index, backend):
+    return logits.new_empty(logits.shape)
+
+
+def _logprobs_entropy_setup(ctx, inputs, output):
+    logits, labels, temperature, ignore_index, compute_entropy, backend = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(logits, labels, lse, entropy)
+    ctx.args = (temperature, ignore_index, compute_entropy, backend)
+
+
+def _logprobs_entropy_grad(ctx, grad_logp, grad_entropy, grad_lse):
+    logits, labels, lse, entropy = ctx.saved_tensors
+    temperature, ignore_index, compute_entropy, backend = ctx.args
+    grad_logp = _zero_if_none(grad_logp if labels is not None else None, lse)
+    grad_entropy = _zero_if_none(grad_entropy if compute_entropy else None, lse)
+    grad_lse = _zero_if_none(grad_lse, lse)
+    grad = logprobs_entropy_backward_op(grad_logp, grad_entropy, grad_lse, logits, labels, lse, entropy,
+                                        temperature, ignore_index, backend)
+    return grad, None, None, None, None, None
+
+
+logprobs_entropy_op.register_autograd(_logprobs_entropy_grad, setup_context=_logprobs_entropy_setup)
+
+
+@torch.library.custom_op("rlhf_fast::kl_divergence", mutates_args=())
+def kl_divergence_op(logits: Tensor, ref_logits: Tensor, temperature: float, backend: str
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """logits, ref_logits [N, V] -> (kl, lse_p, lse_q), float32 [N] each."""
+    return _kl_div_fwd(backend, logits, ref_logits, temperature)
+
+
+@kl_divergence_op.register_fake
+def _(logits, ref_logits, temperature, backend):
+    return _row_vectors(logits, 3)
+
+
+@torch.library.custom_op("rlhf_fast::kl_divergence_backward", mutates_args=())
+def kl_divergence_backward_op(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor, lse_p: Tensor, lse_q: Tensor,
+                              kl: Tensor, temperature: float, backend: str) -> Tensor:
+    return _kl_div_bwd(backend, grad_kl, logits, ref_logits, lse_p, lse_q, kl, temperature)
+
+
+@kl_divergence_backward_op.register_fake
+def _(grad_kl, logits, ref_logits, lse_p, lse_q, kl, temperature, backend):
+    return logits.new_empty(logits.shape)
+
+
+def _kl_divergence_setup(ctx, inputs, output):
+    logits, ref_logits, temperature, backend = inputs
+    kl, lse_p, lse_q = output
+    ctx.save_for_backward(logits, ref_logits, lse_p, lse_q, kl)
+    ctx.args = (temperature, backend)
+
+
+def _kl_divergence_grad(ctx, grad_kl, grad_lse_p, grad_lse_q):
+    # The log-sum-exps are internal outputs (not returned by kl_divergence): only the KL carries a gradient.
+    logits, ref_logits, lse_p, lse_q, kl = ctx.saved_tensors
+    temperature, backend = ctx.args
+    grad = kl_divergence_backward_op(_zero_if_none(grad_kl, kl), logits, ref_logits, lse_p, lse_q, kl,
+                                     temperature, backend)
+    return grad, None, None, None
+
+
+kl_divergence_op.register_autograd(_kl_divergence_grad, setup_context=_kl_divergence_setup)
+
+
+@torch.library.custom_op("rlhf_fast::kl_penalty", mutates_args=())
+def kl_penalty_op(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
+    """Elementwise; bandwidth-bound, so one implementation (PyTorch) serves every device."""
+    return kl_penalty_ref(logp, ref_logp, kind)
+
+
+@kl_penalty_op.register_fake
+def _(logp, ref_logp, kind):
+    return torch.empty_like(logp, dtype=torch.float32)
+
+
+def _kl_penalty_setup(ctx, inputs, output):
+    logp, ref_logp, kind = inputs
+    ctx.save_for_backward(logp, ref_logp)
+    ctx.kind = kind
+    ctx.dtypes = (logp.dtype, ref_logp.dtype)
+
+
+def _kl_penalty_grad(ctx, grad):
+    logp, ref_logp = ctx.saved_tensors
+    d = ref_logp.float() - logp.float()
+    if ctx.kind == "k1":
+        dd = torch.full_like(d, -1.0)  # d(penalty)/d(d)
+    elif ctx.kind == "k2":
+        dd = d
+    elif ctx.kind == "abs":
+        dd = torch.sign(d)
+    else:
+        inside = (d >= -20.0) & (d <= 20.0)
+        dc = d.clamp(-20.0, 20.0)
+        k3 = dc.exp() - dc - 1.0
+        dd = torch.where(inside & (k3 >= -10.0) & (k3 <= 10.0), dc.exp() - 1.0, 0.0)
+    g = grad * dd
+    return (-g).to(ctx.dtypes[0]), g.to(ctx.dtypes[1]), None
+
+
+kl_penalty_op.register_autograd(_kl_penalty_grad, setup_context=_kl_penalty_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API: validation, reshaping to 2-D, backend choice.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _as_rows(x: Tensor) -> Tensor:
+    """[..., V] -> [N, V] with unit stride in V (a view when possible)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(1) == 1 or rows.shape[1] == 1 else rows.contiguous()
+
+
+def _logprobs_entropy(logits, labels, temperature, ignore_index, compute_entropy, op_name):
+    _checks.logits(logits)
+    temperature = _checks.positive_number(temperature, "temperature")
+    ignore_index = _checks.integer(ignore_index, "ignore_index")
+    if labels is not None:
+        _checks.labels(labels, "labels", logits, ignore_index)
+    backend = _backend.select(op_name, LOGPROBS_BACKENDS, logits.device)
+    rows = _as_rows(logits)
+    flat_labels = labels.reshape(-1).contiguous() if labels is not None else None
+    logp, ent, _ = logprobs_entropy_op(rows, flat_labels, temperature, ignore_index, compute_entropy, backend)
+    batch_shape = logits.shape[:-1]
+    return logp.view(batch_shape), ent.view(batch_shape)
+
+
+def logprobs(logits: Tensor, labels: Tensor, *, temperature: float = 1.0, ignore_index: int = -100) -> Tensor:
+    """Log-probability of each label under softmax(logits / temperature).
+
+    logits: [..., V] float32/bf16/fp16; labels: [...] int64 in [0, V) or ``ignore_index`` -> [...] float32.
+    Positions whose label is ``ignore_index`` give 0 and no gradient. Differentiable w.r.t. ``logits``.
+    """
+    return _logprobs_entropy(logits, labels, temperature, ignore_index, False, "logprobs")[0]
+
+
+def entropy(logits: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """Entropy of softmax(logits / temperature): logits [..., V] float32/bf16/fp16 -> [...] float32."""
+    return _logprobs_entropy(logits, None, temperature, -100, True, "entropy")[1]
+
+
+def logprobs_and_entropy(logits: Tensor, labels: Tensor, *, temperature: float = 1.0, ignore_index: int = -100
+                         ) -> tuple[Tensor, Tensor]:
+    """``(logprobs(...), entropy(...))`` from one pass over the logits; entropy is computed at every position."""
+    if labels is None:
+        raise TypeError("labels must be a torch.Tensor, got None (use rlhf_fast.entropy for entropy alone)")
+    return _logprobs_entropy(logits, labels, temperature, ignore_index, True, "logprobs_and_entropy")
+
+
+def kl_divergence(logits: Tensor, ref_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """Exact per-position KL(p || q) over the vocabulary, p = softmax(logits / T), q = softmax(ref_logits / T).
+
+    logits, ref_logits: [..., V], same shape and dtype -> [...] float32. Differentiable w.r.t. ``logits``;
+    ``ref_logits`` is the frozen reference and receives no gradient.
+    """
+    _checks.logits(logits)
+    _checks.logits(ref_logits, "ref_logits")
+    _checks.same_shape(ref_logits, "ref_logits", logits.shape, "the shape of logits")
+    _checks.same_device(ref_logits, "ref_logits", logits, "logits")
+    if ref_logits.dtype != logits.dtype:
+        raise TypeError(f"ref_logits must have the dtype of logits ({logits.dtype}), got {ref_logits.dtype}")
+    temperature = _checks.positive_number(temperature, "temperature")
+    backend = _backend.select("kl_divergence", KL_BACKENDS, logits.device)
+    kl, _, _ = kl_divergence_op(_as_rows(logits), _as_rows(ref_logits.detach()), temperature, backend)
+    return kl.view(logits.shape[:-1])
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
+    """Per-token KL estimator from sampled-token log-probs; ``kind`` in k1, k2, k3, abs (see module docstring).
+
+    logp, ref_logp: same shape, float32/bf16/fp16 -> float32. Differentiable w.r.t. both.
+    """
+    _checks.float_tensor(logp, "logp")
+    _checks.float_tensor(ref_logp, "ref_logp")
+    _checks.same_shape(ref_logp, "ref_logp", logp.shape, "the shape of logp")
+    _checks.same_device(ref_logp, "ref_logp", logp, "logp")
+    _checks.choice(kind, "kind", KL_KINDS)
+    return kl_penalty_op(logp, ref_logp, kind)
