@@ -77,7 +77,7 @@ def _extensions():
     exts = [
         CppExtension(
             "rlhf_fast._C",
-            sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/bindings/cpu_ops.cpp"],
+            sorted(glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/bindings/cpu_*.cpp")),
             extra_compile_args={"cxx": cxx},
             extra_link_args=["-fopenmp"],
         )
@@ -86,7 +86,7 @@ def _extensions():
         exts.append(
             CUDAExtension(
                 "rlhf_fast._C_cuda",
-                sorted(glob.glob("csrc/cuda/*.cu")) + ["csrc/bindings/cuda_ops.cpp"],
+                sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/bindings/cuda_*.cpp")),
                 extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
             )
         )

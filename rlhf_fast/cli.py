@@ -8,16 +8,7 @@ import platform
 import torch
 
 from . import _backend
-from .ops import token_logprobs as logprobs_ops
-
-# op name -> backends that implement it
-OPS = {
-    "logprobs": logprobs_ops.LOGPROBS_BACKENDS,
-    "entropy": logprobs_ops.LOGPROBS_BACKENDS,
-    "logprobs_and_entropy": logprobs_ops.LOGPROBS_BACKENDS,
-    "kl_divergence": logprobs_ops.KL_BACKENDS,
-    "kl_penalty": ("torch",),
-}
+from .ops import OP_BACKENDS
 
 
 def info() -> str:
@@ -33,7 +24,7 @@ def info() -> str:
     ]
     lines += [f"  {name:7s} {_backend.availability(name)}" for name in _backend.BACKENDS]
     lines.append("op backends:")
-    for op, implemented in OPS.items():
+    for op, implemented in OP_BACKENDS.items():
         chosen = []
         for device in devices:
             try:

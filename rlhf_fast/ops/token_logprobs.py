@@ -27,6 +27,13 @@ from . import _checks
 
 LOGPROBS_BACKENDS = ("torch", "cpp", "cuda", "triton")
 KL_BACKENDS = ("torch", "cpp", "triton")
+OP_BACKENDS = {  # public op -> backends implementing it (shown by `rlhf-fast info`)
+    "logprobs": LOGPROBS_BACKENDS,
+    "entropy": LOGPROBS_BACKENDS,
+    "logprobs_and_entropy": LOGPROBS_BACKENDS,
+    "kl_divergence": KL_BACKENDS,
+    "kl_penalty": ("torch",),
+}
 KL_KINDS = ("k1", "k2", "k3", "abs")
 
 
