@@ -1,0 +1,46 @@
+"""Shared test helpers: the backends usable here, and the tolerance rule for low-precision kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_fast import _backend
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def usable_backends(implemented: tuple[str, ...], device: str = "cpu") -> list:
+    """pytest params for each implemented backend; those that cannot run here are skipped with the reason."""
+    params = []
+    for name in implemented:
+        dev = torch.device(device)
+        if device == "cuda" and not HAS_CUDA:
+            marks = [pytest.mark.skip(reason="needs a CUDA GPU")]
+        elif not _backend.built(name):
+            marks = [pytest.mark.skip(reason=f"backend {name} not available: {_backend.availability(name)}")]
+        elif not _backend.runs_on(name, dev):
+            marks = [pytest.mark.skip(reason=f"backend {name} does not run on {device} tensors here"
+                                      + (" (needs a CUDA GPU)" if name == "cuda" else ""))]
+        else:
+            marks = []
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+def assert_within_ref_error(out, ref_same_dtype, exact, *, name: str, factor: float = 2.0, floor: float = 1e-5):
+    """The flash-attention rule: a kernel's error against an fp64 result must stay within ``factor`` times the
+    error of the reference computed in the same (low) precision, plus a small absolute ``floor`` (for fp32, where
+    the reference error can be ~0). NaN must appear exactly where the exact result has NaN."""
+    out, ref_same_dtype, exact = out.double(), ref_same_dtype.double(), exact.double()
+    nan = exact.isnan()
+    assert torch.equal(out.isnan(), nan), f"{name}: NaN pattern differs from the exact result"
+    out, ref_same_dtype, exact = out[~nan], ref_same_dtype[~nan], exact[~nan]
+    finite = exact.isfinite()
+    assert torch.equal(out[~finite], exact[~finite]), f"{name}: infinities differ from the exact result"
+    if finite.sum() == 0:
+        return
+    err = (out[finite] - exact[finite]).abs().max().item()
+    ref_err = (ref_same_dtype[finite] - exact[finite]).abs().max().item()
+    bound = factor * ref_err + floor * max(1.0, exact[finite].abs().max().item())
+    assert err <= bound, f"{name}: max error {err:.3g} > {factor} x reference error {ref_err:.3g} + floor ({bound:.3g})"

@@ -1,0 +1,11 @@
+import os
+
+# Without a GPU, Triton kernels run on CPU tensors in the interpreter. It must be set before triton is imported.
+try:
+    import torch
+
+    _has_cuda = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _has_cuda = False
+if not _has_cuda:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
