@@ -8,7 +8,8 @@ Backends:
 
 Selection, strongest first: ``use_backend(name)`` (innermost wins), the ``RLHF_FAST_BACKEND`` environment
 variable (read once, at import), then automatic: the first backend in ``AUTO_ORDER`` that is usable for
-the op and the tensor's device. An explicit choice that cannot run raises instead of falling back.
+the op and the tensor's device. An explicit choice that cannot run raises instead of falling back, except for
+ops whose only implementation is the portable PyTorch one (they ignore the request).
 """
 
 from __future__ import annotations
@@ -113,6 +114,8 @@ def requested_backend() -> str | None:
 
 def select(op: str, implemented: tuple[str, ...], device: torch.device) -> str:
     """The backend ``op`` (implemented by ``implemented``) runs on for tensors on ``device``."""
+    if implemented == ("torch",):
+        return "torch"  # one portable PyTorch implementation: the request does not apply
     wanted = requested_backend()
     if wanted is not None:
         if wanted not in implemented:

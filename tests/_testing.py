@@ -28,6 +28,15 @@ def usable_backends(implemented: tuple[str, ...], device: str = "cpu") -> list:
     return params
 
 
+def device_backends(implemented: tuple[str, ...]) -> list:
+    """pytest params ``(device, backend)`` for CPU and CUDA; CUDA ones skip ("needs a CUDA GPU") without a GPU."""
+    params = []
+    for device in ("cpu", "cuda"):
+        for p in usable_backends(implemented, device):
+            params.append(pytest.param(device, p.values[0], marks=p.marks, id=f"{device}-{p.id}"))
+    return params
+
+
 def assert_within_ref_error(out, ref_same_dtype, exact, *, name: str, factor: float = 2.0, floor: float = 1e-5):
     """The flash-attention rule: a kernel's error against an fp64 result must stay within ``factor`` times the
     error of the reference computed in the same (low) precision, plus a small absolute ``floor`` (for fp32, where

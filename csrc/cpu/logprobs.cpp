@@ -116,7 +116,9 @@ void logprobs_fwd_kernel(const at::Tensor& logits, const int64_t* labels, float 
   });
 }
 
-// grad_z_j = g [j == y] + p_j (c - gH z_j), c = gL - g + gH (lse - H); grad_x = grad_z / T; -inf entries get 0.
+// grad_z_j = g [j == y] + p_j (c - gH lp_j), lp_j = z_j - lse, c = gL - g - gH H; grad_x = grad_z / T.
+// (Written with lp_j rather than z_j so that large logits, e.g. 1e4, do not cancel catastrophically.)
+// -inf entries get 0.
 template <typename T>
 void logprobs_bwd_kernel(const float* grad_logp, const float* grad_entropy, const float* grad_lse,
                          const at::Tensor& logits, const int64_t* labels, const float* lse, const float* entropy,
@@ -132,15 +134,16 @@ void logprobs_bwd_kernel(const float* grad_logp, const float* grad_entropy, cons
       const bool has_label = y != ignore_index && y >= 0 && y < vocab;
       const float g = has_label ? grad_logp[r] : 0.f;
       const float gh = grad_entropy[r];
-      const float c = grad_lse[r] - g + gh * (lse[r] - entropy[r]);
+      const float c = grad_lse[r] - g - gh * entropy[r];
       const auto element = [&](float z) {
-        return z == kNegInf ? 0.f : std::exp(z - lse[r]) * (c - gh * z) * inv_t;
+        const float lp = z - lse[r];
+        return z == kNegInf ? 0.f : std::exp(lp) * (c - gh * lp) * inv_t;
       };
       const Vec vinv(inv_t), vlse(lse[r]), vc(c), vgh(gh), zero(0.f), neg_inf(kNegInf);
       const auto vec_element = [&](const Vec& xv) {
         const Vec z = xv * vinv;
-        const Vec out = (z - vlse).exp_u20() * (vc - vgh * z) * vinv;
-        return Vec::blendv(out, zero, z == neg_inf);
+        const Vec lp = z - vlse;
+        return Vec::blendv(lp.exp_u20() * (vc - vgh * lp) * vinv, zero, z == neg_inf);
       };
       int64_t j = 0;
       for (; j + 2 * W <= vocab; j += 2 * W) {

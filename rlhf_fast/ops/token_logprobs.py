@@ -50,9 +50,9 @@ def logprobs_ref(logits: Tensor, labels: Tensor, temperature: float = 1.0, ignor
 
 
 def entropy_ref(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    z = logits.float() / temperature
-    p = torch.softmax(z, dim=-1)
-    return torch.logsumexp(z, dim=-1) - (p * torch.where(p > 0, z, 0.0)).sum(-1)
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    p = logp.exp()
+    return -(p * torch.where(p > 0, logp, 0.0)).sum(-1)
 
 
 def kl_divergence_ref(logits: Tensor, ref_logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -87,21 +87,26 @@ def _logprobs_fwd_torch(logits, labels, temperature, ignore_index, compute_entro
     z = logits.float() / temperature
     lse = torch.logsumexp(z, dim=-1)
     entropy = entropy_ref(logits, temperature) if compute_entropy else torch.zeros_like(lse)
-    logp = torch.zeros_like(lse) if labels is None else logprobs_ref(logits, labels, temperature, ignore_index)
+    if labels is None:
+        return torch.zeros_like(lse), entropy, lse
+    # Like the compiled kernels, an out-of-range label (unchecked on CUDA) gives NaN rather than a read past V.
+    in_range = (labels >= 0) & (labels < logits.shape[-1])
+    picked = z.gather(-1, torch.where(in_range, labels, 0)[:, None]).squeeze(-1) - lse
+    logp = torch.where(labels == ignore_index, 0.0, torch.where(in_range, picked, float("nan")))
     return logp, entropy, lse
 
 
 def _logprobs_bwd_torch(grad_logp, grad_entropy, grad_lse, logits, labels, lse, entropy, temperature, ignore_index):
-    z = logits.float() / temperature
-    p = torch.exp(z - lse[:, None])
+    logp_all = logits.float() / temperature - lse[:, None]
+    p = torch.exp(logp_all)
     if labels is None:
         keep = torch.zeros_like(lse, dtype=torch.bool)
         labels = torch.zeros_like(lse, dtype=torch.long)
     else:
         keep = labels != ignore_index
     g = torch.where(keep, grad_logp, 0.0)
-    c = grad_lse - g + grad_entropy * (lse - entropy)
-    grad = p * (c[:, None] - grad_entropy[:, None] * torch.where(p > 0, z, 0.0))
+    c = grad_lse - g - grad_entropy * entropy
+    grad = p * (c[:, None] - grad_entropy[:, None] * torch.where(p > 0, logp_all, 0.0))
     grad.scatter_add_(1, torch.where(keep, labels, 0)[:, None], g[:, None])
     return (grad / temperature).to(logits.dtype)
 

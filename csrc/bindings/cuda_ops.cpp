@@ -1,0 +1,99 @@
+// CUDA kernels of the rlhf_fast_C ops (the schemas are defined by the CPU extension, rlhf_fast._C, loaded first).
+// Inputs are validated in Python; these checks guard only the invariants the launchers rely on.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "../cuda/logprobs.h"
+
+namespace rlhf_fast::cuda {
+namespace {
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return DType::Float32;
+    case at::kBFloat16:
+      return DType::BFloat16;
+    case at::kHalf:
+      return DType::Float16;
+    default:
+      TORCH_CHECK(false, "logits must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+void check_logits(const at::Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), "logits must be a CUDA tensor");
+  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, "logits must be 2-D with unit stride in the last dimension");
+}
+
+void check_vector(const at::Tensor& t, const at::Tensor& logits, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(t.device() == logits.device(), name, " must be on the device of logits (", logits.device(), ")");
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == logits.size(0) && t.is_contiguous() && t.scalar_type() == dtype, name,
+              " must be a contiguous 1-D tensor of ", logits.size(0), " elements of type ", dtype);
+}
+
+const int64_t* labels_ptr(const std::optional<at::Tensor>& labels, const at::Tensor& logits) {
+  if (!labels) return nullptr;
+  check_vector(*labels, logits, at::kLong, "labels");
+  return labels->const_data_ptr<int64_t>();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(const at::Tensor& logits,
+                                                                const std::optional<at::Tensor>& labels,
+                                                                double temperature, int64_t ignore_index,
+                                                                bool compute_entropy) {
+  check_logits(logits);
+  const DType dtype = dtype_of(logits);
+  const int64_t* label_data = labels_ptr(labels, logits);
+  const auto options = logits.options().dtype(at::kFloat);
+  at::Tensor logp = at::empty({logits.size(0)}, options), entropy = at::empty({logits.size(0)}, options),
+             lse = at::empty({logits.size(0)}, options);
+  if (logits.size(0) == 0) return {logp, entropy, lse};
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const cudaError_t err = logprobs_fwd(logits.const_data_ptr(), dtype, logits.size(0), logits.size(1),
+                                       logits.stride(0), label_data, static_cast<float>(temperature), ignore_index,
+                                       compute_entropy, logp.data_ptr<float>(), entropy.data_ptr<float>(),
+                                       lse.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "logprobs_fwd CUDA kernel: ", cudaGetErrorString(err));
+  return {logp, entropy, lse};
+}
+
+at::Tensor logprobs_bwd_cuda(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& grad_lse,
+                             const at::Tensor& logits, const std::optional<at::Tensor>& labels, const at::Tensor& lse,
+                             const at::Tensor& entropy, double temperature, int64_t ignore_index) {
+  check_logits(logits);
+  const DType dtype = dtype_of(logits);
+  for (const auto& [t, name] : {std::pair{&grad_logp, "grad_logp"}, {&grad_entropy, "grad_entropy"},
+                                {&grad_lse, "grad_lse"}, {&lse, "lse"}, {&entropy, "entropy"}}) {
+    check_vector(*t, logits, at::kFloat, name);
+  }
+  const int64_t* label_data = labels_ptr(labels, logits);
+  at::Tensor grad = at::empty({logits.size(0), logits.size(1)}, logits.options());
+  if (logits.size(0) == 0) return grad;
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const cudaError_t err = logprobs_bwd(
+      grad_logp.const_data_ptr<float>(), grad_entropy.const_data_ptr<float>(), grad_lse.const_data_ptr<float>(),
+      logits.const_data_ptr(), dtype, logits.size(0), logits.size(1), logits.stride(0), label_data,
+      lse.const_data_ptr<float>(), entropy.const_data_ptr<float>(), static_cast<float>(temperature), ignore_index,
+      grad.data_ptr(), c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "logprobs_bwd CUDA kernel: ", cudaGetErrorString(err));
+  return grad;
+}
+
+}  // namespace
+}  // namespace rlhf_fast::cuda
+
+TORCH_LIBRARY_IMPL(rlhf_fast_C, CUDA, m) {
+  m.impl("logprobs_fwd", &rlhf_fast::cuda::logprobs_fwd_cuda);
+  m.impl("logprobs_bwd", &rlhf_fast::cuda::logprobs_bwd_cuda);
+}
+
+// Importing rlhf_fast._C_cuda loads this library, which registers the kernels above; the module itself is empty.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "rlhf_fast compiled CUDA kernels"; }

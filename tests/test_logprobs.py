@@ -1,0 +1,318 @@
+"""Log-prob / entropy / KL ops: every backend against the fp64 reference, values and gradients."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from _testing import assert_within_ref_error, device_backends
+
+import rlhf_fast
+from rlhf_fast import _backend
+from rlhf_fast.ops import token_logprobs as L
+
+BACKENDS = device_backends(L.LOGPROBS_BACKENDS)
+KL_BACKENDS = device_backends(L.KL_BACKENDS)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SMALL_FOR_TRITON = 4096  # the Triton interpreter is slow: larger vocabularies run on the compiled backends only
+
+
+def eager(logits, labels, temperature, ignore_index=-100):
+    """(logp, entropy) by plain PyTorch in the dtype of ``logits`` (fp64 gives the exact result)."""
+    z = logits / temperature
+    logp_all = torch.log_softmax(z, dim=-1)
+    keep = labels != ignore_index
+    logp = torch.where(keep, logp_all.gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1), 0.0)
+    p = logp_all.exp()
+    ent = -(p * torch.where(p > 0, logp_all, 0.0)).sum(-1)
+    return logp, ent
+
+
+def make_inputs(shape, vocab, dtype, seed=0, scale=3.0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(*shape, vocab, generator=gen) * scale).to(dtype)
+    labels = torch.randint(0, vocab, shape, generator=gen)
+    labels.view(-1)[:: max(1, labels.numel() // 3)] = -100  # some ignored positions
+    return logits.to(device), labels.to(device)
+
+
+def check_against_reference(backend, logits, labels, temperature, name):
+    """Values and gradients of logprobs_and_entropy on ``backend`` vs fp64, within the tolerance rule."""
+    gen = torch.Generator().manual_seed(1)
+    g_lp = torch.randn(labels.shape, generator=gen).to(logits.device)
+    g_ent = torch.randn(labels.shape, generator=gen).to(logits.device)
+
+    def run(fn, x):
+        x = x.detach().requires_grad_()
+        lp, ent = fn(x)
+        (lp.double() * g_lp.double() + ent.double() * g_ent.double()).sum().backward()
+        return lp.detach(), ent.detach(), x.grad
+
+    with rlhf_fast.use_backend(backend):
+        out = run(lambda x: rlhf_fast.logprobs_and_entropy(x, labels, temperature=temperature), logits)
+    exact = run(lambda x: eager(x, labels, temperature), logits.double())
+    lowp = run(lambda x: eager(x, labels, temperature), logits)
+    for what, o, e, r in zip(("logp", "entropy", "grad"), out, exact, lowp):
+        assert o.dtype == (logits.dtype if what == "grad" else torch.float32)
+        assert o.shape == e.shape
+        assert_within_ref_error(o, r, e, name=f"{name} {what}")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab", [1, 7, 32000, 50257, 128256])
+def test_logprobs_entropy_match_reference(device, backend, dtype, vocab):
+    if backend == "triton" and vocab > SMALL_FOR_TRITON:
+        pytest.skip("large vocabularies are too slow in the Triton interpreter (run on GPU by gpu_check.sh)")
+    shape = (2, 3) if vocab < 1000 else (3,)
+    logits, labels = make_inputs(shape, vocab, dtype, device=device)
+    check_against_reference(backend, logits, labels, 0.7, f"{backend} {dtype} V={vocab}")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_odd_shapes_temperature_and_non_contiguous(device, backend):
+    base, labels = make_inputs((5, 4), 1501, torch.float32, seed=3, device=device)
+    # a slice of a wider tensor (row stride != V) and a permuted [T, B, V] view
+    wide = torch.randn(5, 4, 1600, device=device)
+    wide[..., :1501] = base
+    check_against_reference(backend, wide[..., :1501], labels, 1.3, f"{backend} row-strided")
+    check_against_reference(backend, base.transpose(0, 1), labels.transpose(0, 1), 0.25, f"{backend} transposed")
+    check_against_reference(backend, base[0, 0], labels[0, 0], 1.0, f"{backend} 1-D")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_extreme_logits(device, backend):
+    logits, labels = make_inputs((4,), 999, torch.float32, seed=5, device=device)
+    logits[0, :10] = 1e4
+    logits[1, :] = -1e4
+    logits[1, 3] = 1e4
+    logits[2, ::2] = float("-inf")
+    labels[2] = 1  # an odd index: a finite logit
+    check_against_reference(backend, logits, labels, 1.0, f"{backend} extreme")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_all_neg_inf_row_gives_nan_like_torch(device, backend):
+    logits = torch.randn(3, 50, device=device)
+    logits[1] = float("-inf")
+    labels = torch.tensor([1, 2, 3], device=device)
+    with rlhf_fast.use_backend(backend):
+        lp, ent = rlhf_fast.logprobs_and_entropy(logits, labels)
+    assert torch.isnan(lp[1]) and torch.isnan(ent[1])
+    assert torch.isfinite(lp[[0, 2]]).all() and torch.isfinite(ent[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_ignored_positions_are_zero_with_zero_gradient(device, backend):
+    logits = torch.randn(4, 37, device=device, requires_grad=True)
+    labels = torch.tensor([-100, 5, -100, 36], device=device)
+    with rlhf_fast.use_backend(backend):
+        lp = rlhf_fast.logprobs(logits, labels)
+    lp.sum().backward()
+    assert lp[0] == 0 and lp[2] == 0
+    assert (logits.grad[[0, 2]] == 0).all() and (logits.grad[[1, 3]] != 0).any()
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_entropy_and_logprobs_alone(device, backend):
+    logits, labels = make_inputs((3, 2), 301, torch.float32, seed=7, device=device)
+    exact_lp, exact_ent = eager(logits.double(), labels, 0.9)
+    with rlhf_fast.use_backend(backend):
+        torch.testing.assert_close(rlhf_fast.entropy(logits, temperature=0.9).double(), exact_ent, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(rlhf_fast.logprobs(logits, labels, temperature=0.9).double(), exact_lp,
+                                   atol=2e-5, rtol=1e-5)
+        x = logits.clone().requires_grad_()
+        rlhf_fast.entropy(x, temperature=0.9).sum().backward()
+    x64 = logits.double().requires_grad_()
+    eager(x64, labels, 0.9)[1].sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_out_of_range_label_inside_the_op_gives_nan(device, backend):
+    # The public API rejects it on CPU; the kernels themselves (what runs on CUDA, unchecked) must not read past V.
+    logits = torch.randn(3, 20, device=device)
+    labels = torch.tensor([3, 20, -7], device=device)
+    logp, _, _ = L.logprobs_entropy_op(logits, labels, 1.0, -100, False, backend)
+    assert torch.isfinite(logp[0]) and torch.isnan(logp[1]) and torch.isnan(logp[2])
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_empty_input_gives_empty_output(device, backend):
+    with rlhf_fast.use_backend(backend):
+        x = torch.randn(0, 5, 11, device=device, requires_grad=True)
+        lp, ent = rlhf_fast.logprobs_and_entropy(x, torch.zeros(0, 5, dtype=torch.long, device=device))
+        assert lp.shape == (0, 5) and ent.shape == (0, 5)
+        (lp.sum() + ent.sum()).backward()
+        assert x.grad.shape == x.shape
+        if backend in L.KL_BACKENDS:
+            assert rlhf_fast.kl_divergence(torch.randn(0, 4, device=device), torch.randn(0, 4, device=device)).shape == (0,)
+
+
+@pytest.mark.parametrize("device,backend", KL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab", [1, 7, 5000, 32000])
+def test_kl_divergence_matches_reference(device, backend, dtype, vocab):
+    if backend == "triton" and vocab > SMALL_FOR_TRITON:
+        pytest.skip("large vocabularies are too slow in the Triton interpreter (run on GPU by gpu_check.sh)")
+    gen = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(2, 3, vocab, generator=gen) * 2).to(device=device, dtype=dtype)
+    ref = (torch.randn(2, 3, vocab, generator=gen) * 2).to(device=device, dtype=dtype)
+    ref[0, 0, : vocab // 2] = float("-inf") if vocab > 1 else 0.0  # q = 0 where p = 0 is fine
+    logits[0, 0, : vocab // 2] = float("-inf") if vocab > 1 else 0.0
+    g = torch.randn(2, 3, generator=gen).to(device)
+
+    def run(fn, x, r):
+        x = x.detach().requires_grad_()
+        out = fn(x, r)
+        (out.double() * g.double()).sum().backward()
+        return out.detach(), x.grad
+
+    def eager_kl(x, r):
+        lp, lq = torch.log_softmax(x / 0.8, -1), torch.log_softmax(r / 0.8, -1)
+        return (lp.exp() * torch.where(lp.exp() > 0, lp - lq, 0.0)).sum(-1)
+
+    with rlhf_fast.use_backend(backend):
+        out = run(lambda x, r: rlhf_fast.kl_divergence(x, r, temperature=0.8), logits, ref)
+    exact = run(eager_kl, logits.double(), ref.double())
+    lowp = run(eager_kl, logits, ref)
+    for what, o, e, r in zip(("kl", "grad"), out, exact, lowp):
+        assert_within_ref_error(o, r, e, name=f"{backend} {dtype} V={vocab} {what}")
+
+
+@pytest.mark.parametrize("kind", L.KL_KINDS)
+def test_kl_penalty_values_and_gradients(kind):
+    logp = torch.tensor([-1.0, -2.0, -0.5, -30.0, -1.0, -0.1])
+    ref_logp = torch.tensor([-1.5, -1.0, -0.5, -1.0, -25.0, -3.0])
+    d = ref_logp - logp
+    expected = {"k1": -d, "k2": 0.5 * d**2, "abs": d.abs(),
+                "k3": (d.clamp(-20, 20).exp() - d.clamp(-20, 20) - 1).clamp(-10, 10)}[kind]
+    a, b = logp.clone().requires_grad_(), ref_logp.clone().requires_grad_()
+    out = rlhf_fast.kl_penalty(a, b, kind)
+    torch.testing.assert_close(out, expected)
+    g = torch.linspace(-1, 1, 6)
+    (out * g).sum().backward()
+    a2, b2 = logp.clone().requires_grad_(), ref_logp.clone().requires_grad_()
+    (L.kl_penalty_ref(a2, b2, kind) * g).sum().backward()
+    torch.testing.assert_close(a.grad, a2.grad)
+    torch.testing.assert_close(b.grad, b2.grad)
+
+
+def test_kl_penalty_k3_hand_computed():
+    # d = ref - logp = log(2): k3 = 2 - log 2 - 1
+    out = rlhf_fast.kl_penalty(torch.tensor([0.0]), torch.tensor([0.6931471805599453]), "k3")
+    torch.testing.assert_close(out, torch.tensor([1.0 - 0.6931471805599453]))
+    assert rlhf_fast.kl_penalty(torch.tensor([0.0]), torch.tensor([100.0]), "k3").item() == 10.0  # both clamps
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_opcheck(device, backend):
+    x = torch.randn(6, 33, device=device, requires_grad=True)
+    y = torch.randint(0, 33, (6,), device=device)
+    torch.library.opcheck(L.logprobs_entropy_op, (x, y, 0.7, -100, True, backend))
+    torch.library.opcheck(L.logprobs_entropy_op, (x, None, 1.0, -100, True, backend))
+    torch.library.opcheck(L.logprobs_entropy_op, (x.detach().bfloat16().requires_grad_(), y, 1.0, -100, False, backend))
+    if backend in L.KL_BACKENDS:
+        torch.library.opcheck(L.kl_divergence_op, (x, torch.randn(6, 33, device=device), 0.7, backend))
+
+
+def test_opcheck_kl_penalty():
+    for kind in L.KL_KINDS:
+        torch.library.opcheck(L.kl_penalty_op, (torch.randn(7, requires_grad=True), torch.randn(7), kind))
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_torch_compile_fullgraph(device, backend):
+    x = torch.randn(2, 5, 40, device=device, requires_grad=True)
+    y = torch.randint(0, 40, (2, 5), device=device)
+
+    def step(x, y):
+        lp, ent = rlhf_fast.logprobs_and_entropy(x, y, temperature=0.5)
+        kl = rlhf_fast.kl_divergence(x, x.detach() * 0.5) if backend in L.KL_BACKENDS else 0.0
+        pen = rlhf_fast.kl_penalty(lp, lp.detach() - 0.1, "k3")
+        return (lp + ent + kl + pen + rlhf_fast.logprobs(x, y) + rlhf_fast.entropy(x)).sum()
+
+    torch._dynamo.reset()
+    with rlhf_fast.use_backend(backend):
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x, y)
+        compiled.backward()
+        grad = x.grad.clone()
+        x.grad = None
+        eager_loss = step(x, y)
+        eager_loss.backward()
+    torch.testing.assert_close(compiled, eager_loss)
+    torch.testing.assert_close(grad, x.grad)
+
+
+def test_bad_input_errors_name_the_argument():
+    x = torch.randn(2, 3, 10)
+    y = torch.randint(0, 10, (2, 3))
+    cases = [
+        (lambda: rlhf_fast.logprobs(x, y.int()), TypeError, "labels must be int64"),
+        (lambda: rlhf_fast.logprobs(x, y[:, :2]), ValueError, "labels must have shape"),
+        (lambda: rlhf_fast.logprobs(x, y.float()), TypeError, "labels must be int64"),
+        (lambda: rlhf_fast.logprobs(x.long(), y), TypeError, "logits must be float32"),
+        (lambda: rlhf_fast.logprobs(x, torch.full((2, 3), 10)), ValueError, r"labels\[0, 0\] = 10 is outside \[0, 10\)"),
+        (lambda: rlhf_fast.logprobs(x, torch.full((2, 3), -1)), ValueError, "not ignore_index=-100"),
+        (lambda: rlhf_fast.logprobs(x, y, temperature=0.0), ValueError, "temperature must be a finite number > 0"),
+        (lambda: rlhf_fast.logprobs(x, y, temperature=-1), ValueError, "temperature"),
+        (lambda: rlhf_fast.logprobs(x, y, temperature=float("nan")), ValueError, "temperature"),
+        (lambda: rlhf_fast.logprobs(x, y, temperature=torch.tensor(1.0)), TypeError, "temperature must be a Python number"),
+        (lambda: rlhf_fast.logprobs(x, y, ignore_index=1.5), TypeError, "ignore_index must be an int"),
+        (lambda: rlhf_fast.logprobs(x, y.to("meta")), ValueError, "labels is on meta but logits is on cpu"),
+        (lambda: rlhf_fast.logprobs(torch.randn(3, 0), torch.zeros(3, dtype=torch.long)), ValueError, "empty vocabulary"),
+        (lambda: rlhf_fast.logprobs([1.0], y), TypeError, "logits must be a torch.Tensor"),
+        (lambda: rlhf_fast.logprobs_and_entropy(x, None), TypeError, "labels must be a torch.Tensor"),
+        (lambda: rlhf_fast.kl_divergence(x, x[:, :2]), ValueError, "ref_logits must have shape"),
+        (lambda: rlhf_fast.kl_divergence(x, x.half()), TypeError, "ref_logits must have the dtype of logits"),
+        (lambda: rlhf_fast.kl_penalty(y.float(), y.float(), "k4"), ValueError, "kind must be one of"),
+        (lambda: rlhf_fast.kl_penalty(y.float(), y.float()[:1]), ValueError, "ref_logp must have shape"),
+        (lambda: rlhf_fast.kl_penalty(y, y), TypeError, "logp must be float32"),
+    ]
+    for fn, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            fn()
+
+
+def test_nan_logits_propagate():
+    x = torch.randn(2, 9)
+    x[0, 4] = float("nan")
+    lp, ent = rlhf_fast.logprobs_and_entropy(x, torch.tensor([1, 1]))
+    assert torch.isnan(lp[0]) and torch.isnan(ent[0]) and torch.isfinite(lp[1])
+
+
+def test_backend_selection():
+    cpu = torch.device("cpu")
+    assert _backend.select("logprobs", L.LOGPROBS_BACKENDS, cpu) == ("cpp" if _backend.built("cpp") else "torch")
+    with rlhf_fast.use_backend("torch"):
+        assert _backend.select("logprobs", L.LOGPROBS_BACKENDS, cpu) == "torch"
+        with rlhf_fast.use_backend("cpp"):
+            assert _backend.requested_backend() == "cpp"
+        assert _backend.requested_backend() == "torch"
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        with rlhf_fast.use_backend("fast"):
+            pass
+    with rlhf_fast.use_backend("cuda"):  # a CUDA backend cannot run on CPU tensors (or is not built)
+        with pytest.raises(RuntimeError, match="backend 'cuda'"):
+            rlhf_fast.logprobs(torch.randn(2, 3), torch.tensor([0, 1]))
+    with rlhf_fast.use_backend("triton"):
+        assert _backend.select("kl_penalty", ("torch",), cpu) == "torch"  # portable-only ops ignore the request
+        if not _backend.triton_interpret():
+            with pytest.raises(RuntimeError, match="cannot run on cpu tensors"):
+                _backend.select("logprobs", L.LOGPROBS_BACKENDS, cpu)
+
+
+def test_environment_variable_selects_backend():
+    code = "import torch, rlhf_fast; from rlhf_fast import _backend; print(_backend.requested_backend())"
+    env = {**os.environ, "RLHF_FAST_BACKEND": "torch"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "torch"
+    env["RLHF_FAST_BACKEND"] = "bogus"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown backend 'bogus'" in bad.stderr
+
+
+def test_info_lists_backends_and_ops():
+    out = subprocess.run([sys.executable, "-m", "rlhf_fast.cli", "info"], capture_output=True, text=True, check=True)
+    assert "cpp" in out.stdout and "logprobs_and_entropy" in out.stdout and "torch " in out.stdout
