@@ -1,0 +1,1 @@
+"""Triton kernels of rlhf_fast, installed as rlhf_fast.kernels."""

@@ -1,0 +1,234 @@
+"""Triton kernels for log-probs of labels, entropy and exact KL from logits (formulas: ../shared/FORMULAS.md).
+
+One program per row of logits [N, V] (unit stride in V, any row stride); each loops over the vocabulary in BLOCK_V
+blocks with an online softmax, so the forward reads the logits once and the backward reads them once and writes
+the gradient once. All arithmetic is float32; z = logits / temperature, w = ref_logits / temperature.
+
+Running maxima are used through ``safe = where(m == -inf, 0, m)`` so that blocks (or rows) that are entirely -inf
+give no inf - inf; a row that is entirely -inf still ends with NaN log-probs and entropy, as torch.log_softmax.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# The interpreter runs blocks as numpy arrays; a small cap there also exercises the multi-block path in tests.
+MAX_BLOCK_V = 512 if os.environ.get("TRITON_INTERPRET") == "1" else 4096
+
+
+def _launch_config(V: int) -> tuple[int, int]:
+    block_v = min(triton.next_power_of_2(max(V, 1)), MAX_BLOCK_V)
+    num_warps = 8 if block_v >= 2048 else 4 if block_v >= 512 else 2 if block_v >= 128 else 1
+    return block_v, num_warps
+
+
+@triton.jit
+def _safe(m):
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    logits_ptr, labels_ptr, logp_ptr, entropy_ptr, lse_ptr,
+    V, row_stride, temperature, ignore_index,
+    HAS_LABELS: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * row_stride
+    offs = tl.arange(0, BLOCK_V)
+    m = tl.full([], float("-inf"), tl.float32)  # running max of z
+    s = tl.zeros([], tl.float32)  # sum exp(z - safe(m))
+    t = tl.zeros([], tl.float32)  # sum exp(z - safe(m)) * (z - safe(m))
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32) / temperature
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        ms_new = _safe(m_new)
+        alpha = tl.exp(m - ms_new)  # the raw m: 0 while nothing was seen, even if ms_new is very negative
+        e = tl.exp(z - ms_new)
+        if COMPUTE_ENTROPY:  # e > 0 drops -inf entries, whose e * (z - ms_new) would be 0 * -inf
+            t = alpha * (t + (_safe(m) - ms_new) * s) + tl.sum(tl.where(e > 0, e * (z - ms_new), 0.0), axis=0)
+        s = alpha * s + tl.sum(e, axis=0)
+        m = m_new
+    log_s = tl.log(s)
+    tl.store(lse_ptr + row, m + log_s)
+    if COMPUTE_ENTROPY:
+        tl.store(entropy_ptr + row, log_s - t / s)
+    else:
+        tl.store(entropy_ptr + row, 0.0)
+    logp = 0.0
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row)
+        in_range = (label >= 0) & (label < V)
+        z_label = tl.load(base + label, mask=in_range & (label != ignore_index), other=0.0).to(tl.float32)
+        logp = tl.where(in_range, (z_label / temperature - m) - log_s, float("nan"))
+        logp = tl.where(label == ignore_index, 0.0, logp)
+    tl.store(logp_ptr + row, logp)
+
+
+@triton.jit
+def _logprobs_bwd_kernel(
+    grad_logp_ptr, grad_entropy_ptr, grad_lse_ptr, logits_ptr, labels_ptr, lse_ptr, entropy_ptr, grad_ptr,
+    V, row_stride, temperature, ignore_index,
+    HAS_LABELS: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * row_stride
+    out = grad_ptr + row * V
+    offs = tl.arange(0, BLOCK_V)
+    lse = tl.load(lse_ptr + row)
+    g_h = tl.load(grad_entropy_ptr + row)
+    g = 0.0
+    label = -1
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row)
+        has_label = (label != ignore_index) & (label >= 0) & (label < V)  # out-of-range labels: NaN logp, no grad
+        g = tl.where(has_label, tl.load(grad_logp_ptr + row), 0.0)
+    # grad_z = p (c - gH lp) + g [col == label], lp = z - lse: written with lp, not z, so that large logits (1e4)
+    # cancel exactly inside lp instead of catastrophically in c.
+    c = tl.load(grad_lse_ptr + row) - g - g_h * tl.load(entropy_ptr + row)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        mask = cols < V
+        lp = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32) / temperature - lse
+        p = tl.exp(lp)
+        grad_z = p * (c - g_h * tl.where(p > 0, lp, 0.0)) + tl.where(cols == label, g, 0.0)
+        tl.store(out + cols, (grad_z / temperature).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _kl_div_fwd_kernel(
+    logits_ptr, ref_ptr, kl_ptr, lse_p_ptr, lse_q_ptr,
+    V, row_stride, ref_row_stride, temperature,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base_z = logits_ptr + row * row_stride
+    base_w = ref_ptr + row * ref_row_stride
+    offs = tl.arange(0, BLOCK_V)
+    m_z = tl.full([], float("-inf"), tl.float32)
+    m_w = tl.full([], float("-inf"), tl.float32)
+    s_z = tl.zeros([], tl.float32)  # sum exp(z - safe(m_z))
+    s_w = tl.zeros([], tl.float32)  # sum exp(w - safe(m_w))
+    t = tl.zeros([], tl.float32)  # sum exp(z - safe(m_z)) * ((z - safe(m_z)) - (w - safe(m_w)))
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        mask = cols < V
+        z = tl.load(base_z + cols, mask=mask, other=float("-inf")).to(tl.float32) / temperature
+        w = tl.load(base_w + cols, mask=mask, other=float("-inf")).to(tl.float32) / temperature
+        mz_new = tl.maximum(m_z, tl.max(z, axis=0))
+        mw_new = tl.maximum(m_w, tl.max(w, axis=0))
+        msz_new = _safe(mz_new)
+        msw_new = _safe(mw_new)
+        alpha_z = tl.exp(m_z - msz_new)
+        e_z = tl.exp(z - msz_new)
+        shift = (_safe(m_z) - msz_new) - (_safe(m_w) - msw_new)
+        t = alpha_z * (t + shift * s_z) + tl.sum(tl.where(e_z > 0, e_z * ((z - msz_new) - (w - msw_new)), 0.0), axis=0)
+        s_z = alpha_z * s_z + tl.sum(e_z, axis=0)
+        s_w = tl.exp(m_w - msw_new) * s_w + tl.sum(tl.exp(w - msw_new), axis=0)
+        m_z = mz_new
+        m_w = mw_new
+    # KL = sum_v p_v ((z_v - m_z - log s_z) - (w_v - m_w - log s_w)), kept relative to the maxima for precision.
+    tl.store(kl_ptr + row, t / s_z - tl.log(s_z) + tl.log(s_w))
+    tl.store(lse_p_ptr + row, m_z + tl.log(s_z))
+    tl.store(lse_q_ptr + row, m_w + tl.log(s_w))
+
+
+@triton.jit
+def _kl_div_bwd_kernel(
+    grad_kl_ptr, logits_ptr, ref_ptr, lse_p_ptr, lse_q_ptr, kl_ptr, grad_ptr,
+    V, row_stride, ref_row_stride, temperature,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base_z = logits_ptr + row * row_stride
+    base_w = ref_ptr + row * ref_row_stride
+    out = grad_ptr + row * V
+    offs = tl.arange(0, BLOCK_V)
+    g = tl.load(grad_kl_ptr + row)
+    lse_p = tl.load(lse_p_ptr + row)
+    lse_q = tl.load(lse_q_ptr + row)
+    kl = tl.load(kl_ptr + row)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        mask = cols < V
+        z = tl.load(base_z + cols, mask=mask, other=float("-inf")).to(tl.float32) / temperature
+        w = tl.load(base_w + cols, mask=mask, other=float("-inf")).to(tl.float32) / temperature
+        log_p = z - lse_p
+        p = tl.exp(log_p)
+        grad_z = g * p * tl.where(p > 0, log_p - (w - lse_q) - kl, 0.0)  # NaN p (NaN row) stays NaN
+        tl.store(out + cols, (grad_z / temperature).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers: plain functions on validated 2-D inputs (logits.stride(1) == 1); the custom ops wrap them.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def logprobs_fwd(logits: Tensor, labels: Optional[Tensor], temperature: float, ignore_index: int,
+                 compute_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """logits [N, V] float/bf16/fp16, labels int64 [N] or None -> (logp, entropy, lse), float32 [N] each."""
+    N, V = logits.shape
+    logp, entropy, lse = (torch.empty(N, dtype=torch.float32, device=logits.device) for _ in range(3))
+    if N == 0:
+        return logp, entropy, lse
+    block_v, num_warps = _launch_config(V)
+    _logprobs_fwd_kernel[(N,)](
+        logits, logits if labels is None else labels, logp, entropy, lse,
+        V, logits.stride(0), float(temperature), int(ignore_index),
+        HAS_LABELS=labels is not None, COMPUTE_ENTROPY=bool(compute_entropy), BLOCK_V=block_v, num_warps=num_warps,
+    )
+    return logp, entropy, lse
+
+
+def logprobs_bwd(grad_logp: Tensor, grad_entropy: Tensor, grad_lse: Tensor, logits: Tensor, labels: Optional[Tensor],
+                 lse: Tensor, entropy: Tensor, temperature: float, ignore_index: int) -> Tensor:
+    """grad_* float32 [N] (zeros where unused) -> grad_logits [N, V] in logits.dtype, contiguous."""
+    N, V = logits.shape
+    grad = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
+    if N == 0:
+        return grad
+    block_v, num_warps = _launch_config(V)
+    _logprobs_bwd_kernel[(N,)](
+        grad_logp, grad_entropy, grad_lse, logits, logits if labels is None else labels, lse, entropy, grad,
+        V, logits.stride(0), float(temperature), int(ignore_index),
+        HAS_LABELS=labels is not None, BLOCK_V=block_v, num_warps=num_warps,
+    )
+    return grad
+
+
+def kl_div_fwd(logits: Tensor, ref_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """logits, ref_logits [N, V] (same dtype) -> (kl, lse_p, lse_q), float32 [N] each."""
+    N, V = logits.shape
+    kl, lse_p, lse_q = (torch.empty(N, dtype=torch.float32, device=logits.device) for _ in range(3))
+    if N == 0:
+        return kl, lse_p, lse_q
+    block_v, num_warps = _launch_config(V)
+    _kl_div_fwd_kernel[(N,)](
+        logits, ref_logits, kl, lse_p, lse_q,
+        V, logits.stride(0), ref_logits.stride(0), float(temperature),
+        BLOCK_V=block_v, num_warps=num_warps,
+    )
+    return kl, lse_p, lse_q
+
+
+def kl_div_bwd(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor, lse_p: Tensor, lse_q: Tensor, kl: Tensor,
+               temperature: float) -> Tensor:
+    """grad_kl float32 [N] -> grad_logits [N, V] in logits.dtype, contiguous (no gradient for ref_logits)."""
+    N, V = logits.shape
+    grad = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
+    if N == 0:
+        return grad
+    block_v, num_warps = _launch_config(V)
+    _kl_div_bwd_kernel[(N,)](
+        grad_kl, logits, ref_logits, lse_p, lse_q, kl, grad,
+        V, logits.stride(0), ref_logits.stride(0), float(temperature),
+        BLOCK_V=block_v, num_warps=num_warps,
+    )
+    return grad
