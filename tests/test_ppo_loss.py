@@ -243,8 +243,9 @@ def _check_from_logits(backend, shape, dtype, kw, layout_seq_ids=None):
     ref, ref_stats = ppo_loss_from_logits_ref(logits, labels, old_logp, adv, mask, **kw)
     (grad_ref,) = torch.autograd.grad(ref, logits)
     exact_kw = dict(kw, ref_logp=ref_logp.double())
-    exact, _ = ppo_loss_from_logits_ref(logits.double(), labels, old_logp.double(), adv.double(), mask, **exact_kw)
-    (grad_exact,) = torch.autograd.grad(exact, logits)
+    logits64 = logits.detach().double().requires_grad_(True)  # an fp64 leaf: the exact gradient is not rounded
+    exact, _ = ppo_loss_from_logits_ref(logits64, labels, old_logp.double(), adv.double(), mask, **exact_kw)
+    (grad_exact,) = torch.autograd.grad(exact, logits64)
     assert out.dtype == torch.float32 and grad.dtype == dtype and grad.shape == logits.shape
     assert_within_ref_error(out, ref, exact, name="loss")
     assert_within_ref_error(grad, grad_ref, grad_exact, name="grad_logits")
