@@ -2,8 +2,12 @@
 
 from . import token_logprobs
 from .token_logprobs import entropy, kl_divergence, kl_penalty, logprobs, logprobs_and_entropy
+from . import advantages
+from .advantages import discounted_returns, gae, group_advantages, masked_mean, masked_var, masked_whiten
 
 # public op name -> backends implementing it; each op family adds its module's table here
 OP_BACKENDS = {**token_logprobs.OP_BACKENDS}
+OP_BACKENDS.update(advantages.OP_BACKENDS)
 
 __all__ = ["entropy", "kl_divergence", "kl_penalty", "logprobs", "logprobs_and_entropy"]
+__all__ += ["discounted_returns", "gae", "group_advantages", "masked_mean", "masked_var", "masked_whiten"]
