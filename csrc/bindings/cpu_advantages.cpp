@@ -5,8 +5,8 @@
 
 #include "../cpu/advantages.h"
 
-// algorithm: which CUDA kernel runs (0 automatic, 1 a thread per sequence, 2 a warp-scan per sequence); the CPU
-// kernel has one algorithm and ignores it.
+// algorithm: which CUDA kernel runs (0 automatic, 1 a thread per sequence, 2 a warp scan per sequence, 3 a chunked
+// scan: several warps per sequence); the CPU kernel has one algorithm and ignores it.
 TORCH_LIBRARY_FRAGMENT(rlhf_fast_C, m) {
   m.def("gae_fwd(Tensor rewards, Tensor values, Tensor mask, Tensor? gamma_seq, Tensor? lam_seq, float gamma,"
         " float lam, int algorithm=0) -> (Tensor, Tensor)");

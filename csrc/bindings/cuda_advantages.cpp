@@ -48,9 +48,15 @@ const float* seq_factor(const std::optional<at::Tensor>& x, const at::Tensor& re
 }
 
 ScanAlgorithm scan_algorithm(int64_t algorithm) {
-  TORCH_CHECK(algorithm >= 0 && algorithm <= 2, "algorithm must be 0 (auto), 1 (thread per sequence) or 2 (warp "
-              "scan), got ", algorithm);
+  TORCH_CHECK(algorithm >= 0 && algorithm <= 3, "algorithm must be 0 (auto), 1 (thread per sequence), 2 (warp scan)"
+              " or 3 (chunked scan), got ", algorithm);
   return static_cast<ScanAlgorithm>(algorithm);
+}
+
+// The launchers' scratch memory (chunked scan only), from the caching allocator.
+at::Tensor workspace(const at::Tensor& rewards, ScanAlgorithm algorithm) {
+  const size_t bytes = scan_workspace_bytes(rewards.size(0), rewards.size(1), algorithm);
+  return at::empty({static_cast<int64_t>(bytes)}, rewards.options().dtype(at::kByte));
 }
 
 std::tuple<at::Tensor, at::Tensor> gae_fwd_cuda(const at::Tensor& rewards, const at::Tensor& values,
@@ -68,9 +74,10 @@ std::tuple<at::Tensor, at::Tensor> gae_fwd_cuda(const at::Tensor& rewards, const
   at::Tensor ret = at::empty({rewards.size(0), rewards.size(1)}, rewards.options().dtype(at::kFloat));
   if (adv.numel() == 0) return {adv, ret};
   const c10::cuda::CUDAGuard guard(rewards.device());
+  at::Tensor scratch = workspace(rewards, algo);
   const cudaError_t err = gae_fwd(r, v, scan_dtype(rewards), m, rewards.size(0), rewards.size(1), g, l,
-                                  static_cast<float>(gamma), static_cast<float>(lam), algo, adv.data_ptr<float>(),
-                                  ret.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
+                                  static_cast<float>(gamma), static_cast<float>(lam), algo, scratch.data_ptr(),
+                                  adv.data_ptr<float>(), ret.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "gae_fwd CUDA kernel: ", cudaGetErrorString(err));
   return {adv, ret};
 }
@@ -84,9 +91,10 @@ at::Tensor discounted_returns_fwd_cuda(const at::Tensor& rewards, const at::Tens
   at::Tensor ret = at::empty({rewards.size(0), rewards.size(1)}, rewards.options().dtype(at::kFloat));
   if (ret.numel() == 0) return ret;
   const c10::cuda::CUDAGuard guard(rewards.device());
+  at::Tensor scratch = workspace(rewards, algo);
   const cudaError_t err = discounted_returns_fwd(r, scan_dtype(rewards), m, rewards.size(0), rewards.size(1), g,
-                                                 static_cast<float>(gamma), algo, ret.data_ptr<float>(),
-                                                 c10::cuda::getCurrentCUDAStream());
+                                                 static_cast<float>(gamma), algo, scratch.data_ptr(),
+                                                 ret.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "discounted_returns_fwd CUDA kernel: ", cudaGetErrorString(err));
   return ret;
 }
