@@ -81,3 +81,58 @@ def test_compute_entropy_and_masked_mean():
     assert orl.masked_mean(x, m).item() == pytest.approx(3.0)  # (1 + 2 + 6) / 3
     torch.testing.assert_close(orl.masked_mean(x, m, dim=-1), torch.tensor([1.5, 6.0]))
     assert orl.masked_mean(x, None).item() == pytest.approx(3.5)
+
+
+def _policy_formula(lp, old, adv, m, low, high, token_level):
+    ratio = (lp - old).exp()
+    surr1, surr2 = ratio * adv, ratio.clamp(1 - low, 1 + high) * adv
+    loss = -torch.min(surr1, surr2)
+    loss = orl.masked_mean(loss, m) if token_level else orl.masked_mean(loss, m, dim=-1).mean()
+    return loss, orl.masked_mean((surr2 < surr1).float(), m)
+
+
+def _value_formula(v, old, ret, m, eps, token_level):
+    loss = (v - ret) ** 2
+    if eps is not None:
+        loss = torch.max((old + (v - old).clamp(-eps, eps) - ret) ** 2, loss)
+    loss = orl.masked_mean(loss, m) if token_level else orl.masked_mean(loss, m, dim=-1).mean()
+    return 0.5 * loss
+
+
+@pytest.mark.parametrize("token_level", [True, False])
+@pytest.mark.parametrize("clips", [(0.2, 0.2), (0.2, 0.28)])
+def test_policy_loss(token_level, clips):
+    gen = torch.Generator().manual_seed(4)
+    old = torch.randn(4, 8, generator=gen) - 2
+    lp = (old + 0.4 * torch.randn(4, 8, generator=gen)).requires_grad_()
+    adv = torch.randn(4, 8, generator=gen)
+    m = (torch.rand(4, 8, generator=gen) < 0.7).float()
+    m[:, 0] = 1.0
+    loss, clip_ratio = orl.PolicyLoss(*clips, token_level_loss=token_level)(lp, old, adv, m)
+    lp_ref = lp.detach().clone().requires_grad_()
+    ref_loss, ref_clip = _policy_formula(lp_ref, old, adv, m, *clips, token_level)
+    torch.testing.assert_close(loss, ref_loss.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(clip_ratio, ref_clip)
+    (g,) = torch.autograd.grad(loss, lp)
+    (g_ref,) = torch.autograd.grad(ref_loss, lp_ref)
+    torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=1e-5)
+    no_mask = orl.PolicyLoss(*clips, token_level_loss=token_level)(lp, old, adv)[0]  # action_mask=None: all tokens
+    torch.testing.assert_close(no_mask, _policy_formula(lp, old, adv, torch.ones_like(m), *clips, token_level)[0])
+
+
+@pytest.mark.parametrize("token_level", [True, False])
+@pytest.mark.parametrize("clip_eps", [None, 0.2])
+def test_value_loss(token_level, clip_eps):
+    gen = torch.Generator().manual_seed(5)
+    old = torch.randn(3, 7, generator=gen)
+    v = (old + 0.5 * torch.randn(3, 7, generator=gen)).requires_grad_()
+    ret = torch.randn(3, 7, generator=gen)
+    m = (torch.rand(3, 7, generator=gen) < 0.7).float()
+    m[:, 0] = 1.0
+    loss = orl.ValueLoss(clip_eps, token_level)(v, old, ret, m)
+    v_ref = v.detach().clone().requires_grad_()
+    ref = _value_formula(v_ref, old, ret, m, clip_eps, token_level)
+    torch.testing.assert_close(loss, ref.detach(), atol=1e-6, rtol=1e-5)
+    (g,) = torch.autograd.grad(loss, v)
+    (g_ref,) = torch.autograd.grad(ref, v_ref)
+    torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=1e-5)

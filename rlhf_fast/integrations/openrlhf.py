@@ -10,6 +10,8 @@ Semantics follow OpenRLHF (``openrlhf/models/utils.py``, 2025), not FORMULAS.md,
   - ``log_probs_from_logits`` returns float32 whatever the logits dtype (OpenRLHF returns float32 on its flash-attn
     path and the logits dtype on its fallback path) and does NOT divide ``logits`` in place by the temperature
     (OpenRLHF does, as a memory trick; the values returned are the same).
+  - ``PolicyLoss`` clamps log(ratio) to [-20, 20] before exp (FORMULAS.md; OpenRLHF does not clamp): the two differ
+    only where the new and old log-probs are more than 20 nats apart.
 Tensors of a dtype the fused kernels do not take (float64) go through the plain PyTorch formula.
 """
 
@@ -22,7 +24,7 @@ from torch import Tensor
 
 from .. import ops
 
-__all__ = ["compute_approx_kl", "compute_entropy", "log_probs_from_logits", "masked_mean"]
+__all__ = ["PolicyLoss", "ValueLoss", "compute_approx_kl", "compute_entropy", "log_probs_from_logits", "masked_mean"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -68,3 +70,59 @@ def masked_mean(tensor: Tensor, mask: Optional[Tensor], dim: Optional[int] = Non
     if mask is None:
         return tensor.mean(dim=dim)
     return (tensor * mask).sum(dim=dim) / mask.sum(dim=dim)
+
+
+def _all_tokens(mask: Optional[Tensor], like: Tensor) -> Tensor:
+    return torch.ones_like(like, dtype=torch.bool) if mask is None else mask
+
+
+def _seq_mean_all_rows(loss: Tensor, mask: Tensor) -> Tensor:
+    """rlhf_fast's seq-mean-token-mean (over rows with tokens) -> OpenRLHF's (over all rows; NaN if one is empty)."""
+    rows = mask.bool().any(-1)
+    loss = loss * (rows.sum() / rows.numel())
+    return torch.where(rows.all(), loss, torch.full_like(loss, float("nan")))
+
+
+class PolicyLoss(torch.nn.Module):
+    """OpenRLHF's PPO policy loss: ``-min(ratio * A, clamp(ratio, 1 - eps_low, 1 + eps_high) * A)``, masked mean over
+    tokens (``token_level_loss``) or over tokens then sequences. ``forward(log_probs, old_log_probs, advantages,
+    action_mask=None) -> (loss, clip_ratio)``, both 0-d float32; clip_ratio = masked mean of [clipped surr < surr]."""
+
+    def __init__(self, clip_eps_low: float = 0.2, clip_eps_high: float = 0.2, token_level_loss: bool = True) -> None:
+        super().__init__()
+        self.clip_eps_low = clip_eps_low
+        self.clip_eps_high = clip_eps_high
+        self.token_level_loss = token_level_loss
+
+    def forward(self, log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor,
+                action_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        mask = _all_tokens(action_mask, log_probs)
+        agg = "token-mean" if self.token_level_loss else "seq-mean-token-mean"
+        loss, _ = ops.ppo_policy_loss(log_probs, old_log_probs, advantages, mask, clip_low=self.clip_eps_low,
+                                      clip_high=self.clip_eps_high, agg=agg)
+        if not self.token_level_loss:
+            loss = _seq_mean_all_rows(loss, mask)
+        with torch.no_grad():
+            ratio = (log_probs.float() - old_log_probs.float()).exp()
+            surr1 = ratio * advantages
+            surr2 = ratio.clamp(1 - self.clip_eps_low, 1 + self.clip_eps_high) * advantages
+            clip_ratio = masked_mean((surr2 < surr1).float(), mask)
+        return loss, clip_ratio
+
+
+class ValueLoss(torch.nn.Module):
+    """OpenRLHF's value loss: ``0.5 * max((V_clipped - R)^2, (V - R)^2)`` with ``V_clipped = V_old + clamp(V - V_old,
+    -clip_eps, clip_eps)`` (unclipped ``0.5 * (V - R)^2`` when ``clip_eps`` is None), masked mean as in PolicyLoss.
+    ``forward(values, old_values, returns, action_mask=None) -> loss`` (0-d float32)."""
+
+    def __init__(self, clip_eps: Optional[float] = None, token_level_loss: bool = True) -> None:
+        super().__init__()
+        self.clip_eps = clip_eps
+        self.token_level_loss = token_level_loss
+
+    def forward(self, values: Tensor, old_values: Tensor, returns: Tensor,
+                action_mask: Optional[Tensor] = None) -> Tensor:
+        mask = _all_tokens(action_mask, values)
+        agg = "token-mean" if self.token_level_loss else "seq-mean-token-mean"
+        loss, _ = ops.ppo_value_loss(values, old_values, returns, mask, clip=self.clip_eps, agg=agg)
+        return loss if self.token_level_loss else _seq_mean_all_rows(loss, mask)
