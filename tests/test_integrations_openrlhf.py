@@ -136,3 +136,11 @@ def test_value_loss(token_level, clip_eps):
     (g,) = torch.autograd.grad(loss, v)
     (g_ref,) = torch.autograd.grad(ref, v_ref)
     torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=1e-5)
+
+
+def test_compiles_fullgraph():
+    logits, labels = torch.randn(2, 3, 11), torch.randint(0, 11, (2, 3))
+    lp, base = torch.randn(2, 3), torch.randn(2, 3)
+    for fn, inputs in [(lambda a, b: orl.log_probs_from_logits(a, b, 0.7), (logits, labels)),
+                       (lambda a, b: orl.compute_approx_kl(a, b, "k3"), (lp, base))]:
+        torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="eager")(*inputs), fn(*inputs))

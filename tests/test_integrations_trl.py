@@ -80,6 +80,14 @@ def test_entropy_and_joint_match_trl():
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_compiles_fullgraph():
+    logits, gen = _logits((2, 3, 11))
+    index = torch.randint(0, 11, (2, 3), generator=gen)
+    for idx in (index, torch.stack([index, index.flip(-1)], -1)):
+        fn = lambda a, b: rlhf_trl.selective_log_softmax(a, b, 0.7)  # noqa: E731
+        torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="eager")(logits, idx), fn(logits, idx))
+
+
 def test_float64_and_bad_temperature_follow_trl():
     logits, gen = _logits((2, 3, 11), torch.float64)
     index = torch.randint(0, 11, (2, 3), generator=gen)

@@ -228,3 +228,14 @@ def test_compute_gae_advantage_return(gamma, lam):
     adv_ref, ret_ref = _gae_ref(rewards, values, m, gamma, lam)
     torch.testing.assert_close(adv, adv_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ret, ret_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_compiles_fullgraph():
+    gen, m = _batch(7)
+    old, lp, adv = torch.randn(3, 4, 9, generator=gen).unbind(0)
+    logits, labels = torch.randn(2, 3, 11, generator=gen), torch.randint(0, 11, (2, 3), generator=gen)
+    cases = [(verl.logprobs_from_logits, (logits, labels)), (lambda a, b: verl.kl_penalty(a, b, "k3+"), (lp, old)),
+             (lambda *a: verl.compute_policy_loss(*a, cliprange=0.2, loss_agg_mode="seq-mean-token-mean"),
+              (old, lp, adv, m))]
+    for fn, inputs in cases:
+        torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="eager")(*inputs), fn(*inputs))
