@@ -4,10 +4,8 @@ import pytest
 import torch
 import transformers
 
-from rlhf_fast import ops
 from rlhf_fast.integrations.transformers import patch_causal_lm
 
-pytestmark = pytest.mark.skipif(not hasattr(ops, "linear_logprobs"), reason="linear_logprobs op not merged yet")
 V = 61
 
 

@@ -15,7 +15,6 @@ from rlhf_fast import ops  # noqa: E402
 from rlhf_fast.integrations import trl as rlhf_trl  # noqa: E402
 
 ORIG = {name: getattr(trl_utils, name) for name in rlhf_trl._REPLACEMENTS if hasattr(trl_utils, name)}
-needs_linear = pytest.mark.skipif(not hasattr(ops, "linear_logprobs"), reason="linear_logprobs op not merged yet")
 
 
 @pytest.fixture(autouse=True)
@@ -97,7 +96,6 @@ def test_float64_and_bad_temperature_follow_trl():
         rlhf_trl.selective_log_softmax(logits.float(), index, 0.0)
 
 
-@needs_linear
 @pytest.mark.parametrize("outputs", [("log_probs",), ("log_probs", "entropy")])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_chunked_lm_head_matches_trl(outputs, with_bias):
@@ -186,7 +184,6 @@ def _tiny_grpo_run(steps=2):
     return logs, [p.detach().clone() for p in model.parameters()]
 
 
-@needs_linear
 def test_tiny_grpo_run_same_patched_and_unpatched(monkeypatch):
     calls = []
     real = ops.linear_logprobs

@@ -5,7 +5,6 @@ import pytest
 import torch
 from _testing import assert_within_ref_error
 
-from rlhf_fast import ops
 from rlhf_fast.integrations import verl
 
 AGG_MODES = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
@@ -218,7 +217,6 @@ def test_compute_value_loss(mode):
     torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.skipif(not hasattr(ops, "gae"), reason="rlhf_fast.ops.gae (advantages op family) not merged yet")
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8)])
 def test_compute_gae_advantage_return(gamma, lam):
     gen, m = _batch(6)
