@@ -160,6 +160,20 @@ def test_long_sequences_keep_fp32_accuracy(device, backend, n_rows, n_steps):
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
+def test_large_batch_rows_match_rows_alone(device, backend):
+    """A batch big enough to be split across threads (cpp) or chunks (cuda): each row as if run alone."""
+    if backend in ("torch", "triton") and device == "cpu":
+        pytest.skip("too slow for the reference loop / Triton interpreter; only the split across threads is at stake")
+    rewards, values, mask = make_inputs(160, 4096, "holes", seed=12, device=device)
+    with rlhf_fast.use_backend(backend):
+        adv, ret = rlhf_fast.gae(rewards, values, mask, gamma=0.99, lam=0.95)
+        for b in (0, 77, 159):
+            row = rlhf_fast.gae(rewards[b:b + 1], values[b:b + 1], mask[b:b + 1], gamma=0.99, lam=0.95)
+            torch.testing.assert_close(adv[b:b + 1], row[0], rtol=1e-6, atol=1e-5)
+            torch.testing.assert_close(ret[b:b + 1], row[1], rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
 def test_per_sequence_gamma_and_lam(device, backend):
     rewards, values, mask = make_inputs(6, 29, "holes", seed=2, device=device)
     gamma = torch.tensor([0.0, 0.5, 0.95, 1.0, 0.99, 0.3], device=device)
