@@ -290,7 +290,9 @@ def test_triton_kernel_compiles_for_hopper():
     """The Triton kernel compiled for sm_90 without a GPU: what the interpreter cannot check (types, lowering).
     In a subprocess: this process runs Triton in the interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True)
+    # cwd: the tests folder, so that `python -c` imports the installed package, not the source tree
+    out = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
     assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
 
 
