@@ -11,10 +11,12 @@ Generation rows: tokens/s of rlhf_fast.generate vs `model.generate` (same settin
 
 from __future__ import annotations
 
+import json
 import time
+from datetime import date
 
 import torch
-from common import median_ms, parser, peak_extra_mib, report
+from common import device_name, median_ms, parser, peak_extra_mib, report
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.generation.logits_process import (
     LogitsProcessorList,
@@ -140,13 +142,15 @@ def generation_rows(args, device):
 def main():
     args = parser(__doc__).parse_args()
     device = torch.device(args.device)
+    json_path, args.json = args.json, None
     rows = sampler_rows(args, device)
     report("sample(logits): one token per row", rows, args, device)
     gen_rows = generation_rows(args, device)
-    json_path = args.json
-    if json_path:
-        args.json = json_path.replace(".json", "_generate.json")
     report("generate: tokens/s", gen_rows, args, device)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"device": device_name(device), "torch": torch.__version__, "date": str(date.today()),
+                       "sample": rows, "generate": gen_rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,12 @@ def draws_for(backend: str) -> int:
     return 2000 if backend == "triton" else 100_000
 
 
+def per_group_draws(backend: str) -> int:
+    """Draws per parameter group of the per-row test: 25000 on the kernels; fewer on the (slow) sort-based reference
+    and the Triton interpreter."""
+    return {"triton": 500, "torch": 10_000}.get(backend, 25_000)
+
+
 def run(backend, logits, seed=0, **params):
     with rlhf_fast.use_backend(backend):
         gen = torch.Generator(device=logits.device).manual_seed(seed)
@@ -81,23 +87,26 @@ def test_chi_square_check_detects_a_wrong_distribution():
         assert_distribution(tokens, exact_probs(row, temperature=1.05, top_k=5), "T=1.05")
 
 
-# (parameters, triton too?) — the Triton interpreter runs only a few of them
+# (parameters, backends besides the compiled ones): the compiled backends run every case; the reference (a sort of
+# [1e5, 111]) and the Triton interpreter (slow) only some
 CASES_111 = [
-    (dict(top_k=10), False),
-    (dict(top_p=0.7), False),
-    (dict(min_p=0.1), False),
-    (dict(top_k=20, top_p=0.8, min_p=0.05), True),
-    (dict(temperature=0.5, top_p=0.9), False),
-    (dict(temperature=5.0), True),  # large: close to uniform
-    (dict(temperature=0.05), False),  # near 0: almost a point mass, still exact
+    (dict(top_k=10), ()),
+    (dict(top_p=0.7), ()),
+    (dict(min_p=0.1), ()),
+    (dict(top_k=20, top_p=0.8, min_p=0.05), ("torch", "triton")),
+    (dict(temperature=0.5, top_p=0.9), ()),
+    (dict(temperature=5.0), ("triton",)),  # large: close to uniform
+    (dict(temperature=0.05), ()),  # near 0: almost a point mass, still exact
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("params,on_triton", CASES_111, ids=[str(c[0]) for c in CASES_111])
-def test_distribution_v111(backend, params, on_triton):
-    if backend == "triton" and not on_triton:
-        pytest.skip("the Triton interpreter is slow: it runs the combined-filter and large-temperature cases")
+def v111_params():
+    return [pytest.param(p.values[0], params, marks=p.marks, id=f"{p.id}-{params}")
+            for params, also_on in CASES_111 for p in usable_backends(("cpp", "cuda", *also_on))]
+
+
+@pytest.mark.parametrize("backend,params", v111_params())
+def test_distribution_v111(backend, params):
     row = logits_111()
     n = draws_for(backend)
     tokens, logp, _ = run(backend, row[None].expand(n, -1), **params)
@@ -106,7 +115,28 @@ def test_distribution_v111(backend, params, on_triton):
     assert torch.allclose(logp.double(), lp_exact, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+def test_kept_set_of_the_reference_by_hand():
+    # probabilities 4, 3, 3, 1, 1 twelfths; each threshold placed strictly inside an interval, away from rounding
+    p = torch.tensor([[4.0, 3.0, 3.0, 1.0, 1.0]], dtype=torch.float64) / 12.0
+    f64 = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+
+    def kept(top_k=0, top_p=1.0, min_p=0.0):
+        return S.kept_mask_ref(p, torch.tensor([top_k]), f64(top_p), f64(min_p))[0].int().tolist()
+
+    assert kept() == [1, 1, 1, 1, 1]
+    assert kept(top_k=1) == [1, 0, 0, 0, 0]
+    assert kept(top_k=2) == [1, 1, 1, 0, 0]  # the 2nd value is tied: both 3s kept
+    assert kept(top_p=3.9 / 12) == [1, 0, 0, 0, 0]  # the max alone reaches it
+    assert kept(top_p=5 / 12) == [1, 1, 1, 0, 0]  # reached inside the tie of 3s: the whole tie is kept
+    assert kept(top_p=10.5 / 12) == [1, 1, 1, 1, 1]  # 10/12 < 10.5/12: the tied 1s are needed
+    assert kept(top_k=3, top_p=0.5) == [1, 1, 1, 0, 0]  # 0.5 of the top-3 mass (10/12): 4/10 < 0.5 <= 7/10
+    assert kept(top_k=3, top_p=0.39) == [1, 0, 0, 0, 0]  # renormalised: 4/10 reaches 0.39
+    assert kept(min_p=0.74) == [1, 1, 1, 0, 0]  # p >= 0.74 * 4/12 keeps the 3/12s
+    assert kept(min_p=0.76) == [1, 0, 0, 0, 0]
+    assert kept(top_p=10.5 / 12, min_p=0.5) == [1, 1, 1, 0, 0]
+
+
+@pytest.mark.parametrize("backend", usable_backends(("cpp", "triton", "cuda")))
 def test_distribution_ties_at_the_thresholds(backend):
     # logits 4, then three tied 3s, then two tied 2s, then lower ones
     row = torch.cat([torch.tensor([1.0, 3.0, 2.0, 4.0, 3.0, 2.0, 3.0]), torch.linspace(-3.0, 0.0, 40)])
@@ -117,14 +147,14 @@ def test_distribution_ties_at_the_thresholds(backend):
         dict(top_p=float(p[3] + 0.5 * p[1])),  # the mass is reached inside the tie of 3s: all kept
         dict(top_k=6, top_p=0.999),  # top-k keeps the 3s and both 2s; top-p on the renormalised 6
     ]
-    for params in cases:
+    for params in cases[2:] if backend == "triton" else cases:
         tokens, _, _ = run(backend, row[None].expand(n, -1), **params)
         probs = exact_probs(row, **params)
         assert int((probs > 0).sum()) in (4, 6)
         assert_distribution(tokens, probs, f"{backend} ties {params}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", usable_backends(("cpp", "triton", "cuda")))
 def test_distribution_v2(backend):
     row = torch.tensor([0.3, -0.2])
     n = draws_for(backend)
@@ -138,11 +168,11 @@ def test_distribution_v32000(backend):
     # 1e5 draws of one 32000-token row per case (the rows are an expanded view: no copy); the torch reference would
     # need a [1e5, 32000] tensor and the Triton interpreter is too slow at this size
     row = torch.randn(32000, generator=torch.Generator().manual_seed(3)) * 3.0
-    for params in (dict(top_k=50, top_p=0.9), dict(temperature=0.8, top_p=0.6, min_p=0.01)):
-        tokens, logp, _ = run(backend, row[None].expand(100_000, -1), **params)
-        assert_distribution(tokens, exact_probs(row, **params), f"{backend} V=32000 {params}")
-        lp_exact = torch.log_softmax(row.double() / params.get("temperature", 1.0), -1)[tokens]
-        assert torch.allclose(logp.double(), lp_exact, atol=1e-5)
+    params = dict(temperature=0.9, top_k=50, top_p=0.9, min_p=0.01)
+    tokens, logp, _ = run(backend, row[None].expand(100_000, -1), **params)
+    assert_distribution(tokens, exact_probs(row, **params), f"{backend} V=32000 {params}")
+    lp_exact = torch.log_softmax(row.double() / params["temperature"], -1)[tokens]
+    assert torch.allclose(logp.double(), lp_exact, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -150,7 +180,7 @@ def test_distribution_per_row_parameters(backend):
     # four groups of rows, interleaved, each with its own parameters; group 2 is greedy
     groups = [dict(temperature=0.7, top_k=5, top_p=1.0, min_p=0.0), dict(temperature=1.3, top_k=0, top_p=0.8, min_p=0.0),
               dict(temperature=0.0, top_k=3, top_p=0.5, min_p=0.0), dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.2)]
-    n = 4 * (draws_for(backend) // 4 if backend == "triton" else 25_000)
+    n = 4 * per_group_draws(backend)
     which = torch.arange(n) % 4
     params = {name: torch.tensor([g[name] for g in groups])[which] for name in groups[0]}
     row = logits_111(seed=1)
@@ -182,7 +212,7 @@ def random_rows(B, V, dtype, seed):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_invariants_random_rows(backend, dtype):
-    B, V = (300, 100) if backend == "triton" else (3000, 1000)
+    B, V = {"triton": (200, 100), "torch": (500, 500)}.get(backend, (1000, 1000))
     logits, params = random_rows(B, V, dtype, seed=7)
     tokens, logp, flogp = run(backend, logits, seed=1, **params)
     assert tokens.dtype == torch.int64 and logp.dtype == flogp.dtype == torch.float32
@@ -257,12 +287,12 @@ def test_reproducible_and_seed_dependent(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_and_expanded_inputs(backend):
     gen = torch.Generator().manual_seed(2)
-    base = torch.randn(6, 300, generator=gen)
+    base = torch.randn(6, 200, generator=gen)
     expect = run(backend, base, seed=9, top_k=40, top_p=0.9)
-    wide = torch.randn(6, 320, generator=gen)
-    wide[:, :300] = base
+    wide = torch.randn(6, 220, generator=gen)
+    wide[:, :200] = base
     transposed = base.t().contiguous().t()  # stride (1, 6): not unit stride in V
-    for name, x in (("row-strided", wide[:, :300]), ("transposed", transposed)):
+    for name, x in (("row-strided", wide[:, :200]), ("transposed", transposed)):
         out = run(backend, x, seed=9, top_k=40, top_p=0.9)
         assert all(torch.equal(o, e) for o, e in zip(out, expect)), name
     one = run(backend, base[:1].expand(6, -1), seed=9, top_k=40, top_p=0.9)
