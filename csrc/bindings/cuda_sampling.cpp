@@ -1,4 +1,4 @@
-// CUDA kernel of the rlhf_fast_C::sample op (the schema is defined by the CPU extension, csrc/bindings/cpu_sampling.cpp).
+// CUDA kernel of the rlhf_fast_C::sample op (the schema is defined by the CPU extension: cpu_sampling.cpp).
 // Inputs are validated in Python; these checks guard only the invariants the launcher relies on.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

@@ -232,7 +232,9 @@ ExpPass exp_pass(const T* x, int64_t vocab, float inv_t, float m, float tau_k, f
   ExpPass out;
   float* cand = s.cand.get();
   int32_t* index = s.index.get();
-  const auto reduce = [](const Vec& v) { return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v); };
+  const auto reduce = [](const Vec& v) {
+    return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
+  };
   for (int64_t i = 0; i < vocab; i += W) {
     const Vec ev = exp_shifted(load_row(x, i, vocab) * vinv, vm);  // 0 past the end
     vs = vs + ev;
