@@ -323,9 +323,10 @@ def test_from_logits_writes_no_other_vocab_sized_tensor(backend):
 
     logits, labels, old_logp, adv, mask, ref_logp = _logits_inputs((2, 7, 64), torch.bfloat16)
     logits.requires_grad_(True)
+    kw = dict(FULL, ref_logp=ref_logp)
     with _use_backend(backend):
         with BigOutputs(logits.numel()) as fwd:
-            out, _ = rlhf_fast.ppo_loss_from_logits(logits, labels, old_logp, adv, mask, **dict(FULL, ref_logp=ref_logp))
+            out, _ = rlhf_fast.ppo_loss_from_logits(logits, labels, old_logp, adv, mask, **kw)
         with BigOutputs(logits.numel()) as bwd:
             out.backward()
     assert fwd.seen == []
