@@ -8,7 +8,7 @@ set follows the live tensors. After the warm-up runs (torch.compile compiles the
 (``/proc/self/clear_refs``), one forward+backward runs, and the peak extra memory is VmHWM minus the RSS before it:
 all temporaries plus the logits' gradient, which stays alive. Time is the median of ``--reps`` forward+backward runs.
 
-    python benchmarks/bench_ppo_loss.py [--quick] [--json PATH] [--reps N]
+    python benchmarks/bench_ppo_loss.py [--quick] [--thp] [--json PATH] [--reps N]
 """
 
 from __future__ import annotations
@@ -117,8 +117,12 @@ def _median_ms(fn, reps: int) -> float:
 
 
 def token_loss_rows(shape, reps: int) -> list[dict]:
-    """ppo_policy_loss / ppo_value_loss forward+backward on [B, T] token vectors, in this process."""
+    """ppo_policy_loss / ppo_value_loss forward+backward on [B, T] token vectors, in this process, on one thread:
+    these ops are a few microseconds each, and on a shared 2-core machine a two-thread parallel region waits for
+    the other core's scheduler slice (~20 ms measured), which would swamp them."""
     import rlhf_fast
+
+    torch.set_num_threads(1)
     from rlhf_fast.ops.ppo_loss import ppo_policy_loss_ref, ppo_value_loss_ref
 
     g = torch.Generator().manual_seed(0)
@@ -136,7 +140,7 @@ def token_loss_rows(shape, reps: int) -> list[dict]:
         for impl, fn in (("eager reference", ref), ("compiled reference", compiled), ("rlhf_fast [torch]", fast)):
             times[impl] = _median_ms(lambda: fn(x, b, c, mask, **kw)[0].backward(), reps)
         for impl, ms in times.items():
-            rows.append({"op": op, "shape": list(shape), "dtype": "float32", "impl": impl, "ms": ms,
+            rows.append({"op": op, "shape": list(shape), "dtype": "float32", "impl": impl, "threads": 1, "ms": ms,
                          "vs_eager": times["eager reference"] / ms, "vs_compiled": times["compiled reference"] / ms})
     return rows
 
@@ -169,6 +173,7 @@ def main() -> None:
             for impl, r in results.items():
                 rows.append({
                     "op": "ppo_loss_from_logits", "shape": shape, "dtype": "float32", "config": config, "impl": impl,
+                    "threads": torch.get_num_threads(), "thp": args.thp,
                     "ms": r["ms"], "peak_extra_mib": r["peak_mib"], "peak_vs_logits": r["peak_mib"] / logits_mib,
                     "vs_eager": results["eager composite"]["ms"] / r["ms"],
                     "vs_compiled": results["compiled composite"]["ms"] / r["ms"],
@@ -183,13 +188,12 @@ def main() -> None:
                             "vs compiled"]))
     token_shape = (4, 256) if args.quick else (64, 2048)
     token_rows = token_loss_rows(token_shape, reps * 10)
-    print(f"\nper-token losses forward+backward on {list(token_shape)} float32")
+    print(f"\nper-token losses forward+backward on {list(token_shape)} float32, 1 thread")
     print(tabulate([[r["op"], r["impl"], f"{r['ms']:.3f}", f"{r['vs_eager']:.2f}x", f"{r['vs_compiled']:.2f}x"]
                     for r in token_rows], headers=["op", "impl", "median ms", "vs eager", "vs compiled"]))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": "cpu", "threads": torch.get_num_threads(), "thp": args.thp, "rows": rows + token_rows},
-                      f, indent=1)
+            json.dump({"device": "cpu", "rows": rows + token_rows}, f, indent=1)
 
 
 if __name__ == "__main__":
