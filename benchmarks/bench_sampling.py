@@ -5,16 +5,19 @@ python benchmarks/bench_sampling.py [--device cpu|cuda] [--quick] [--json out.js
 Sampler rows, per shape and filter setting: 🤗 transformers' logits warpers (TemperatureLogitsWarper,
 TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper: sort + cumsum + mask) + softmax + torch.multinomial, the way
 `model.generate` samples; plain softmax + multinomial (no filtering: the floor of the usual path); the sort-based
-reference (rlhf_fast's torch backend) eager and under torch.compile; every rlhf_fast backend usable on the device.
+reference (rlhf_fast's torch backend) eager and under torch.compile; every rlhf_fast backend usable on the device;
+on CUDA, FlashInfer's top_k_top_p_sampling_from_logits when flashinfer is installed.
 Generation rows: tokens/s of rlhf_fast.generate vs `model.generate` (same settings, KV cache, sampling) on a tiny Llama.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from datetime import date
 
 import torch
-from common import median_ms, parser, peak_extra_mib, report
+from common import device_name, median_ms, parser, peak_extra_mib, report
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.generation.logits_process import (
     LogitsProcessorList,
@@ -47,6 +50,22 @@ def hf_sampler(temperature, top_k, top_p, min_p):
     return run
 
 
+def flashinfer_sampler(device, st):
+    """FlashInfer's sorting-free GPU sampler (token ids only, no log-prob), when installed and the setting suits it."""
+    if device.type != "cuda" or st["min_p"] or not (st["top_k"] or st["top_p"] < 1):
+        return None
+    try:
+        from flashinfer.sampling import top_k_top_p_sampling_from_logits
+    except ImportError:
+        return None
+    k = st["top_k"] or 2**31 - 1
+
+    def run(logits):
+        return top_k_top_p_sampling_from_logits(logits / st["temperature"], k, st["top_p"])
+
+    return run
+
+
 def plain_sampler(logits):
     return torch.multinomial(torch.softmax(logits.float(), dim=-1), 1).squeeze(1)
 
@@ -62,7 +81,8 @@ def sampler_rows(args, device):
         shapes = [(64, 128256, torch.float32), (64, 128256, torch.bfloat16), (256, 151936, torch.bfloat16)]
     else:
         shapes = [(64, 128256, torch.float32), (64, 128256, torch.bfloat16)]
-    settings = [dict(temperature=1.0, top_k=50, top_p=0.9, min_p=0.0), dict(temperature=0.7, top_k=0, top_p=0.95, min_p=0.0),
+    settings = [dict(temperature=1.0, top_k=50, top_p=0.9, min_p=0.0),
+                dict(temperature=0.7, top_k=0, top_p=0.95, min_p=0.0),
                 dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.05)]
     compiled_ref = torch.compile(reference)
     rows = []
@@ -77,6 +97,9 @@ def sampler_rows(args, device):
                 "reference (sort), eager": lambda: reference(logits, uniforms, t, k, p, m),
                 "reference (sort), torch.compile": lambda: compiled_ref(logits, uniforms, t, k, p, m),
             }
+            flashinfer = flashinfer_sampler(device, st)
+            if flashinfer is not None:
+                impls["flashinfer top_k_top_p_sampling_from_logits"] = lambda: flashinfer(logits)
             for name in S.SAMPLE_BACKENDS:
                 if name != "torch" and _backend.built(name) and _backend.runs_on(name, device):
                     impls[f"rlhf_fast[{name}]"] = lambda name=name: S.sample_op(logits, uniforms, t, k, p, m, name)
@@ -101,7 +124,7 @@ def tiny_llama(device, vocab):
 
 
 def generation_rows(args, device):
-    B, P, N, vocab = (4, 8, 16, 1000) if args.quick else (32, 32, 128, 32000)
+    B, P, N, vocab = (4, 8, 16, 1000) if args.quick else (32, 32, 64, 32000)
     model = tiny_llama(device, vocab)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(1, vocab, (B, P), generator=gen).to(device)
@@ -140,13 +163,15 @@ def generation_rows(args, device):
 def main():
     args = parser(__doc__).parse_args()
     device = torch.device(args.device)
+    json_path, args.json = args.json, None
     rows = sampler_rows(args, device)
     report("sample(logits): one token per row", rows, args, device)
     gen_rows = generation_rows(args, device)
-    json_path = args.json
-    if json_path:
-        args.json = json_path.replace(".json", "_generate.json")
     report("generate: tokens/s", gen_rows, args, device)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"device": device_name(device), "torch": torch.__version__, "date": str(date.today()),
+                       "sample": rows, "generate": gen_rows}, f, indent=1)
 
 
 if __name__ == "__main__":

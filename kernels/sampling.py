@@ -29,7 +29,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # The interpreter runs blocks as numpy arrays and pays ~ms per call of a jit function (tl.sum, tl.max, ... included):
 # there, many rows per program amortise that cost (and the helpers' loops call none but reductions).
 MAX_BLOCK_V = 128 if INTERPRET else 1024
-ROW_TILE = 32768 if INTERPRET else 1024  # ROWS * BLOCK_V
+ROW_TILE = 65536 if INTERPRET else 1024  # ROWS * BLOCK_V; times NUM_PIVOTS at most 2^20 (Triton's largest tensor)
 NUM_PIVOTS = 16
 N_ITERS = 8  # each pass shrinks the interval of bit patterns (< 2^30 wide) more than 16-fold: 16^8 > 2^30
 ONE_BITS = 0x3F800000  # bit pattern of 1.0f = exp(0), the largest e
@@ -52,7 +52,8 @@ def _mass(base, row_ok, V, inv_t, m, tau, ROWS: tl.constexpr, BLOCK_V: tl.conste
 def _bisect(base, row_ok, V, inv_t, m, target, lo, hi, USE_MASS: tl.constexpr, ROWS: tl.constexpr,
             BLOCK_V: tl.constexpr, NP: tl.constexpr, N_ITERS: tl.constexpr):
     """Per row: the largest bit pattern t in [lo, hi] with f(t) >= target, f(t) = count (or mass) of e >= t.
-    Requires f(lo) >= target. The NP pivots of a pass increase and f does not, so the passing ones are a prefix."""
+    Requires f(lo) >= target. The pivots of a pass, piv_j = lo + ceil(j (hi - lo) / NP) for j = 1..NP, increase and
+    f does not, so the passing ones are a prefix."""
     offs = tl.arange(0, BLOCK_V)
     j = tl.arange(0, NP).to(tl.int64) + 1
     for _ in range(N_ITERS):
@@ -69,10 +70,12 @@ def _bisect(base, row_ok, V, inv_t, m, target, lo, hi, USE_MASS: tl.constexpr, R
                 f += tl.sum(tl.where(ge, e[:, :, None], 0.0), axis=1)
             else:
                 f += tl.sum(ge.to(tl.float32), axis=1)
-        ok = f >= target[:, None]
-        new_lo = tl.max(tl.where(ok, piv, lo[:, None]), axis=1)
-        hi = tl.min(tl.where(ok, hi[:, None], piv - 1), axis=1)
-        lo = new_lo
+        # the interval becomes [piv_J, piv_{J+1} - 1], J = number of passing pivots, piv_0 = lo, piv_NP = hi
+        n_ok = tl.sum((f >= target[:, None]).to(tl.int64), axis=1)
+        new_lo = lo.to(tl.int64) + (n_ok * width + NP - 1) // NP
+        new_hi = lo.to(tl.int64) + ((n_ok + 1) * width + NP - 1) // NP - 1
+        hi = tl.where(n_ok < NP, new_hi, hi.to(tl.int64)).to(tl.int32)
+        lo = new_lo.to(tl.int32)
     return lo.to(tl.float32, bitcast=True)
 
 

@@ -16,7 +16,12 @@ def model():
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          initializer_range=0.2, pad_token_id=PAD)
-    return LlamaForCausalLM(config).eval()
+    # one thread: the ops of a model this small are far too short to share (and waiting on a busy machine's other
+    # thread at every op costs milliseconds)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield LlamaForCausalLM(config).eval()
+    torch.set_num_threads(threads)
 
 
 def prompts(lengths, seed=0):
