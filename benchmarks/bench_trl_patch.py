@@ -141,6 +141,7 @@ def grpo_rows(args, device):
     times = {False: [], True: []}
     mems = {False: [], True: []}
     losses, shape = {}, ""
+    _grpo_trainer(device, args.quick)[0].train()  # warm-up: CUDA context, kernels and caches outside the timed runs
     for _ in range(args.grpo_repeats):
         for patched in (False, True):
             if patched:

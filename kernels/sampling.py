@@ -32,7 +32,7 @@ MAX_BLOCK_V = 128 if INTERPRET else 1024
 ROW_TILE = 65536 if INTERPRET else 1024  # ROWS * BLOCK_V; times NUM_PIVOTS at most 2^20 (Triton's largest tensor)
 NUM_PIVOTS = 16
 N_ITERS = 8  # each pass shrinks the interval of bit patterns (< 2^30 wide) more than 16-fold: 16^8 > 2^30
-ONE_BITS = 0x3F800000  # bit pattern of 1.0f = exp(0), the largest e
+ONE_BITS = tl.constexpr(0x3F800000)  # bit pattern of 1.0f = exp(0), the largest e
 
 
 @triton.jit

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -53,3 +57,14 @@ def assert_within_ref_error(out, ref_same_dtype, exact, *, name: str, factor: fl
     ref_err = (ref_same_dtype[finite] - exact[finite]).abs().max().item()
     bound = factor * ref_err + floor * max(1.0, exact[finite].abs().max().item())
     assert err <= bound, f"{name}: max error {err:.3g} > {factor} x reference error {ref_err:.3g} + floor ({bound:.3g})"
+
+
+def compiles_for_hopper(script: str) -> None:
+    """Runs ``script`` (which compiles Triton kernels with ``triton.compile(ASTSource(...), target=GPUTarget("cuda",
+    90, 32))`` and prints "compiled") in a subprocess without TRITON_INTERPRET: the interpreter accepts code the
+    compiler rejects (non-constexpr globals, type errors), and this process runs Triton in the interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # cwd: the tests folder, so that `python -c` imports the installed package, not the source tree
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]

@@ -1,14 +1,11 @@
 """Advantage ops: GAE and discounted returns on every backend against the fp64 reference loop; masked
 mean/variance/whitening and group advantages against hand-computed values; opcheck, torch.compile, bad input."""
 
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from _testing import assert_within_ref_error, device_backends, usable_backends
+from _testing import assert_within_ref_error, compiles_for_hopper, device_backends, usable_backends
 
 import rlhf_fast
 from rlhf_fast import _backend
@@ -287,13 +284,8 @@ print("compiled")
 
 
 def test_triton_kernel_compiles_for_hopper():
-    """The Triton kernel compiled for sm_90 without a GPU: what the interpreter cannot check (types, lowering).
-    In a subprocess: this process runs Triton in the interpreter."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    # cwd: the tests folder, so that `python -c` imports the installed package, not the source tree
-    out = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__)))
-    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
+    """The Triton kernel compiled for sm_90 without a GPU: what the interpreter cannot check (types, lowering)."""
+    compiles_for_hopper(COMPILE_FOR_HOPPER)
 
 
 @pytest.mark.parametrize("backend", usable_backends(("cuda",), "cuda"))
