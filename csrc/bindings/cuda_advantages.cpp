@@ -10,22 +10,10 @@
 #include <tuple>
 
 #include "../cuda/advantages.h"
+#include "cuda_dtype.h"
 
 namespace rlhf_fast::cuda {
 namespace {
-
-ScanDType scan_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return ScanDType::Float32;
-    case at::kBFloat16:
-      return ScanDType::BFloat16;
-    case at::kHalf:
-      return ScanDType::Float16;
-    default:
-      TORCH_CHECK(false, "rewards must be float32, bfloat16 or float16, got ", t.scalar_type());
-  }
-}
 
 StridedRows strided_rows(const at::Tensor& t, const at::Tensor& rewards, const char* name) {
   TORCH_CHECK(t.device() == rewards.device(), name, " must be on the device of rewards (", rewards.device(), ")");
@@ -75,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor> gae_fwd_cuda(const at::Tensor& rewards, const
   if (adv.numel() == 0) return {adv, ret};
   const c10::cuda::CUDAGuard guard(rewards.device());
   at::Tensor scratch = workspace(rewards, algo);
-  const cudaError_t err = gae_fwd(r, v, scan_dtype(rewards), m, rewards.size(0), rewards.size(1), g, l,
+  const cudaError_t err = gae_fwd(r, v, dtype_of(rewards, "rewards"), m, rewards.size(0), rewards.size(1), g, l,
                                   static_cast<float>(gamma), static_cast<float>(lam), algo, scratch.data_ptr(),
                                   adv.data_ptr<float>(), ret.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "gae_fwd CUDA kernel: ", cudaGetErrorString(err));
@@ -92,7 +80,7 @@ at::Tensor discounted_returns_fwd_cuda(const at::Tensor& rewards, const at::Tens
   if (ret.numel() == 0) return ret;
   const c10::cuda::CUDAGuard guard(rewards.device());
   at::Tensor scratch = workspace(rewards, algo);
-  const cudaError_t err = discounted_returns_fwd(r, scan_dtype(rewards), m, rewards.size(0), rewards.size(1), g,
+  const cudaError_t err = discounted_returns_fwd(r, dtype_of(rewards, "rewards"), m, rewards.size(0), rewards.size(1), g,
                                                  static_cast<float>(gamma), algo, scratch.data_ptr(),
                                                  ret.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "discounted_returns_fwd CUDA kernel: ", cudaGetErrorString(err));

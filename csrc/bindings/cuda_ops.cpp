@@ -11,22 +11,10 @@
 #include <tuple>
 
 #include "../cuda/logprobs.h"
+#include "cuda_dtype.h"
 
 namespace rlhf_fast::cuda {
 namespace {
-
-DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return DType::Float32;
-    case at::kBFloat16:
-      return DType::BFloat16;
-    case at::kHalf:
-      return DType::Float16;
-    default:
-      TORCH_CHECK(false, "logits must be float32, bfloat16 or float16, got ", t.scalar_type());
-  }
-}
 
 void check_logits(const at::Tensor& t) {
   TORCH_CHECK(t.is_cuda(), "logits must be a CUDA tensor");
@@ -50,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(const at::Tenso
                                                                 double temperature, int64_t ignore_index,
                                                                 bool compute_entropy) {
   check_logits(logits);
-  const DType dtype = dtype_of(logits);
+  const DType dtype = dtype_of(logits, "logits");
   const int64_t* label_data = labels_ptr(labels, logits);
   const auto options = logits.options().dtype(at::kFloat);
   at::Tensor logp = at::empty({logits.size(0)}, options), entropy = at::empty({logits.size(0)}, options),
@@ -69,7 +57,7 @@ at::Tensor logprobs_bwd_cuda(const at::Tensor& grad_logp, const at::Tensor& grad
                              const at::Tensor& logits, const std::optional<at::Tensor>& labels, const at::Tensor& lse,
                              const at::Tensor& entropy, double temperature, int64_t ignore_index) {
   check_logits(logits);
-  const DType dtype = dtype_of(logits);
+  const DType dtype = dtype_of(logits, "logits");
   for (const auto& [t, name] : {std::pair{&grad_logp, "grad_logp"}, {&grad_entropy, "grad_entropy"},
                                 {&grad_lse, "grad_lse"}, {&lse, "lse"}, {&entropy, "entropy"}}) {
     check_vector(*t, logits, at::kFloat, name);

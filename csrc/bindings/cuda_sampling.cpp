@@ -9,22 +9,10 @@
 #include <tuple>
 
 #include "../cuda/sampling.h"
+#include "cuda_dtype.h"
 
 namespace rlhf_fast::cuda {
 namespace {
-
-DType logits_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return DType::Float32;
-    case at::kBFloat16:
-      return DType::BFloat16;
-    case at::kHalf:
-      return DType::Float16;
-    default:
-      TORCH_CHECK(false, "logits must be float32, bfloat16 or float16, got ", t.scalar_type());
-  }
-}
 
 void check_row_vector(const at::Tensor& t, const at::Tensor& logits, at::ScalarType dtype, const char* name) {
   TORCH_CHECK(t.device() == logits.device(), name, " must be on the device of logits (", logits.device(), ")");
@@ -38,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(const at::Tensor& log
   TORCH_CHECK(logits.is_cuda(), "logits must be a CUDA tensor");
   TORCH_CHECK(logits.dim() == 2 && (logits.stride(1) == 1 || logits.size(1) == 1) && logits.size(1) > 0,
               "logits must be 2-D with a non-empty last dimension of unit stride");
-  const DType dtype = logits_dtype(logits);
+  const DType dtype = dtype_of(logits, "logits");
   check_row_vector(uniforms, logits, at::kFloat, "uniforms");
   check_row_vector(temperature, logits, at::kFloat, "temperature");
   check_row_vector(top_k, logits, at::kLong, "top_k");

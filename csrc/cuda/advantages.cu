@@ -356,17 +356,17 @@ cudaError_t run(StridedRows rewards, StridedRows values, StridedRows mask, int64
 }
 
 template <bool kValues>
-cudaError_t dispatch(ScanDType dtype, StridedRows rewards, StridedRows values, StridedRows mask, int64_t n_rows,
+cudaError_t dispatch(DType dtype, StridedRows rewards, StridedRows values, StridedRows mask, int64_t n_rows,
                      int64_t n_steps, const float* gamma_seq, const float* lam_seq, float gamma, float lam,
                      ScanAlgorithm algorithm, void* workspace, float* adv, float* ret, cudaStream_t stream) {
   switch (dtype) {
-    case ScanDType::Float32:
+    case DType::Float32:
       return run<float, kValues>(rewards, values, mask, n_rows, n_steps, gamma_seq, lam_seq, gamma, lam, algorithm,
                                  workspace, adv, ret, stream);
-    case ScanDType::BFloat16:
+    case DType::BFloat16:
       return run<__nv_bfloat16, kValues>(rewards, values, mask, n_rows, n_steps, gamma_seq, lam_seq, gamma, lam,
                                          algorithm, workspace, adv, ret, stream);
-    case ScanDType::Float16:
+    case DType::Float16:
       return run<__half, kValues>(rewards, values, mask, n_rows, n_steps, gamma_seq, lam_seq, gamma, lam, algorithm,
                                   workspace, adv, ret, stream);
   }
@@ -380,7 +380,7 @@ size_t scan_workspace_bytes(int64_t n_rows, int64_t n_steps, ScanAlgorithm algor
   return sizeof(float) * (kJointFloats + 2) * n_rows * chunk_count(n_rows, n_steps);
 }
 
-cudaError_t gae_fwd(StridedRows rewards, StridedRows values, ScanDType dtype, StridedRows mask, int64_t n_rows,
+cudaError_t gae_fwd(StridedRows rewards, StridedRows values, DType dtype, StridedRows mask, int64_t n_rows,
                     int64_t n_steps, const float* gamma_seq, const float* lam_seq, float gamma, float lam,
                     ScanAlgorithm algorithm, void* workspace, float* advantages, float* returns,
                     cudaStream_t stream) {
@@ -388,7 +388,7 @@ cudaError_t gae_fwd(StridedRows rewards, StridedRows values, ScanDType dtype, St
                         workspace, advantages, returns, stream);
 }
 
-cudaError_t discounted_returns_fwd(StridedRows rewards, ScanDType dtype, StridedRows mask, int64_t n_rows,
+cudaError_t discounted_returns_fwd(StridedRows rewards, DType dtype, StridedRows mask, int64_t n_rows,
                                    int64_t n_steps, const float* gamma_seq, float gamma, ScanAlgorithm algorithm,
                                    void* workspace, float* returns, cudaStream_t stream) {
   // Values are never read (kValues = false) and lam = 1: the advantage recurrence with delta = r.

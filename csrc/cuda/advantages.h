@@ -10,15 +10,16 @@
 
 #include <cstdint>
 
+#include "dtype.h"
+
 namespace rlhf_fast::cuda {
 
-enum class ScanDType : int { Float32 = 0, BFloat16 = 1, Float16 = 2 };
 
 // Auto picks by shape; the others force a kernel (for tests and benchmarks). ChunkedScan splits each sequence into
 // chunks scanned by different warps (for few, long sequences): it needs a workspace (scan_workspace_bytes).
 enum class ScanAlgorithm : int { Auto = 0, ThreadPerSequence = 1, WarpScan = 2, ChunkedScan = 3 };
 
-// A [n_rows, n_steps] input: rewards/values in the ScanDType, or the mask as bytes (0 = a skipped position).
+// A [n_rows, n_steps] input: rewards/values in the DType, or the mask as bytes (0 = a skipped position).
 struct StridedRows {
   const void* data;
   int64_t stride_row;
@@ -29,12 +30,12 @@ struct StridedRows {
 size_t scan_workspace_bytes(int64_t n_rows, int64_t n_steps, ScanAlgorithm algorithm);
 
 // -> advantages, returns: float32 [n_rows, n_steps]. workspace: scan_workspace_bytes(...) bytes, or nullptr if 0.
-cudaError_t gae_fwd(StridedRows rewards, StridedRows values, ScanDType dtype, StridedRows mask, int64_t n_rows,
+cudaError_t gae_fwd(StridedRows rewards, StridedRows values, DType dtype, StridedRows mask, int64_t n_rows,
                     int64_t n_steps, const float* gamma_seq, const float* lam_seq, float gamma, float lam,
                     ScanAlgorithm algorithm, void* workspace, float* advantages, float* returns, cudaStream_t stream);
 
 // -> returns: float32 [n_rows, n_steps], R[t] = r[t] + gamma * R_next over kept positions.
-cudaError_t discounted_returns_fwd(StridedRows rewards, ScanDType dtype, StridedRows mask, int64_t n_rows,
+cudaError_t discounted_returns_fwd(StridedRows rewards, DType dtype, StridedRows mask, int64_t n_rows,
                                    int64_t n_steps, const float* gamma_seq, float gamma, ScanAlgorithm algorithm,
                                    void* workspace, float* returns, cudaStream_t stream);
 

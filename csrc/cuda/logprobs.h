@@ -9,9 +9,9 @@
 
 #include <cstdint>
 
-namespace rlhf_fast::cuda {
+#include "dtype.h"
 
-enum class DType : int { Float32 = 0, BFloat16 = 1, Float16 = 2 };
+namespace rlhf_fast::cuda {
 
 // -> logp, entropy (0 unless compute_entropy), lse: float32 [n_rows] each.
 cudaError_t logprobs_fwd(const void* logits, DType dtype, int64_t n_rows, int64_t vocab, int64_t row_stride,
