@@ -15,13 +15,12 @@ values and mask once and writing advantages and returns.
 from __future__ import annotations
 
 import torch
-from common import median_ms, parser, peak_extra_mib, report
+from common import hbm_fraction, median_ms, parser, peak_extra_mib, report
 
 import rlhf_fast
 from rlhf_fast import _backend
 from rlhf_fast.ops.advantages import SCAN_BACKENDS
 
-HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
 GAMMA, LAM = 0.99, 0.95
 
 
@@ -65,14 +64,6 @@ def implementations(device, compile_loop: bool):
             impls[f"cuda kernel: {label}"] = lambda r, v, m, mf, _a=algorithm: torch.ops.rlhf_fast_C.gae_fwd(
                 r, v, m, None, None, GAMMA, LAM, _a)
     return impls
-
-
-def hbm_fraction(device, bytes_moved, ms):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    peak = next((bw for key, bw in HBM_BYTES_PER_S.items() if key in name), None)
-    return None if peak is None else bytes_moved / (ms * 1e-3) / peak
 
 
 def make_inputs(n_rows, n_steps, dtype, device):

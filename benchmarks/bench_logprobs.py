@@ -12,13 +12,12 @@ bandwidth reached by reading the logits once (forward) or reading them and writi
 from __future__ import annotations
 
 import torch
-from common import median_ms, parser, peak_extra_mib, report
+from common import hbm_fraction, median_ms, parser, peak_extra_mib, report
 
 import rlhf_fast
 from rlhf_fast import _backend
 from rlhf_fast.ops.token_logprobs import LOGPROBS_BACKENDS
 
-HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
 
 
 def eager(logits, labels):
@@ -49,14 +48,6 @@ def implementations(device):
                     return rlhf_fast.logprobs(logits, labels)
             impls[f"rlhf_fast[{name}]"] = run
     return impls
-
-
-def hbm_fraction(device, bytes_moved, ms):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    peak = next((bw for key, bw in HBM_BYTES_PER_S.items() if key in name), None)
-    return None if peak is None else bytes_moved / (ms * 1e-3) / peak
 
 
 def main():

@@ -61,6 +61,18 @@ def peak_extra_mib(fn, device: torch.device) -> float:
     return max(0, _rss_kib("VmHWM") - before) / 1024
 
 
+HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # datasheet peaks
+
+
+def hbm_fraction(device: torch.device, bytes_moved: float, ms: float) -> float | None:
+    """Fraction of the GPU's datasheet memory bandwidth that moving ``bytes_moved`` in ``ms`` reaches (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = next((bw for key, bw in HBM_BYTES_PER_S.items() if key in name), None)
+    return None if peak is None else bytes_moved / (ms * 1e-3) / peak
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
