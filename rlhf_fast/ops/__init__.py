@@ -7,3 +7,9 @@ from .token_logprobs import entropy, kl_divergence, kl_penalty, logprobs, logpro
 OP_BACKENDS = {**token_logprobs.OP_BACKENDS}
 
 __all__ = ["entropy", "kl_divergence", "kl_penalty", "logprobs", "logprobs_and_entropy"]
+
+from . import ppo_loss  # noqa: E402
+from .ppo_loss import ppo_loss_from_logits, ppo_policy_loss, ppo_value_loss  # noqa: E402
+
+OP_BACKENDS.update(ppo_loss.OP_BACKENDS)
+__all__ += ["ppo_loss_from_logits", "ppo_policy_loss", "ppo_value_loss"]

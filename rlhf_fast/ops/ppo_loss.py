@@ -1,0 +1,480 @@
+"""PPO losses: clipped policy loss (asymmetric and dual clip), clipped value loss, and the full per-token PPO
+objective computed straight from the logits.
+
+Formulas (../shared/FORMULAS.md), per token, with A the advantage:
+  ratio  = exp(clamp(logp - old_logp, -20, 20))
+  policy = max(-A * ratio, -A * clamp(ratio, 1 - clip_low, 1 + clip_high)); with dual_clip c: where A < 0,
+           policy = min(policy, -A * c)
+  value  = 0.5 * max((v - R)^2, (v_old + clamp(v - v_old, -clip, clip) - R)^2)
+  full   = policy + kl_coef * k(logp, ref_logp) - entropy_coef * entropy       (k: kl_penalty of kind kl_kind)
+Aggregation ``agg`` of a per-token loss l over the mask:
+  token-mean               sum(l * mask) / sum(mask)
+  seq-mean-token-sum       mean over sequences with >= 1 token of sum_t(l * mask)
+  seq-mean-token-mean      mean over sequences with >= 1 token of sum_t(l * mask) / sum_t(mask)
+  seq-mean-token-sum-norm  sum(l * mask) / mask.shape[-1]
+A batch with no token gives loss 0 (and zero gradients), never NaN.
+
+Layouts: padded ``[B, T]`` (each row a sequence), or packed ``[N]`` (tokens of all sequences concatenated). Packed
+input takes ``seq_ids`` (int64 ``[N]``, the sequence of each token, values in ``[0, N)``) for the seq-mean-* modes;
+seq-mean-token-sum-norm divides by ``mask.shape[-1]`` in both layouts (T padded, N packed), as the formula says.
+
+The mask is read as boolean (nonzero = the policy generated this token). Masked positions contribute exactly 0 to
+the loss and get exactly 0 gradient, whatever their values (NaN or inf included). ``old_logp``, ``advantages``,
+``old_values``, ``returns`` and ``ref_logp`` are constants of the update: they are detached and receive no gradient.
+
+Each per-token loss is a torch.library custom op (``rlhf_fast::ppo_token_loss``, ``rlhf_fast::ppo_value_token_loss``)
+with a fake implementation and an explicit backward formula. They are elementwise and bandwidth-bound, so one PyTorch
+implementation serves every device. ``ppo_loss_from_logits`` composes the fused log-prob/entropy op
+(``rlhf_fast::logprobs_entropy``: one read of the logits forward, one write of their gradient backward) with
+``rlhf_fast::ppo_token_loss`` and the aggregation: no ``[B, T, V]`` tensor is written but the gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _checks
+from .token_logprobs import KL_KINDS, LOGPROBS_BACKENDS, kl_penalty_ref, logprobs, logprobs_and_entropy
+
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+OP_BACKENDS = {  # public op -> backends implementing it (shown by `rlhf-fast info`)
+    "ppo_policy_loss": ("torch",),
+    "ppo_value_loss": ("torch",),
+    "ppo_loss_from_logits": LOGPROBS_BACKENDS,  # the backend of the log-prob op it runs on the logits
+}
+IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# References: short and obviously correct; the ground truth of the tests (autograd gives their gradients).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _up(x: Tensor) -> Tensor:
+    """float32, or float64 kept: the references run in float64 to serve as the exact result of the tests."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def aggregate_ref(loss_tok: Tensor, mask: Tensor, agg: str = "token-mean", seq_ids: Optional[Tensor] = None) -> Tensor:
+    m = mask.bool()
+    loss_tok = torch.where(m, _up(loss_tok), 0.0)
+    if agg == "token-mean":
+        return loss_tok.sum() / m.sum().clamp_min(1)
+    if agg == "seq-mean-token-sum-norm":
+        return loss_tok.sum() / mask.shape[-1]
+    if seq_ids is None:
+        seqs = [(loss_tok[b], m[b]) for b in range(loss_tok.shape[0])]
+    else:
+        seqs = [(loss_tok[seq_ids == s], m[seq_ids == s]) for s in seq_ids.unique().tolist()]
+    per_seq = [ls.sum() / (ms.sum() if agg == "seq-mean-token-mean" else 1) for ls, ms in seqs if ms.any()]
+    return torch.stack(per_seq).mean() if per_seq else loss_tok.sum() * 0.0
+
+
+def _mean_ref(x: Tensor, mask: Tensor) -> Tensor:
+    m = mask.bool()
+    return torch.where(m, _up(x), 0.0).sum() / m.sum().clamp_min(1)
+
+
+def _policy_tokens_ref(logp, old_logp, advantages, clip_low, clip_high, dual_clip):
+    """-> per-token (loss, ratio, clipped, dual_clipped)."""
+    clip_high = clip_low if clip_high is None else clip_high
+    adv = _up(advantages)
+    ratio = torch.exp(torch.clamp(_up(logp) - _up(old_logp), -20.0, 20.0))
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    dual = torch.zeros_like(loss, dtype=torch.bool)
+    if dual_clip is not None:
+        dual = (adv < 0) & (loss > -adv * dual_clip)
+        loss = torch.where(adv < 0, torch.minimum(loss, -adv * dual_clip), loss)
+    return loss, ratio, clipped > unclipped, dual
+
+
+def _policy_stats_ref(logp, old_logp, ratio, clipped, dual, mask):
+    m = mask.bool()
+    with torch.no_grad():
+        return {
+            "clip_frac": _mean_ref(clipped, m),
+            "dual_clip_frac": _mean_ref(dual, m),
+            "approx_kl": _mean_ref(kl_penalty_ref(old_logp, logp, "k3"), m),  # k3 with d = logp - old_logp
+            "ratio_mean": _mean_ref(ratio, m),
+            "ratio_max": torch.where(m, ratio, 0.0).max(),  # ratio > 0: 0 when no token
+        }
+
+
+def ppo_policy_loss_ref(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=None, dual_clip=None,
+                        agg="token-mean", seq_ids=None):
+    loss, ratio, clipped, dual = _policy_tokens_ref(logp, old_logp, advantages, clip_low, clip_high, dual_clip)
+    return aggregate_ref(loss, mask, agg, seq_ids), _policy_stats_ref(logp, old_logp, ratio, clipped, dual, mask)
+
+
+def ppo_value_loss_ref(values, old_values, returns, mask, *, clip=0.2, agg="token-mean", seq_ids=None):
+    v, v_old, ret = _up(values), _up(old_values), _up(returns)
+    unclipped = (v - ret) ** 2
+    if clip is None:
+        loss, frac = 0.5 * unclipped, torch.zeros_like(unclipped, dtype=torch.bool)
+    else:
+        clipped = (v_old + torch.clamp(v - v_old, -clip, clip) - ret) ** 2
+        loss = 0.5 * torch.maximum(unclipped, clipped)
+        frac = (clipped > unclipped) & ((v - v_old).abs() > clip)
+    with torch.no_grad():
+        stats = {"clip_frac": _mean_ref(frac, mask)}
+    return aggregate_ref(loss, mask, agg, seq_ids), stats
+
+
+def ppo_loss_from_logits_ref(logits, labels, old_logp, advantages, mask, *, ref_logp=None, kl_coef=0.0, kl_kind="k3",
+                             entropy_coef=0.0, temperature=1.0, clip_low=0.2, clip_high=None, dual_clip=None,
+                             agg="token-mean", seq_ids=None):
+    """The eager composite: log_softmax + gather (+ entropy over [..., V]), then the per-token formulas."""
+    logp_all = torch.log_softmax(_up(logits) / temperature, dim=-1)
+    keep = labels != IGNORE_INDEX
+    logp = torch.where(keep, logp_all.gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1), 0.0)
+    loss, ratio, clipped, dual = _policy_tokens_ref(logp, old_logp, advantages, clip_low, clip_high, dual_clip)
+    stats = _policy_stats_ref(logp, old_logp, ratio, clipped, dual, mask)
+    if ref_logp is not None:
+        kl = kl_penalty_ref(logp, ref_logp, kl_kind)
+        loss = loss + kl_coef * kl
+        stats["kl"] = _mean_ref(kl.detach(), mask)
+    if entropy_coef != 0.0:
+        p = logp_all.exp()
+        ent = -(p * torch.where(p > 0, logp_all, 0.0)).sum(-1)
+        loss = loss - entropy_coef * ent
+        stats["entropy"] = _mean_ref(ent.detach(), mask)
+    return aggregate_ref(loss, mask, agg, seq_ids), stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Custom ops (validated inputs of one shape; the mask is bool) with fake and autograd implementations.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _kl_dlogp(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
+    """d kl_penalty(logp, ref_logp, kind) / d logp, float32 (the clamps of k3 pass no gradient outside their range)."""
+    d = ref_logp.float() - logp.float()
+    if kind == "k1":
+        return torch.ones_like(d)
+    if kind == "k2":
+        return -d
+    if kind == "abs":
+        return -torch.sign(d)
+    dc = d.clamp(-20.0, 20.0)
+    k3 = dc.exp() - dc - 1.0
+    return torch.where((d.abs() <= 20.0) & (k3.abs() <= 10.0), 1.0 - dc.exp(), 0.0)
+
+
+def _policy_branches(logp, old_logp, advantages, clip_low, clip_high, dual_clip):
+    """-> (log_ratio, ratio, adv, the two PPO-clip terms), float32."""
+    adv = advantages.float()
+    log_ratio = logp.float() - old_logp.float()
+    ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
+    return log_ratio, ratio, adv, -adv * ratio, -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+
+
+@torch.library.custom_op("rlhf_fast::ppo_token_loss", mutates_args=())
+def ppo_token_loss_op(
+    logp: Tensor, entropy: Optional[Tensor], old_logp: Tensor, advantages: Tensor, ref_logp: Optional[Tensor],
+    mask: Tensor, clip_low: float, clip_high: float, dual_clip: Optional[float], kl_coef: float, kl_kind: str,
+    entropy_coef: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-token PPO objective. All inputs one shape; mask bool; the rest float32/bf16/fp16.
+
+    -> (loss float32, ratio float32, clipped bool, dual_clipped bool), each 0 / False at masked positions.
+    loss = policy + kl_coef * kl_penalty(logp, ref_logp, kl_kind) - entropy_coef * entropy (terms whose tensor is
+    None are left out). Differentiable w.r.t. logp and entropy.
+    """
+    _, ratio, adv, unclipped, clipped = _policy_branches(logp, old_logp, advantages, clip_low, clip_high, dual_clip)
+    loss = torch.maximum(unclipped, clipped)
+    dual = torch.zeros_like(mask)
+    if dual_clip is not None:
+        dual = (adv < 0) & (loss > -adv * dual_clip)
+        loss = torch.where(dual, -adv * dual_clip, loss)
+    if ref_logp is not None:
+        loss = loss + kl_coef * kl_penalty_ref(logp, ref_logp, kl_kind)
+    if entropy is not None:
+        loss = loss - entropy_coef * entropy.float()
+    return torch.where(mask, loss, 0.0), torch.where(mask, ratio, 0.0), (clipped > unclipped) & mask, dual & mask
+
+
+@ppo_token_loss_op.register_fake
+def _(logp, entropy, old_logp, advantages, ref_logp, mask, clip_low, clip_high, dual_clip, kl_coef, kl_kind,
+      entropy_coef):
+    f32 = torch.empty_like(logp, dtype=torch.float32)
+    return f32, torch.empty_like(f32), torch.empty_like(mask), torch.empty_like(mask)
+
+
+def _ppo_token_loss_setup(ctx, inputs, output):
+    logp, entropy, old_logp, advantages, ref_logp, mask, clip_low, clip_high, dual_clip, kl_coef, kl_kind, \
+        entropy_coef = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(logp, entropy, old_logp, advantages, ref_logp, mask)
+    ctx.args = (clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef)
+
+
+def _ppo_token_loss_grad(ctx, grad_loss, _grad_ratio, _grad_clipped, _grad_dual):
+    logp, entropy, old_logp, advantages, ref_logp, mask = ctx.saved_tensors
+    clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef = ctx.args
+    log_ratio, ratio, adv, unclipped, clipped = _policy_branches(logp, old_logp, advantages, clip_low, clip_high,
+                                                                 dual_clip)
+    # d policy / d logp: through the unclipped term (-A * ratio) when it is the max, where the ratio's clamp is open.
+    takes_ratio = (unclipped >= clipped) & (log_ratio.abs() <= 20.0)
+    if dual_clip is not None:
+        takes_ratio &= ~((adv < 0) & (torch.maximum(unclipped, clipped) > -adv * dual_clip))
+    dlogp = torch.where(takes_ratio, -adv * ratio, 0.0)
+    if ref_logp is not None:
+        dlogp = dlogp + kl_coef * _kl_dlogp(logp, ref_logp, kl_kind)
+    g = torch.where(mask, grad_loss, 0.0)
+    grad_logp = torch.where(mask, g * dlogp, 0.0).to(logp.dtype)
+    grad_entropy = None if entropy is None else (-entropy_coef * g).to(entropy.dtype)
+    return grad_logp, grad_entropy, None, None, None, None, None, None, None, None, None, None
+
+
+ppo_token_loss_op.register_autograd(_ppo_token_loss_grad, setup_context=_ppo_token_loss_setup)
+
+
+def _value_branches(values, old_values, returns, clip):
+    v, v_old, ret = values.float(), old_values.float(), returns.float()
+    unclipped = (v - ret) ** 2
+    if clip is None:
+        return v, v_old, ret, None, unclipped, unclipped
+    v_clipped = v_old + (v - v_old).clamp(-clip, clip)
+    return v, v_old, ret, v_clipped, unclipped, (v_clipped - ret) ** 2
+
+
+@torch.library.custom_op("rlhf_fast::ppo_value_token_loss", mutates_args=())
+def ppo_value_token_loss_op(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: Optional[float]
+                            ) -> tuple[Tensor, Tensor]:
+    """Per-token clipped value loss. All inputs one shape; mask bool; the rest float32/bf16/fp16.
+
+    -> (loss float32, clipped bool), 0 / False at masked positions. ``clipped``: the clipped term is the larger and
+    the clamp is active (|v - v_old| > clip). Differentiable w.r.t. values.
+    """
+    v, v_old, _, _, unclipped, clipped = _value_branches(values, old_values, returns, clip)
+    loss = 0.5 * torch.maximum(unclipped, clipped)
+    frac = torch.zeros_like(mask) if clip is None else (clipped > unclipped) & ((v - v_old).abs() > clip)
+    return torch.where(mask, loss, 0.0), frac & mask
+
+
+@ppo_value_token_loss_op.register_fake
+def _(values, old_values, returns, mask, clip):
+    return torch.empty_like(values, dtype=torch.float32), torch.empty_like(mask)
+
+
+def _ppo_value_setup(ctx, inputs, output):
+    values, old_values, returns, mask, clip = inputs
+    ctx.save_for_backward(values, old_values, returns, mask)
+    ctx.clip = clip
+
+
+def _ppo_value_grad(ctx, grad_loss, _grad_clipped):
+    values, old_values, returns, mask = ctx.saved_tensors
+    v, v_old, ret, v_clipped, unclipped, clipped = _value_branches(values, old_values, returns, ctx.clip)
+    dv = v - ret
+    if ctx.clip is not None:  # the clipped term passes gradient only where its clamp is open
+        dv = torch.where(clipped > unclipped, torch.where((v - v_old).abs() <= ctx.clip, v_clipped - ret, 0.0), dv)
+    grad = torch.where(mask, grad_loss * dv, 0.0).to(values.dtype)
+    return grad, None, None, None, None
+
+
+ppo_value_token_loss_op.register_autograd(_ppo_value_grad, setup_context=_ppo_value_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Aggregation and stats: plain PyTorch on [B, T] / [N] vectors, no host synchronisation.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _nonzero_or_one(x: Tensor) -> Tensor:
+    return torch.where(x > 0, x, torch.ones_like(x))
+
+
+def _aggregate(loss_tok: Tensor, mask: Tensor, agg: str, seq_ids: Optional[Tensor]) -> Tensor:
+    """loss_tok float32 (0 at masked positions), mask bool, both [B, T] or [N] -> 0-d float32."""
+    m = mask.float()
+    if agg == "token-mean":
+        return loss_tok.sum() / _nonzero_or_one(m.sum())
+    if agg == "seq-mean-token-sum-norm":
+        return loss_tok.sum() / mask.shape[-1]
+    if seq_ids is None:  # padded: one row per sequence
+        seq_loss, seq_tokens = loss_tok.sum(-1), m.sum(-1)
+    else:  # packed: sequence ids index [N] buckets (at most N sequences)
+        seq_loss = loss_tok.new_zeros(loss_tok.shape).index_add(0, seq_ids, loss_tok)
+        seq_tokens = m.new_zeros(m.shape).index_add(0, seq_ids, m)
+    if agg == "seq-mean-token-mean":
+        seq_loss = seq_loss / _nonzero_or_one(seq_tokens)
+    return seq_loss.sum() / _nonzero_or_one((seq_tokens > 0).float().sum())
+
+
+def _masked_mean(x: Tensor, mask: Tensor, count: Tensor) -> Tensor:
+    return torch.where(mask, x.float(), 0.0).sum() / count
+
+
+def _policy_stats(logp, old_logp, ratio, clipped, dual, mask) -> dict[str, Tensor]:
+    with torch.no_grad():
+        count = _nonzero_or_one(mask.float().sum())
+        return {
+            "clip_frac": clipped.float().sum() / count,
+            "dual_clip_frac": dual.float().sum() / count,
+            "approx_kl": _masked_mean(kl_penalty_ref(old_logp.detach(), logp.detach(), "k3"), mask, count),
+            "ratio_mean": ratio.sum() / count,
+            "ratio_max": ratio.amax() if ratio.numel() > 0 else ratio.new_zeros(()),  # ratio > 0; 0 when masked
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API: validation, then the ops.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _number(x, name: str, low: float, high: float = math.inf, *, low_open: bool = True) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a Python number, got {type(x).__name__}")
+    ok = math.isfinite(x) and (x > low if low_open else x >= low) and x < high
+    if not ok:
+        bounds = f"{'(' if low_open else '['}{low}, {high})"
+        raise ValueError(f"{name} must be a finite number in {bounds}, got {x}")
+    return float(x)
+
+
+def _token_tensors(named: dict, shape_name: str, ref: Tensor) -> None:
+    for name, x in named.items():
+        _checks.float_tensor(x, name)
+        _checks.same_shape(x, name, ref.shape, f"the shape of {shape_name}")
+        _checks.same_device(x, name, ref, shape_name)
+
+
+def _mask(mask, ref: Tensor, ref_name: str) -> Tensor:
+    _checks.tensor(mask, "mask")
+    _checks.same_shape(mask, "mask", ref.shape, f"the shape of {ref_name}")
+    _checks.same_device(mask, "mask", ref, ref_name)
+    if mask.is_complex():
+        raise TypeError(f"mask must be bool, integer or float, got {mask.dtype}")
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _layout(x: Tensor, name: str, agg: str, seq_ids) -> None:
+    """[B, T] padded or [N] packed; packed input needs seq_ids for the seq-mean-* modes that split sequences."""
+    _checks.choice(agg, "agg", AGG_MODES)
+    if x.dim() not in (1, 2):
+        raise ValueError(f"{name} must be [B, T] (padded) or [N] (packed), got shape {tuple(x.shape)}")
+    if seq_ids is None:
+        if x.dim() == 1 and agg in ("seq-mean-token-sum", "seq-mean-token-mean"):
+            raise ValueError(f"agg={agg!r} on packed [N] input needs seq_ids (the sequence id of each token)")
+        return
+    _checks.tensor(seq_ids, "seq_ids")
+    if x.dim() != 1:
+        raise ValueError(f"seq_ids is for packed [N] input; {name} is padded [B, T] {tuple(x.shape)}")
+    if seq_ids.dtype != torch.int64:
+        raise TypeError(f"seq_ids must be int64 (torch.long), got {seq_ids.dtype}")
+    _checks.same_shape(seq_ids, "seq_ids", x.shape, f"the shape of {name}")
+    _checks.same_device(seq_ids, "seq_ids", x, name)
+    # The range check reads the ids: eager CPU only (no host synchronisation on CUDA or under torch.compile).
+    if seq_ids.device.type == "cpu" and not torch.compiler.is_compiling() and seq_ids.numel() > 0:
+        if bool(((seq_ids < 0) | (seq_ids >= seq_ids.numel())).any()):
+            raise ValueError(f"seq_ids must be in [0, N) = [0, {seq_ids.numel()}), got values in "
+                             f"[{int(seq_ids.min())}, {int(seq_ids.max())}]")
+
+
+def _clips(clip_low, clip_high, dual_clip) -> tuple[float, float, Optional[float]]:
+    clip_low = _number(clip_low, "clip_low", 0.0, 1.0)
+    clip_high = clip_low if clip_high is None else _number(clip_high, "clip_high", 0.0)
+    dual_clip = None if dual_clip is None else _number(dual_clip, "dual_clip", 1.0)
+    return clip_low, clip_high, dual_clip
+
+
+def ppo_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *, clip_low: float = 0.2,
+                    clip_high: Optional[float] = None, dual_clip: Optional[float] = None, agg: str = "token-mean",
+                    seq_ids: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO-clip policy loss (asymmetric clip, optional dual clip), aggregated by ``agg``.
+
+    logp, old_logp, advantages: [B, T] (padded) or [N] (packed), float32/bf16/fp16; mask: same shape, bool or 0/1;
+    seq_ids: int64 [N], packed input only. clip_low in (0, 1); clip_high > 0 (None: clip_low); dual_clip > 1 or None.
+    -> (loss: 0-d float32, differentiable w.r.t. logp; stats: dict of 0-d float32 tensors ``clip_frac``,
+    ``dual_clip_frac``, ``approx_kl`` (mean of k3 with d = logp - old_logp, i.e. (ratio - 1) - log ratio),
+    ``ratio_mean``, ``ratio_max`` over the masked tokens; 0 when no token).
+    """
+    _checks.float_tensor(logp, "logp")
+    _token_tensors({"old_logp": old_logp, "advantages": advantages}, "logp", logp)
+    m = _mask(mask, logp, "logp")
+    _layout(logp, "logp", agg, seq_ids)
+    clip_low, clip_high, dual_clip = _clips(clip_low, clip_high, dual_clip)
+    old_logp = old_logp.detach()
+    loss_tok, ratio, clipped, dual = ppo_token_loss_op(logp, None, old_logp, advantages.detach(), None, m, clip_low,
+                                                       clip_high, dual_clip, 0.0, "k3", 0.0)
+    return _aggregate(loss_tok, m, agg, seq_ids), _policy_stats(logp, old_logp, ratio, clipped, dual, m)
+
+
+def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *, clip: Optional[float] = 0.2,
+                   agg: str = "token-mean", seq_ids: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss 0.5 * max((v - R)^2, (v_old + clamp(v - v_old, -clip, clip) - R)^2), aggregated by ``agg``.
+
+    values, old_values, returns: [B, T] or [N], float32/bf16/fp16; mask: same shape, bool or 0/1; seq_ids: int64 [N]
+    for packed input; clip > 0, or None for the unclipped 0.5 * (v - R)^2.
+    -> (loss: 0-d float32, differentiable w.r.t. values; stats: {``clip_frac``: fraction of masked tokens where the
+    clipped term is taken and its clamp is active}).
+    """
+    _checks.float_tensor(values, "values")
+    _token_tensors({"old_values": old_values, "returns": returns}, "values", values)
+    m = _mask(mask, values, "values")
+    _layout(values, "values", agg, seq_ids)
+    clip = None if clip is None else _number(clip, "clip", 0.0)
+    loss_tok, clipped = ppo_value_token_loss_op(values, old_values.detach(), returns.detach(), m, clip)
+    with torch.no_grad():
+        stats = {"clip_frac": clipped.float().sum() / _nonzero_or_one(m.float().sum())}
+    return _aggregate(loss_tok, m, agg, seq_ids), stats
+
+
+def ppo_loss_from_logits(logits: Tensor, labels: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
+                         ref_logp: Optional[Tensor] = None, kl_coef: float = 0.0, kl_kind: str = "k3",
+                         entropy_coef: float = 0.0, temperature: float = 1.0, clip_low: float = 0.2,
+                         clip_high: Optional[float] = None, dual_clip: Optional[float] = None,
+                         agg: str = "token-mean", seq_ids: Optional[Tensor] = None
+                         ) -> tuple[Tensor, dict[str, Tensor]]:
+    """The full PPO objective per token, policy + kl_coef * k(t) - entropy_coef * entropy, from the logits.
+
+    logits: [B, T, V] (padded) or [N, V] (packed), float32/bf16/fp16; labels: int64 [B, T] / [N], in [0, V) or -100
+    (positions that should be masked anyway); old_logp, advantages, mask, ref_logp: [B, T] / [N]; seq_ids: int64 [N]
+    for packed input. ``logp = log softmax(logits / temperature)[label]``; k is ``kl_penalty(logp, ref_logp,
+    kl_kind)``, kl_kind in k1, k2, k3, abs (ref_logp is required when kl_coef != 0); entropy at ``temperature``.
+    Equal to ``logprobs_and_entropy`` + ``ppo_policy_loss`` + ``kl_penalty`` + the entropy bonus, computed as that
+    composition of custom ops: the logits are read once forward, and their gradient is written in one pass backward.
+    -> (loss: 0-d float32, differentiable w.r.t. logits; stats: those of ``ppo_policy_loss``, plus ``kl`` (masked
+    mean of k) when ref_logp is given and ``entropy`` (masked mean) when entropy_coef != 0).
+    """
+    _checks.logits(logits)
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"logits must be [B, T, V] (padded) or [N, V] (packed), got shape {tuple(logits.shape)}")
+    _checks.tensor(labels, "labels")
+    _checks.same_shape(labels, "labels", logits.shape[:-1], "logits.shape[:-1]")
+    _token_tensors({"old_logp": old_logp, "advantages": advantages}, "labels", labels)
+    if ref_logp is not None:
+        _token_tensors({"ref_logp": ref_logp}, "labels", labels)
+    m = _mask(mask, labels, "labels")
+    _layout(labels, "labels", agg, seq_ids)
+    clip_low, clip_high, dual_clip = _clips(clip_low, clip_high, dual_clip)
+    _checks.choice(kl_kind, "kl_kind", KL_KINDS)
+    kl_coef = _number(kl_coef, "kl_coef", 0.0, low_open=False)
+    entropy_coef = _number(entropy_coef, "entropy_coef", -math.inf)
+    if kl_coef != 0.0 and ref_logp is None:
+        raise ValueError(f"kl_coef={kl_coef} needs ref_logp (the reference policy's log-probs of the labels)")
+
+    if entropy_coef != 0.0:
+        logp, ent = logprobs_and_entropy(logits, labels, temperature=temperature, ignore_index=IGNORE_INDEX)
+    else:  # the log-prob op then skips the entropy sums
+        logp, ent = logprobs(logits, labels, temperature=temperature, ignore_index=IGNORE_INDEX), None
+    old_logp = old_logp.detach()
+    ref_logp = None if ref_logp is None else ref_logp.detach()
+    loss_tok, ratio, clipped, dual = ppo_token_loss_op(
+        logp, ent, old_logp, advantages.detach(), ref_logp if kl_coef != 0.0 else None, m, clip_low, clip_high,
+        dual_clip, kl_coef, kl_kind, entropy_coef)
+    stats = _policy_stats(logp, old_logp, ratio, clipped, dual, m)
+    with torch.no_grad():
+        count = _nonzero_or_one(m.float().sum())
+        if ref_logp is not None:
+            stats["kl"] = _masked_mean(kl_penalty_ref(logp.detach(), ref_logp, kl_kind), m, count)
+        if ent is not None:
+            stats["entropy"] = _masked_mean(ent.detach(), m, count)
+    return _aggregate(loss_tok, m, agg, seq_ids), stats

@@ -1,0 +1,419 @@
+import math
+
+import pytest
+import torch
+from _testing import assert_within_ref_error, usable_backends
+
+import rlhf_fast
+from rlhf_fast.ops.ppo_loss import (AGG_MODES, ppo_loss_from_logits_ref, ppo_policy_loss_ref, ppo_token_loss_op,
+                                    ppo_value_loss_ref, ppo_value_token_loss_op)
+from rlhf_fast.ops.token_logprobs import LOGPROBS_BACKENDS
+
+POLICY_STATS = ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "ratio_max")
+
+
+def _tokens(shape, seed=0, masked_frac=0.3):
+    g = torch.Generator().manual_seed(seed)
+    logp = torch.randn(shape, generator=g) * 0.5 - 2.0
+    old_logp = logp + torch.randn(shape, generator=g) * 0.4  # ratios both inside and outside the clip range
+    advantages = torch.randn(shape, generator=g)
+    mask = torch.rand(shape, generator=g) >= masked_frac
+    return logp, old_logp, advantages, mask
+
+
+def _packed_seq_ids(n, seed=0):
+    """Sequence ids of n packed tokens: a few sequences of random lengths, ids in a shuffled order."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 6, (n,), generator=g)
+    ids = torch.repeat_interleave(torch.arange(n), lengths)[:n]
+    return torch.randperm(n, generator=g)[ids]
+
+
+def _logits_inputs(shape, dtype, seed=0):
+    """logits [..., V] and [...] labels / old_logp / advantages / ref_logp / mask, with -100 at some masked labels."""
+    g = torch.Generator().manual_seed(seed)
+    *batch, vocab = shape
+    logits = (torch.randn(shape, generator=g) * 2).to(dtype)
+    labels = torch.randint(0, vocab, batch, generator=g)
+    mask = torch.rand(batch, generator=g) >= 0.25
+    labels = torch.where(~mask & (torch.rand(batch, generator=g) < 0.5), -100, labels)
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    old_logp = logp + torch.randn(batch, generator=g) * 0.3
+    ref_logp = logp + torch.randn(batch, generator=g) * 0.3
+    advantages = torch.randn(batch, generator=g)
+    return logits, labels, old_logp, advantages, mask, ref_logp
+
+
+def _use_backend(backend):
+    if backend == "triton":  # the Triton log-prob kernels are a separate piece of work; run them once they exist
+        pytest.importorskip("rlhf_fast.kernels.logprobs", reason="rlhf_fast/kernels/logprobs.py is not in this tree")
+    return rlhf_fast.use_backend(backend)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Hand-computed values
+# --------------------------------------------------------------------------------------------------------------
+
+# ratio, advantage, loss, d loss / d logp, clipped, dual-clipped; clip_low=0.2, clip_high=0.3, dual_clip=3
+POLICY_CASES = [
+    (1.1, 2.0, -2.2, -2.2, False, False),  # A > 0, ratio inside [0.8, 1.3]: -A * ratio
+    (1.5, 2.0, -2.6, 0.0, True, False),  # A > 0, ratio above: -A * 1.3, no gradient
+    (0.5, 2.0, -1.0, -1.0, False, False),  # A > 0, ratio below: max(-1.0, -1.6) = unclipped -A * ratio
+    (1.5, -2.0, 3.0, 3.0, False, False),  # A < 0, ratio above: max(3.0, 2.6) = unclipped
+    (0.5, -2.0, 1.6, 0.0, True, False),  # A < 0, ratio below: max(1.0, 1.6) = -A * 0.8, no gradient
+    (2.0, -2.0, 4.0, 4.0, False, False),  # A < 0, dual bound -A * 3 = 6 not reached
+    (4.0, -2.0, 6.0, 0.0, False, True),  # A < 0, unclipped 8 > 6: dual clip, no gradient
+]
+
+
+def test_policy_loss_hand_computed():
+    ratio, adv, loss, grad, clipped, dual = (torch.tensor(col) for col in zip(*POLICY_CASES))
+    old_logp = torch.full_like(ratio, -1.0)
+    logp = (old_logp + ratio.log()).requires_grad_(True)
+    mask = torch.ones_like(ratio, dtype=torch.bool)
+    out, stats = rlhf_fast.ppo_policy_loss(logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.3, dual_clip=3.0)
+    n = len(POLICY_CASES)
+    torch.testing.assert_close(out, loss.mean())
+    out.backward()
+    torch.testing.assert_close(logp.grad, grad / n)
+    torch.testing.assert_close(stats["clip_frac"], torch.tensor(2 / n))
+    torch.testing.assert_close(stats["dual_clip_frac"], torch.tensor(1 / n))
+    torch.testing.assert_close(stats["ratio_mean"], ratio.mean())
+    torch.testing.assert_close(stats["ratio_max"], torch.tensor(4.0))
+    torch.testing.assert_close(stats["approx_kl"], (ratio - 1 - ratio.log()).mean())
+    assert all(v.dtype == torch.float32 and v.dim() == 0 for v in stats.values())
+
+
+def test_policy_loss_symmetric_default_and_no_dual_clip():
+    # clip_high=None -> 0.2: ratio 1.25 with A = 2 clips at 1.2; without dual_clip the A < 0 loss is unbounded
+    ratio, adv = torch.tensor([1.25, 4.0]), torch.tensor([2.0, -2.0])
+    old_logp = torch.zeros(2)
+    out, stats = rlhf_fast.ppo_policy_loss(ratio.log(), old_logp, adv, torch.ones(2), agg="seq-mean-token-sum-norm")
+    torch.testing.assert_close(out, torch.tensor((-2.4 + 8.0) / 2))
+    torch.testing.assert_close(stats["clip_frac"], torch.tensor(0.5))
+    assert stats["dual_clip_frac"] == 0
+
+
+# value, old value, return, loss, d loss / d value, clipped; clip = 0.2
+VALUE_CASES = [
+    (1.0, 0.875, 0.0, 0.5, 1.0, False),  # |v - v_old| <= clip: both terms equal
+    (1.5, 1.0, 0.0, 1.125, 1.5, False),  # clamp active, unclipped (1.5)^2 > clipped (1.2)^2
+    (1.5, 1.0, 2.0, 0.32, 0.0, True),  # clamp active, clipped (1.2 - 2)^2 > (1.5 - 2)^2: no gradient
+    (0.5, 1.0, 0.0, 0.32, 0.0, True),  # clamp active from below: (0.8)^2 > (0.5)^2
+]
+
+
+def test_value_loss_hand_computed():
+    v, v_old, ret, loss, grad, clipped = (torch.tensor(col) for col in zip(*VALUE_CASES))
+    v.requires_grad_(True)
+    out, stats = rlhf_fast.ppo_value_loss(v, v_old, ret, torch.ones_like(v), clip=0.2)
+    torch.testing.assert_close(out, loss.mean())
+    out.backward()
+    torch.testing.assert_close(v.grad, grad / len(VALUE_CASES))
+    torch.testing.assert_close(stats["clip_frac"], clipped.float().mean())
+
+    v.grad = None
+    out, stats = rlhf_fast.ppo_value_loss(v, v_old, ret, torch.ones_like(v), clip=None)
+    torch.testing.assert_close(out, (0.5 * (v - ret) ** 2).mean())
+    out.backward()
+    torch.testing.assert_close(v.grad, (v - ret).detach() / len(VALUE_CASES))
+    assert stats["clip_frac"] == 0
+
+
+# per-token losses 0.5 * d^2 = [[1, 2, 3, (4)], [5, 6, (0), (0)], [(7), (7), (7), (7)]]; () masked
+AGG_TOKEN_LOSS = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 0.0, 0.0], [7.0, 7.0, 7.0, 7.0]])
+AGG_MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]])
+AGG_EXPECTED = {
+    "token-mean": 17 / 5,
+    "seq-mean-token-sum": (6 + 11) / 2,  # the fully masked row is not a sequence
+    "seq-mean-token-mean": (6 / 3 + 11 / 2) / 2,
+    "seq-mean-token-sum-norm": 17 / 4,  # / T
+}
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_agg_modes_hand_computed(agg, layout):
+    returns = torch.zeros_like(AGG_TOKEN_LOSS)
+    values = (2 * AGG_TOKEN_LOSS).sqrt()
+    mask, seq_ids, expected = AGG_MASK, None, AGG_EXPECTED[agg]
+    if layout == "packed":  # tokens in a shuffled order, sequences named by non-contiguous ids
+        perm = torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))
+        values, returns, mask = values.flatten()[perm], returns.flatten()[perm], mask.flatten()[perm]
+        seq_ids = torch.tensor([7] * 4 + [2] * 4 + [11] * 4)[perm]
+        if agg == "seq-mean-token-sum-norm":
+            expected = 17 / 12  # / mask.shape[-1] = N
+    values.requires_grad_(True)
+    out, _ = rlhf_fast.ppo_value_loss(values, values.detach(), returns, mask, clip=None, agg=agg, seq_ids=seq_ids)
+    torch.testing.assert_close(out, torch.tensor(expected))
+    ref, _ = ppo_value_loss_ref(values, values.detach(), returns, mask, clip=None, agg=agg, seq_ids=seq_ids)
+    (grad,) = torch.autograd.grad(out, values)
+    (grad_ref,) = torch.autograd.grad(ref, values)
+    torch.testing.assert_close(grad, grad_ref)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Standalone losses against the references (values, stats, gradients)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_policy_and_value_loss_match_reference(dtype, agg, layout):
+    shape = (5, 37) if layout == "padded" else (173,)
+    seq_ids = _packed_seq_ids(173) if layout == "packed" else None
+    logp, old_logp, adv, mask = (x.to(dtype) if x.is_floating_point() else x for x in _tokens(shape))
+    kw = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, agg=agg, seq_ids=seq_ids)
+    logp.requires_grad_(True)
+    out, stats = rlhf_fast.ppo_policy_loss(logp, old_logp, adv, mask, **kw)
+    (grad,) = torch.autograd.grad(out, logp)
+    results = {}
+    for name, x in (("same", logp), ("exact", logp.double())):
+        ref, ref_stats = ppo_policy_loss_ref(x, old_logp.double() if name == "exact" else old_logp,
+                                             adv.double() if name == "exact" else adv, mask, **kw)
+        results[name] = (ref, ref_stats, torch.autograd.grad(ref, logp)[0])
+    assert out.dtype == torch.float32 and grad.dtype == dtype
+    assert_within_ref_error(out, results["same"][0], results["exact"][0], name="policy loss")
+    assert_within_ref_error(grad, results["same"][2], results["exact"][2], name="policy grad")
+    for key in POLICY_STATS:
+        torch.testing.assert_close(stats[key], results["same"][1][key].float(), msg=key)
+
+    values, old_values, returns = logp.detach().clone().requires_grad_(True), old_logp, adv
+    out, stats = rlhf_fast.ppo_value_loss(values, old_values, returns, mask, clip=0.2, agg=agg, seq_ids=seq_ids)
+    ref, ref_stats = ppo_value_loss_ref(values, old_values, returns, mask, clip=0.2, agg=agg, seq_ids=seq_ids)
+    exact, _ = ppo_value_loss_ref(values.double(), old_values.double(), returns.double(), mask, clip=0.2, agg=agg,
+                                  seq_ids=seq_ids)
+    grads = [torch.autograd.grad(x, values)[0] for x in (out, ref, exact)]
+    assert_within_ref_error(out, ref, exact, name="value loss")
+    assert_within_ref_error(*grads, name="value grad")
+    torch.testing.assert_close(stats["clip_frac"], ref_stats["clip_frac"])
+    assert 0 < stats["clip_frac"] < 1
+
+
+def test_masked_positions_are_ignored_whatever_their_values():
+    logp, old_logp, adv, mask = _tokens((4, 9))
+    bad = torch.tensor([math.nan, math.inf, -math.inf])
+    old_bad = torch.where(mask, old_logp, bad[torch.arange(36).view(4, 9) % 3])
+    adv_bad = torch.where(mask, adv, bad[(torch.arange(36).view(4, 9) + 1) % 3])
+    logp.requires_grad_(True)
+    for agg in AGG_MODES:
+        out, stats = rlhf_fast.ppo_policy_loss(logp, old_bad, adv_bad, mask, dual_clip=2.0, agg=agg)
+        ref, _ = ppo_policy_loss_ref(logp, old_logp, adv, mask, dual_clip=2.0, agg=agg)
+        torch.testing.assert_close(out, ref)
+        (grad,) = torch.autograd.grad(out, logp)
+        assert torch.isfinite(grad).all() and (grad[~mask] == 0).all()
+        assert all(torch.isfinite(v) for v in stats.values())
+        out, _ = rlhf_fast.ppo_value_loss(logp, old_bad, adv_bad, mask, agg=agg)
+        (grad,) = torch.autograd.grad(out, logp)
+        assert torch.isfinite(out) and torch.isfinite(grad).all() and (grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_all_masked_batch(agg):
+    logp, old_logp, adv, _ = _tokens((3, 8))
+    mask = torch.zeros(3, 8)
+    logp.requires_grad_(True)
+    out, stats = rlhf_fast.ppo_policy_loss(logp, old_logp, adv, mask, dual_clip=3.0, agg=agg)
+    out_v, stats_v = rlhf_fast.ppo_value_loss(logp, old_logp, adv, mask, agg=agg)
+    grad, grad_v = (torch.autograd.grad(x, logp)[0] for x in (out, out_v))
+    assert out == 0 and out_v == 0 and (grad == 0).all() and (grad_v == 0).all()
+    assert all(v == 0 for v in [*stats.values(), *stats_v.values()])
+
+    logits, labels, old_logp, adv, _, ref_logp = _logits_inputs((2, 5, 11), torch.float32)
+    logits.requires_grad_(True)
+    out, stats = rlhf_fast.ppo_loss_from_logits(logits, labels, old_logp, adv, torch.zeros(2, 5, dtype=torch.bool),
+                                                ref_logp=ref_logp, kl_coef=0.1, entropy_coef=0.01, agg=agg)
+    out.backward()
+    assert out == 0 and (logits.grad == 0).all() and all(v == 0 for v in stats.values())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ppo_loss_from_logits against the composite reference
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_from_logits(backend, shape, dtype, kw, layout_seq_ids=None):
+    logits, labels, old_logp, adv, mask, ref_logp = _logits_inputs(shape, dtype)
+    kw = dict(kw, ref_logp=ref_logp, seq_ids=layout_seq_ids)
+    logits.requires_grad_(True)
+    with _use_backend(backend):
+        out, stats = rlhf_fast.ppo_loss_from_logits(logits, labels, old_logp, adv, mask, **kw)
+    (grad,) = torch.autograd.grad(out, logits)
+    ref, ref_stats = ppo_loss_from_logits_ref(logits, labels, old_logp, adv, mask, **kw)
+    (grad_ref,) = torch.autograd.grad(ref, logits)
+    exact_kw = dict(kw, ref_logp=ref_logp.double())
+    exact, _ = ppo_loss_from_logits_ref(logits.double(), labels, old_logp.double(), adv.double(), mask, **exact_kw)
+    (grad_exact,) = torch.autograd.grad(exact, logits)
+    assert out.dtype == torch.float32 and grad.dtype == dtype and grad.shape == logits.shape
+    assert_within_ref_error(out, ref, exact, name="loss")
+    assert_within_ref_error(grad, grad_ref, grad_exact, name="grad_logits")
+    assert set(stats) == set(ref_stats)
+    for key, value in stats.items():
+        torch.testing.assert_close(value, ref_stats[key].float(), msg=key, atol=1e-5, rtol=1e-4)
+    return out, grad
+
+
+FULL = dict(kl_coef=0.05, kl_kind="k3", entropy_coef=0.01, temperature=0.7, clip_low=0.2, clip_high=0.28,
+            dual_clip=3.0)
+
+
+@pytest.mark.parametrize("backend", usable_backends(LOGPROBS_BACKENDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_from_logits_matches_composite(backend, dtype, layout):
+    if layout == "padded":
+        _check_from_logits(backend, (3, 13, 301), dtype, dict(FULL, agg="seq-mean-token-mean"))
+    else:
+        _check_from_logits(backend, (41, 301), dtype, dict(FULL, agg="seq-mean-token-sum"), _packed_seq_ids(41))
+
+
+@pytest.mark.parametrize("backend", usable_backends(LOGPROBS_BACKENDS))
+@pytest.mark.parametrize("kl_kind", ["k1", "k2", "k3", "abs"])
+def test_from_logits_kl_kinds_and_options(backend, kl_kind):
+    for i, agg in enumerate(AGG_MODES):
+        kw = dict(kl_coef=0.3, kl_kind=kl_kind, entropy_coef=(0.0, 0.02)[i % 2], temperature=(1.0, 1.3)[i % 2],
+                  dual_clip=(None, 2.0)[i % 2], agg=agg)
+        _check_from_logits(backend, (2, 1 + 3 * i, 97), torch.float32, kw)
+    # ref_logp given with kl_coef = 0: reported in the stats, not in the loss
+    logits, labels, old_logp, adv, mask, ref_logp = _logits_inputs((2, 4, 33), torch.float32)
+    with _use_backend(backend):
+        out, stats = rlhf_fast.ppo_loss_from_logits(logits, labels, old_logp, adv, mask, ref_logp=ref_logp,
+                                                    kl_kind=kl_kind)
+        plain, _ = rlhf_fast.ppo_loss_from_logits(logits, labels, old_logp, adv, mask)
+    kl = rlhf_fast.kl_penalty(rlhf_fast.logprobs(logits, labels), ref_logp, kl_kind)
+    assert out == plain
+    torch.testing.assert_close(stats["kl"], kl[mask].mean())
+
+
+@pytest.mark.parametrize("backend", usable_backends(LOGPROBS_BACKENDS))
+def test_from_logits_packed_equals_padded(backend):
+    logits, labels, old_logp, adv, mask, ref_logp = _logits_inputs((3, 6, 50), torch.float32)
+    seq_ids = torch.arange(3).repeat_interleave(6)
+    for agg in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"):
+        kw = dict(FULL, ref_logp=ref_logp, agg=agg)
+        with _use_backend(backend):
+            padded, _ = rlhf_fast.ppo_loss_from_logits(logits, labels, old_logp, adv, mask, **kw)
+            kw["ref_logp"] = ref_logp.flatten()
+            packed, _ = rlhf_fast.ppo_loss_from_logits(logits.view(18, 50), labels.flatten(), old_logp.flatten(),
+                                                       adv.flatten(), mask.flatten(), seq_ids=seq_ids, **kw)
+        torch.testing.assert_close(packed, padded)
+
+
+@pytest.mark.parametrize("backend", usable_backends(LOGPROBS_BACKENDS[1:]))
+def test_from_logits_writes_no_other_vocab_sized_tensor(backend):
+    """The fused ops' outputs are per-token vectors forward and the gradient alone backward: no [B, T, V] tensor is
+    produced by any op of the composition but grad_logits (dispatch-level view of every op's outputs)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class BigOutputs(TorchDispatchMode):
+        def __init__(self, numel):
+            super().__init__()
+            self.numel, self.seen = numel, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                new = isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs  # not a view
+                if new and t.numel() >= self.numel:
+                    self.seen.append((str(func), t.dtype))
+            return out
+
+    logits, labels, old_logp, adv, mask, ref_logp = _logits_inputs((2, 7, 64), torch.bfloat16)
+    logits.requires_grad_(True)
+    with _use_backend(backend):
+        with BigOutputs(logits.numel()) as fwd:
+            out, _ = rlhf_fast.ppo_loss_from_logits(logits, labels, old_logp, adv, mask, **dict(FULL, ref_logp=ref_logp))
+        with BigOutputs(logits.numel()) as bwd:
+            out.backward()
+    assert fwd.seen == []
+    assert bwd.seen == [("rlhf_fast.logprobs_entropy_backward.default", torch.bfloat16)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# opcheck and torch.compile
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_opcheck():
+    for dtype, with_terms, dual, kl_kind in ((torch.float32, False, None, "k3"), (torch.bfloat16, True, 2.0, "k3"),
+                                             (torch.float32, True, None, "abs")):
+        logp, old_logp, adv, mask = (x.to(dtype) if x.is_floating_point() else x for x in _tokens((3, 10)))
+        ent = torch.rand(3, 10).to(dtype).requires_grad_(True) if with_terms else None
+        ref_logp = (logp.float() + 0.2).to(dtype) if with_terms else None
+        args = (logp.requires_grad_(True), ent, old_logp, adv, ref_logp, mask, 0.2, 0.28, dual, 0.1, kl_kind, 0.01)
+        torch.library.opcheck(ppo_token_loss_op, args)
+    for dtype, clip in ((torch.float32, None), (torch.bfloat16, 0.2)):
+        values, old_values, returns, mask = (x.to(dtype) if x.is_floating_point() else x for x in _tokens((3, 10)))
+        torch.library.opcheck(ppo_value_token_loss_op, (values.requires_grad_(True), old_values, returns, mask, clip))
+
+
+def test_torch_compile_fullgraph():
+    logp, old_logp, adv, mask = _tokens((4, 12))
+    seq_ids = _packed_seq_ids(48)
+    logits, labels, old_l, adv_l, mask_l, ref_l = _logits_inputs((4, 12, 40), torch.float32)
+
+    def run(policy, value, from_logits):
+        x = logp.clone().requires_grad_(True)
+        z = logits.clone().requires_grad_(True)
+        loss_p, stats_p = policy(x, old_logp, adv, mask, dual_clip=3.0, agg="seq-mean-token-mean")
+        loss_v, _ = value(x.flatten(), old_logp.flatten(), adv.flatten(), mask.flatten(), agg="seq-mean-token-sum",
+                          seq_ids=seq_ids)
+        loss_l, stats_l = from_logits(z, labels, old_l, adv_l, mask_l, **dict(FULL, ref_logp=ref_l))
+        (loss_p + loss_v + loss_l).backward()
+        return loss_p, loss_v, loss_l, stats_p["clip_frac"], stats_l["entropy"], x.grad, z.grad
+
+    compiled = [torch.compile(f, fullgraph=True, backend="aot_eager") for f in
+                (rlhf_fast.ppo_policy_loss, rlhf_fast.ppo_value_loss, rlhf_fast.ppo_loss_from_logits)]
+    with rlhf_fast.use_backend("cpp"):
+        expected = run(rlhf_fast.ppo_policy_loss, rlhf_fast.ppo_value_loss, rlhf_fast.ppo_loss_from_logits)
+        got = run(*compiled)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_bad_input():
+    logp, old_logp, adv, mask = _tokens((2, 5))
+    logits, labels, old_l, adv_l, mask_l, ref_l = _logits_inputs((2, 5, 9), torch.float32)
+    policy = rlhf_fast.ppo_policy_loss
+    cases = [
+        (ValueError, "old_logp must have shape", lambda: policy(logp, old_logp[:, :4], adv, mask)),
+        (ValueError, "mask must have shape", lambda: policy(logp, old_logp, adv, mask.T)),
+        (TypeError, "advantages must be float32", lambda: policy(logp, old_logp, adv.long(), mask)),
+        (ValueError, "clip_low", lambda: policy(logp, old_logp, adv, mask, clip_low=0.0)),
+        (ValueError, "clip_low", lambda: policy(logp, old_logp, adv, mask, clip_low=1.0)),
+        (ValueError, "clip_high", lambda: policy(logp, old_logp, adv, mask, clip_high=-0.1)),
+        (ValueError, "dual_clip", lambda: policy(logp, old_logp, adv, mask, dual_clip=1.0)),
+        (ValueError, "agg must be one of", lambda: policy(logp, old_logp, adv, mask, agg="mean")),
+        (ValueError, "needs seq_ids", lambda: policy(logp[0], old_logp[0], adv[0], mask[0], agg="seq-mean-token-sum")),
+        (ValueError, "seq_ids is for packed", lambda: policy(logp, old_logp, adv, mask, seq_ids=torch.zeros(2, 5))),
+        (ValueError, "seq_ids must be in", lambda: policy(logp[0], old_logp[0], adv[0], mask[0],
+                                                          seq_ids=torch.full((5,), 5))),
+        (ValueError, "logp must be", lambda: policy(logp[None], old_logp[None], adv[None], mask[None])),
+        (ValueError, "clip must be", lambda: rlhf_fast.ppo_value_loss(logp, old_logp, adv, mask, clip=0)),
+        (ValueError, "returns must have shape", lambda: rlhf_fast.ppo_value_loss(logp, old_logp, adv[0], mask)),
+        (ValueError, "kl_kind must be one of", lambda: rlhf_fast.ppo_loss_from_logits(
+            logits, labels, old_l, adv_l, mask_l, ref_logp=ref_l, kl_coef=0.1, kl_kind="k4")),
+        (ValueError, "needs ref_logp", lambda: rlhf_fast.ppo_loss_from_logits(
+            logits, labels, old_l, adv_l, mask_l, kl_coef=0.1)),
+        (ValueError, "labels must have shape", lambda: rlhf_fast.ppo_loss_from_logits(
+            logits, labels[:, :3], old_l, adv_l, mask_l)),
+        (ValueError, "ref_logp must have shape", lambda: rlhf_fast.ppo_loss_from_logits(
+            logits, labels, old_l, adv_l, mask_l, ref_logp=ref_l[0], kl_coef=0.1)),
+        (ValueError, "temperature", lambda: rlhf_fast.ppo_loss_from_logits(
+            logits, labels, old_l, adv_l, mask_l, temperature=0.0)),
+        (ValueError, "labels", lambda: rlhf_fast.ppo_loss_from_logits(logits, labels + 9, old_l, adv_l, mask_l)),
+        (ValueError, "dual_clip", lambda: rlhf_fast.ppo_loss_from_logits(
+            logits, labels, old_l, adv_l, mask_l, dual_clip=0.5)),
+        (ValueError, "logits must be", lambda: rlhf_fast.ppo_loss_from_logits(
+            logits[None], labels[None], old_l[None], adv_l[None], mask_l[None])),
+    ]
+    for exc, message, call in cases:
+        with pytest.raises(exc, match=message):
+            call()
