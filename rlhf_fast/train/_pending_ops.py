@@ -1,4 +1,4 @@
-"""TEMPORARY plain-PyTorch stand-ins for ops being written on other branches (advantages, ppo_loss,
+"""TEMPORARY plain-PyTorch stand-ins for ops being written on other branches (advantages,
 linear_logprobs, sampling). Each name is taken from rlhf_fast when the real op exists; delete this file once every
 op below is merged. The trainers import these names from here only."""
 
@@ -58,27 +58,6 @@ def _group_advantages(scores, group_size, *, mode="grpo"):
     return out.view(-1)
 
 
-def _ppo_policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=None, dual_clip=None,
-                     agg="token-mean"):
-    clip_high = clip_low if clip_high is None else clip_high
-    ratio = torch.exp(torch.clamp(logp - old_logp, -20, 20))
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
-    loss = torch.maximum(unclipped, clipped)
-    if dual_clip is not None:
-        loss = torch.where(advantages < 0, torch.minimum(loss, -advantages * dual_clip), loss)
-    stats = {"clip_frac": _masked_mean((clipped > unclipped).float(), mask).detach(),
-             "approx_kl": _masked_mean(kl_penalty(old_logp, logp.detach(), "k3"), mask)}
-    return _masked_mean(loss, mask), stats
-
-
-def _ppo_value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean"):
-    unclipped = (values - returns) ** 2
-    clipped = (old_values + torch.clamp(values - old_values, -clip, clip) - returns) ** 2
-    loss = 0.5 * torch.maximum(unclipped, clipped)
-    return _masked_mean(loss, mask), {"clip_frac": _masked_mean((clipped > unclipped).float(), mask).detach()}
-
-
 def _sequence_logprobs(model, input_ids, attention_mask, labels, *, temperature=1.0, return_entropy=False,
                        position_ids=None, ignore_index=-100):
     """labels aligned with input_ids ([B, T], -100 = ignore); returns float32 [B, T-1] log p(labels[:, 1:])."""
@@ -131,8 +110,6 @@ gae = _real("gae") or _gae
 masked_whiten = _real("masked_whiten") or _masked_whiten
 masked_mean = _real("masked_mean") or _masked_mean
 group_advantages = _real("group_advantages") or _group_advantages
-ppo_policy_loss = _real("ppo_policy_loss") or _ppo_policy_loss
-ppo_value_loss = _real("ppo_value_loss") or _ppo_value_loss
 generate = _real("generate") or _generate
 try:
     from rlhf_fast.models.logprobs import sequence_logprobs  # noqa: F401

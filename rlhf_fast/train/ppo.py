@@ -28,13 +28,13 @@ from typing import NamedTuple, Optional
 import torch
 
 import rlhf_fast
+from rlhf_fast import ppo_policy_loss, ppo_value_loss
 
 from ..data import prompt_batch, read_jsonl, task
 from ..models.tiny import load_causal_lm, load_tokenizer
 from ..models.value_head import ScalarHeadModel, last_token_index
 from . import common
-from ._pending_ops import (gae, generate, group_advantages, masked_mean, masked_whiten, ppo_policy_loss,
-                           ppo_value_loss, sequence_logprobs)
+from ._pending_ops import gae, generate, group_advantages, masked_mean, masked_whiten, sequence_logprobs
 
 GROUP_MODES = ("grpo", "dr_grpo", "rloo")
 
