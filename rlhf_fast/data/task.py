@@ -22,7 +22,7 @@ import random
 RESPONSE_LEN = 8
 STEPS = (1, 2, 3, 4)
 VOCAB = tuple(str(d) for d in range(10)) + tuple(f"+{k}" for k in STEPS) + ("=",)
-PREF_TEMPERATURE = 0.1
+PREF_TEMPERATURE = 0.05
 SFT_NOISE = 0.3
 
 

@@ -29,7 +29,7 @@ class RMConfig(common.RunConfig):
     from_scratch: bool = False   # True: same architecture, fresh weights (de novo) instead of the --model weights
     num_pairs: int = 4000        # synthetic task only
     heldout_fraction: float = 0.1
-    epochs: int = 1
+    epochs: int = 2
     batch_size: int = 32         # pairs per step
     lr: float = 1e-3
     weight_decay: float = 0.0
