@@ -1,12 +1,13 @@
 """Public op API of rlhf_fast: each op validates its input, picks a backend and calls a torch.library custom op."""
 
 from . import token_logprobs
+from .linear_logprobs import OP_BACKENDS as _LINEAR_LOGPROBS_BACKENDS, linear_logprobs  # shadows the module name
 from .token_logprobs import entropy, kl_divergence, kl_penalty, logprobs, logprobs_and_entropy
 
 # public op name -> backends implementing it; each op family adds its module's table here
-OP_BACKENDS = {**token_logprobs.OP_BACKENDS}
+OP_BACKENDS = {**token_logprobs.OP_BACKENDS, **_LINEAR_LOGPROBS_BACKENDS}
 
-__all__ = ["entropy", "kl_divergence", "kl_penalty", "logprobs", "logprobs_and_entropy"]
+__all__ = ["entropy", "kl_divergence", "kl_penalty", "linear_logprobs", "logprobs", "logprobs_and_entropy"]
 
 from . import ppo_loss  # noqa: E402
 from .ppo_loss import ppo_loss_from_logits, ppo_policy_loss, ppo_value_loss  # noqa: E402

@@ -1,5 +1,5 @@
 """TEMPORARY plain-PyTorch stand-ins for ops being written on other branches (advantages,
-linear_logprobs, sampling). Each name is taken from rlhf_fast when the real op exists; delete this file once every
+sampling). Each name is taken from rlhf_fast when the real op exists; delete this file once every
 op below is merged. The trainers import these names from here only."""
 
 from __future__ import annotations
@@ -58,20 +58,6 @@ def _group_advantages(scores, group_size, *, mode="grpo"):
     return out.view(-1)
 
 
-def _sequence_logprobs(model, input_ids, attention_mask, labels, *, temperature=1.0, return_entropy=False,
-                       position_ids=None, ignore_index=-100):
-    """labels aligned with input_ids ([B, T], -100 = ignore); returns float32 [B, T-1] log p(labels[:, 1:])."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-    logits = out.logits[:, :-1].float() / temperature
-    tgt = labels[:, 1:]
-    logp_all = torch.log_softmax(logits, -1)
-    keep = tgt != ignore_index
-    logp = torch.where(keep, logp_all.gather(-1, torch.where(keep, tgt, 0)[..., None])[..., 0], 0.0)
-    if return_entropy:
-        return logp, -(logp_all.exp() * logp_all).sum(-1)
-    return logp
-
-
 def _sample_ref(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=None):
     logp = torch.log_softmax(logits.float() / max(temperature, 1e-6), -1)
     if temperature == 0:
@@ -111,7 +97,3 @@ masked_whiten = _real("masked_whiten") or _masked_whiten
 masked_mean = _real("masked_mean") or _masked_mean
 group_advantages = _real("group_advantages") or _group_advantages
 generate = _real("generate") or _generate
-try:
-    from rlhf_fast.models.logprobs import sequence_logprobs  # noqa: F401
-except ImportError:
-    sequence_logprobs = _sequence_logprobs

@@ -31,10 +31,11 @@ import rlhf_fast
 from rlhf_fast import ppo_policy_loss, ppo_value_loss
 
 from ..data import prompt_batch, read_jsonl, task
+from ..models import sequence_logprobs
 from ..models.tiny import load_causal_lm, load_tokenizer
 from ..models.value_head import ScalarHeadModel, last_token_index
 from . import common
-from ._pending_ops import gae, generate, group_advantages, masked_mean, masked_whiten, sequence_logprobs
+from ._pending_ops import gae, generate, group_advantages, masked_mean, masked_whiten
 
 GROUP_MODES = ("grpo", "dr_grpo", "rloo")
 
@@ -94,14 +95,14 @@ class Rollout(NamedTuple):
 def response_logprobs(model, sequences, attention_mask, response_mask, prompt_len: int, *, temperature: float,
                       return_entropy: bool = False):
     """Log-probs of the response tokens under ``model`` (fused linear log-prob op): float32 [B, N] (, entropy)."""
-    labels = sequences.clone()
-    labels[:, :prompt_len] = -100
-    labels[:, prompt_len:] = torch.where(response_mask.bool(), sequences[:, prompt_len:], -100)
+    # position t predicts token t+1: the N response tokens are predicted at positions P-1 ... P+N-2
+    labels = torch.full_like(sequences, -100)
+    labels[:, prompt_len - 1:-1] = torch.where(response_mask.bool(), sequences[:, prompt_len:], -100)
     out = sequence_logprobs(model, sequences, attention_mask, labels, temperature=temperature,
                             return_entropy=return_entropy)
     if return_entropy:
-        return out[0][:, prompt_len - 1:], out[1][:, prompt_len - 1:]
-    return out[:, prompt_len - 1:]
+        return out[0][:, prompt_len - 1:-1], out[1][:, prompt_len - 1:-1]
+    return out[:, prompt_len - 1:-1]
 
 
 def response_values(critic: ScalarHeadModel, sequences, attention_mask, prompt_len: int) -> torch.Tensor:

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from ..data import IGNORE_INDEX, read_jsonl, sft_batch, task
+from ..models import sequence_logprobs
 from ..models.tiny import load_causal_lm, load_tokenizer, save_tiny_default
 from . import common
-from ._pending_ops import sequence_logprobs
 
 
 @dataclass
@@ -37,8 +37,10 @@ class SFTConfig(common.RunConfig):
 
 def sft_loss(model, batch: dict) -> torch.Tensor:
     """Mean negative log-likelihood of the response tokens, float32 scalar."""
-    logp = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])  # [B, T-1]
-    mask = batch["labels"][:, 1:] != IGNORE_INDEX
+    labels = torch.full_like(batch["labels"], IGNORE_INDEX)
+    labels[:, :-1] = batch["labels"][:, 1:]  # position t predicts token t+1
+    logp = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], labels)  # [B, T] float32
+    mask = labels != IGNORE_INDEX
     return -(logp * mask).sum() / mask.sum().clamp(min=1)
 
 

@@ -1,0 +1,267 @@
+"""rlhf_fast.linear_logprobs against log_softmax(hidden @ weight.T + bias) in float64, on every usable backend."""
+
+import contextlib
+import importlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import rlhf_fast
+from rlhf_fast.ops import token_logprobs
+from _testing import assert_within_ref_error, device_backends
+
+ll = importlib.import_module("rlhf_fast.ops.linear_logprobs")  # the attribute rlhf_fast.ops.linear_logprobs is the op
+BACKENDS = device_backends(ll.LINEAR_LOGPROBS_BACKENDS)
+
+
+@pytest.fixture
+def chunk_of(monkeypatch):
+    """Force chunks of at most ``rows`` tokens (the default budget would put these small shapes in one chunk)."""
+    def set_rows(rows, vocab):
+        for device in ("cpu", "cuda"):
+            monkeypatch.setitem(ll.CHUNK_BYTES, device, 4 * vocab * rows)
+    return set_rows
+
+
+def make_inputs(shape, hidden_size, vocab, dtype, bias=True, ignore_index=-100, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*shape, hidden_size, generator=g).to(dtype)
+    weight = (torch.randn(vocab, hidden_size, generator=g) / hidden_size ** 0.5 * 3).to(dtype)
+    b = torch.randn(vocab, generator=g).to(dtype) if bias else None
+    labels = torch.randint(0, vocab, shape, generator=g)
+    if labels.numel() > 2:
+        labels.view(-1)[1] = ignore_index
+        labels.view(-1)[-1] = ignore_index
+    return tuple(None if x is None else x.to(device) for x in (hidden, weight, b, labels))
+
+
+def reference(hidden, weight, bias, labels, temperature, ignore_index):
+    """logprobs / entropy of hidden @ weight.T + bias with the token_logprobs references (float32 math)."""
+    logits = hidden @ weight.T + (bias if bias is not None else 0)
+    return (token_logprobs.logprobs_ref(logits, labels, temperature, ignore_index),
+            token_logprobs.entropy_ref(logits, temperature))
+
+
+def exact(hidden, weight, bias, labels, temperature, ignore_index):
+    """The same in float64 throughout: the ground truth of the tolerance rule."""
+    z = (hidden.double() @ weight.double().T + (bias.double() if bias is not None else 0)) / temperature
+    logp_all = torch.log_softmax(z, dim=-1)
+    keep = labels != ignore_index
+    picked = logp_all.gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(keep, picked, 0.0), -(logp_all.exp() * logp_all).sum(-1)
+
+
+def values_and_grads(fn, inputs, grad_logp, grad_entropy):
+    leaves = [x.detach().clone().requires_grad_() if x is not None else None for x in inputs[:3]]
+    logp, ent = fn(*leaves, inputs[3])
+    loss = (logp.double() * grad_logp).sum() + (ent.double() * grad_entropy).sum()
+    wanted = [x for x in leaves if x is not None]
+    return [logp, ent, *torch.autograd.grad(loss, wanted)]
+
+
+def check_against_reference(inputs, temperature=1.0, ignore_index=-100, backend=None):
+    shape = inputs[3].shape
+    g = torch.Generator().manual_seed(1)
+    grad_logp = torch.randn(shape, generator=g).double().to(inputs[0].device)
+    grad_entropy = torch.randn(shape, generator=g).double().to(inputs[0].device)
+
+    def ours(h, w, b, y):
+        return rlhf_fast.linear_logprobs(h, w, y, bias=b, temperature=temperature, ignore_index=ignore_index,
+                                         return_entropy=True)
+
+    with rlhf_fast.use_backend(backend) if backend else contextlib.nullcontext():
+        out = values_and_grads(ours, inputs, grad_logp, grad_entropy)
+    ref = values_and_grads(lambda h, w, b, y: reference(h, w, b, y, temperature, ignore_index), inputs, grad_logp,
+                           grad_entropy)
+    ex = values_and_grads(lambda h, w, b, y: exact(h, w, b, y, temperature, ignore_index), inputs, grad_logp,
+                          grad_entropy)
+    names = ["logp", "entropy", "grad_hidden", "grad_weight", "grad_bias"]
+    for name, o, r, e in zip(names, out, ref, ex):
+        assert o.shape == e.shape, name
+        assert o.dtype == (torch.float32 if name in ("logp", "entropy") else inputs[0].dtype), name
+        assert_within_ref_error(o, r, e, name=name)
+    keep = inputs[3] != ignore_index
+    assert torch.all(out[0][~keep] == 0)
+
+
+@pytest.mark.parametrize("device, backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_matches_reference(device, backend, dtype, chunk_of):
+    # 37 tokens in chunks of 8 (the last one short), V = 101; the vocabulary itself is never chunked.
+    chunk_of(8, 101)
+    check_against_reference(make_inputs((37,), 24, 101, dtype, device=device), temperature=0.7, backend=backend)
+
+
+@pytest.mark.parametrize("shape", [(1,), (3, 5), (1, 1)], ids=["N=1", "3d", "3d-single"])
+def test_shapes(shape, chunk_of):
+    chunk_of(4, 53)
+    check_against_reference(make_inputs(shape, 16, 53, torch.float32, ignore_index=7), ignore_index=7)
+
+
+def test_no_bias_temperature_fp16(chunk_of):
+    chunk_of(5, 64)
+    check_against_reference(make_inputs((2, 9), 16, 64, torch.float16, bias=False), temperature=1.5)
+
+
+def test_one_chunk_is_the_default_for_small_shapes():
+    check_against_reference(make_inputs((4, 7), 32, 300, torch.float32))
+
+
+def test_logp_only_gradient_and_frozen_inputs(chunk_of):
+    chunk_of(3, 50)
+    hidden, weight, bias, labels = make_inputs((10,), 8, 50, torch.float32)
+    grad = torch.randn(10)
+    # only hidden requires grad: weight and bias get none, and the values match the other path
+    h = hidden.clone().requires_grad_()
+    logp = rlhf_fast.linear_logprobs(h, weight, labels, bias=bias)
+    (gh,) = torch.autograd.grad(logp, h, grad)
+    hd, wd = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    ref = exact(hd, wd, bias, labels, 1.0, -100)[0]
+    gh_ref, gw_ref = torch.autograd.grad(ref, (hd, wd), grad.double())
+    torch.testing.assert_close(gh.double(), gh_ref, rtol=1e-5, atol=1e-6)
+    # only weight requires grad
+    w = weight.clone().requires_grad_()
+    (gw,) = torch.autograd.grad(rlhf_fast.linear_logprobs(hidden, w, labels, bias=bias), w, grad)
+    torch.testing.assert_close(gw.double(), gw_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_all_ignored_and_empty():
+    hidden, weight, bias, labels = make_inputs((6,), 8, 20, torch.float32)
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    logp, ent = rlhf_fast.linear_logprobs(h, w, torch.full_like(labels, -100), return_entropy=True)
+    assert torch.all(logp == 0)
+    torch.testing.assert_close(ent, exact(hidden, weight, None, labels, 1.0, -100)[1].float())
+    gh, gw = torch.autograd.grad(logp.sum(), (h, w))
+    assert torch.all(gh == 0) and torch.all(gw == 0)
+    empty = torch.zeros(2, 0, 8, requires_grad=True)
+    out = rlhf_fast.linear_logprobs(empty, w, torch.zeros(2, 0, dtype=torch.long))
+    assert out.shape == (2, 0) and out.dtype == torch.float32
+    out.sum().backward()
+    assert empty.grad.shape == empty.shape
+
+
+def test_chunk_rows_bounded_by_budget():
+    cpu = torch.device("cpu")
+    for n, vocab in [(1, 32000), (4096, 32000), (10**6, 128256), (3, 10**9)]:
+        rows = ll.chunk_rows(n, vocab, cpu)
+        assert 1 <= rows <= n and (rows * vocab * 4 <= ll.CHUNK_BYTES["cpu"] or rows == 1)
+    assert ll.chunk_rows(10**6, 32000, cpu) == ll.chunk_rows(2 * 10**6, 32000, cpu)  # independent of N once large
+
+
+class _LargestAllocation(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_never_materializes_all_logits():
+    n, hidden_size, vocab, rows = 64, 8, 101, 8
+    hidden, weight, bias, labels = make_inputs((n,), hidden_size, vocab, torch.float32)
+    zeros = torch.zeros(n)
+    with _LargestAllocation() as mode:
+        _, entropy, lse = ll._linear_logprobs_fwd(hidden, weight, bias, labels, 1.0, -100, True, rows, "cpp")
+        ll._linear_logprobs_bwd(torch.randn(n), zeros, zeros, hidden, weight, bias, labels, lse, entropy, 1.0, -100,
+                                rows, True, True, True, "cpp")
+    assert mode.largest <= max(rows * vocab, vocab * hidden_size, n * hidden_size) < n * vocab
+
+
+@pytest.mark.parametrize("device, backend", BACKENDS)
+def test_opcheck(device, backend):
+    hidden, weight, bias, labels = make_inputs((9,), 8, 33, torch.float32, device=device)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    bias.requires_grad_()
+    torch.library.opcheck(ll.linear_logprobs_op, (hidden, weight, bias, labels, 0.9, -100, True, 4, backend))
+    torch.library.opcheck(ll.linear_logprobs_op, (hidden, weight, None, labels, 1.0, -100, False, 9, backend))
+    _, entropy, lse = ll.linear_logprobs_op(hidden, weight, bias, labels, 0.9, -100, True, 4, backend)
+    grads = [torch.randn(9, device=device) for _ in range(3)]
+    args = (*grads, hidden.detach(), weight.detach(), bias.detach(), labels, lse.detach(), entropy.detach(), 0.9,
+            -100, 4)
+    torch.library.opcheck(ll.linear_logprobs_backward_op, (*args, True, True, True, backend))
+    torch.library.opcheck(ll.linear_logprobs_backward_op, (*args, False, True, False, backend))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_torch_compile_fullgraph(device):
+    hidden, weight, bias, labels = make_inputs((2, 5), 8, 40, torch.float32, device=device)
+
+    def f(h, w, b, y):
+        logp, ent = rlhf_fast.linear_logprobs(h, w, y, bias=b, temperature=0.8, return_entropy=True)
+        return (logp * 2 + ent).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    out = compiled(*leaves, labels)
+    grads = torch.autograd.grad(out, leaves)
+    leaves_e = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    out_e = f(*leaves_e, labels)
+    grads_e = torch.autograd.grad(out_e, leaves_e)
+    torch.testing.assert_close(out, out_e)
+    for a, b in zip(grads, grads_e):
+        torch.testing.assert_close(a, b)
+
+
+def test_backend_choice_is_reported():
+    assert "linear_logprobs" in rlhf_fast.ops.OP_BACKENDS
+    hidden, weight, _, labels = make_inputs((3,), 4, 10, torch.float32)
+    with rlhf_fast.use_backend("cuda"):
+        with pytest.raises(RuntimeError, match="linear_logprobs: backend 'cuda'"):
+            rlhf_fast.linear_logprobs(hidden, weight, labels)
+
+
+@pytest.mark.parametrize("case, error, match", [
+    ("hidden_1d", ValueError, "hidden must be"),
+    ("hidden_int", TypeError, "hidden must be float32"),
+    ("weight_h", ValueError, "H = hidden.shape"),
+    ("weight_3d", ValueError, "weight must be"),
+    ("weight_dtype", TypeError, "weight must have the dtype of hidden"),
+    ("bias_shape", ValueError, "bias must have shape"),
+    ("bias_dtype", TypeError, "bias must have the dtype"),
+    ("labels_dtype", TypeError, "labels must be int64"),
+    ("labels_shape", ValueError, "labels must have shape"),
+    ("labels_range", ValueError, r"labels\[2\] = 10 is outside \[0, 10\)"),
+    ("labels_none", TypeError, "labels must be a torch.Tensor"),
+    ("temperature", ValueError, "temperature must be"),
+    ("ignore_index", TypeError, "ignore_index must be an int"),
+])
+def test_bad_input(case, error, match):
+    hidden, weight, bias, labels = make_inputs((4,), 4, 10, torch.float32)
+    labels = torch.tensor([0, 1, 2, 3])
+    kwargs = dict(bias=bias)
+    if case == "hidden_1d":
+        hidden = hidden[0]
+    elif case == "hidden_int":
+        hidden = hidden.long()
+    elif case == "weight_h":
+        weight = weight[:, :3]
+    elif case == "weight_3d":
+        weight = weight[None]
+    elif case == "weight_dtype":
+        weight = weight.bfloat16()
+    elif case == "bias_shape":
+        kwargs["bias"] = bias[:5]
+    elif case == "bias_dtype":
+        kwargs["bias"] = bias.half()
+    elif case == "labels_dtype":
+        labels = labels.int()
+    elif case == "labels_shape":
+        labels = labels[None]
+    elif case == "labels_range":
+        labels[2] = 10
+    elif case == "labels_none":
+        labels = None
+    elif case == "temperature":
+        kwargs["temperature"] = 0.0
+    elif case == "ignore_index":
+        kwargs["ignore_index"] = 1.5
+    with pytest.raises(error, match=match):
+        rlhf_fast.linear_logprobs(hidden, weight, labels, **kwargs)
