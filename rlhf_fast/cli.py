@@ -44,7 +44,12 @@ TRAIN_COMMANDS = {
 
 
 def _train(args) -> None:
+    import transformers
+
     from .train import common
+
+    transformers.logging.set_verbosity_error()  # keep the trainers' own progress bars and report readable
+    transformers.logging.disable_progress_bar()
 
     if args.command == "pipeline":
         from .train.pipeline import PipelineConfig as cls, run_pipeline as run

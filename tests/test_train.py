@@ -81,7 +81,7 @@ def test_sft_batch_masks_prompt_and_one_step_lowers_loss(tmp_path):
     batch = sft_batch(tok, rows, 64)
     assert batch["labels"][0].tolist() == [-100] * 4 + tok("2 3 4", add_special_tokens=False)["input_ids"] + [
         tok.eos_token_id]
-    assert batch["labels"][1, -2:].tolist() == [-100, -100] and batch["attention_mask"][1].sum() == 7
+    assert batch["labels"][1, -2:].tolist() == [tok.eos_token_id, -100] and batch["attention_mask"][1].sum() == 7
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     before = sft_loss(model, batch)
     # the loss equals the plain cross-entropy of the response tokens
