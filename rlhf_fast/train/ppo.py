@@ -125,6 +125,7 @@ class PPOTrainer:
         if not cfg.model or not cfg.reward_model:
             raise ValueError("ppo needs model= (the SFT policy directory) and reward_model= (from `rlhf-fast rm`)")
         self.cfg = cfg
+        os.makedirs(cfg.out, exist_ok=True)
         self.device = device = common.resolve_device(cfg.device)
         self.tokenizer = load_tokenizer(cfg.model)
         self.policy = load_causal_lm(cfg.model, device)
