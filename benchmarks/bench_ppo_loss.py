@@ -8,7 +8,7 @@ set follows the live tensors. After the warm-up runs (torch.compile compiles the
 (``/proc/self/clear_refs``), one forward+backward runs, and the peak extra memory is VmHWM minus the RSS before it:
 all temporaries plus the logits' gradient, which stays alive. Time is the median of ``--reps`` forward+backward runs.
 
-    python benchmarks/bench_ppo_loss.py [--quick] [--json PATH] [--reps N]
+    python benchmarks/bench_ppo_loss.py [--quick] [--thp] [--json PATH] [--reps N]
 """
 
 from __future__ import annotations
@@ -27,7 +27,10 @@ CONFIGS = {  # name -> keyword arguments of ppo_loss_from_logits
     "full": dict(kl_coef=0.05, kl_kind="k3", entropy_coef=0.01, dual_clip=3.0),
     "no-entropy": dict(kl_coef=0.05, kl_kind="k3", entropy_coef=0.0, dual_clip=3.0),
 }
-IMPLS = ("eager composite", "compiled composite", "rlhf_fast [cpp]", "rlhf_fast [torch]")
+IMPLS = {  # config -> implementations timed ("rlhf_fast [torch]": the composition on the reference log-prob backend)
+    "full": ("eager composite", "compiled composite", "rlhf_fast [cpp]", "rlhf_fast [torch]"),
+    "no-entropy": ("eager composite", "compiled composite", "rlhf_fast [cpp]"),
+}
 
 
 def _inputs(shape, dtype, seed=0):
@@ -92,8 +95,9 @@ def _run_row(impl: str, shape, dtype_name: str, config: str, reps: int) -> dict:
     return {"ms": 1e3 * statistics.median(times), "peak_mib": peak_mib}
 
 
-def _subprocess_row(impl, shape, dtype_name, config, reps) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+def _subprocess_row(impl, shape, dtype_name, config, reps, thp: bool) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536",
+               THP_MEM_ALLOC_ENABLE="1" if thp else "0")
     arg = json.dumps({"impl": impl, "shape": shape, "dtype": dtype_name, "config": config, "reps": reps})
     out = subprocess.run([sys.executable, __file__, "--row", arg], env=env, capture_output=True, text=True)
     if out.returncode != 0:
@@ -113,8 +117,12 @@ def _median_ms(fn, reps: int) -> float:
 
 
 def token_loss_rows(shape, reps: int) -> list[dict]:
-    """ppo_policy_loss / ppo_value_loss forward+backward on [B, T] token vectors, in this process."""
+    """ppo_policy_loss / ppo_value_loss forward+backward on [B, T] token vectors, in this process, on one thread:
+    these ops are a few microseconds each, and on a shared 2-core machine a two-thread parallel region waits for
+    the other core's scheduler slice (~20 ms measured), which would swamp them."""
     import rlhf_fast
+
+    torch.set_num_threads(1)
     from rlhf_fast.ops.ppo_loss import ppo_policy_loss_ref, ppo_value_loss_ref
 
     g = torch.Generator().manual_seed(0)
@@ -132,7 +140,7 @@ def token_loss_rows(shape, reps: int) -> list[dict]:
         for impl, fn in (("eager reference", ref), ("compiled reference", compiled), ("rlhf_fast [torch]", fast)):
             times[impl] = _median_ms(lambda: fn(x, b, c, mask, **kw)[0].backward(), reps)
         for impl, ms in times.items():
-            rows.append({"op": op, "shape": list(shape), "dtype": "float32", "impl": impl, "ms": ms,
+            rows.append({"op": op, "shape": list(shape), "dtype": "float32", "impl": impl, "threads": 1, "ms": ms,
                          "vs_eager": times["eager reference"] / ms, "vs_compiled": times["compiled reference"] / ms})
     return rows
 
@@ -142,6 +150,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions (smoke run)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per row (default 5, quick 3)")
+    parser.add_argument("--thp", action="store_true",
+                        help="THP_MEM_ALLOC_ENABLE=1: PyTorch asks for transparent huge pages for large CPU tensors "
+                             "(page faults of freshly allocated [B, T, V] tensors dominate otherwise)")
     parser.add_argument("--row", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.row:
@@ -157,16 +168,19 @@ def main() -> None:
     for shape in shapes:
         logits_mib = torch.Size(shape).numel() * 4 / 2**20
         for config in CONFIGS:
-            results = {impl: _subprocess_row(impl, shape, "float32", config, reps) for impl in IMPLS}
+            results = {impl: _subprocess_row(impl, shape, "float32", config, reps, args.thp)
+                       for impl in IMPLS[config]}
             for impl, r in results.items():
                 rows.append({
                     "op": "ppo_loss_from_logits", "shape": shape, "dtype": "float32", "config": config, "impl": impl,
+                    "threads": torch.get_num_threads(), "thp": args.thp,
                     "ms": r["ms"], "peak_extra_mib": r["peak_mib"], "peak_vs_logits": r["peak_mib"] / logits_mib,
                     "vs_eager": results["eager composite"]["ms"] / r["ms"],
                     "vs_compiled": results["compiled composite"]["ms"] / r["ms"],
                 })
-    print(f"ppo_loss_from_logits forward+backward, CPU ({torch.get_num_threads()} threads); peak extra memory = "
-          "VmHWM growth over one fwd+bwd (gradient included), in a fresh process per row")
+    print(f"ppo_loss_from_logits forward+backward, CPU ({torch.get_num_threads()} threads, transparent huge pages "
+          f"{'on' if args.thp else 'off'}); peak extra memory = VmHWM growth over one fwd+bwd (gradient included), "
+          "in a fresh process per row")
     print(tabulate([[f"{r['shape']} {r['config']}", r["impl"], f"{r['ms']:.1f}", f"{r['peak_extra_mib']:.0f}",
                      f"{r['peak_vs_logits']:.2f}x", f"{r['vs_eager']:.2f}x", f"{r['vs_compiled']:.2f}x"]
                     for r in rows],
@@ -174,12 +188,12 @@ def main() -> None:
                             "vs compiled"]))
     token_shape = (4, 256) if args.quick else (64, 2048)
     token_rows = token_loss_rows(token_shape, reps * 10)
-    print(f"\nper-token losses forward+backward on {list(token_shape)} float32")
+    print(f"\nper-token losses forward+backward on {list(token_shape)} float32, 1 thread")
     print(tabulate([[r["op"], r["impl"], f"{r['ms']:.3f}", f"{r['vs_eager']:.2f}x", f"{r['vs_compiled']:.2f}x"]
                     for r in token_rows], headers=["op", "impl", "median ms", "vs eager", "vs compiled"]))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": "cpu", "threads": torch.get_num_threads(), "rows": rows + token_rows}, f, indent=1)
+            json.dump({"device": "cpu", "rows": rows + token_rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -168,23 +168,25 @@ def test_policy_and_value_loss_match_reference(dtype, agg, layout):
     logp.requires_grad_(True)
     out, stats = rlhf_fast.ppo_policy_loss(logp, old_logp, adv, mask, **kw)
     (grad,) = torch.autograd.grad(out, logp)
-    results = {}
-    for name, x in (("same", logp), ("exact", logp.double())):
-        ref, ref_stats = ppo_policy_loss_ref(x, old_logp.double() if name == "exact" else old_logp,
-                                             adv.double() if name == "exact" else adv, mask, **kw)
-        results[name] = (ref, ref_stats, torch.autograd.grad(ref, logp)[0])
+    ref, ref_stats = ppo_policy_loss_ref(logp, old_logp, adv, mask, **kw)
+    (grad_ref,) = torch.autograd.grad(ref, logp)
+    logp64 = logp.detach().double().requires_grad_(True)  # an fp64 leaf: the exact gradient is not rounded
+    exact, _ = ppo_policy_loss_ref(logp64, old_logp.double(), adv.double(), mask, **kw)
+    (grad_exact,) = torch.autograd.grad(exact, logp64)
     assert out.dtype == torch.float32 and grad.dtype == dtype
-    assert_within_ref_error(out, results["same"][0], results["exact"][0], name="policy loss")
-    assert_within_ref_error(grad, results["same"][2], results["exact"][2], name="policy grad")
+    assert_within_ref_error(out, ref, exact, name="policy loss")
+    assert_within_ref_error(grad, grad_ref, grad_exact, name="policy grad")
     for key in POLICY_STATS:
-        torch.testing.assert_close(stats[key], results["same"][1][key].float(), msg=key)
+        torch.testing.assert_close(stats[key], ref_stats[key].float(), msg=key)
 
     values, old_values, returns = logp.detach().clone().requires_grad_(True), old_logp, adv
     out, stats = rlhf_fast.ppo_value_loss(values, old_values, returns, mask, clip=0.2, agg=agg, seq_ids=seq_ids)
     ref, ref_stats = ppo_value_loss_ref(values, old_values, returns, mask, clip=0.2, agg=agg, seq_ids=seq_ids)
-    exact, _ = ppo_value_loss_ref(values.double(), old_values.double(), returns.double(), mask, clip=0.2, agg=agg,
+    values64 = values.detach().double().requires_grad_(True)
+    exact, _ = ppo_value_loss_ref(values64, old_values.double(), returns.double(), mask, clip=0.2, agg=agg,
                                   seq_ids=seq_ids)
-    grads = [torch.autograd.grad(x, values)[0] for x in (out, ref, exact)]
+    grads = [torch.autograd.grad(out, values)[0], torch.autograd.grad(ref, values)[0],
+             torch.autograd.grad(exact, values64)[0]]
     assert_within_ref_error(out, ref, exact, name="value loss")
     assert_within_ref_error(*grads, name="value grad")
     torch.testing.assert_close(stats["clip_frac"], ref_stats["clip_frac"])
@@ -243,8 +245,9 @@ def _check_from_logits(backend, shape, dtype, kw, layout_seq_ids=None):
     ref, ref_stats = ppo_loss_from_logits_ref(logits, labels, old_logp, adv, mask, **kw)
     (grad_ref,) = torch.autograd.grad(ref, logits)
     exact_kw = dict(kw, ref_logp=ref_logp.double())
-    exact, _ = ppo_loss_from_logits_ref(logits.double(), labels, old_logp.double(), adv.double(), mask, **exact_kw)
-    (grad_exact,) = torch.autograd.grad(exact, logits)
+    logits64 = logits.detach().double().requires_grad_(True)  # an fp64 leaf: the exact gradient is not rounded
+    exact, _ = ppo_loss_from_logits_ref(logits64, labels, old_logp.double(), adv.double(), mask, **exact_kw)
+    (grad_exact,) = torch.autograd.grad(exact, logits64)
     assert out.dtype == torch.float32 and grad.dtype == dtype and grad.shape == logits.shape
     assert_within_ref_error(out, ref, exact, name="loss")
     assert_within_ref_error(grad, grad_ref, grad_exact, name="grad_logits")
@@ -322,9 +325,10 @@ def test_from_logits_writes_no_other_vocab_sized_tensor(backend):
 
     logits, labels, old_logp, adv, mask, ref_logp = _logits_inputs((2, 7, 64), torch.bfloat16)
     logits.requires_grad_(True)
+    kw = dict(FULL, ref_logp=ref_logp)
     with _use_backend(backend):
         with BigOutputs(logits.numel()) as fwd:
-            out, _ = rlhf_fast.ppo_loss_from_logits(logits, labels, old_logp, adv, mask, **dict(FULL, ref_logp=ref_logp))
+            out, _ = rlhf_fast.ppo_loss_from_logits(logits, labels, old_logp, adv, mask, **kw)
         with BigOutputs(logits.numel()) as bwd:
             out.backward()
     assert fwd.seen == []

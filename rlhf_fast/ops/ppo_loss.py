@@ -166,7 +166,7 @@ def _kl_dlogp(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
     return torch.where((d.abs() <= 20.0) & (k3.abs() <= 10.0), 1.0 - dc.exp(), 0.0)
 
 
-def _policy_branches(logp, old_logp, advantages, clip_low, clip_high, dual_clip):
+def _policy_branches(logp, old_logp, advantages, clip_low, clip_high):
     """-> (log_ratio, ratio, adv, the two PPO-clip terms), float32."""
     adv = advantages.float()
     log_ratio = logp.float() - old_logp.float()
@@ -186,7 +186,7 @@ def ppo_token_loss_op(
     loss = policy + kl_coef * kl_penalty(logp, ref_logp, kl_kind) - entropy_coef * entropy (terms whose tensor is
     None are left out). Differentiable w.r.t. logp and entropy.
     """
-    _, ratio, adv, unclipped, clipped = _policy_branches(logp, old_logp, advantages, clip_low, clip_high, dual_clip)
+    _, ratio, adv, unclipped, clipped = _policy_branches(logp, old_logp, advantages, clip_low, clip_high)
     loss = torch.maximum(unclipped, clipped)
     dual = torch.zeros_like(mask)
     if dual_clip is not None:
@@ -217,8 +217,7 @@ def _ppo_token_loss_setup(ctx, inputs, output):
 def _ppo_token_loss_grad(ctx, grad_loss, _grad_ratio, _grad_clipped, _grad_dual):
     logp, entropy, old_logp, advantages, ref_logp, mask = ctx.saved_tensors
     clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef = ctx.args
-    log_ratio, ratio, adv, unclipped, clipped = _policy_branches(logp, old_logp, advantages, clip_low, clip_high,
-                                                                 dual_clip)
+    log_ratio, ratio, adv, unclipped, clipped = _policy_branches(logp, old_logp, advantages, clip_low, clip_high)
     # d policy / d logp: through the unclipped term (-A * ratio) when it is the max, where the ratio's clamp is open.
     takes_ratio = (unclipped >= clipped) & (log_ratio.abs() <= 20.0)
     if dual_clip is not None:

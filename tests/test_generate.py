@@ -1,0 +1,154 @@
+"""rlhf_fast.generate on a tiny Llama built here (no download): greedy equals the model's own forward step by step
+(no cache), EOS handling, left padding, behaviour log-probs equal a recomputation, reproducibility, bad input."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import rlhf_fast
+
+PAD, VOCAB = 0, 101
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         initializer_range=0.2, pad_token_id=PAD)
+    # one thread: the ops of a model this small are far too short to share (and waiting on a busy machine's other
+    # thread at every op costs milliseconds)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield LlamaForCausalLM(config).eval()
+    torch.set_num_threads(threads)
+
+
+def prompts(lengths, seed=0):
+    """Left-padded prompts of the given lengths: input_ids, attention_mask [B, max(lengths)]."""
+    gen = torch.Generator().manual_seed(seed)
+    P = max(lengths)
+    ids = torch.full((len(lengths), P), PAD, dtype=torch.int64)
+    mask = torch.zeros(len(lengths), P, dtype=torch.int64)
+    for b, n in enumerate(lengths):
+        ids[b, P - n:] = torch.randint(1, VOCAB, (n,), generator=gen)
+        mask[b, P - n:] = 1
+    return ids, mask
+
+
+def positions(mask):
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def greedy_without_cache(model, ids, mask, n, eos):
+    """Greedy decoding by the model's own full forward at every step; pad (mask 0) after a row's EOS."""
+    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    for _ in range(n):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits
+        token = torch.where(done, PAD, logits[:, -1].argmax(-1))
+        ids = torch.cat([ids, token[:, None]], 1)
+        mask = torch.cat([mask, (~done).long()[:, None]], 1)
+        done |= torch.isin(token, torch.tensor(eos))
+        if done.all():
+            break
+    return ids, mask
+
+
+def test_greedy_equals_forward_step_by_step(model):
+    ids, mask = prompts([5, 3, 7])
+    out = rlhf_fast.generate(model, ids, mask, max_new_tokens=12, temperature=0.0, eos_token_id=None,
+                             pad_token_id=PAD)
+    expect, _ = greedy_without_cache(model, ids, mask, 12, [])
+    assert out.sequences.shape == (3, 7 + 12)
+    assert torch.equal(out.sequences, expect)
+    assert (out.response_mask == 1).all() and (out.logprobs == 0).all()
+
+
+def test_eos_stops_each_row_and_then_the_batch(model):
+    ids, mask = prompts([5, 3, 7], seed=1)
+    free = rlhf_fast.generate(model, ids, mask, max_new_tokens=12, temperature=0.0, eos_token_id=None,
+                              pad_token_id=PAD).sequences[:, 7:]
+    eos = int(free[0, 2])  # row 0 emits it at step 2 (or earlier)
+    other = int(free[1, 4])
+    out = rlhf_fast.generate(model, ids, mask, max_new_tokens=12, temperature=0.0, eos_token_id=[eos, other],
+                             pad_token_id=PAD)
+    expect, expect_mask = greedy_without_cache(model, ids, mask, 12, [eos, other])
+    assert torch.equal(out.sequences, expect)
+    assert torch.equal(out.response_mask, expect_mask[:, 7:])
+    for b in range(3):
+        hits = torch.isin(free[b], torch.tensor([eos, other])).nonzero()
+        stop = int(hits[0]) + 1 if len(hits) else 12  # tokens generated, the EOS included
+        resp = out.sequences[b, 7:]
+        assert out.response_mask[b, :stop].all() and not out.response_mask[b, stop:].any()
+        assert (resp[stop:] == PAD).all() and torch.equal(resp[:stop], free[b, :stop])
+    # the batch ran until its last row stopped
+    stops = [int(torch.isin(free[b], torch.tensor([eos, other])).nonzero()[0]) + 1 for b in (0, 1)]
+    assert out.sequences.shape[1] - 7 == (12 if not torch.isin(free[2], torch.tensor([eos, other])).any()
+                                          else max(out.response_mask.sum(1).tolist()))
+    assert out.response_mask.sum(1)[:2].tolist() == stops
+
+
+def test_left_padding_gives_the_unpadded_result(model):
+    lengths = [6, 2, 4]
+    ids, mask = prompts(lengths, seed=2)
+    out = rlhf_fast.generate(model, ids, mask, max_new_tokens=8, temperature=0.0, eos_token_id=7, pad_token_id=PAD)
+    P = ids.shape[1]
+    for b, n in enumerate(lengths):
+        alone = rlhf_fast.generate(model, ids[b:b + 1, P - n:], mask[b:b + 1, P - n:], max_new_tokens=8,
+                                   temperature=0.0, eos_token_id=7, pad_token_id=PAD)
+        k = alone.response_mask.shape[1]
+        assert torch.equal(out.sequences[b, P:P + k], alone.sequences[0, n:])
+        assert torch.equal(out.response_mask[b, :k], alone.response_mask[0])
+        assert not out.response_mask[b, k:].any()
+
+
+def test_behaviour_logprobs_equal_a_recomputation(model):
+    ids, mask = prompts([5, 3, 7, 1], seed=3)
+    temperature = 0.8
+    out = rlhf_fast.generate(model, ids, mask, max_new_tokens=10, temperature=temperature, top_k=30, top_p=0.9,
+                             min_p=0.01, eos_token_id=[3, 5], pad_token_id=PAD,
+                             generator=torch.Generator().manual_seed(0))
+    P = ids.shape[1]
+    full_mask = torch.cat([mask, out.response_mask], 1)
+    with torch.no_grad():
+        logits = model(input_ids=out.sequences, attention_mask=full_mask, position_ids=positions(full_mask)).logits
+    lp = torch.log_softmax(logits[:, P - 1:-1].double() / temperature, -1)
+    lp = lp.gather(-1, out.sequences[:, P:, None]).squeeze(-1) * out.response_mask
+    assert out.logprobs.dtype == torch.float32
+    assert torch.allclose(out.logprobs.double(), lp, atol=1e-4)
+    assert (out.logprobs[out.response_mask == 0] == 0).all()
+    assert (out.sequences[:, P:][out.response_mask == 0] == PAD).all()
+    # every sampled token survived the filters (min-p bound, with a hair of float32 slack)
+    probs = torch.softmax(logits[:, P - 1:-1].double() / temperature, -1)
+    picked = probs.gather(-1, out.sequences[:, P:, None]).squeeze(-1)
+    on = out.response_mask == 1
+    assert (picked[on] >= 0.01 * (1 - 1e-4) * probs.max(-1).values[on]).all()
+
+
+def test_reproducible_and_per_row_temperature(model):
+    ids, mask = prompts([4, 6, 3], seed=4)
+    kw = dict(max_new_tokens=9, top_p=0.95, eos_token_id=11, pad_token_id=PAD)
+    a = rlhf_fast.generate(model, ids, mask, generator=torch.Generator().manual_seed(1), **kw)
+    b = rlhf_fast.generate(model, ids, mask, generator=torch.Generator().manual_seed(1), **kw)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    greedy = rlhf_fast.generate(model, ids, mask, temperature=0.0, **kw)
+    mixed = rlhf_fast.generate(model, ids, mask, temperature=torch.tensor([0.0, 1.0, 0.0]),
+                               generator=torch.Generator().manual_seed(1), **kw)
+    for b in (0, 2):
+        n = int(greedy.response_mask[b].sum())
+        assert torch.equal(mixed.sequences[b, 6:6 + n], greedy.sequences[b, 6:6 + n])
+        assert (mixed.logprobs[b] == 0).all()
+
+
+def test_bad_input(model):
+    ids, mask = prompts([3, 5])
+    right = mask.flip(1)
+    with pytest.raises(ValueError, match="left-padded"):
+        rlhf_fast.generate(model, ids, right, max_new_tokens=2, eos_token_id=1, pad_token_id=PAD)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        rlhf_fast.generate(model, ids, mask, max_new_tokens=0, eos_token_id=1, pad_token_id=PAD)
+    with pytest.raises(TypeError, match="eos_token_id"):
+        rlhf_fast.generate(model, ids, mask, max_new_tokens=2, eos_token_id="</s>", pad_token_id=PAD)
+    with pytest.raises(ValueError, match="top_p"):
+        rlhf_fast.generate(model, ids, mask, max_new_tokens=2, top_p=0.0, eos_token_id=1, pad_token_id=PAD)

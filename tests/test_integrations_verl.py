@@ -1,0 +1,239 @@
+"""veRL-compatible functions against references written from veRL's published formulas (core_algos.py,
+torch_functional.py)."""
+
+import pytest
+import torch
+from _testing import assert_within_ref_error
+
+from rlhf_fast.integrations import verl
+
+AGG_MODES = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+
+# ---- references, from veRL's formulas ------------------------------------------------------------------------------
+
+def _masked_mean(x, m, axis=None):
+    return (x * m).sum(axis=axis) / m.sum(axis=axis)
+
+
+def _agg(loss, m, mode):
+    if mode == "token-mean":
+        return _masked_mean(loss, m)
+    if mode == "seq-mean-token-sum":
+        return (loss * m).sum(-1).mean()
+    if mode == "seq-mean-token-mean":
+        return ((loss * m).sum(-1) / m.sum(-1)).mean()
+    return (loss * m).sum() / m.shape[-1]
+
+
+def _kl_ref(lp, ref, kind):
+    if kind in ("kl", "k1"):
+        return lp - ref
+    if kind == "abs":
+        return (lp - ref).abs()
+    if kind in ("mse", "k2"):
+        return 0.5 * (lp - ref).square()
+    d = (ref - lp).clamp(-20, 20)
+    return (d.exp() - d - 1).clamp(-10, 10)
+
+
+def _gae_ref(r, v, m, gamma, lam):
+    next_v, last = torch.zeros_like(r[:, 0]), torch.zeros_like(r[:, 0])
+    out = []
+    for t in reversed(range(r.shape[1])):
+        delta = r[:, t] + gamma * next_v - v[:, t]
+        cur = delta + gamma * lam * last
+        next_v = v[:, t] * m[:, t] + (1 - m[:, t]) * next_v
+        last = cur * m[:, t] + (1 - m[:, t]) * last
+        out.append(last)
+    adv = torch.stack(out[::-1], dim=1)
+    returns = adv + v
+    mean = _masked_mean(adv, m)
+    var = _masked_mean((adv - mean) ** 2, m) * (m.sum() / (m.sum() - 1))
+    return (adv - mean) * torch.rsqrt(var + 1e-8), returns
+
+
+def _policy_ref(old, lp, adv, m, low, high, c, mode):
+    neg_kl = (lp - old).clamp(-20.0, 20.0)
+    ratio = neg_kl.exp()
+    l1, l2 = -adv * ratio, -adv * ratio.clamp(1 - low, 1 + high)
+    clip1 = torch.maximum(l1, l2)
+    l3 = -adv * c
+    loss = torch.where(adv < 0, torch.min(l3, clip1), clip1)
+    return (_agg(loss, m, mode), _masked_mean((l2 > l1).float(), m), _masked_mean(-neg_kl, m),
+            _masked_mean(((clip1 > l3) & (adv < 0)).float(), m))
+
+
+def _value_ref(vpreds, returns, values, m, eps, mode):
+    clipped = torch.max(torch.min(vpreds, values + eps), values - eps)
+    l1, l2 = (vpreds - returns) ** 2, (clipped - returns) ** 2
+    return 0.5 * _agg(torch.max(l1, l2), m, mode), _masked_mean((l2 > l1).float(), m)
+
+
+def _batch(seed=0, b=4, t=9):
+    gen = torch.Generator().manual_seed(seed)
+    m = (torch.rand(b, t, generator=gen) < 0.75).float()
+    m[0, :] = 1.0
+    m[1, 5:] = 0.0  # right padding
+    m[2, 2:4] = 0.0  # interior hole (multi-turn)
+    return gen, m
+
+
+# ---- torch_functional ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprobs_and_entropy_from_logits(dtype):
+    gen = torch.Generator().manual_seed(0)
+    logits = (2 * torch.randn(3, 6, 41, generator=gen)).to(dtype)
+    labels = torch.randint(0, 41, (3, 6), generator=gen)
+    exact = torch.log_softmax(logits.double(), -1).gather(-1, labels[..., None]).squeeze(-1)
+    same = torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1)
+    out = verl.logprobs_from_logits(logits, labels)
+    assert out.dtype == torch.float32
+    assert_within_ref_error(out, same, exact, name="logprobs_from_logits")
+
+    def entropy(x):  # veRL: logsumexp(x) - sum(softmax(x) * x)
+        return torch.logsumexp(x, -1) - (torch.softmax(x, -1) * x).sum(-1)
+
+    assert_within_ref_error(verl.entropy_from_logits(logits), entropy(logits), entropy(logits.double()),
+                            name="entropy_from_logits")
+
+
+def test_logprobs_from_logits_grad():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 5, 29, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 29, (2, 5), generator=gen)
+    w = torch.randn(2, 5, generator=gen)
+    (g,) = torch.autograd.grad((verl.logprobs_from_logits(logits, labels) * w).sum(), logits)
+    ref = torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1)
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), logits)
+    torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=1e-5)
+
+
+def test_masked_whiten_and_var():
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, 4.0, -7.0]])
+    m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    # mean 2.5, unbiased var of [1, 2, 3, 4] = 5/3
+    assert verl.masked_var(x, m).item() == pytest.approx(5 / 3)
+    expected = (x - 2.5) / (5 / 3 + 1e-8) ** 0.5  # every position, masked ones too
+    torch.testing.assert_close(verl.masked_whiten(x, m), expected)
+    torch.testing.assert_close(verl.masked_whiten(x, m, shift_mean=False), expected + 2.5)
+    with pytest.raises(ValueError, match="sum of the mask is one"):
+        verl.masked_var(x, torch.tensor([[1.0, 0, 0], [0, 0, 0]]))
+
+
+# ---- core_algos ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3"])
+def test_kl_penalty(kind):
+    gen = torch.Generator().manual_seed(2)
+    lp = torch.randn(3, 8, generator=gen) * 4
+    ref = torch.randn(3, 8, generator=gen) * 4
+    lp[0, :3] = torch.tensor([-40.0, 40.0, 15.0])  # d clamp at +-20 and result clamp at 10 for k3
+    a, b = lp.clone().requires_grad_(), ref.clone().requires_grad_()
+    out = verl.kl_penalty(a, b, kind)
+    torch.testing.assert_close(out, _kl_ref(lp, ref, kind), atol=1e-5, rtol=1e-5)
+    w = torch.randn(3, 8, generator=gen)
+    (out * w).sum().backward()
+    a2, b2 = lp.clone().requires_grad_(), ref.clone().requires_grad_()
+    ga, gb = torch.autograd.grad((_kl_ref(a2, b2, kind) * w).sum(), (a2, b2))
+    torch.testing.assert_close(a.grad, ga, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(b.grad, gb, atol=1e-4, rtol=1e-4)
+
+
+def test_kl_penalty_straight_through_and_errors():
+    lp = torch.tensor([0.3, -1.2, 2.0], requires_grad=True)
+    ref = torch.tensor([0.1, 0.4, -0.5])
+    out = verl.kl_penalty(lp, ref, "k3+")
+    torch.testing.assert_close(out, _kl_ref(lp, ref, "k3").detach())  # value of k3 ...
+    (g,) = torch.autograd.grad(out.sum(), lp)
+    torch.testing.assert_close(g, (lp - ref).detach())  # ... gradient of k2 = (lp - ref)
+    torch.testing.assert_close(verl.kl_penalty(lp, ref, "k2+"), _kl_ref(lp, ref, "k2"))
+    with pytest.raises(NotImplementedError):
+        verl.kl_penalty(lp, ref, "full")
+    with pytest.raises(ValueError, match="kl_penalty"):
+        verl.kl_penalty(lp, ref, "k7")
+
+
+def test_agg_loss_hand_computed():
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
+    m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    assert verl.agg_loss(loss, m, "token-mean").item() == pytest.approx(7 / 3)
+    assert verl.agg_loss(loss, m, "seq-mean-token-sum").item() == pytest.approx((3 + 4 + 0) / 3)  # all 3 rows
+    assert verl.agg_loss(loss, m, "seq-mean-token-sum-norm").item() == pytest.approx(7 / 3)  # / T = 3
+    assert torch.isnan(verl.agg_loss(loss, m, "seq-mean-token-mean"))  # 0 / 0 on the empty row, as in veRL
+    assert verl.agg_loss(loss[:2], m[:2], "seq-mean-token-mean").item() == pytest.approx((1.5 + 4) / 2)
+    with pytest.raises(ValueError, match="loss_agg_mode"):
+        verl.agg_loss(loss, m, "token-sum")
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("clips", [(0.2, None, None, 3.0), (None, 0.2, 0.28, 3.0), (0.1, None, None, 1.5)])
+def test_compute_policy_loss(mode, clips):
+    cliprange, low, high, c = clips
+    gen, m = _batch(3)
+    old = torch.randn(4, 9, generator=gen) - 2
+    lp = (old + 0.4 * torch.randn(4, 9, generator=gen)).requires_grad_()
+    adv = torch.randn(4, 9, generator=gen) * 2
+    out = verl.compute_policy_loss(old, lp, adv, m, cliprange=cliprange, cliprange_low=low, cliprange_high=high,
+                                   clip_ratio_c=c, loss_agg_mode=mode)
+    lp_ref = lp.detach().clone().requires_grad_()
+    ref = _policy_ref(old, lp_ref, adv, m, low or cliprange, high or cliprange, c, mode)
+    assert len(out) == 4
+    for got, want in zip(out, ref):
+        torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=1e-5)
+    (g,) = torch.autograd.grad(out[0], lp)
+    (g_ref,) = torch.autograd.grad(ref[0], lp_ref)
+    torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=1e-5)
+
+
+def test_compute_policy_loss_checks_and_empty_rows():
+    gen, m = _batch(4)
+    old, lp, adv = torch.randn(3, 4, 9, generator=gen).unbind(0)
+    with pytest.raises(ValueError, match="clip_ratio_c"):
+        verl.compute_policy_loss(old, lp, adv, m, cliprange=0.2, clip_ratio_c=1.0)
+    with pytest.raises(ValueError, match="cliprange"):
+        verl.compute_policy_loss(old, lp, adv, m)
+    m[3] = 0.0  # one sequence without tokens: seq-means still divide by all 4 rows, as veRL does
+    for mode in AGG_MODES:
+        got = verl.compute_policy_loss(old, lp, adv, m, cliprange=0.2, loss_agg_mode=mode)[0]
+        want = _policy_ref(old, lp, adv, m, 0.2, 0.2, 3.0, mode)[0]
+        torch.testing.assert_close(got, want, equal_nan=True)
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_compute_value_loss(mode):
+    gen, m = _batch(5)
+    values = torch.randn(4, 9, generator=gen)
+    vpreds = (values + 0.5 * torch.randn(4, 9, generator=gen)).requires_grad_()
+    returns = torch.randn(4, 9, generator=gen)
+    loss, frac = verl.compute_value_loss(vpreds, returns, values, m, 0.2, mode)
+    vp_ref = vpreds.detach().clone().requires_grad_()
+    ref_loss, ref_frac = _value_ref(vp_ref, returns, values, m, 0.2, mode)
+    torch.testing.assert_close(loss, ref_loss.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(frac, ref_frac)
+    (g,) = torch.autograd.grad(loss, vpreds)
+    (g_ref,) = torch.autograd.grad(ref_loss, vp_ref)
+    torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8)])
+def test_compute_gae_advantage_return(gamma, lam):
+    gen, m = _batch(6)
+    rewards = torch.randn(4, 9, generator=gen)
+    values = torch.randn(4, 9, generator=gen)
+    adv, ret = verl.compute_gae_advantage_return(rewards, values, m, gamma, lam)
+    adv_ref, ret_ref = _gae_ref(rewards, values, m, gamma, lam)
+    torch.testing.assert_close(adv, adv_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ret, ret_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_compiles_fullgraph():
+    gen, m = _batch(7)
+    old, lp, adv = torch.randn(3, 4, 9, generator=gen).unbind(0)
+    logits, labels = torch.randn(2, 3, 11, generator=gen), torch.randint(0, 11, (2, 3), generator=gen)
+    cases = [(verl.logprobs_from_logits, (logits, labels)), (lambda a, b: verl.kl_penalty(a, b, "k3+"), (lp, old)),
+             (lambda *a: verl.compute_policy_loss(*a, cliprange=0.2, loss_agg_mode="seq-mean-token-mean"),
+              (old, lp, adv, m))]
+    for fn, inputs in cases:
+        torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="eager")(*inputs), fn(*inputs))
