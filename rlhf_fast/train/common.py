@@ -17,8 +17,8 @@ from omegaconf import OmegaConf
 
 import rlhf_fast
 
+from .. import generate
 from ..data import prompt_batch, task
-from ._pending_ops import generate
 
 
 @dataclass

@@ -27,15 +27,13 @@ from typing import NamedTuple, Optional
 
 import torch
 
-import rlhf_fast
-from rlhf_fast import ppo_policy_loss, ppo_value_loss
-
+from .. import (gae, generate, group_advantages, kl_penalty, masked_mean, masked_whiten, ppo_policy_loss,
+                ppo_value_loss)
 from ..data import prompt_batch, read_jsonl, task
 from ..models import sequence_logprobs
 from ..models.tiny import load_causal_lm, load_tokenizer
 from ..models.value_head import ScalarHeadModel, last_token_index
 from . import common
-from ._pending_ops import gae, generate, group_advantages, masked_mean, masked_whiten
 
 GROUP_MODES = ("grpo", "dr_grpo", "rloo")
 
@@ -210,7 +208,7 @@ class PPOTrainer:
         score = (raw - self.score_mean) / self.score_std
         if cfg.reward_clip is not None:
             score = score.clamp(-cfg.reward_clip, cfg.reward_clip)
-        kl = rlhf_fast.kl_penalty(old_logp, ref_logp, kind=cfg.kl_kind) * rmask  # [B, N]
+        kl = kl_penalty(old_logp, ref_logp, kind=cfg.kl_kind) * rmask  # [B, N]
         if self.group:
             adv = group_advantages(score, cfg.group_size, mode=cfg.algo)[:, None] * rmask
             returns = torch.zeros_like(adv)
@@ -220,7 +218,7 @@ class PPOTrainer:
             rewards[torch.arange(len(last)), last] += score
             adv, returns = gae(rewards, values, rmask, gamma=cfg.gamma, lam=cfg.lam)
             if cfg.whiten_advantages:
-                adv = masked_whiten(adv, rmask)
+                adv = masked_whiten(adv, rmask) * rmask
         stats = {"rm_score": raw.mean().item(), "reward": score.mean().item(),
                  "kl": (kl.sum(1)).mean().item(), "response_len": rmask.sum(1).float().mean().item()}
         return Rollout(seq, attn, rmask, old_logp, ref_logp.float(), values, adv.float(), returns.float()), stats
@@ -244,7 +242,7 @@ class PPOTrainer:
                     loss = loss - cfg.entropy_coef * entropy
                     if self.group and self.kl_coef > 0:  # GRPO: KL to the reference in the loss
                         loss = loss + self.kl_coef * masked_mean(
-                            rlhf_fast.kl_penalty(logp, ro.ref_logp[mb], kind=cfg.kl_kind), m)
+                            kl_penalty(logp, ro.ref_logp[mb], kind=cfg.kl_kind), m)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
