@@ -35,13 +35,60 @@ def info() -> str:
     return "\n".join(lines)
 
 
+TRAIN_COMMANDS = {
+    "sft": "supervised fine-tuning on prompt/completion (or chat) JSONL",
+    "rm": "reward model on prompt/chosen/rejected JSONL (Bradley-Terry)",
+    "ppo": "PPO / GRPO / RLOO against a reward model, prompts from JSONL",
+    "pipeline": "SFT -> RM -> PPO end to end (defaults: the embedded tiny model and task, offline, on CPU)",
+}
+
+
+def _train(args) -> None:
+    import transformers
+
+    from .train import common
+
+    transformers.logging.set_verbosity_error()  # keep the trainers' own progress bars and report readable
+    transformers.logging.disable_progress_bar()
+
+    if args.command == "pipeline":
+        from .train.pipeline import PipelineConfig as cls, run_pipeline as run
+    elif args.command == "sft":
+        from .train.sft import SFTConfig as cls, train_sft as run
+    elif args.command == "rm":
+        from .train.rm import RMConfig as cls, train_rm as run
+    else:
+        from .train.ppo import PPOConfig as cls, train_ppo as run
+    fields = {"model": args.model, "out": args.out, "backend": args.backend}
+    if args.command != "pipeline":
+        fields["data"] = args.data
+    elif args.data:
+        raise SystemExit("rlhf-fast pipeline: give the data files as sft_data=... rm_data=... ppo_data=...")
+    cfg = common.load_config(cls, args.config, args.overrides, **fields)
+    result = run(cfg, resume=args.resume)
+    if args.command != "pipeline":
+        print(result)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="rlhf-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print versions, devices, built extensions and each op's backend")
+    for name, help_text in TRAIN_COMMANDS.items():
+        p = sub.add_parser(name, help=help_text,
+                           description=f"{help_text}. Any config field can be set as key=value (dotted for nested).")
+        p.add_argument("--config", help="YAML config file (fields of the stage's config dataclass)")
+        p.add_argument("--model", help="local model directory (transformers format); default: embedded tiny model")
+        p.add_argument("--data", help="local JSONL file; default: the embedded synthetic task")
+        p.add_argument("--out", help="output directory")
+        p.add_argument("--backend", choices=_backend.BACKENDS, help="run every rlhf_fast op on this backend")
+        p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output directory")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (OmegaConf dotlist)")
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
+    else:
+        _train(args)
 
 
 if __name__ == "__main__":

@@ -3,3 +3,9 @@
 from .logprobs import sequence_logprobs, shift_labels
 
 __all__ = ["sequence_logprobs", "shift_labels"]
+
+from .tiny import build_tiny_model, build_tokenizer, load_causal_lm, load_tokenizer, save_tiny_default  # noqa: E402
+from .value_head import ScalarHeadModel  # noqa: E402
+
+__all__ += ["build_tiny_model", "build_tokenizer", "load_causal_lm", "load_tokenizer", "save_tiny_default",
+            "ScalarHeadModel"]

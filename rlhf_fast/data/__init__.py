@@ -1,0 +1,8 @@
+"""Data for the trainers: the embedded synthetic task, users' JSONL files, tokenization into batches."""
+
+from . import task
+from .jsonl import DataError, read_jsonl, write_jsonl
+from .tokenize import IGNORE_INDEX, pair_batch, prompt_batch, sft_batch
+
+__all__ = ["task", "DataError", "read_jsonl", "write_jsonl", "IGNORE_INDEX", "sft_batch", "pair_batch",
+           "prompt_batch"]

@@ -1,0 +1,9 @@
+"""Orchestration: readable SFT, reward-model and PPO/GRPO/RLOO trainers built on the public ops API."""
+
+from .pipeline import PipelineConfig, run_pipeline
+from .ppo import PPOConfig, PPOTrainer, train_ppo
+from .rm import RMConfig, train_rm
+from .sft import SFTConfig, train_sft
+
+__all__ = ["PipelineConfig", "run_pipeline", "PPOConfig", "PPOTrainer", "train_ppo", "RMConfig", "train_rm",
+           "SFTConfig", "train_sft"]

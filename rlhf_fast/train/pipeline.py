@@ -1,0 +1,135 @@
+"""SFT -> reward model -> PPO end to end (InstructGPT-style), on the embedded default or a user's model and data.
+
+    rlhf-fast pipeline [--config pipeline.yaml] [--out DIR] [sft.epochs=3 ppo.iterations=80 ...]
+
+Outputs under ``out``: sft/, rm/, ppo/ (each with metrics.jsonl, tb/, model/), summary.json and pipeline.png.
+With --resume a finished stage is skipped and an interrupted one continues from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from . import common
+from .ppo import PPOConfig, train_ppo
+from .rm import RMConfig, train_rm
+from .sft import SFTConfig, train_sft
+
+
+@dataclass
+class PipelineConfig:
+    out: str = "runs/pipeline"
+    model: str = ""                  # base model directory; "" = the embedded tiny default
+    sft_data: str = ""               # JSONL files; "" = the embedded synthetic task
+    rm_data: str = ""
+    ppo_data: str = ""
+    seed: int = 0
+    device: str = "auto"
+    backend: Optional[str] = None
+    threads: int = 0
+    progress: bool = True
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+
+
+def _stage(stage, cfg: PipelineConfig, name: str, **fields):
+    """Copy the pipeline-wide fields into a stage's config."""
+    for key in ("seed", "device", "backend", "threads", "progress"):
+        setattr(stage, key, getattr(cfg, key))
+    stage.out = os.path.join(cfg.out, name)
+    for key, value in fields.items():
+        setattr(stage, key, value)
+    return stage
+
+
+def _done(path: str) -> Optional[dict]:
+    summary = os.path.join(path, "summary.json")
+    if os.path.exists(summary) and os.path.exists(os.path.join(path, "model")):
+        with open(summary) as f:
+            return json.load(f)
+    return None
+
+
+def run_pipeline(cfg: PipelineConfig, resume: bool = False) -> dict:
+    os.makedirs(cfg.out, exist_ok=True)
+    common.save_config(cfg, cfg.out)
+    sft = _stage(cfg.sft, cfg, "sft", model=cfg.model, data=cfg.sft_data)
+    sft_summary = (resume and _done(sft.out)) or train_sft(sft, resume)
+    sft_dir = os.path.join(sft.out, "model")
+
+    rm = _stage(cfg.rm, cfg, "rm", model=sft_dir, data=cfg.rm_data)
+    rm_summary = (resume and _done(rm.out)) or train_rm(rm, resume)
+
+    ppo = _stage(cfg.ppo, cfg, "ppo", model=sft_dir, reward_model=os.path.join(rm.out, "model"), data=cfg.ppo_data)
+    ppo_summary = (resume and _done(ppo.out)) or train_ppo(ppo, resume)
+
+    summary = {"seed": cfg.seed, "sft": sft_summary, "rm": rm_summary, "ppo": ppo_summary}
+    common.atomic_write_text(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=1))
+    summary["plot"] = plot(cfg.out)
+    print(report(summary))
+    return summary
+
+
+def report(summary: dict) -> str:
+    sft, rm, ppo = summary["sft"], summary["rm"], summary["ppo"]
+    lines = [f"RLHF pipeline (seed {summary['seed']})"]
+    if "true_score" in sft:
+        lines.append(f"  demonstrator (SFT data) true score   {sft['demonstrator_score']:.3f}")
+        lines.append(f"  SFT policy true score (T=1 samples)  {sft['true_score']:.3f}")
+    lines.append(f"  SFT final loss                       {sft['final_loss']:.3f}")
+    lines.append(f"  RM held-out pairwise accuracy        {rm['heldout_accuracy']:.3f} ({rm['heldout_pairs']} pairs)")
+    if "heldout_accuracy_vs_rule" in rm:
+        lines.append(f"  RM accuracy vs the true rule         {rm['heldout_accuracy_vs_rule']:.3f}")
+    last = ppo.get("final", {})
+    lines.append(f"  PPO after {ppo['iterations']} iterations: RM reward {last.get('reward', float('nan')):+.3f}, "
+                 f"KL {last.get('kl', float('nan')):.3f}")
+    if ppo.get("true_score_after") is not None:
+        before, after = ppo["true_score_before"], ppo["true_score_after"]
+        lines.append(f"  true score before PPO -> after PPO   {before:.3f} -> {after:.3f} ({after - before:+.3f})")
+    if summary.get("plot"):
+        lines.append(f"  plot: {summary['plot']}")
+    return "\n".join(lines)
+
+
+def plot(out: str) -> Optional[str]:
+    """sft loss, RM held-out accuracy, PPO reward / KL / true score curves -> out/pipeline.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def rows(stage):
+        path = os.path.join(out, stage, "metrics.jsonl")
+        return common.read_metrics(path) if os.path.exists(path) else []
+
+    sft, rm, ppo = rows("sft"), rows("rm"), rows("ppo")
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
+    axes[0].plot([r["step"] for r in sft], [r["loss"] for r in sft])
+    axes[0].set(title="SFT loss (response tokens)", xlabel="step")
+    held = [r for r in rm if "heldout_accuracy" in r]
+    axes[1].plot([r["step"] for r in rm], [r["accuracy"] for r in rm], label="train")
+    axes[1].plot([r["step"] for r in held], [r["heldout_accuracy"] for r in held], "o-", label="held-out")
+    axes[1].set(title="RM pairwise accuracy", xlabel="step")
+    axes[1].legend()
+    it = [r["step"] for r in ppo]
+    axes[2].plot(it, [r["reward"] for r in ppo], label="RM reward (normalised)")
+    ax_kl = axes[2].twinx()
+    ax_kl.plot(it, [r["kl"] for r in ppo], color="tab:red", label="KL")
+    axes[2].set(title="PPO reward and KL (red)", xlabel="iteration")
+    if ppo and "true_score" in ppo[0]:
+        axes[3].plot(it, [r["true_score"] for r in ppo], label="PPO rollouts")
+        summary_path = os.path.join(out, "sft", "summary.json")
+        if os.path.exists(summary_path):
+            with open(summary_path) as f:
+                axes[3].axhline(json.load(f)["true_score"], color="gray", ls="--", label="SFT")
+        axes[3].set(title="true score (the rule)", xlabel="iteration", ylim=(0, 1))
+        axes[3].legend()
+    fig.tight_layout()
+    path = os.path.join(out, "pipeline.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,129 @@
+"""Supervised fine-tuning: causal-LM loss on the response tokens only (prompt and padding masked), computed with
+the fused linear log-prob op (no [B, T, V] logits).
+
+    rlhf-fast sft [--config sft.yaml] [--model DIR] [--data sft.jsonl] [--out DIR] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..data import IGNORE_INDEX, read_jsonl, sft_batch, task
+from ..models import sequence_logprobs
+from ..models.tiny import load_causal_lm, load_tokenizer, save_tiny_default
+from . import common
+
+
+@dataclass
+class SFTConfig(common.RunConfig):
+    out: str = "runs/sft"
+    num_examples: int = 4000     # synthetic task only
+    epochs: int = 2
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    max_len: int = 128
+    log_every: int = 10
+    save_every: int = 50         # checkpoint every this many steps
+    eval_prompts: int = 256      # synthetic task: prompts for the true score (0 = skip)
+    max_new_tokens: int = 10
+
+
+def sft_loss(model, batch: dict) -> torch.Tensor:
+    """Mean negative log-likelihood of the response tokens, float32 scalar."""
+    labels = torch.full_like(batch["labels"], IGNORE_INDEX)
+    labels[:, :-1] = batch["labels"][:, 1:]  # position t predicts token t+1
+    logp = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], labels)  # [B, T] float32
+    mask = labels != IGNORE_INDEX
+    return -(logp * mask).sum() / mask.sum().clamp(min=1)
+
+
+def linear_schedule(warmup: int, total: int):
+    return lambda step: min(1.0, (step + 1) / max(1, warmup)) * max(0.0, 1.0 - step / max(1, total))
+
+
+def base_model_dir(cfg: common.RunConfig) -> str:
+    """``cfg.model``, or the embedded tiny default built and saved under ``cfg.out/base``."""
+    if cfg.model:
+        return cfg.model
+    path = os.path.join(cfg.out, "base")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        save_tiny_default(path, seed=cfg.seed)
+    return path
+
+
+def train_sft(cfg: SFTConfig, resume: bool = False) -> dict:
+    """Trains, saves ``cfg.out/model`` and returns a summary (final loss, true score on the synthetic task)."""
+    os.makedirs(cfg.out, exist_ok=True)
+    common.save_config(cfg, cfg.out)
+    device = common.resolve_device(cfg.device)
+    with common.run_context(cfg):
+        model_dir = base_model_dir(cfg)
+        tokenizer = load_tokenizer(model_dir)
+        model = load_causal_lm(model_dir, device)
+        rows = read_jsonl(cfg.data, "sft") if cfg.data else task.sft_examples(cfg.num_examples, cfg.seed)
+        steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
+        total = cfg.epochs * steps_per_epoch
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(cfg.warmup_steps, total))
+
+        ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+        ckpt = common.load_checkpoint(ckpt_path) if resume else None
+        step = 0
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            common.set_rng_state(ckpt["rng"])
+            step = ckpt["step"]
+        metrics = common.Metrics(cfg.out, resume_step=step if ckpt is not None else None)
+
+        model.train()
+        bar = common.progress(total=total, initial=step, enabled=cfg.progress, desc="sft")
+        loss_sum, loss_n = 0.0, 0
+        while step < total:
+            # data position = step: the epoch's order is a pure function of (seed, epoch)
+            epoch, i = divmod(step, steps_per_epoch)
+            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size].tolist()
+            batch = {k: v.to(device) for k, v in sft_batch(tokenizer, [rows[j] for j in idx], cfg.max_len).items()}
+            with common.autocast(device):
+                loss = sft_loss(model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total:
+                metrics.log(step, loss=loss_sum / loss_n, lr=sched.get_last_lr()[0])
+                bar.set_postfix(loss=f"{loss_sum / loss_n:.3f}")
+                loss_sum, loss_n = 0.0, 0
+            if step % cfg.save_every == 0 or step == total:
+                common.save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                                   "scheduler": sched.state_dict(), "rng": common.rng_state(),
+                                                   "step": step})
+        bar.close()
+        common.save_model_dir(model, tokenizer, os.path.join(cfg.out, "model"))
+        summary = {"final_loss": metrics.rows[-1]["loss"] if metrics.rows else float("nan"), "steps": total}
+        if not cfg.data and cfg.eval_prompts:
+            summary["true_score"] = common.sample_true_score(
+                model, tokenizer, task.prompts(cfg.eval_prompts, seed=10_000 + cfg.seed), seed=cfg.seed,
+                max_new_tokens=cfg.max_new_tokens)
+            summary["demonstrator_score"] = demonstrator_score(cfg.eval_prompts, cfg.seed)
+        metrics.close()
+        common.atomic_write_text(os.path.join(cfg.out, "summary.json"), __import__("json").dumps(summary))
+        return summary
+
+
+def demonstrator_score(n: int, seed: int) -> float:
+    rows = task.sft_examples(n, seed=20_000 + seed)
+    return sum(task.true_score(r["prompt"], r["completion"]) for r in rows) / n
