@@ -20,7 +20,6 @@ from rlhf_fast.models.value_head import ScalarHeadModel, last_token_index
 from rlhf_fast.train import common
 from rlhf_fast.train.pipeline import PipelineConfig, run_pipeline
 from rlhf_fast.train.ppo import PPOConfig, PPOTrainer
-from rlhf_fast.train.ppo import train_ppo
 from rlhf_fast.train.rm import bradley_terry
 from rlhf_fast.train.sft import sft_loss
 
@@ -206,10 +205,11 @@ def test_resume_after_sigkill_matches_uninterrupted_run(pipeline, tmp_path):
     overrides = [f"reward_model={os.path.join(out, 'rm', 'model')}", "iterations=4", "batch_size=16",
                  "minibatch_size=8", "save_every=1", "eval_prompts=0", "progress=false", "threads=1"]
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-    # the uninterrupted run in this process (saves a process start-up); the killed and resumed ones as the CLI
-    train_ppo(common.load_config(PPOConfig, None, overrides, model=os.path.join(out, "sft", "model"), out=full))
+    # all three runs as the CLI: an in-process run can differ in the last bits (this process's thread and library
+    # state), and the comparison below is exact
     args = [sys.executable, "-m", "rlhf_fast.cli", "ppo", "--model", os.path.join(out, "sft", "model"), *overrides]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    subprocess.run(args + ["--out", full], check=True, env=env, capture_output=True)
 
     proc = subprocess.Popen(args + ["--out", killed], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = os.path.join(killed, "checkpoint.pt")
