@@ -4,14 +4,21 @@ Formulas (../shared/FORMULAS.md) with z = (hidden @ weight.T + bias) / temperatu
   logp[n]    = z[n, y_n] - logsumexp(z[n])            (0 where y_n == ignore_index, with no gradient)
   entropy[n] = logsumexp(z[n]) - sum_v softmax(z[n])_v z[n, v]
 
-Algorithm. The N tokens are processed in chunks of ``rows`` tokens, with rows * V * 4 bytes <= CHUNK_BYTES. Per chunk:
-  forward:  logits = hidden[chunk] @ weight.T (+ bias), one GEMM in the input dtype (the CPU BLAS or cuBLAS, as the
-            model's lm_head would compute it); the fused kernel rlhf_fast::logprobs_entropy turns it into
-            (logp, entropy, lse) in float32.
-  backward: the chunk's logits are recomputed (one GEMM), rlhf_fast::logprobs_entropy_backward turns them into
-            grad_logits, which is folded at once into grad_hidden[chunk] = grad_logits @ weight and
-            grad_weight += grad_logits.T @ hidden[chunk] (float32 accumulator), grad_bias += column sums.
-So peak extra memory is two chunks (logits, grad_logits) plus the float32 grad_weight, whatever N is.
+Algorithm. The [N, V] logits are computed tile by tile, a tile being [rows, cols] with rows * cols * 4 bytes <=
+CHUNK_BYTES (tile_shape). Per tile:
+  forward:  logits = hidden[rows] @ weight[cols].T (+ bias[cols]), one GEMM in the input dtype (the CPU BLAS or
+            cuBLAS, as the model's lm_head computes it); the fused kernel rlhf_fast::logprobs_entropy reduces it to
+            per-tile (logp, entropy, lse) in float32 with the label made local to the tile, and the tiles of a row
+            are merged: lse = logsumexp_c lse_c, z_y = logp_c + lse_c from the tile holding the label,
+            entropy = sum_c w_c (entropy_c - log w_c) with w_c = exp(lse_c - lse).
+  backward: the tile's logits are recomputed (one GEMM), rlhf_fast::logprobs_entropy_backward turns them into
+            grad_logits with the row's global lse and entropy (for rows whose label lies in another tile, the -g
+            of d logp / d lse is passed as a gradient of lse), and the tile is folded at once into
+            grad_hidden[rows] += grad_logits @ weight[cols] and grad_weight[cols] += grad_logits.T @ hidden[rows],
+            both accumulated in float32, and grad_bias[cols] += its column sums.
+Column tiles are the outer loop, so a float32 accumulator is [N, H] for grad_hidden and [cols, H] for grad_weight
+(never [V, H]); with float32 inputs the outputs are the accumulators. Peak extra memory is two tiles (logits,
+grad_logits) plus those accumulators, whatever N and V are.
 
 Why recompute instead of computing grad_logits in the forward (Liger's fused linear cross-entropy does that): the
 upstream gradient here is a per-token vector (e.g. PPO's advantage * ratio) known only in backward, and
@@ -19,13 +26,16 @@ grad_weight = sum_n g_n (onehot(y_n) - p_n) hidden_n^T cannot be formed before g
 probabilities. The price is a fourth GEMM: forward + backward costs 4 GEMMs of 2*N*H*V FLOPs each, 4/3 of the
 three-GEMM floor (logits, grad_hidden, grad_weight).
 
-The vocabulary is not chunked: the fused kernel needs whole rows, and at CHUNK_BYTES a chunk still holds >= 256
-tokens for V <= 256k, enough for an efficient GEMM. The chunk size depends only on N and V (no query of free
-memory): no host synchronisation anywhere in the op.
+Why 2-D tiles rather than token chunks with whole rows: every GEMM call repacks both operands, (rows + cols) * H
+elements, so the total repacking is N*V*H*(1/rows + 1/cols), smallest for square tiles. On the CPU (2 cores,
+N=4096, H=1024, V=32000) token chunks of 256 rows made forward+backward 1.8x the three-GEMM floor; 2-D tiles of the
+same size bring it back to ~1.4x. The tile size depends only on N and V (no query of free memory): no host
+synchronisation anywhere in the op.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -38,9 +48,9 @@ from .token_logprobs import LOGPROBS_BACKENDS, logprobs_entropy_backward_op, log
 LINEAR_LOGPROBS_BACKENDS = LOGPROBS_BACKENDS  # the backend of the fused log-prob kernel used on each chunk
 OP_BACKENDS = {"linear_logprobs": LINEAR_LOGPROBS_BACKENDS}
 
-# Budget of one chunk of float32 logits. On the CPU, 64 MiB measured as fast as 256 MiB at N=4096, H=1024, V=32000
-# (the GEMMs dominate) with a quarter of the memory; on a GPU larger chunks keep cuBLAS busy.
-CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
+# Budget of one tile of float32 logits: the op's extra memory is about two tiles. On the CPU, 16, 32 and 64 MiB gave
+# the same time within noise (N=4096, H=1024, V=32000, fp32): the smallest keeps memory lowest.
+CHUNK_BYTES = {"cpu": 16 << 20, "cuda": 256 << 20}
 _DEFAULT_CHUNK_BYTES = 256 << 20
 
 
@@ -56,12 +66,32 @@ def linear_logprobs_ref(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Op
     return torch.where(keep, picked, 0.0), entropy
 
 
-def chunk_rows(n_tokens: int, vocab: int, device: torch.device) -> int:
-    """Tokens per chunk: balanced chunks whose float32 logits fit CHUNK_BYTES (at least one token)."""
-    budget = CHUNK_BYTES.get(device.type, _DEFAULT_CHUNK_BYTES)
-    max_rows = max(1, budget // (4 * vocab))
-    n_chunks = max(1, -(-n_tokens // max_rows))
-    return max(1, -(-n_tokens // n_chunks))
+def tile_shape(n_tokens: int, vocab: int, device: torch.device) -> tuple[int, int]:
+    """(rows, cols) of a logits tile: as square as N and V allow within CHUNK_BYTES, then balanced so that the
+    tiles of each dimension have equal sizes (at least one token)."""
+    budget = max(1, CHUNK_BYTES.get(device.type, _DEFAULT_CHUNK_BYTES) // 4)  # float32 elements
+    side = math.isqrt(budget)
+    if n_tokens * vocab <= budget:
+        rows, cols = n_tokens, vocab
+    elif vocab <= side:
+        rows, cols = budget // vocab, vocab
+    elif n_tokens <= side:
+        rows, cols = n_tokens, budget // n_tokens
+    else:
+        rows = cols = side
+    if cols < vocab and cols >= _COL_ALIGN:  # split columns: multiples of 64 (aligned rows in the tiles)
+        return _balanced(n_tokens, rows, 1), _balanced(vocab, cols // _COL_ALIGN * _COL_ALIGN, _COL_ALIGN)
+    return _balanced(n_tokens, rows, 1), _balanced(vocab, cols, 1)
+
+
+_COL_ALIGN = 64
+
+
+def _balanced(total: int, most: int, align: int) -> int:
+    """The size <= most, a multiple of align, of equal-sized parts covering total (the last part may be shorter)."""
+    count = max(1, -(-total // max(1, most)))
+    size = -(-total // count)
+    return max(1, min(most, -(-size // align) * align))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -70,21 +100,44 @@ def chunk_rows(n_tokens: int, vocab: int, device: torch.device) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _chunk_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _tile_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], v0: int, v1: int) -> Tensor:
     if bias is None:
-        return torch.mm(h, weight.t())
-    return torch.addmm(bias, h, weight.t())
+        return torch.mm(h, weight[v0:v1].t())
+    return torch.addmm(bias[v0:v1], h, weight[v0:v1].t())
 
 
-def _linear_logprobs_fwd(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, rows, backend):
-    n = hidden.shape[0]
-    logp, entropy, lse = (hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
-    for start in range(0, n, rows):
-        end = min(start + rows, n)
-        logits = _chunk_logits(hidden[start:end], weight, bias)
-        out = logprobs_entropy_op(logits, labels[start:end], temperature, ignore_index, compute_entropy, backend)
-        for dst, src in zip((logp, entropy, lse), out):
-            dst[start:end] = src
+def _local_labels(labels: Tensor, keep: Tensor, v0: int, v1: int) -> tuple[Tensor, Tensor]:
+    """Labels of a tile of columns [v0, v1): (in_tile, label - v0 there and -1, the tile's ignore index, elsewhere)."""
+    in_tile = keep & (labels >= v0) & (labels < v1)
+    return in_tile, torch.where(in_tile, labels - v0, -1)
+
+
+def _linear_logprobs_fwd(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, rows, cols,
+                         backend):
+    n, vocab = hidden.shape[0], weight.shape[0]
+    keep = labels != ignore_index
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    lse = torch.full((n,), float("-inf"), **f32)  # running log-sum-exp over the column tiles seen so far
+    entropy = torch.zeros(n, **f32)  # entropy of the softmax over the column tiles seen so far
+    target = torch.zeros(n, **f32)  # z[y] / T, from the tile holding y
+    for v0 in range(0, vocab, cols):
+        v1 = min(v0 + cols, vocab)
+        for start in range(0, n, rows):
+            end = min(start + rows, n)
+            in_tile, local = _local_labels(labels[start:end], keep[start:end], v0, v1)
+            logits = _tile_logits(hidden[start:end], weight, bias, v0, v1)
+            lp_c, ent_c, lse_c = logprobs_entropy_op(logits, local, temperature, -1, compute_entropy, backend)
+            del logits
+            target[start:end] += torch.where(in_tile, lp_c + lse_c, 0.0)
+            old = lse[start:end]
+            new = torch.logaddexp(old, lse_c)
+            if compute_entropy:  # H = sum_c w_c (H_c - log w_c), w_c = exp(lse_c - lse): no cancellation
+                w_old, w_c = torch.exp(old - new), torch.exp(lse_c - new)
+                entropy[start:end] = (torch.where(w_old > 0, w_old * (entropy[start:end] + (new - old)), 0.0)
+                                      + torch.where(w_c > 0, w_c * (ent_c + (new - lse_c)), 0.0))
+            lse[start:end] = new
+    in_range = (labels >= 0) & (labels < vocab)  # an out-of-range label (unchecked on CUDA) gives NaN, as logprobs
+    logp = torch.where(keep, torch.where(in_range, target - lse, float("nan")), 0.0)
     return logp, entropy, lse
 
 
@@ -99,29 +152,43 @@ def _addmm_fp32(acc: Tensor, a: Tensor, b: Tensor) -> None:
 
 
 def _linear_logprobs_bwd(grad_logp, grad_entropy, grad_lse, hidden, weight, bias, labels, lse, entropy, temperature,
-                         ignore_index, rows, need_hidden, need_weight, need_bias, backend):
-    n = hidden.shape[0]
-    grad_hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-    grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
-    if need_hidden or need_weight or need_bias:
+                         ignore_index, rows, cols, need_hidden, need_weight, need_bias, backend):
+    n, vocab = hidden.shape[0], weight.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    # float32 accumulators: grad_hidden over the column tiles, each [cols, H] slice of grad_weight over the row chunks
+    grad_hidden = torch.zeros(hidden.shape, **f32) if need_hidden else hidden.new_empty(0)
+    grad_weight = torch.zeros_like(weight) if need_weight else weight.new_empty(0)
+    grad_bias = torch.zeros(vocab, **f32) if need_bias else weight.new_empty(0)
+    if not (need_hidden or need_weight or need_bias):
+        return grad_hidden, grad_weight, grad_bias
+    keep = labels != ignore_index
+    g_kept = torch.where(keep, grad_logp, 0.0)
+    for v0 in range(0, vocab, cols):
+        v1 = min(v0 + cols, vocab)
+        gw = None
+        if need_weight:
+            gw = grad_weight[v0:v1] if weight.dtype == torch.float32 else torch.zeros(v1 - v0, weight.shape[1], **f32)
         for start in range(0, n, rows):
             end = min(start + rows, n)
-            h = hidden[start:end]
-            logits = _chunk_logits(h, weight, bias)
-            grad_logits = logprobs_entropy_backward_op(
-                grad_logp[start:end], grad_entropy[start:end], grad_lse[start:end], logits, labels[start:end],
-                lse[start:end], entropy[start:end], temperature, ignore_index, backend)
-            del logits  # keep one [rows, V] buffer alive during the gradient GEMMs, not two
+            h, g = hidden[start:end], g_kept[start:end]
+            in_tile, local = _local_labels(labels[start:end], keep[start:end], v0, v1)
+            # d logp / d z = onehot(y) - p: on the tiles without the label, the -p part goes through lse
+            grad_lse_tile = grad_lse[start:end] - torch.where(in_tile, 0.0, g)
+            logits = _tile_logits(h, weight, bias, v0, v1)
+            grad_logits = logprobs_entropy_backward_op(g, grad_entropy[start:end], grad_lse_tile, logits, local,
+                                                       lse[start:end], entropy[start:end], temperature, -1, backend)
+            del logits  # one [rows, cols] buffer alive during the gradient GEMMs, not two
             if need_hidden:
-                torch.mm(grad_logits, weight, out=grad_hidden[start:end])
+                _addmm_fp32(grad_hidden[start:end], grad_logits, weight[v0:v1])
             if need_weight:
-                _addmm_fp32(grad_weight, grad_logits.t(), h)
+                _addmm_fp32(gw, grad_logits.t(), h)
             if need_bias:
-                grad_bias += grad_logits.sum(0, dtype=torch.float32)
-    grad_weight = grad_weight.to(weight.dtype) if need_weight else weight.new_empty(0)
-    grad_bias = grad_bias.to(bias.dtype) if need_bias else weight.new_empty(0)
-    return grad_hidden, grad_weight, grad_bias
+                grad_bias[v0:v1] += grad_logits.sum(0, dtype=torch.float32)
+            del grad_logits  # freed before the next tile's logits are allocated
+        if need_weight and gw.data_ptr() != grad_weight[v0:v1].data_ptr():
+            grad_weight[v0:v1] = gw
+    return (grad_hidden.to(hidden.dtype) if need_hidden else grad_hidden, grad_weight,
+            grad_bias.to(bias.dtype) if need_bias else grad_bias)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,16 +199,16 @@ def _linear_logprobs_bwd(grad_logp, grad_entropy, grad_lse, hidden, weight, bias
 @torch.library.custom_op("rlhf_fast::linear_logprobs", mutates_args=())
 def linear_logprobs_op(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, temperature: float, ignore_index: int,
-    compute_entropy: bool, rows: int, backend: str,
+    compute_entropy: bool, rows: int, cols: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """hidden [N, H], weight [V, H], bias [V] or None (one float dtype), labels [N] int64
-    -> (logp, entropy, lse), float32 [N] each; entropy is zeros unless compute_entropy. ``rows``: tokens per chunk."""
-    return _linear_logprobs_fwd(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, rows,
+    -> (logp, entropy, lse), float32 [N] each; entropy is zeros unless compute_entropy. Logits tiles: [rows, cols]."""
+    return _linear_logprobs_fwd(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, rows, cols,
                                 backend)
 
 
 @linear_logprobs_op.register_fake
-def _(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, rows, backend):
+def _(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, rows, cols, backend):
     n = hidden.shape[0]
     return tuple(hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
 
@@ -149,28 +216,28 @@ def _(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, 
 @torch.library.custom_op("rlhf_fast::linear_logprobs_backward", mutates_args=())
 def linear_logprobs_backward_op(
     grad_logp: Tensor, grad_entropy: Tensor, grad_lse: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-    labels: Tensor, lse: Tensor, entropy: Tensor, temperature: float, ignore_index: int, rows: int,
+    labels: Tensor, lse: Tensor, entropy: Tensor, temperature: float, ignore_index: int, rows: int, cols: int,
     need_hidden: bool, need_weight: bool, need_bias: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> (grad_hidden [N, H], grad_weight [V, H], grad_bias [V]) in the input dtype; each one not needed is an
     empty tensor [0]. grad_* inputs are float32 [N]."""
     return _linear_logprobs_bwd(grad_logp, grad_entropy, grad_lse, hidden, weight, bias, labels, lse, entropy,
-                                temperature, ignore_index, rows, need_hidden, need_weight, need_bias, backend)
+                                temperature, ignore_index, rows, cols, need_hidden, need_weight, need_bias, backend)
 
 
 @linear_logprobs_backward_op.register_fake
 def _(grad_logp, grad_entropy, grad_lse, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, rows,
-      need_hidden, need_weight, need_bias, backend):
+      cols, need_hidden, need_weight, need_bias, backend):
     return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
             weight.new_empty(weight.shape if need_weight else (0,)),
             weight.new_empty((weight.shape[0],) if need_bias else (0,)))
 
 
 def _linear_logprobs_setup(ctx, inputs, output):
-    hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, rows, backend = inputs
+    hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, rows, cols, backend = inputs
     _, entropy, lse = output
     ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
-    ctx.args = (temperature, ignore_index, compute_entropy, rows, backend)
+    ctx.args = (temperature, ignore_index, compute_entropy, rows, cols, backend)
 
 
 def _zeros_if_none(g: Optional[Tensor], like: Tensor) -> Tensor:
@@ -179,15 +246,15 @@ def _zeros_if_none(g: Optional[Tensor], like: Tensor) -> Tensor:
 
 def _linear_logprobs_grad(ctx, grad_logp, grad_entropy, grad_lse):
     hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
-    temperature, ignore_index, compute_entropy, rows, backend = ctx.args
+    temperature, ignore_index, compute_entropy, rows, cols, backend = ctx.args
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     need_bias = need_bias and bias is not None
     grad_hidden, grad_weight, grad_bias = linear_logprobs_backward_op(
         _zeros_if_none(grad_logp, lse), _zeros_if_none(grad_entropy if compute_entropy else None, lse),
         _zeros_if_none(grad_lse, lse), hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, rows,
-        need_hidden, need_weight, need_bias, backend)
+        cols, need_hidden, need_weight, need_bias, backend)
     return (grad_hidden if need_hidden else None, grad_weight if need_weight else None,
-            grad_bias if need_bias else None, None, None, None, None, None, None)
+            grad_bias if need_bias else None, None, None, None, None, None, None, None)
 
 
 linear_logprobs_op.register_autograd(_linear_logprobs_grad, setup_context=_linear_logprobs_setup)
@@ -252,9 +319,9 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opt
     rows_2d = hidden.reshape(-1, hidden.shape[-1])
     rows_2d = rows_2d if rows_2d.is_contiguous() else rows_2d.contiguous()
     flat_labels = labels.reshape(-1).contiguous()
-    rows = chunk_rows(rows_2d.shape[0], weight.shape[0], hidden.device)
+    rows, cols = tile_shape(rows_2d.shape[0], weight.shape[0], hidden.device)
     logp, ent, _ = linear_logprobs_op(rows_2d, weight, bias, flat_labels, temperature, ignore_index, return_entropy,
-                                      rows, backend)
+                                      rows, cols, backend)
     batch_shape = hidden.shape[:-1]
     if return_entropy:
         return logp.view(batch_shape), ent.view(batch_shape)
