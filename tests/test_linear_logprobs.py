@@ -1,4 +1,4 @@
-"""rlhf_fast.linear_logprobs against log_softmax(hidden @ weight.T + bias) in float64, on every usable backend."""
+"""rlhf_fast.linear_logprobs against the logprobs references on hidden @ weight.T + bias (same dtype) and float64."""
 
 import contextlib
 import importlib
@@ -8,7 +8,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import rlhf_fast
-from rlhf_fast.ops import token_logprobs
 from _testing import assert_within_ref_error, device_backends
 
 ll = importlib.import_module("rlhf_fast.ops.linear_logprobs")  # the attribute rlhf_fast.ops.linear_logprobs is the op
@@ -34,13 +33,6 @@ def make_inputs(shape, hidden_size, vocab, dtype, bias=True, ignore_index=-100, 
         labels.view(-1)[1] = ignore_index
         labels.view(-1)[-1] = ignore_index
     return tuple(None if x is None else x.to(device) for x in (hidden, weight, b, labels))
-
-
-def reference(hidden, weight, bias, labels, temperature, ignore_index):
-    """logprobs / entropy of hidden @ weight.T + bias with the token_logprobs references (float32 math)."""
-    logits = hidden @ weight.T + (bias if bias is not None else 0)
-    return (token_logprobs.logprobs_ref(logits, labels, temperature, ignore_index),
-            token_logprobs.entropy_ref(logits, temperature))
 
 
 def exact(hidden, weight, bias, labels, temperature, ignore_index):
@@ -72,7 +64,7 @@ def check_against_reference(inputs, temperature=1.0, ignore_index=-100, backend=
 
     with rlhf_fast.use_backend(backend) if backend else contextlib.nullcontext():
         out = values_and_grads(ours, inputs, grad_logp, grad_entropy)
-    ref = values_and_grads(lambda h, w, b, y: reference(h, w, b, y, temperature, ignore_index), inputs, grad_logp,
+    ref = values_and_grads(lambda h, w, b, y: ll.linear_logprobs_ref(h, w, y, b, temperature, ignore_index), inputs, grad_logp,
                            grad_entropy)
     ex = values_and_grads(lambda h, w, b, y: exact(h, w, b, y, temperature, ignore_index), inputs, grad_logp,
                           grad_entropy)

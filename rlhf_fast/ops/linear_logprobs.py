@@ -27,10 +27,10 @@ probabilities. The price is a fourth GEMM: forward + backward costs 4 GEMMs of 2
 three-GEMM floor (logits, grad_hidden, grad_weight).
 
 Why 2-D tiles rather than token chunks with whole rows: every GEMM call repacks both operands, (rows + cols) * H
-elements, so the total repacking is N*V*H*(1/rows + 1/cols), smallest for square tiles. On the CPU (2 cores,
-N=4096, H=1024, V=32000) token chunks of 256 rows made forward+backward 1.8x the three-GEMM floor; 2-D tiles of the
-same size bring it back to ~1.4x. The tile size depends only on N and V (no query of free memory): no host
-synchronisation anywhere in the op.
+elements, so the total repacking is N*V*H*(1/rows + 1/cols), smallest for square tiles. On the (shared, noisy) 2-core
+CPU at N=4096, H=1024, V=32000, token chunks of 256 rows made forward+backward 1.6-1.9x the three-GEMM floor, and
+the logits GEMM of 256-row chunks ran at half the FLOP rate of 4096-row ones; square tiles of the same size measured
+1.1-1.6x. The tile size depends only on N and V (no query of free memory): no host synchronisation in the op.
 """
 
 from __future__ import annotations
@@ -43,9 +43,10 @@ from torch import Tensor
 
 from .. import _backend
 from . import _checks
-from .token_logprobs import LOGPROBS_BACKENDS, logprobs_entropy_backward_op, logprobs_entropy_op
+from .token_logprobs import (LOGPROBS_BACKENDS, entropy_ref, logprobs_entropy_backward_op, logprobs_entropy_op,
+                             logprobs_ref)
 
-LINEAR_LOGPROBS_BACKENDS = LOGPROBS_BACKENDS  # the backend of the fused log-prob kernel used on each chunk
+LINEAR_LOGPROBS_BACKENDS = LOGPROBS_BACKENDS  # the backend of the fused log-prob kernel run on each tile
 OP_BACKENDS = {"linear_logprobs": LINEAR_LOGPROBS_BACKENDS}
 
 # Budget of one tile of float32 logits: the op's extra memory is about two tiles. On the CPU, 16, 32 and 64 MiB gave
@@ -56,14 +57,13 @@ _DEFAULT_CHUNK_BYTES = 256 << 20
 
 def linear_logprobs_ref(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None,
                         temperature: float = 1.0, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
-    """The obvious computation: full logits, then log_softmax. Returns (logp, entropy), float32 [...]."""
-    logits = torch.nn.functional.linear(hidden, weight, bias).float() / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
-    keep = labels != ignore_index
-    picked = logp_all.gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1)
-    p = logp_all.exp()
-    entropy = -(p * torch.where(p > 0, logp_all, 0.0)).sum(-1)
-    return torch.where(keep, picked, 0.0), entropy
+    """The obvious computation: the full logits hidden @ weight.T + bias in the input dtype, then the log-prob
+    references of token_logprobs (float32 math). Returns (logp, entropy), float32 [...]."""
+    logits = hidden @ weight.T + (bias if bias is not None else 0)
+    return logprobs_ref(logits, labels, temperature, ignore_index), entropy_ref(logits, temperature)
+
+
+_COL_ALIGN = 64  # split columns come in multiples of 64: aligned tile rows
 
 
 def tile_shape(n_tokens: int, vocab: int, device: torch.device) -> tuple[int, int]:
@@ -79,12 +79,9 @@ def tile_shape(n_tokens: int, vocab: int, device: torch.device) -> tuple[int, in
         rows, cols = n_tokens, budget // n_tokens
     else:
         rows = cols = side
-    if cols < vocab and cols >= _COL_ALIGN:  # split columns: multiples of 64 (aligned rows in the tiles)
+    if _COL_ALIGN <= cols < vocab:
         return _balanced(n_tokens, rows, 1), _balanced(vocab, cols // _COL_ALIGN * _COL_ALIGN, _COL_ALIGN)
     return _balanced(n_tokens, rows, 1), _balanced(vocab, cols, 1)
-
-
-_COL_ALIGN = 64
 
 
 def _balanced(total: int, most: int, align: int) -> int:
@@ -301,7 +298,7 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index) -> None:
 
 def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
                     temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False):
-    """Log-probability of each label under softmax((hidden @ weight.T + bias) / temperature), chunked over tokens.
+    """Log-probability of each label under softmax((hidden @ weight.T + bias) / temperature), in logits tiles.
 
     hidden: [N, H] or [B, T, H] float32/bf16/fp16; weight: [V, H] (the lm_head or tied embedding), same dtype;
     bias: [V] or None, same dtype; labels: hidden.shape[:-1] int64 in [0, V) or ``ignore_index``.
