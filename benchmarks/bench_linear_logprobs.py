@@ -38,8 +38,21 @@ def eager(hidden, weight, labels):
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
-def implementations(device):
+def implementations(device, only=None):
+    """name -> fn(hidden, weight, labels); ``only``: just that one (the memory child skips importing trl)."""
     impls = {"eager": eager, "torch.compile(eager)": torch.compile(eager)}
+    if only is None or only.startswith("trl"):
+        impls.update(_trl())
+    for name in LINEAR_LOGPROBS_BACKENDS:
+        if name != "torch" and _backend.built(name) and _backend.runs_on(name, device):
+            def run(hidden, weight, labels, _name=name):
+                with rlhf_fast.use_backend(_name):
+                    return rlhf_fast.linear_logprobs(hidden, weight, labels)
+            impls[f"rlhf_fast[{name}]"] = run
+    return impls if only is None else {only: impls[only]}
+
+
+def _trl():
     try:
         from trl.kernels.chunked_logprob import ChunkedLogProbFunction
         try:
@@ -50,16 +63,10 @@ def implementations(device):
         def trl(hidden, weight, labels):
             return ChunkedLogProbFunction.apply(hidden, weight, None, labels, 1.0, trl_chunk, None, 1.0, ())[0]
 
-        impls["trl ChunkedLogProbFunction"] = trl
+        return {"trl ChunkedLogProbFunction": trl}
     except ImportError:
         print("trl is not installed: no TRL row (pip install trl)", file=sys.stderr)
-    for name in LINEAR_LOGPROBS_BACKENDS:
-        if name != "torch" and _backend.built(name) and _backend.runs_on(name, device):
-            def run(hidden, weight, labels, _name=name):
-                with rlhf_fast.use_backend(_name):
-                    return rlhf_fast.linear_logprobs(hidden, weight, labels)
-            impls[f"rlhf_fast[{name}]"] = run
-    return impls
+        return {}
 
 
 def flops_fraction(device, dtype_name, flops, ms):
@@ -95,7 +102,8 @@ def runner(fn, mode, hidden, weight, labels, grad_out):
 
 def child_memory(args, device, n, h, v, dtype):
     """--memory-of IMPL: peak extra MiB of one implementation, measured in this fresh process."""
-    run = runner(implementations(device)[args.memory_of], args.mode, *make_inputs(n, h, v, dtype, device))
+    run = runner(implementations(device, args.memory_of)[args.memory_of], args.mode,
+                 *make_inputs(n, h, v, dtype, device))
     run()  # compiles, loads kernels
     if device.type == "cpu":
         ctypes.CDLL("libc.so.6").malloc_trim(0)
