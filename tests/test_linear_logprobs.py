@@ -79,11 +79,28 @@ def check_against_reference(inputs, temperature=1.0, ignore_index=-100, backend=
 
 @pytest.mark.parametrize("device, backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_matches_reference(device, backend, dtype, tiles_of):
-    # 37 tokens x V = 101 in tiles of 19 x 21, the last ones short (18 rows, 17 columns)
-    tiles_of(21 * 21)
-    assert ll.tile_shape(37, 101, torch.device(device)) == (19, 21)
+@pytest.mark.parametrize("budget, tile", [(21 * 21, (19, 21)), (37 * 37, (37, 34))], ids=["2d-tiles", "one-row-tile"])
+def test_matches_reference(device, backend, dtype, budget, tile, tiles_of):
+    # 37 tokens x V = 101 in tiles of 19 x 21, the last ones short (18 rows, 17 columns); or in one row of tiles
+    # 37 x 34 (grad_weight written by one GEMM per column tile, in place)
+    tiles_of(budget)
+    assert ll.tile_shape(37, 101, torch.device(device)) == tile
     check_against_reference(make_inputs((37,), 24, 101, dtype, device=device), temperature=0.7, backend=backend)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gemm_accumulates_in_float32(device, dtype):
+    # 1 + 2^-15 is a float32 but neither a bf16 nor an fp16: a sum rounded to the input dtype would lose the 2^-15
+    a = torch.full((4, 8), 2.0 ** -6, dtype=dtype, device=device)
+    b = torch.full((8, 3), 2.0 ** -9, dtype=dtype, device=device)
+    acc = torch.full((4, 3), float("nan"), device=device)
+    ll._gemm(acc, a, b, accumulate=False)  # written, the NaN ignored: 8 * 2^-15
+    torch.testing.assert_close(acc, torch.full_like(acc, 2.0 ** -12), rtol=0, atol=0)
+    acc.fill_(1.0)
+    ll._gemm(acc, a[:, :1], b[:1], accumulate=True)
+    assert torch.all(acc == 1.0 + 2.0 ** -15)
 
 
 @pytest.mark.parametrize("shape", [(1,), (3, 5), (1, 1)], ids=["N=1", "3d", "3d-single"])

@@ -138,33 +138,89 @@ def _linear_logprobs_fwd(hidden, weight, bias, labels, temperature, ignore_index
     return logp, entropy, lse
 
 
-def _addmm_fp32(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc += a @ b with float32 products and sums, whatever the dtype of a and b."""
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-    elif acc.device.type == "cuda":
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:  # no bf16 -> fp32 GEMM on the CPU; an fp32 GEMM of upcast operands is also faster there than a bf16 one
+def _mm_cast(acc: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
+    """acc (+)= a.float() @ b.float(): exact products of low-precision values, float32 sums (a TF32 GEMM on CUDA
+    too: TF32 holds bf16/fp16 values exactly)."""
+    if accumulate:
         acc.addmm_(a.float(), b.float())
+    else:
+        torch.mm(a.float(), b.float(), out=acc)
+
+
+def _mm_out_dtype(acc: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
+    if accumulate:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        torch.mm(a, b, out_dtype=torch.float32, out=acc)
+
+
+def _mm_out_dtype_add(acc: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
+    if accumulate:
+        acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+    else:
+        torch.mm(a, b, out_dtype=torch.float32, out=acc)
+
+
+_CUDA_MIXED_GEMMS = (_mm_out_dtype, _mm_out_dtype_add, _mm_cast)
+_cuda_mixed_gemm = None  # the first of _CUDA_MIXED_GEMMS this torch accepts, found on first use
+
+
+def _pick_cuda_mixed_gemm(device: torch.device):
+    """cuBLAS can add a bf16/fp16 product into a float32 matrix in one GEMM (torch.addmm with out_dtype), but the
+    torch versions differ in what they accept (some want `self` in the input dtype): probe the candidates on tiny
+    tensors, once. A refusal is a host-side check: no synchronisation."""
+    global _cuda_mixed_gemm
+    if _cuda_mixed_gemm is None:
+        a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+        for candidate in _CUDA_MIXED_GEMMS:
+            try:
+                candidate(torch.zeros(2, 2, device=device), a, a, True)
+                candidate(torch.zeros(2, 2, device=device), a, a, False)
+            except (RuntimeError, TypeError):
+                continue
+            _cuda_mixed_gemm = candidate
+            break
+    return _cuda_mixed_gemm
+
+
+def _gemm(acc: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
+    """acc = a @ b, or acc += a @ b with ``accumulate``, with float32 products and sums. acc is float32, or has the
+    dtype of a and b (then the GEMM's float32 sums are rounded once, as a plain matmul rounds them); on the CPU a
+    low-precision product goes through float32 operands (faster there than a bf16 GEMM, and exact)."""
+    if acc.dtype == a.dtype:
+        if accumulate:
+            acc.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=acc)
+    elif acc.device.type == "cuda":
+        _pick_cuda_mixed_gemm(acc.device)(acc, a, b, accumulate)
+    else:
+        _mm_cast(acc, a, b, accumulate)
 
 
 def _linear_logprobs_bwd(grad_logp, grad_entropy, grad_lse, hidden, weight, bias, labels, lse, entropy, temperature,
                          ignore_index, rows, cols, need_hidden, need_weight, need_bias, backend):
     n, vocab = hidden.shape[0], weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    # float32 accumulators: grad_hidden over the column tiles, each [cols, H] slice of grad_weight over the row chunks
-    grad_hidden = torch.zeros(hidden.shape, **f32) if need_hidden else hidden.new_empty(0)
-    grad_weight = torch.zeros_like(weight) if need_weight else weight.new_empty(0)
+    # grad_hidden is summed over the column tiles in float32 (the output itself when hidden is float32). A [cols, H]
+    # slice of grad_weight is summed over the row tiles: in place when weight is float32 or, on CUDA, when there is
+    # one row tile (one GEMM, rounded once); else in a float32 [cols, H] buffer. The first product of each sum is
+    # written, not added: no zero fill.
+    grad_hidden = torch.empty(hidden.shape, **f32) if need_hidden else hidden.new_empty(0)
+    grad_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
     grad_bias = torch.zeros(vocab, **f32) if need_bias else weight.new_empty(0)
-    if not (need_hidden or need_weight or need_bias):
-        return grad_hidden, grad_weight, grad_bias
+    if n == 0 or not (need_hidden or need_weight or need_bias):  # no tokens: zero gradients
+        return (grad_hidden.to(hidden.dtype), grad_weight.zero_(),
+                grad_bias.to(bias.dtype) if need_bias else grad_bias)
+    weight_in_place = weight.dtype == torch.float32 or (hidden.device.type == "cuda" and n <= rows)
+    gw_buffer = None
+    if need_weight and not weight_in_place:
+        gw_buffer = torch.empty(min(cols, vocab), weight.shape[1], **f32)
     keep = labels != ignore_index
     g_kept = torch.where(keep, grad_logp, 0.0)
     for v0 in range(0, vocab, cols):
         v1 = min(v0 + cols, vocab)
-        gw = None
-        if need_weight:
-            gw = grad_weight[v0:v1] if weight.dtype == torch.float32 else torch.zeros(v1 - v0, weight.shape[1], **f32)
+        gw = grad_weight[v0:v1] if gw_buffer is None else gw_buffer[:v1 - v0]
         for start in range(0, n, rows):
             end = min(start + rows, n)
             h, g = hidden[start:end], g_kept[start:end]
@@ -176,13 +232,13 @@ def _linear_logprobs_bwd(grad_logp, grad_entropy, grad_lse, hidden, weight, bias
                                                        lse[start:end], entropy[start:end], temperature, -1, backend)
             del logits  # one [rows, cols] buffer alive during the gradient GEMMs, not two
             if need_hidden:
-                _addmm_fp32(grad_hidden[start:end], grad_logits, weight[v0:v1])
+                _gemm(grad_hidden[start:end], grad_logits, weight[v0:v1], accumulate=v0 > 0)
             if need_weight:
-                _addmm_fp32(gw, grad_logits.t(), h)
+                _gemm(gw, grad_logits.t(), h, accumulate=start > 0)
             if need_bias:
                 grad_bias[v0:v1] += grad_logits.sum(0, dtype=torch.float32)
             del grad_logits  # freed before the next tile's logits are allocated
-        if need_weight and gw.data_ptr() != grad_weight[v0:v1].data_ptr():
+        if gw_buffer is not None:
             grad_weight[v0:v1] = gw
     return (grad_hidden.to(hidden.dtype) if need_hidden else grad_hidden, grad_weight,
             grad_bias.to(bias.dtype) if need_bias else grad_bias)
