@@ -15,16 +15,22 @@ CHUNK_BYTES (tile_shape). Per tile:
             grad_logits with the row's global lse and entropy (for rows whose label lies in another tile, the -g
             of d logp / d lse is passed as a gradient of lse), and the tile is folded at once into
             grad_hidden[rows] += grad_logits @ weight[cols] and grad_weight[cols] += grad_logits.T @ hidden[rows],
-            both accumulated in float32, and grad_bias[cols] += its column sums.
+            both accumulated in float32 (_gemm), and grad_bias[cols] += its column sums.
 Column tiles are the outer loop, so a float32 accumulator is [N, H] for grad_hidden and [cols, H] for grad_weight
-(never [V, H]); with float32 inputs the outputs are the accumulators. Peak extra memory is two tiles (logits,
-grad_logits) plus those accumulators, whatever N and V are.
+(never [V, H]); with float32 inputs the outputs are the accumulators, and on CUDA, when one row tile covers N, each
+[cols, H] slice of grad_weight is one GEMM written in place. The first product of each sum is written, not added to
+zeros. Peak extra memory is two tiles (logits, grad_logits) plus those accumulators, whatever N and V are.
 
 Why recompute instead of computing grad_logits in the forward (Liger's fused linear cross-entropy does that): the
 upstream gradient here is a per-token vector (e.g. PPO's advantage * ratio) known only in backward, and
 grad_weight = sum_n g_n (onehot(y_n) - p_n) hidden_n^T cannot be formed before g is known without keeping the [N, V]
-probabilities. The price is a fourth GEMM: forward + backward costs 4 GEMMs of 2*N*H*V FLOPs each, 4/3 of the
-three-GEMM floor (logits, grad_hidden, grad_weight).
+probabilities. (Forming the unscaled grad_hidden rows (onehot - p) @ weight in the forward, to scale by g later,
+is exact but moves a GEMM rather than saving one: grad_weight still needs p in backward.) The price is a fourth GEMM:
+forward + backward costs 4 GEMMs of 2*N*H*V FLOPs each, 4/3 of the three-GEMM floor (logits, grad_hidden,
+grad_weight). Measured on the 2-core CPU (process CPU time, 1 thread, N=2048, H=1024, V=32000 fp32, medians of 3):
+forward + backward 8.9 s, 1.27x the three full-size GEMMs (7.0 s) and 0.93x four of them; the log-prob kernels are
+~1.5 % of it, the rest is the tile GEMMs, at the full-size rate (~70 GFLOP/s per core, MKL and oneDNN alike). The
+eager path is GEMM-bound there too (7.6 s, 1.09x the floor), so no 4-GEMM method matches it on that CPU.
 
 Why 2-D tiles rather than token chunks with whole rows: every GEMM call repacks both operands, (rows + cols) * H
 elements, so the total repacking is N*V*H*(1/rows + 1/cols), smallest for square tiles. On the (shared, noisy) 2-core
@@ -50,7 +56,9 @@ LINEAR_LOGPROBS_BACKENDS = LOGPROBS_BACKENDS  # the backend of the fused log-pro
 OP_BACKENDS = {"linear_logprobs": LINEAR_LOGPROBS_BACKENDS}
 
 # Budget of one tile of float32 logits: the op's extra memory is about two tiles. On the CPU, 16, 32 and 64 MiB gave
-# the same time within noise (N=4096, H=1024, V=32000, fp32): the smallest keeps memory lowest.
+# the same time within noise (N=4096, H=1024, V=32000, fp32; and in process CPU time, N=2048: 10.3, 10.5, 10.7 s):
+# the smallest keeps memory lowest. On CUDA, 256 MiB keeps N <= 8192 tokens in one row of tiles ([8192, 8064] at
+# V=128256, bf16: 2 x 132 MB), so that each grad_weight slice is one GEMM written in place.
 CHUNK_BYTES = {"cpu": 16 << 20, "cuda": 256 << 20}
 _DEFAULT_CHUNK_BYTES = 256 << 20
 
