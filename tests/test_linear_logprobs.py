@@ -1,4 +1,4 @@
-"""rlhf_fast.linear_logprobs against log_softmax(hidden @ weight.T + bias) in float64, on every usable backend."""
+"""rlhf_fast.linear_logprobs against the logprobs references on hidden @ weight.T + bias (same dtype) and float64."""
 
 import contextlib
 import importlib
@@ -8,7 +8,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import rlhf_fast
-from rlhf_fast.ops import token_logprobs
 from _testing import assert_within_ref_error, device_backends
 
 ll = importlib.import_module("rlhf_fast.ops.linear_logprobs")  # the attribute rlhf_fast.ops.linear_logprobs is the op
@@ -16,12 +15,12 @@ BACKENDS = device_backends(ll.LINEAR_LOGPROBS_BACKENDS)
 
 
 @pytest.fixture
-def chunk_of(monkeypatch):
-    """Force chunks of at most ``rows`` tokens (the default budget would put these small shapes in one chunk)."""
-    def set_rows(rows, vocab):
+def tiles_of(monkeypatch):
+    """Force small logits tiles of ``elements`` floats (the default budget would put these shapes in one tile)."""
+    def set_budget(elements):
         for device in ("cpu", "cuda"):
-            monkeypatch.setitem(ll.CHUNK_BYTES, device, 4 * vocab * rows)
-    return set_rows
+            monkeypatch.setitem(ll.CHUNK_BYTES, device, 4 * elements)
+    return set_budget
 
 
 def make_inputs(shape, hidden_size, vocab, dtype, bias=True, ignore_index=-100, seed=0, device="cpu"):
@@ -34,13 +33,6 @@ def make_inputs(shape, hidden_size, vocab, dtype, bias=True, ignore_index=-100, 
         labels.view(-1)[1] = ignore_index
         labels.view(-1)[-1] = ignore_index
     return tuple(None if x is None else x.to(device) for x in (hidden, weight, b, labels))
-
-
-def reference(hidden, weight, bias, labels, temperature, ignore_index):
-    """logprobs / entropy of hidden @ weight.T + bias with the token_logprobs references (float32 math)."""
-    logits = hidden @ weight.T + (bias if bias is not None else 0)
-    return (token_logprobs.logprobs_ref(logits, labels, temperature, ignore_index),
-            token_logprobs.entropy_ref(logits, temperature))
 
 
 def exact(hidden, weight, bias, labels, temperature, ignore_index):
@@ -72,7 +64,7 @@ def check_against_reference(inputs, temperature=1.0, ignore_index=-100, backend=
 
     with rlhf_fast.use_backend(backend) if backend else contextlib.nullcontext():
         out = values_and_grads(ours, inputs, grad_logp, grad_entropy)
-    ref = values_and_grads(lambda h, w, b, y: reference(h, w, b, y, temperature, ignore_index), inputs, grad_logp,
+    ref = values_and_grads(lambda h, w, b, y: ll.linear_logprobs_ref(h, w, y, b, temperature, ignore_index), inputs, grad_logp,
                            grad_entropy)
     ex = values_and_grads(lambda h, w, b, y: exact(h, w, b, y, temperature, ignore_index), inputs, grad_logp,
                           grad_entropy)
@@ -87,20 +79,38 @@ def check_against_reference(inputs, temperature=1.0, ignore_index=-100, backend=
 
 @pytest.mark.parametrize("device, backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_matches_reference(device, backend, dtype, chunk_of):
-    # 37 tokens in chunks of 8 (the last one short), V = 101; the vocabulary itself is never chunked.
-    chunk_of(8, 101)
+@pytest.mark.parametrize("budget, tile", [(21 * 21, (19, 21)), (37 * 37, (37, 34))], ids=["2d-tiles", "one-row-tile"])
+def test_matches_reference(device, backend, dtype, budget, tile, tiles_of):
+    # 37 tokens x V = 101 in tiles of 19 x 21, the last ones short (18 rows, 17 columns); or in one row of tiles
+    # 37 x 34 (grad_weight written by one GEMM per column tile, in place)
+    tiles_of(budget)
+    assert ll.tile_shape(37, 101, torch.device(device)) == tile
     check_against_reference(make_inputs((37,), 24, 101, dtype, device=device), temperature=0.7, backend=backend)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gemm_accumulates_in_float32(device, dtype):
+    # 1 + 2^-15 is a float32 but neither a bf16 nor an fp16: a sum rounded to the input dtype would lose the 2^-15
+    a = torch.full((4, 8), 2.0 ** -6, dtype=dtype, device=device)
+    b = torch.full((8, 3), 2.0 ** -9, dtype=dtype, device=device)
+    acc = torch.full((4, 3), float("nan"), device=device)
+    ll._gemm(acc, a, b, accumulate=False)  # written, the NaN ignored: 8 * 2^-15
+    torch.testing.assert_close(acc, torch.full_like(acc, 2.0 ** -12), rtol=0, atol=0)
+    acc.fill_(1.0)
+    ll._gemm(acc, a[:, :1], b[:1], accumulate=True)
+    assert torch.all(acc == 1.0 + 2.0 ** -15)
+
+
 @pytest.mark.parametrize("shape", [(1,), (3, 5), (1, 1)], ids=["N=1", "3d", "3d-single"])
-def test_shapes(shape, chunk_of):
-    chunk_of(4, 53)
+def test_shapes(shape, tiles_of):
+    tiles_of(4 * 53)  # whole rows, several tokens
     check_against_reference(make_inputs(shape, 16, 53, torch.float32, ignore_index=7), ignore_index=7)
 
 
-def test_no_bias_temperature_fp16(chunk_of):
-    chunk_of(5, 64)
+def test_no_bias_temperature_fp16(tiles_of):
+    tiles_of(9 * 10)  # 18 tokens x V = 64 in tiles of 9 x 8
     check_against_reference(make_inputs((2, 9), 16, 64, torch.float16, bias=False), temperature=1.5)
 
 
@@ -108,8 +118,8 @@ def test_one_chunk_is_the_default_for_small_shapes():
     check_against_reference(make_inputs((4, 7), 32, 300, torch.float32))
 
 
-def test_logp_only_gradient_and_frozen_inputs(chunk_of):
-    chunk_of(3, 50)
+def test_logp_only_gradient_and_frozen_inputs(tiles_of):
+    tiles_of(49)  # tiles of 5 x 7
     hidden, weight, bias, labels = make_inputs((10,), 8, 50, torch.float32)
     grad = torch.randn(10)
     # only hidden requires grad: weight and bias get none, and the values match the other path
@@ -141,12 +151,15 @@ def test_all_ignored_and_empty():
     assert empty.grad.shape == empty.shape
 
 
-def test_chunk_rows_bounded_by_budget():
+def test_tile_shape_bounded_by_budget(tiles_of):
     cpu = torch.device("cpu")
-    for n, vocab in [(1, 32000), (4096, 32000), (10**6, 128256), (3, 10**9)]:
-        rows = ll.chunk_rows(n, vocab, cpu)
-        assert 1 <= rows <= n and (rows * vocab * 4 <= ll.CHUNK_BYTES["cpu"] or rows == 1)
-    assert ll.chunk_rows(10**6, 32000, cpu) == ll.chunk_rows(2 * 10**6, 32000, cpu)  # independent of N once large
+    budget = 8 << 20  # float32 elements: 32 MiB
+    tiles_of(budget)
+    for n, vocab in [(1, 32000), (4096, 32000), (10**6, 128256), (3, 10**9), (10**6, 7), (0, 5)]:
+        rows, cols = ll.tile_shape(n, vocab, cpu)
+        assert 1 <= rows <= max(n, 1) and 1 <= cols <= vocab and rows * cols <= budget, (n, vocab, rows, cols)
+    assert ll.tile_shape(4096, 32000, cpu) == (2048, 2688)  # square-ish, columns a multiple of 64: 2 x 12 tiles
+    assert ll.tile_shape(10**6, 7, cpu)[1] == 7  # a small vocabulary keeps whole rows
 
 
 class _LargestAllocation(TorchDispatchMode):
@@ -163,14 +176,14 @@ class _LargestAllocation(TorchDispatchMode):
 
 
 def test_never_materializes_all_logits():
-    n, hidden_size, vocab, rows = 64, 8, 101, 8
+    n, hidden_size, vocab, rows, cols = 64, 8, 101, 8, 30
     hidden, weight, bias, labels = make_inputs((n,), hidden_size, vocab, torch.float32)
     zeros = torch.zeros(n)
     with _LargestAllocation() as mode:
-        _, entropy, lse = ll._linear_logprobs_fwd(hidden, weight, bias, labels, 1.0, -100, True, rows, "cpp")
+        _, entropy, lse = ll._linear_logprobs_fwd(hidden, weight, bias, labels, 1.0, -100, True, rows, cols, "cpp")
         ll._linear_logprobs_bwd(torch.randn(n), zeros, zeros, hidden, weight, bias, labels, lse, entropy, 1.0, -100,
-                                rows, True, True, True, "cpp")
-    assert mode.largest <= max(rows * vocab, vocab * hidden_size, n * hidden_size) < n * vocab
+                                rows, cols, True, True, True, "cpp")
+    assert mode.largest <= max(rows * cols, vocab * hidden_size, n * hidden_size) < n * vocab
 
 
 @pytest.mark.parametrize("device, backend", BACKENDS)
@@ -179,12 +192,12 @@ def test_opcheck(device, backend):
     hidden.requires_grad_()
     weight.requires_grad_()
     bias.requires_grad_()
-    torch.library.opcheck(ll.linear_logprobs_op, (hidden, weight, bias, labels, 0.9, -100, True, 4, backend))
-    torch.library.opcheck(ll.linear_logprobs_op, (hidden, weight, None, labels, 1.0, -100, False, 9, backend))
-    _, entropy, lse = ll.linear_logprobs_op(hidden, weight, bias, labels, 0.9, -100, True, 4, backend)
+    torch.library.opcheck(ll.linear_logprobs_op, (hidden, weight, bias, labels, 0.9, -100, True, 4, 10, backend))
+    torch.library.opcheck(ll.linear_logprobs_op, (hidden, weight, None, labels, 1.0, -100, False, 9, 33, backend))
+    _, entropy, lse = ll.linear_logprobs_op(hidden, weight, bias, labels, 0.9, -100, True, 4, 10, backend)
     grads = [torch.randn(9, device=device) for _ in range(3)]
     args = (*grads, hidden.detach(), weight.detach(), bias.detach(), labels, lse.detach(), entropy.detach(), 0.9,
-            -100, 4)
+            -100, 4, 10)
     torch.library.opcheck(ll.linear_logprobs_backward_op, (*args, True, True, True, backend))
     torch.library.opcheck(ll.linear_logprobs_backward_op, (*args, False, True, False, backend))
 

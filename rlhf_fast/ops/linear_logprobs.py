@@ -4,28 +4,44 @@ Formulas (../shared/FORMULAS.md) with z = (hidden @ weight.T + bias) / temperatu
   logp[n]    = z[n, y_n] - logsumexp(z[n])            (0 where y_n == ignore_index, with no gradient)
   entropy[n] = logsumexp(z[n]) - sum_v softmax(z[n])_v z[n, v]
 
-Algorithm. The N tokens are processed in chunks of ``rows`` tokens, with rows * V * 4 bytes <= CHUNK_BYTES. Per chunk:
-  forward:  logits = hidden[chunk] @ weight.T (+ bias), one GEMM in the input dtype (the CPU BLAS or cuBLAS, as the
-            model's lm_head would compute it); the fused kernel rlhf_fast::logprobs_entropy turns it into
-            (logp, entropy, lse) in float32.
-  backward: the chunk's logits are recomputed (one GEMM), rlhf_fast::logprobs_entropy_backward turns them into
-            grad_logits, which is folded at once into grad_hidden[chunk] = grad_logits @ weight and
-            grad_weight += grad_logits.T @ hidden[chunk] (float32 accumulator), grad_bias += column sums.
-So peak extra memory is two chunks (logits, grad_logits) plus the float32 grad_weight, whatever N is.
+Algorithm. The [N, V] logits are computed tile by tile, a tile being [rows, cols] with rows * cols * 4 bytes <=
+CHUNK_BYTES (tile_shape). Per tile:
+  forward:  logits = hidden[rows] @ weight[cols].T (+ bias[cols]), one GEMM in the input dtype (the CPU BLAS or
+            cuBLAS, as the model's lm_head computes it); the fused kernel rlhf_fast::logprobs_entropy reduces it to
+            per-tile (logp, entropy, lse) in float32 with the label made local to the tile, and the tiles of a row
+            are merged: lse = logsumexp_c lse_c, z_y = logp_c + lse_c from the tile holding the label,
+            entropy = sum_c w_c (entropy_c - log w_c) with w_c = exp(lse_c - lse).
+  backward: the tile's logits are recomputed (one GEMM), rlhf_fast::logprobs_entropy_backward turns them into
+            grad_logits with the row's global lse and entropy (for rows whose label lies in another tile, the -g
+            of d logp / d lse is passed as a gradient of lse), and the tile is folded at once into
+            grad_hidden[rows] += grad_logits @ weight[cols] and grad_weight[cols] += grad_logits.T @ hidden[rows],
+            both accumulated in float32 (_gemm), and grad_bias[cols] += its column sums.
+Column tiles are the outer loop, so a float32 accumulator is [N, H] for grad_hidden and [cols, H] for grad_weight
+(never [V, H]); with float32 inputs the outputs are the accumulators, and on CUDA, when one row tile covers N, each
+[cols, H] slice of grad_weight is one GEMM written in place. The first product of each sum is written, not added to
+zeros. Peak extra memory is two tiles (logits, grad_logits) plus those accumulators, whatever N and V are.
 
 Why recompute instead of computing grad_logits in the forward (Liger's fused linear cross-entropy does that): the
 upstream gradient here is a per-token vector (e.g. PPO's advantage * ratio) known only in backward, and
 grad_weight = sum_n g_n (onehot(y_n) - p_n) hidden_n^T cannot be formed before g is known without keeping the [N, V]
-probabilities. The price is a fourth GEMM: forward + backward costs 4 GEMMs of 2*N*H*V FLOPs each, 4/3 of the
-three-GEMM floor (logits, grad_hidden, grad_weight).
+probabilities. (Forming the unscaled grad_hidden rows (onehot - p) @ weight in the forward, to scale by g later,
+is exact but moves a GEMM rather than saving one: grad_weight still needs p in backward.) The price is a fourth GEMM:
+forward + backward costs 4 GEMMs of 2*N*H*V FLOPs each, 4/3 of the three-GEMM floor (logits, grad_hidden,
+grad_weight). Measured on the 2-core CPU (process CPU time, 1 thread, N=2048, H=1024, V=32000 fp32, medians of 3):
+forward + backward 8.9 s, 1.27x the three full-size GEMMs (7.0 s) and 0.93x four of them; the log-prob kernels are
+~1.5 % of it, the rest is the tile GEMMs, at the full-size rate (~70 GFLOP/s per core, MKL and oneDNN alike). The
+eager path is GEMM-bound there too (7.6 s, 1.09x the floor), so no 4-GEMM method matches it on that CPU.
 
-The vocabulary is not chunked: the fused kernel needs whole rows, and at CHUNK_BYTES a chunk still holds >= 256
-tokens for V <= 256k, enough for an efficient GEMM. The chunk size depends only on N and V (no query of free
-memory): no host synchronisation anywhere in the op.
+Why 2-D tiles rather than token chunks with whole rows: every GEMM call repacks both operands, (rows + cols) * H
+elements, so the total repacking is N*V*H*(1/rows + 1/cols), smallest for square tiles. On the (shared, noisy) 2-core
+CPU at N=4096, H=1024, V=32000, token chunks of 256 rows made forward+backward 1.6-1.9x the three-GEMM floor, and
+the logits GEMM of 256-row chunks ran at half the FLOP rate of 4096-row ones; square tiles of the same size measured
+1.1-1.6x. The tile size depends only on N and V (no query of free memory): no host synchronisation in the op.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -33,35 +49,54 @@ from torch import Tensor
 
 from .. import _backend
 from . import _checks
-from .token_logprobs import LOGPROBS_BACKENDS, logprobs_entropy_backward_op, logprobs_entropy_op
+from .token_logprobs import (LOGPROBS_BACKENDS, entropy_ref, logprobs_entropy_backward_op, logprobs_entropy_op,
+                             logprobs_ref)
 
-LINEAR_LOGPROBS_BACKENDS = LOGPROBS_BACKENDS  # the backend of the fused log-prob kernel used on each chunk
+LINEAR_LOGPROBS_BACKENDS = LOGPROBS_BACKENDS  # the backend of the fused log-prob kernel run on each tile
 OP_BACKENDS = {"linear_logprobs": LINEAR_LOGPROBS_BACKENDS}
 
-# Budget of one chunk of float32 logits. On the CPU, 64 MiB measured as fast as 256 MiB at N=4096, H=1024, V=32000
-# (the GEMMs dominate) with a quarter of the memory; on a GPU larger chunks keep cuBLAS busy.
-CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
+# Budget of one tile of float32 logits: the op's extra memory is about two tiles. On the CPU, 16, 32 and 64 MiB gave
+# the same time within noise (N=4096, H=1024, V=32000, fp32; and in process CPU time, N=2048: 10.3, 10.5, 10.7 s):
+# the smallest keeps memory lowest. On CUDA, 256 MiB keeps N <= 8192 tokens in one row of tiles ([8192, 8064] at
+# V=128256, bf16: 2 x 132 MB), so that each grad_weight slice is one GEMM written in place.
+CHUNK_BYTES = {"cpu": 16 << 20, "cuda": 256 << 20}
 _DEFAULT_CHUNK_BYTES = 256 << 20
 
 
 def linear_logprobs_ref(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None,
                         temperature: float = 1.0, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
-    """The obvious computation: full logits, then log_softmax. Returns (logp, entropy), float32 [...]."""
-    logits = torch.nn.functional.linear(hidden, weight, bias).float() / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
-    keep = labels != ignore_index
-    picked = logp_all.gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1)
-    p = logp_all.exp()
-    entropy = -(p * torch.where(p > 0, logp_all, 0.0)).sum(-1)
-    return torch.where(keep, picked, 0.0), entropy
+    """The obvious computation: the full logits hidden @ weight.T + bias in the input dtype, then the log-prob
+    references of token_logprobs (float32 math). Returns (logp, entropy), float32 [...]."""
+    logits = hidden @ weight.T + (bias if bias is not None else 0)
+    return logprobs_ref(logits, labels, temperature, ignore_index), entropy_ref(logits, temperature)
 
 
-def chunk_rows(n_tokens: int, vocab: int, device: torch.device) -> int:
-    """Tokens per chunk: balanced chunks whose float32 logits fit CHUNK_BYTES (at least one token)."""
-    budget = CHUNK_BYTES.get(device.type, _DEFAULT_CHUNK_BYTES)
-    max_rows = max(1, budget // (4 * vocab))
-    n_chunks = max(1, -(-n_tokens // max_rows))
-    return max(1, -(-n_tokens // n_chunks))
+_COL_ALIGN = 64  # split columns come in multiples of 64: aligned tile rows
+
+
+def tile_shape(n_tokens: int, vocab: int, device: torch.device) -> tuple[int, int]:
+    """(rows, cols) of a logits tile: as square as N and V allow within CHUNK_BYTES, then balanced so that the
+    tiles of each dimension have equal sizes (at least one token)."""
+    budget = max(1, CHUNK_BYTES.get(device.type, _DEFAULT_CHUNK_BYTES) // 4)  # float32 elements
+    side = math.isqrt(budget)
+    if n_tokens * vocab <= budget:
+        rows, cols = n_tokens, vocab
+    elif vocab <= side:
+        rows, cols = budget // vocab, vocab
+    elif n_tokens <= side:
+        rows, cols = n_tokens, budget // n_tokens
+    else:
+        rows = cols = side
+    if _COL_ALIGN <= cols < vocab:
+        return _balanced(n_tokens, rows, 1), _balanced(vocab, cols // _COL_ALIGN * _COL_ALIGN, _COL_ALIGN)
+    return _balanced(n_tokens, rows, 1), _balanced(vocab, cols, 1)
+
+
+def _balanced(total: int, most: int, align: int) -> int:
+    """The size <= most, a multiple of align, of equal-sized parts covering total (the last part may be shorter)."""
+    count = max(1, -(-total // max(1, most)))
+    size = -(-total // count)
+    return max(1, min(most, -(-size // align) * align))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -70,58 +105,151 @@ def chunk_rows(n_tokens: int, vocab: int, device: torch.device) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _chunk_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _tile_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], v0: int, v1: int) -> Tensor:
     if bias is None:
-        return torch.mm(h, weight.t())
-    return torch.addmm(bias, h, weight.t())
+        return torch.mm(h, weight[v0:v1].t())
+    return torch.addmm(bias[v0:v1], h, weight[v0:v1].t())
 
 
-def _linear_logprobs_fwd(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, rows, backend):
-    n = hidden.shape[0]
-    logp, entropy, lse = (hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
-    for start in range(0, n, rows):
-        end = min(start + rows, n)
-        logits = _chunk_logits(hidden[start:end], weight, bias)
-        out = logprobs_entropy_op(logits, labels[start:end], temperature, ignore_index, compute_entropy, backend)
-        for dst, src in zip((logp, entropy, lse), out):
-            dst[start:end] = src
+def _local_labels(labels: Tensor, keep: Tensor, v0: int, v1: int) -> tuple[Tensor, Tensor]:
+    """Labels of a tile of columns [v0, v1): (in_tile, label - v0 there and -1, the tile's ignore index, elsewhere)."""
+    in_tile = keep & (labels >= v0) & (labels < v1)
+    return in_tile, torch.where(in_tile, labels - v0, -1)
+
+
+def _linear_logprobs_fwd(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, rows, cols,
+                         backend):
+    n, vocab = hidden.shape[0], weight.shape[0]
+    keep = labels != ignore_index
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    lse = torch.full((n,), float("-inf"), **f32)  # running log-sum-exp over the column tiles seen so far
+    entropy = torch.zeros(n, **f32)  # entropy of the softmax over the column tiles seen so far
+    target = torch.zeros(n, **f32)  # z[y] / T, from the tile holding y
+    for v0 in range(0, vocab, cols):
+        v1 = min(v0 + cols, vocab)
+        for start in range(0, n, rows):
+            end = min(start + rows, n)
+            in_tile, local = _local_labels(labels[start:end], keep[start:end], v0, v1)
+            logits = _tile_logits(hidden[start:end], weight, bias, v0, v1)
+            lp_c, ent_c, lse_c = logprobs_entropy_op(logits, local, temperature, -1, compute_entropy, backend)
+            del logits
+            target[start:end] += torch.where(in_tile, lp_c + lse_c, 0.0)
+            old = lse[start:end]
+            new = torch.logaddexp(old, lse_c)
+            if compute_entropy:  # H = sum_c w_c (H_c - log w_c), w_c = exp(lse_c - lse): no cancellation
+                w_old, w_c = torch.exp(old - new), torch.exp(lse_c - new)
+                entropy[start:end] = (torch.where(w_old > 0, w_old * (entropy[start:end] + (new - old)), 0.0)
+                                      + torch.where(w_c > 0, w_c * (ent_c + (new - lse_c)), 0.0))
+            lse[start:end] = new
+    in_range = (labels >= 0) & (labels < vocab)  # an out-of-range label (unchecked on CUDA) gives NaN, as logprobs
+    logp = torch.where(keep, torch.where(in_range, target - lse, float("nan")), 0.0)
     return logp, entropy, lse
 
 
-def _addmm_fp32(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc += a @ b with float32 products and sums, whatever the dtype of a and b."""
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-    elif acc.device.type == "cuda":
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:  # no bf16 -> fp32 GEMM on the CPU; an fp32 GEMM of upcast operands is also faster there than a bf16 one
+def _mm_cast(acc: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
+    """acc (+)= a.float() @ b.float(): exact products of low-precision values, float32 sums (a TF32 GEMM on CUDA
+    too: TF32 holds bf16/fp16 values exactly)."""
+    if accumulate:
         acc.addmm_(a.float(), b.float())
+    else:
+        torch.mm(a.float(), b.float(), out=acc)
+
+
+def _mm_out_dtype(acc: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
+    if accumulate:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        torch.mm(a, b, out_dtype=torch.float32, out=acc)
+
+
+def _mm_out_dtype_add(acc: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
+    if accumulate:
+        acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+    else:
+        torch.mm(a, b, out_dtype=torch.float32, out=acc)
+
+
+_CUDA_MIXED_GEMMS = (_mm_out_dtype, _mm_out_dtype_add, _mm_cast)
+_cuda_mixed_gemm = None  # the first of _CUDA_MIXED_GEMMS this torch accepts, found on first use
+
+
+def _pick_cuda_mixed_gemm(device: torch.device):
+    """cuBLAS can add a bf16/fp16 product into a float32 matrix in one GEMM (torch.addmm with out_dtype), but the
+    torch versions differ in what they accept (some want `self` in the input dtype): probe the candidates on tiny
+    tensors, once. A refusal is a host-side check: no synchronisation."""
+    global _cuda_mixed_gemm
+    if _cuda_mixed_gemm is None:
+        a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+        for candidate in _CUDA_MIXED_GEMMS:
+            try:
+                candidate(torch.zeros(2, 2, device=device), a, a, True)
+                candidate(torch.zeros(2, 2, device=device), a, a, False)
+            except (RuntimeError, TypeError):
+                continue
+            _cuda_mixed_gemm = candidate
+            break
+    return _cuda_mixed_gemm
+
+
+def _gemm(acc: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
+    """acc = a @ b, or acc += a @ b with ``accumulate``, with float32 products and sums. acc is float32, or has the
+    dtype of a and b (then the GEMM's float32 sums are rounded once, as a plain matmul rounds them); on the CPU a
+    low-precision product goes through float32 operands (faster there than a bf16 GEMM, and exact)."""
+    if acc.dtype == a.dtype:
+        if accumulate:
+            acc.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=acc)
+    elif acc.device.type == "cuda":
+        _pick_cuda_mixed_gemm(acc.device)(acc, a, b, accumulate)
+    else:
+        _mm_cast(acc, a, b, accumulate)
 
 
 def _linear_logprobs_bwd(grad_logp, grad_entropy, grad_lse, hidden, weight, bias, labels, lse, entropy, temperature,
-                         ignore_index, rows, need_hidden, need_weight, need_bias, backend):
-    n = hidden.shape[0]
-    grad_hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-    grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
-    if need_hidden or need_weight or need_bias:
+                         ignore_index, rows, cols, need_hidden, need_weight, need_bias, backend):
+    n, vocab = hidden.shape[0], weight.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    # grad_hidden is summed over the column tiles in float32 (the output itself when hidden is float32). A [cols, H]
+    # slice of grad_weight is summed over the row tiles: in place when weight is float32 or, on CUDA, when there is
+    # one row tile (one GEMM, rounded once); else in a float32 [cols, H] buffer. The first product of each sum is
+    # written, not added: no zero fill.
+    grad_hidden = torch.empty(hidden.shape, **f32) if need_hidden else hidden.new_empty(0)
+    grad_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
+    grad_bias = torch.zeros(vocab, **f32) if need_bias else weight.new_empty(0)
+    if n == 0 or not (need_hidden or need_weight or need_bias):  # no tokens: zero gradients
+        return (grad_hidden.to(hidden.dtype), grad_weight.zero_(),
+                grad_bias.to(bias.dtype) if need_bias else grad_bias)
+    weight_in_place = weight.dtype == torch.float32 or (hidden.device.type == "cuda" and n <= rows)
+    gw_buffer = None
+    if need_weight and not weight_in_place:
+        gw_buffer = torch.empty(min(cols, vocab), weight.shape[1], **f32)
+    keep = labels != ignore_index
+    g_kept = torch.where(keep, grad_logp, 0.0)
+    for v0 in range(0, vocab, cols):
+        v1 = min(v0 + cols, vocab)
+        gw = grad_weight[v0:v1] if gw_buffer is None else gw_buffer[:v1 - v0]
         for start in range(0, n, rows):
             end = min(start + rows, n)
-            h = hidden[start:end]
-            logits = _chunk_logits(h, weight, bias)
-            grad_logits = logprobs_entropy_backward_op(
-                grad_logp[start:end], grad_entropy[start:end], grad_lse[start:end], logits, labels[start:end],
-                lse[start:end], entropy[start:end], temperature, ignore_index, backend)
-            del logits  # keep one [rows, V] buffer alive during the gradient GEMMs, not two
+            h, g = hidden[start:end], g_kept[start:end]
+            in_tile, local = _local_labels(labels[start:end], keep[start:end], v0, v1)
+            # d logp / d z = onehot(y) - p: on the tiles without the label, the -p part goes through lse
+            grad_lse_tile = grad_lse[start:end] - torch.where(in_tile, 0.0, g)
+            logits = _tile_logits(h, weight, bias, v0, v1)
+            grad_logits = logprobs_entropy_backward_op(g, grad_entropy[start:end], grad_lse_tile, logits, local,
+                                                       lse[start:end], entropy[start:end], temperature, -1, backend)
+            del logits  # one [rows, cols] buffer alive during the gradient GEMMs, not two
             if need_hidden:
-                torch.mm(grad_logits, weight, out=grad_hidden[start:end])
+                _gemm(grad_hidden[start:end], grad_logits, weight[v0:v1], accumulate=v0 > 0)
             if need_weight:
-                _addmm_fp32(grad_weight, grad_logits.t(), h)
+                _gemm(gw, grad_logits.t(), h, accumulate=start > 0)
             if need_bias:
-                grad_bias += grad_logits.sum(0, dtype=torch.float32)
-    grad_weight = grad_weight.to(weight.dtype) if need_weight else weight.new_empty(0)
-    grad_bias = grad_bias.to(bias.dtype) if need_bias else weight.new_empty(0)
-    return grad_hidden, grad_weight, grad_bias
+                grad_bias[v0:v1] += grad_logits.sum(0, dtype=torch.float32)
+            del grad_logits  # freed before the next tile's logits are allocated
+        if gw_buffer is not None:
+            grad_weight[v0:v1] = gw
+    return (grad_hidden.to(hidden.dtype) if need_hidden else grad_hidden, grad_weight,
+            grad_bias.to(bias.dtype) if need_bias else grad_bias)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,16 +260,16 @@ def _linear_logprobs_bwd(grad_logp, grad_entropy, grad_lse, hidden, weight, bias
 @torch.library.custom_op("rlhf_fast::linear_logprobs", mutates_args=())
 def linear_logprobs_op(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, temperature: float, ignore_index: int,
-    compute_entropy: bool, rows: int, backend: str,
+    compute_entropy: bool, rows: int, cols: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """hidden [N, H], weight [V, H], bias [V] or None (one float dtype), labels [N] int64
-    -> (logp, entropy, lse), float32 [N] each; entropy is zeros unless compute_entropy. ``rows``: tokens per chunk."""
-    return _linear_logprobs_fwd(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, rows,
+    -> (logp, entropy, lse), float32 [N] each; entropy is zeros unless compute_entropy. Logits tiles: [rows, cols]."""
+    return _linear_logprobs_fwd(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, rows, cols,
                                 backend)
 
 
 @linear_logprobs_op.register_fake
-def _(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, rows, backend):
+def _(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, rows, cols, backend):
     n = hidden.shape[0]
     return tuple(hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
 
@@ -149,28 +277,28 @@ def _(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, 
 @torch.library.custom_op("rlhf_fast::linear_logprobs_backward", mutates_args=())
 def linear_logprobs_backward_op(
     grad_logp: Tensor, grad_entropy: Tensor, grad_lse: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-    labels: Tensor, lse: Tensor, entropy: Tensor, temperature: float, ignore_index: int, rows: int,
+    labels: Tensor, lse: Tensor, entropy: Tensor, temperature: float, ignore_index: int, rows: int, cols: int,
     need_hidden: bool, need_weight: bool, need_bias: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> (grad_hidden [N, H], grad_weight [V, H], grad_bias [V]) in the input dtype; each one not needed is an
     empty tensor [0]. grad_* inputs are float32 [N]."""
     return _linear_logprobs_bwd(grad_logp, grad_entropy, grad_lse, hidden, weight, bias, labels, lse, entropy,
-                                temperature, ignore_index, rows, need_hidden, need_weight, need_bias, backend)
+                                temperature, ignore_index, rows, cols, need_hidden, need_weight, need_bias, backend)
 
 
 @linear_logprobs_backward_op.register_fake
 def _(grad_logp, grad_entropy, grad_lse, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, rows,
-      need_hidden, need_weight, need_bias, backend):
+      cols, need_hidden, need_weight, need_bias, backend):
     return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
             weight.new_empty(weight.shape if need_weight else (0,)),
             weight.new_empty((weight.shape[0],) if need_bias else (0,)))
 
 
 def _linear_logprobs_setup(ctx, inputs, output):
-    hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, rows, backend = inputs
+    hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, rows, cols, backend = inputs
     _, entropy, lse = output
     ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
-    ctx.args = (temperature, ignore_index, compute_entropy, rows, backend)
+    ctx.args = (temperature, ignore_index, compute_entropy, rows, cols, backend)
 
 
 def _zeros_if_none(g: Optional[Tensor], like: Tensor) -> Tensor:
@@ -179,15 +307,15 @@ def _zeros_if_none(g: Optional[Tensor], like: Tensor) -> Tensor:
 
 def _linear_logprobs_grad(ctx, grad_logp, grad_entropy, grad_lse):
     hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
-    temperature, ignore_index, compute_entropy, rows, backend = ctx.args
+    temperature, ignore_index, compute_entropy, rows, cols, backend = ctx.args
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     need_bias = need_bias and bias is not None
     grad_hidden, grad_weight, grad_bias = linear_logprobs_backward_op(
         _zeros_if_none(grad_logp, lse), _zeros_if_none(grad_entropy if compute_entropy else None, lse),
         _zeros_if_none(grad_lse, lse), hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, rows,
-        need_hidden, need_weight, need_bias, backend)
+        cols, need_hidden, need_weight, need_bias, backend)
     return (grad_hidden if need_hidden else None, grad_weight if need_weight else None,
-            grad_bias if need_bias else None, None, None, None, None, None, None)
+            grad_bias if need_bias else None, None, None, None, None, None, None, None)
 
 
 linear_logprobs_op.register_autograd(_linear_logprobs_grad, setup_context=_linear_logprobs_setup)
@@ -234,7 +362,7 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index) -> None:
 
 def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
                     temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False):
-    """Log-probability of each label under softmax((hidden @ weight.T + bias) / temperature), chunked over tokens.
+    """Log-probability of each label under softmax((hidden @ weight.T + bias) / temperature), in logits tiles.
 
     hidden: [N, H] or [B, T, H] float32/bf16/fp16; weight: [V, H] (the lm_head or tied embedding), same dtype;
     bias: [V] or None, same dtype; labels: hidden.shape[:-1] int64 in [0, V) or ``ignore_index``.
@@ -252,9 +380,9 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opt
     rows_2d = hidden.reshape(-1, hidden.shape[-1])
     rows_2d = rows_2d if rows_2d.is_contiguous() else rows_2d.contiguous()
     flat_labels = labels.reshape(-1).contiguous()
-    rows = chunk_rows(rows_2d.shape[0], weight.shape[0], hidden.device)
+    rows, cols = tile_shape(rows_2d.shape[0], weight.shape[0], hidden.device)
     logp, ent, _ = linear_logprobs_op(rows_2d, weight, bias, flat_labels, temperature, ignore_index, return_entropy,
-                                      rows, backend)
+                                      rows, cols, backend)
     batch_shape = hidden.shape[:-1]
     if return_entropy:
         return logp.view(batch_shape), ent.view(batch_shape)
