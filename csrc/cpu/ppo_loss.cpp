@@ -2,10 +2,10 @@
 //
 // The loss is a weighted sum over masked tokens, loss = sum_t w_t l_t, where the weight w_t comes from the
 // aggregation (1 / #tokens for token-mean, 1 / (#sequences * #tokens of t's sequence) for seq-mean-token-mean, ...).
-// A first, cheap pass over the mask (and seq_ids) gives the weights; the second pass reads each token once and
-// produces its loss term, its diagnostics and, as the loss is a scalar, its gradient w_t * dl_t / dx_t: the backward
-// is then only grad_output * that gradient. Tokens run in tasks of kTask with at::parallel_for; each task keeps its
-// own partial sums (fp32 within a block of kBlock tokens, fp64 across blocks), added in task order at the end, so
+// A first, cheap pass over the mask (and seq_ids) gives the weights; the second pass reads each token once: forward,
+// its loss term and diagnostics; backward, its gradient g * w_t * dl_t/dx_t, written in the input's dtype (the only
+// [B, T] tensor either pass allocates). Tokens run in tasks of kTask with at::parallel_for; each forward task keeps
+// its own partial sums (fp32 within a block of kBlock tokens, fp64 across blocks), added in task order at the end, so
 // the result does not depend on the thread count.
 #include "ppo_loss.h"
 
@@ -46,6 +46,11 @@ struct Weights {
   const int64_t* seq_ids = nullptr;
   int64_t count = 0;  // masked-in tokens in all
   std::vector<float> storage;
+
+  void scale(float g) {
+    constant *= g;
+    for (float& x : storage) x *= g;
+  }
 
   void fill(int64_t begin, int64_t n, float* out) const {
     if (per_seq != nullptr) {
@@ -130,6 +135,8 @@ struct PolicyOp {
   float clip_lo, clip_hi, dual;
   bool has_dual;
 
+  // Forward: adds to acc / vmax. Backward (kBackward): writes w * d loss / d logp to grad.
+  template <bool kBackward>
   void block(const float* lp, const float* old, const float* adv, const float* m, const float* w, float* grad,
              Vec* acc, Vec& vmax) const {
     const Vec zero(0.f), one(1.f), lo(clip_lo), hi(clip_hi), c(dual), r_lo(-20.f), r_hi(20.f), k_lo(-10.f),
@@ -153,14 +160,17 @@ struct PolicyOp {
         loss = Vec::blendv(loss, bound, dual_clipped);
         takes_ratio = Vec::blendv(takes_ratio, zero, dual_clipped);
       }
-      const Vec ratio_in = Vec::blendv(zero, ratio, keep);
-      acc[0] += Vec::blendv(zero, wt * loss, keep);  // a select: NaN/inf at masked positions never pass
-      acc[1] += one & (clipped > unclipped) & keep;
-      acc[2] += one & dual_clipped & keep;
-      acc[3] += Vec::blendv(zero, at::vec::clamp(ratio - lr - one, k_lo, k_hi), keep);  // k3(old -> new)
-      acc[4] += ratio_in;
-      vmax = at::vec::maximum(vmax, ratio_in);
-      if (grad != nullptr) Vec::blendv(zero, wt * unclipped, takes_ratio & keep).store(grad + j);
+      if constexpr (kBackward) {
+        Vec::blendv(zero, wt * unclipped, takes_ratio & keep).store(grad + j);
+      } else {
+        const Vec ratio_in = Vec::blendv(zero, ratio, keep);
+        acc[0] += Vec::blendv(zero, wt * loss, keep);  // a select: NaN/inf at masked positions never pass
+        acc[1] += one & (clipped > unclipped) & keep;
+        acc[2] += one & dual_clipped & keep;
+        acc[3] += Vec::blendv(zero, at::vec::clamp(ratio - lr - one, k_lo, k_hi), keep);  // k3(old -> new)
+        acc[4] += ratio_in;
+        vmax = at::vec::maximum(vmax, ratio_in);
+      }
     }
   }
 };
@@ -171,6 +181,7 @@ struct ValueOp {
   float clip;
   bool has_clip;
 
+  template <bool kBackward>
   void block(const float* v, const float* v_old, const float* ret, const float* m, const float* w, float* grad,
              Vec* acc, Vec& /*vmax*/) const {
     const Vec zero(0.f), one(1.f), half(0.5f), c(clip), neg_c(-clip);
@@ -191,9 +202,12 @@ struct ValueOp {
         // the clipped term passes gradient only where its clamp is open
         d = Vec::blendv(d, Vec::blendv(zero, e, step.abs() <= c), takes_clipped);
       }
-      acc[0] += Vec::blendv(zero, wt * half * loss, keep);
-      acc[1] += one & frac & keep;
-      if (grad != nullptr) Vec::blendv(zero, wt * d, keep).store(grad + j);
+      if constexpr (kBackward) {
+        Vec::blendv(zero, wt * d, keep).store(grad + j);
+      } else {
+        acc[0] += Vec::blendv(zero, wt * half * loss, keep);
+        acc[1] += one & frac & keep;
+      }
     }
   }
 };
@@ -204,32 +218,57 @@ void stage(const T* x, int64_t n, float* out) {
   std::fill(out + n, out + kBlock, 0.f);
 }
 
-// Runs `op` over n tokens. -> per-task partial sums [n_tasks, kSums] (fp64) and maxima [n_tasks].
+// Stages block [i, i + len) of the inputs as fp32, zero-padded to kBlock (mask 0 in the padding).
+template <typename T>
+struct Staged {
+  alignas(64) float x[kBlock], y[kBlock], z[kBlock], m[kBlock], w[kBlock];
+
+  void load(const T* px, const T* py, const T* pz, const bool* mask, const Weights& weights, int64_t i, int64_t len) {
+    stage(px + i, len, x);
+    stage(py + i, len, y);
+    stage(pz + i, len, z);
+    stage(mask + i, len, m);
+    weights.fill(i, len, w);
+  }
+};
+
+// Forward of `op` over n tokens. -> per-task partial sums [n_tasks, kSums] (fp64) and maxima [n_tasks].
 template <typename Op, typename T>
-void run_tokens(const Op& op, const T* x, const T* y, const T* z, const bool* mask, const Weights& weights,
-                int64_t n, float* grad, std::vector<double>& sums, std::vector<float>& maxima) {
+void forward_tokens(const Op& op, const T* x, const T* y, const T* z, const bool* mask, const Weights& weights,
+                    int64_t n, std::vector<double>& sums, std::vector<float>& maxima) {
   const int64_t n_tasks = (n + kTask - 1) / kTask;
   sums.assign(n_tasks * Op::kSums, 0.0);
   maxima.assign(n_tasks, 0.f);
   at::parallel_for(0, n_tasks, kGrainTasks, [&](int64_t task_begin, int64_t task_end) {
-    alignas(64) float sx[kBlock], sy[kBlock], sz[kBlock], sm[kBlock], sw[kBlock], sg[kBlock];
+    Staged<T> st;
     for (int64_t task = task_begin; task < task_end; ++task) {
       Vec vmax(0.f);
       const int64_t end = std::min(n, (task + 1) * kTask);
       for (int64_t i = task * kTask; i < end; i += kBlock) {
-        const int64_t len = std::min(kBlock, end - i);
-        stage(x + i, len, sx);
-        stage(y + i, len, sy);
-        stage(z + i, len, sz);
-        stage(mask + i, len, sm);
-        weights.fill(i, len, sw);
+        st.load(x, y, z, mask, weights, i, std::min(kBlock, end - i));
         Vec acc[Op::kSums];
         for (auto& a : acc) a = Vec(0.f);
-        op.block(sx, sy, sz, sm, sw, grad == nullptr ? nullptr : sg, acc, vmax);
+        op.template block<false>(st.x, st.y, st.z, st.m, st.w, nullptr, acc, vmax);
         for (int k = 0; k < Op::kSums; ++k) sums[task * Op::kSums + k] += reduce_sum(acc[k]);
-        if (grad != nullptr) std::copy(sg, sg + len, grad + i);
       }
       maxima[task] = reduce_max(vmax);
+    }
+  });
+}
+
+// Backward of `op` over n tokens: grad[t] = (weights already scaled by the incoming gradient) * d l_t / d x_t.
+template <typename Op, typename T>
+void backward_tokens(const Op& op, const T* x, const T* y, const T* z, const bool* mask, const Weights& weights,
+                     int64_t n, T* grad) {
+  at::parallel_for(0, (n + kBlock - 1) / kBlock, kGrainTasks * (kTask / kBlock), [&](int64_t begin, int64_t end) {
+    Staged<T> st;
+    alignas(64) float g[kBlock];
+    Vec unused_max;
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t i = block * kBlock, len = std::min(kBlock, n - i);
+      st.load(x, y, z, mask, weights, i, len);
+      op.template block<true>(st.x, st.y, st.z, st.m, st.w, g, nullptr, unused_max);
+      for (int64_t j = 0; j < len; ++j) grad[i + j] = static_cast<T>(g[j]);
     }
   });
 }
@@ -257,64 +296,103 @@ Inputs prepare(const at::Tensor& x, const at::Tensor& y, const at::Tensor& z, co
   return in;
 }
 
-// What one fused pass gives: the loss, the gradient, the totals of the op's sums and the max ratio.
-struct Fused {
-  at::Tensor loss, grad;
+// Totals of the op's sums, the max ratio and the masked-in token count (the stats' denominator).
+struct Totals {
   std::vector<double> sums;
   float max = 0.f;
-  int64_t count = 0;  // masked-in tokens (the stats' denominator)
+  int64_t count = 0;
 };
 
 template <typename Op>
-Fused fused_loss(const Op& op, const Inputs& in, c10::string_view agg, bool need_grad) {
+Totals forward(const Op& op, const Inputs& in, c10::string_view agg) {
   const Weights weights = make_weights(parse_agg(agg), in.mask, in.seq_ids);
-  const auto f32 = in.x.options().dtype(at::kFloat);
-  Fused out;
-  out.grad = need_grad ? at::empty(in.x.sizes(), f32) : at::empty({0}, f32);
   std::vector<double> partial;
   std::vector<float> maxima;
   RLHF_FAST_DISPATCH_LOGITS(in.x.scalar_type(), "ppo_loss_fwd_cpu", [&] {
-    run_tokens(op, in.x.const_data_ptr<scalar_t>(), in.y.const_data_ptr<scalar_t>(), in.z.const_data_ptr<scalar_t>(),
-               in.mask.const_data_ptr<bool>(), weights, in.x.numel(), need_grad ? out.grad.data_ptr<float>() : nullptr,
-               partial, maxima);
+    forward_tokens(op, in.x.const_data_ptr<scalar_t>(), in.y.const_data_ptr<scalar_t>(),
+                   in.z.const_data_ptr<scalar_t>(), in.mask.const_data_ptr<bool>(), weights, in.x.numel(), partial,
+                   maxima);
   });
+  Totals out;
   out.sums.assign(Op::kSums, 0.0);
   for (size_t t = 0; t < maxima.size(); ++t) {
     for (int k = 0; k < Op::kSums; ++k) out.sums[k] += partial[t * Op::kSums + k];
     out.max = nan_max(maxima[t], out.max);
   }
   out.count = weights.count;
-  out.loss = at::scalar_tensor(static_cast<float>(out.sums[0]), f32);
   return out;
+}
+
+// -> d loss / d x, in the dtype and shape of x (contiguous).
+template <typename Op>
+at::Tensor backward(const Op& op, const at::Tensor& grad_loss, const at::Tensor& x, const Inputs& in,
+                    c10::string_view agg) {
+  TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must be a scalar");
+  Weights weights = make_weights(parse_agg(agg), in.mask, in.seq_ids);
+  weights.scale(grad_loss.item<float>());
+  // mixed input dtypes run in float32 (in.x), the gradient is then converted to x's dtype
+  at::Tensor grad = at::empty(x.sizes(), in.x.options());
+  RLHF_FAST_DISPATCH_LOGITS(in.x.scalar_type(), "ppo_loss_bwd_cpu", [&] {
+    backward_tokens(op, in.x.const_data_ptr<scalar_t>(), in.y.const_data_ptr<scalar_t>(),
+                    in.z.const_data_ptr<scalar_t>(), in.mask.const_data_ptr<bool>(), weights, x.numel(),
+                    grad.data_ptr<scalar_t>());
+  });
+  return grad.scalar_type() == x.scalar_type() ? grad : grad.to(x.scalar_type());
+}
+
+PolicyOp policy_op(double clip_low, double clip_high, std::optional<double> dual_clip) {
+  return {static_cast<float>(1.0 - clip_low), static_cast<float>(1.0 + clip_high),
+          static_cast<float>(dual_clip.value_or(0.0)), dual_clip.has_value()};
+}
+
+ValueOp value_op(std::optional<double> clip) {
+  return {static_cast<float>(clip.value_or(0.0)), clip.has_value()};
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_fwd_cpu(
-    const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages, const at::Tensor& mask,
-    const std::optional<at::Tensor>& seq_ids, double clip_low, double clip_high, std::optional<double> dual_clip,
-    c10::string_view agg, bool need_grad) {
+std::tuple<at::Tensor, at::Tensor> ppo_policy_loss_fwd_cpu(const at::Tensor& logp, const at::Tensor& old_logp,
+                                                           const at::Tensor& advantages, const at::Tensor& mask,
+                                                           const std::optional<at::Tensor>& seq_ids, double clip_low,
+                                                           double clip_high, std::optional<double> dual_clip,
+                                                           c10::string_view agg) {
   const Inputs in = prepare(logp, old_logp, advantages, mask, seq_ids);
-  const PolicyOp op{static_cast<float>(1.0 - clip_low), static_cast<float>(1.0 + clip_high),
-                    static_cast<float>(dual_clip.value_or(0.0)), dual_clip.has_value()};
-  const Fused f = fused_loss(op, in, agg, need_grad);
-  const double inv = 1.0 / static_cast<double>(std::max<int64_t>(f.count, 1));
-  at::Tensor stats = at::empty({5}, f.loss.options());
+  const Totals t = forward(policy_op(clip_low, clip_high, dual_clip), in, agg);
+  const double inv = 1.0 / static_cast<double>(std::max<int64_t>(t.count, 1));
+  const auto f32 = logp.options().dtype(at::kFloat);
+  at::Tensor stats = at::empty({5}, f32);
   float* s = stats.data_ptr<float>();
-  for (int k = 0; k < 4; ++k) s[k] = static_cast<float>(f.sums[k + 1] * inv);
-  s[4] = f.max;
-  return {f.loss, stats, f.grad};
+  for (int k = 0; k < 4; ++k) s[k] = static_cast<float>(t.sums[k + 1] * inv);
+  s[4] = t.max;
+  return {at::scalar_tensor(static_cast<float>(t.sums[0]), f32), stats};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_value_loss_fwd_cpu(
-    const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns, const at::Tensor& mask,
-    const std::optional<at::Tensor>& seq_ids, std::optional<double> clip, c10::string_view agg, bool need_grad) {
+at::Tensor ppo_policy_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& logp, const at::Tensor& old_logp,
+                                   const at::Tensor& advantages, const at::Tensor& mask,
+                                   const std::optional<at::Tensor>& seq_ids, double clip_low, double clip_high,
+                                   std::optional<double> dual_clip, c10::string_view agg) {
+  const Inputs in = prepare(logp, old_logp, advantages, mask, seq_ids);
+  return backward(policy_op(clip_low, clip_high, dual_clip), grad_loss, logp, in, agg);
+}
+
+std::tuple<at::Tensor, at::Tensor> ppo_value_loss_fwd_cpu(const at::Tensor& values, const at::Tensor& old_values,
+                                                          const at::Tensor& returns, const at::Tensor& mask,
+                                                          const std::optional<at::Tensor>& seq_ids,
+                                                          std::optional<double> clip, c10::string_view agg) {
   const Inputs in = prepare(values, old_values, returns, mask, seq_ids);
-  const ValueOp op{static_cast<float>(clip.value_or(0.0)), clip.has_value()};
-  const Fused f = fused_loss(op, in, agg, need_grad);
-  at::Tensor stats = at::empty({1}, f.loss.options());
-  stats.data_ptr<float>()[0] = static_cast<float>(f.sums[1] / static_cast<double>(std::max<int64_t>(f.count, 1)));
-  return {f.loss, stats, f.grad};
+  const Totals t = forward(value_op(clip), in, agg);
+  const auto f32 = values.options().dtype(at::kFloat);
+  at::Tensor stats = at::empty({1}, f32);
+  stats.data_ptr<float>()[0] = static_cast<float>(t.sums[1] / static_cast<double>(std::max<int64_t>(t.count, 1)));
+  return {at::scalar_tensor(static_cast<float>(t.sums[0]), f32), stats};
+}
+
+at::Tensor ppo_value_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& values, const at::Tensor& old_values,
+                                  const at::Tensor& returns, const at::Tensor& mask,
+                                  const std::optional<at::Tensor>& seq_ids, std::optional<double> clip,
+                                  c10::string_view agg) {
+  const Inputs in = prepare(values, old_values, returns, mask, seq_ids);
+  return backward(value_op(clip), grad_loss, values, in, agg);
 }
 
 }  // namespace rlhf_fast::cpu
