@@ -1,9 +1,10 @@
 """Triton kernels of the standalone PPO losses (rlhf_fast.ops.ppo_loss has the formulas).
 
 The loss is a weighted sum over masked tokens, ``loss = sum_t w_t l_t``, with the aggregation weight w_t. One
-program handles BLOCK tokens: it reads each token once, writes its gradient ``w_t dl_t/dx_t`` (the loss is a scalar,
-so the backward only scales it) and its block's partial sums (loss, diagnostics, token count; fp32 within the block).
-A one-program finalize kernel adds the partial sums in block order (fp64), so results are deterministic.
+program handles BLOCK tokens, reading each once. Forward: it writes its block's partial sums (loss, diagnostics,
+token count; fp32 within the block), and a one-program finalize kernel adds them in block order (fp64), so results
+are deterministic. Backward (the same kernel, BACKWARD=True): it writes ``g * w_t * dl_t/dx_t`` in the input's dtype,
+with g the incoming gradient of the loss.
 
 Weights: token-mean 1 / #tokens, seq-mean-token-sum-norm 1 / T, seq-mean-token-sum 1 / #sequences and
 seq-mean-token-mean 1 / (#sequences * #tokens of the sequence); the counts come from a few torch reductions over the
@@ -12,6 +13,7 @@ mask before the launch. Masked positions are never loaded (they may hold inf/NaN
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -43,10 +45,10 @@ def _weight(offs, keep, count_ptr, n_seqs_ptr, seq_ptr, row_len, inv_len, AGG: t
 
 
 @triton.jit
-def _ppo_policy_fwd_kernel(
-    lp_ptr, old_ptr, adv_ptr, m_ptr, count_ptr, n_seqs_ptr, seq_ptr, grad_ptr, part_ptr,
+def _ppo_policy_kernel(
+    lp_ptr, old_ptr, adv_ptr, m_ptr, count_ptr, n_seqs_ptr, seq_ptr, g_ptr, grad_ptr, part_ptr,
     n, row_len, inv_len, clip_lo, clip_hi, dual,
-    AGG: tl.constexpr, PACKED: tl.constexpr, HAS_DUAL: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    AGG: tl.constexpr, PACKED: tl.constexpr, HAS_DUAL: tl.constexpr, BACKWARD: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -68,25 +70,27 @@ def _ppo_policy_fwd_kernel(
         takes_ratio = takes_ratio & (dual_clipped == 0)
     else:
         dual_clipped = keep & (keep == 0)
-    if NEED_GRAD:
-        tl.store(grad_ptr + offs, tl.where(keep & takes_ratio, w * unclipped, 0.0), mask=offs < n)
-    k3 = tl.minimum(tl.maximum(ratio - lr - 1.0, -10.0), 10.0)
-    ratio = tl.where(keep, ratio, 0.0)
-    part = part_ptr + pid * 7
-    tl.store(part + 0, tl.sum(tl.where(keep, w * loss, 0.0), 0))
-    tl.store(part + 1, tl.sum((keep & (clipped > unclipped)).to(tl.float32), 0))
-    tl.store(part + 2, tl.sum(dual_clipped.to(tl.float32), 0))
-    tl.store(part + 3, tl.sum(tl.where(keep, k3, 0.0), 0))
-    tl.store(part + 4, tl.sum(ratio, 0))
-    tl.store(part + 5, tl.sum(keep.to(tl.float32), 0))
-    tl.store(part + 6, tl.max(ratio, 0))
+    if BACKWARD:
+        grad = tl.where(keep & takes_ratio, tl.load(g_ptr) * w * unclipped, 0.0)
+        tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=offs < n)
+    else:
+        k3 = tl.minimum(tl.maximum(ratio - lr - 1.0, -10.0), 10.0)
+        ratio = tl.where(keep, ratio, 0.0)
+        part = part_ptr + pid * 7
+        tl.store(part + 0, tl.sum(tl.where(keep, w * loss, 0.0), 0))
+        tl.store(part + 1, tl.sum((keep & (clipped > unclipped)).to(tl.float32), 0))
+        tl.store(part + 2, tl.sum(dual_clipped.to(tl.float32), 0))
+        tl.store(part + 3, tl.sum(tl.where(keep, k3, 0.0), 0))
+        tl.store(part + 4, tl.sum(ratio, 0))
+        tl.store(part + 5, tl.sum(keep.to(tl.float32), 0))
+        tl.store(part + 6, tl.max(ratio, 0))
 
 
 @triton.jit
-def _ppo_value_fwd_kernel(
-    v_ptr, old_ptr, ret_ptr, m_ptr, count_ptr, n_seqs_ptr, seq_ptr, grad_ptr, part_ptr,
+def _ppo_value_kernel(
+    v_ptr, old_ptr, ret_ptr, m_ptr, count_ptr, n_seqs_ptr, seq_ptr, g_ptr, grad_ptr, part_ptr,
     n, row_len, inv_len, clip,
-    AGG: tl.constexpr, PACKED: tl.constexpr, HAS_CLIP: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    AGG: tl.constexpr, PACKED: tl.constexpr, HAS_CLIP: tl.constexpr, BACKWARD: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -107,12 +111,14 @@ def _ppo_value_fwd_kernel(
         d = tl.where(takes_clipped, tl.where(tl.abs(step) <= clip, e, 0.0), d)
     else:
         frac = keep & (keep == 0)
-    if NEED_GRAD:
-        tl.store(grad_ptr + offs, tl.where(keep, w * d, 0.0), mask=offs < n)
-    part = part_ptr + pid * 3
-    tl.store(part + 0, tl.sum(tl.where(keep, 0.5 * w * loss, 0.0), 0))
-    tl.store(part + 1, tl.sum(frac.to(tl.float32), 0))
-    tl.store(part + 2, tl.sum(keep.to(tl.float32), 0))
+    if BACKWARD:
+        grad = tl.where(keep, tl.load(g_ptr) * w * d, 0.0)
+        tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=offs < n)
+    else:
+        part = part_ptr + pid * 3
+        tl.store(part + 0, tl.sum(tl.where(keep, 0.5 * w * loss, 0.0), 0))
+        tl.store(part + 1, tl.sum(frac.to(tl.float32), 0))
+        tl.store(part + 2, tl.sum(keep.to(tl.float32), 0))
 
 
 @triton.jit
@@ -160,41 +166,70 @@ def _counts(mask: torch.Tensor, agg: str, seq_ids: Optional[torch.Tensor]):
     return counts, (counts > 0).sum()
 
 
-def _launch(kernel, columns, has_max, n_stats, x, y, z, mask, seq_ids, agg, need_grad, *scalars, **flags):
+def _launch(kernel, columns, has_max, n_stats, grad_loss, x, y, z, mask, seq_ids, agg, *scalars, **flags):
+    """Forward (grad_loss None) -> (loss, stats); backward -> the gradient w.r.t. x."""
     x, y, z, mask = x.contiguous(), y.contiguous(), z.contiguous(), mask.contiguous()
     n = x.numel()
     device = x.device
-    loss = torch.zeros((), dtype=torch.float32, device=device)
-    stats = torch.zeros(n_stats, dtype=torch.float32, device=device)
-    grad = torch.empty(x.shape if need_grad else (0,), dtype=torch.float32, device=device)
+    backward = grad_loss is not None
+    # The interpreter truncates fp32 -> bf16/fp16 stores (a GPU rounds to nearest even): there, store fp32, convert.
+    fp32_store = backward and x.dtype != torch.float32 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if backward:
+        out = grad = torch.empty(x.shape, dtype=torch.float32 if fp32_store else x.dtype, device=device)
+        g = grad_loss.to(torch.float32)
+    else:
+        out = loss, stats = (torch.zeros((), dtype=torch.float32, device=device),
+                             torch.zeros(n_stats, dtype=torch.float32, device=device))
     if n == 0:
-        return loss, stats, grad
+        return grad.to(x.dtype) if fp32_store else out
     packed = seq_ids is not None and agg in ("seq-mean-token-sum", "seq-mean-token-mean")
     counts, n_seqs = _counts(mask, agg, seq_ids if packed else None)
-    row_len = max(x.shape[-1], 1) if x.dim() > 0 else 1
+    row_len = max(x.shape[-1], 1)
     n_parts = triton.cdiv(n, BLOCK)
-    parts = torch.empty((n_parts, columns), dtype=torch.float32, device=device)
+    parts = counts if backward else torch.empty((n_parts, columns), dtype=torch.float32, device=device)
     kernel[(n_parts,)](
         x, y, z, mask.view(torch.uint8), counts, n_seqs, seq_ids.contiguous() if packed else counts,
-        grad if need_grad else parts, parts, n, row_len, 1.0 / row_len, *scalars,
-        AGG=AGG_CODES[agg], PACKED=packed, NEED_GRAD=need_grad, BLOCK=BLOCK, num_warps=4, **flags,
+        g if backward else parts, grad if backward else parts, parts, n, row_len, 1.0 / row_len, *scalars,
+        AGG=AGG_CODES[agg], PACKED=packed, BACKWARD=backward, BLOCK=BLOCK, num_warps=4, **flags,
     )
-    _finalize_kernel[(1,)](parts, n_parts, loss, stats, COLUMNS=columns, N_SUMS=columns - has_max, HAS_MAX=has_max, BLOCK=256, num_warps=4)
-    return loss, stats, grad
+    if not backward:
+        _finalize_kernel[(1,)](parts, n_parts, loss, stats, COLUMNS=columns, N_SUMS=columns - has_max,
+                               HAS_MAX=has_max, BLOCK=256, num_warps=4)
+    return grad.to(x.dtype) if fp32_store else out
 
 
-def ppo_policy_loss_fwd(logp, old_logp, advantages, mask, seq_ids, clip_low: float, clip_high: float,
-                        dual_clip: Optional[float], agg: str, need_grad: bool):
-    """logp, old_logp, advantages: [B, T] or [N] float32/bf16/fp16 (dtypes may differ); mask bool of that shape;
-    seq_ids int64 [N] or None -> (loss 0-d, stats [5] = clip_frac, dual_clip_frac, approx_kl, ratio_mean, ratio_max,
-    grad d loss / d logp float32 of logp's shape, or [0] without need_grad)."""
-    return _launch(_ppo_policy_fwd_kernel, POLICY_COLUMNS, True, 5, logp, old_logp, advantages, mask, seq_ids, agg,
-                   need_grad, 1.0 - clip_low, 1.0 + clip_high, 0.0 if dual_clip is None else dual_clip,
+def _policy(grad_loss, logp, old_logp, advantages, mask, seq_ids, clip_low, clip_high, dual_clip, agg):
+    return _launch(_ppo_policy_kernel, POLICY_COLUMNS, True, 5, grad_loss, logp, old_logp, advantages, mask, seq_ids,
+                   agg, 1.0 - clip_low, 1.0 + clip_high, 0.0 if dual_clip is None else dual_clip,
                    HAS_DUAL=dual_clip is not None)
 
 
-def ppo_value_loss_fwd(values, old_values, returns, mask, seq_ids, clip: Optional[float], agg: str, need_grad: bool):
-    """values, old_values, returns: [B, T] or [N]; clip None: unclipped -> (loss 0-d, stats [1] = clip_frac,
-    grad d loss / d values float32, or [0] without need_grad)."""
-    return _launch(_ppo_value_fwd_kernel, VALUE_COLUMNS, False, 1, values, old_values, returns, mask, seq_ids, agg,
-                   need_grad, 0.0 if clip is None else clip, HAS_CLIP=clip is not None)
+def _value(grad_loss, values, old_values, returns, mask, seq_ids, clip, agg):
+    return _launch(_ppo_value_kernel, VALUE_COLUMNS, False, 1, grad_loss, values, old_values, returns, mask, seq_ids,
+                   agg, 0.0 if clip is None else clip, HAS_CLIP=clip is not None)
+
+
+def ppo_policy_loss_fwd(logp, old_logp, advantages, mask, seq_ids: Optional[torch.Tensor], clip_low: float,
+                        clip_high: float, dual_clip: Optional[float], agg: str):
+    """logp, old_logp, advantages: [B, T] or [N] float32/bf16/fp16 (dtypes may differ); mask bool of that shape;
+    seq_ids int64 [N] or None -> (loss 0-d float32, stats float32 [5] = clip_frac, dual_clip_frac, approx_kl,
+    ratio_mean, ratio_max)."""
+    return _policy(None, logp, old_logp, advantages, mask, seq_ids, clip_low, clip_high, dual_clip, agg)
+
+
+def ppo_policy_loss_bwd(grad_loss, logp, old_logp, advantages, mask, seq_ids: Optional[torch.Tensor],
+                        clip_low: float, clip_high: float, dual_clip: Optional[float], agg: str):
+    """grad_loss 0-d -> grad_loss * d loss / d logp, contiguous, logp's dtype and shape."""
+    return _policy(grad_loss, logp, old_logp, advantages, mask, seq_ids, clip_low, clip_high, dual_clip, agg)
+
+
+def ppo_value_loss_fwd(values, old_values, returns, mask, seq_ids: Optional[torch.Tensor], clip: Optional[float],
+                       agg: str):
+    """values, old_values, returns: [B, T] or [N]; clip None: unclipped -> (loss 0-d, stats [1] = clip_frac)."""
+    return _value(None, values, old_values, returns, mask, seq_ids, clip, agg)
+
+
+def ppo_value_loss_bwd(grad_loss, values, old_values, returns, mask, seq_ids: Optional[torch.Tensor],
+                       clip: Optional[float], agg: str):
+    """grad_loss 0-d -> grad_loss * d loss / d values, contiguous, values' dtype and shape."""
+    return _value(grad_loss, values, old_values, returns, mask, seq_ids, clip, agg)
