@@ -2,11 +2,12 @@ import math
 
 import pytest
 import torch
-from _testing import assert_within_ref_error, usable_backends
+from _testing import assert_within_ref_error, device_backends, usable_backends
 
 import rlhf_fast
 from rlhf_fast.ops.ppo_loss import (AGG_MODES, POLICY_STATS, TOKEN_LOSS_BACKENDS, ppo_loss_from_logits_ref,
-                                    ppo_policy_loss_op, ppo_policy_loss_ref, ppo_token_loss_op, ppo_value_loss_op,
+                                    ppo_policy_loss_backward_op, ppo_policy_loss_op, ppo_policy_loss_ref,
+                                    ppo_token_loss_op, ppo_value_loss_backward_op, ppo_value_loss_op,
                                     ppo_value_loss_ref)
 from rlhf_fast.ops.token_logprobs import LOGPROBS_BACKENDS
 
@@ -167,14 +168,15 @@ def test_agg_modes_hand_computed(backend, agg, layout):
 # --------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", TOKEN_BACKENDS)
+@pytest.mark.parametrize("device, backend", device_backends(TOKEN_LOSS_BACKENDS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("agg", AGG_MODES)
 @pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_policy_and_value_loss_match_reference(backend, dtype, agg, layout):
+def test_policy_and_value_loss_match_reference(device, backend, dtype, agg, layout):
     shape = (5, 37) if layout == "padded" else (173,)
-    seq_ids = _packed_seq_ids(173) if layout == "packed" else None
-    logp, old_logp, adv, mask = (x.to(dtype) if x.is_floating_point() else x for x in _tokens(shape))
+    seq_ids = _packed_seq_ids(173).to(device) if layout == "packed" else None
+    logp, old_logp, adv, mask = (x.to(device, dtype) if x.is_floating_point() else x.to(device)
+                                 for x in _tokens(shape))
     kw = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, agg=agg, seq_ids=seq_ids)
     logp.requires_grad_(True)
     with rlhf_fast.use_backend(backend):
@@ -204,6 +206,26 @@ def test_policy_and_value_loss_match_reference(backend, dtype, agg, layout):
     assert_within_ref_error(*grads, name="value grad")
     torch.testing.assert_close(stats["clip_frac"], ref_stats["clip_frac"])
     assert 0 < stats["clip_frac"] < 1
+
+
+@pytest.mark.parametrize("device, backend", device_backends(TOKEN_LOSS_BACKENDS))
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_standalone_losses_many_blocks(device, backend, layout):
+    """10500 tokens: several kernel blocks and CPU tasks, sequences spanning blocks."""
+    shape, agg = ((7, 1500), "seq-mean-token-mean") if layout == "padded" else ((10500,), "seq-mean-token-sum")
+    seq_ids = torch.randint(0, 40, shape, generator=torch.Generator().manual_seed(1)).to(device) \
+        if layout == "packed" else None
+    logp, old_logp, adv, mask = (x.to(device) for x in _tokens(shape))
+    logp.requires_grad_(True)
+    for fast, ref_fn, kw in ((rlhf_fast.ppo_policy_loss, ppo_policy_loss_ref, dict(dual_clip=2.0)),
+                             (rlhf_fast.ppo_value_loss, ppo_value_loss_ref, dict(clip=0.2))):
+        with rlhf_fast.use_backend(backend):
+            out, stats = fast(logp, old_logp, adv, mask, agg=agg, seq_ids=seq_ids, **kw)
+        ref, ref_stats = ref_fn(logp, old_logp, adv, mask, agg=agg, seq_ids=seq_ids, **kw)
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(torch.autograd.grad(out, logp)[0], torch.autograd.grad(ref, logp)[0])
+        for key, value in stats.items():
+            torch.testing.assert_close(value, ref_stats[key].float(), msg=key)
 
 
 @pytest.mark.parametrize("backend", TOKEN_BACKENDS)
@@ -371,18 +393,13 @@ def test_opcheck_token_loss():
 @pytest.mark.parametrize("backend", TOKEN_BACKENDS)
 def test_opcheck_standalone_losses(backend):
     logp, old_logp, adv, mask = _tokens((3, 10))  # padded float32; dual clip
-    torch.library.opcheck(ppo_policy_loss_op, (logp.requires_grad_(True), old_logp, adv, mask, None, 0.2, 0.28, 2.0,
-                                               "seq-mean-token-mean", True, backend))
+    policy_args = (logp, old_logp, adv, mask, None, 0.2, 0.28, 2.0, "seq-mean-token-mean", backend)
+    torch.library.opcheck(ppo_policy_loss_op, (logp.clone().requires_grad_(True), *policy_args[1:]))
+    torch.library.opcheck(ppo_policy_loss_backward_op, (torch.tensor(0.7), *policy_args))
     values, old_values, returns, mask = (x.to(torch.bfloat16) if x.is_floating_point() else x for x in _tokens((30,)))
-    torch.library.opcheck(ppo_value_loss_op, (values.requires_grad_(True), old_values, returns, mask,
-                                              _packed_seq_ids(30), 0.2, "seq-mean-token-sum", True, backend))
-    # without need_grad the op keeps no gradient; its backward says so
-    logp, old_logp, adv, mask = _tokens((2, 5))
-    logp.requires_grad_(True)
-    loss, _, grad = ppo_policy_loss_op(logp, old_logp, adv, mask, None, 0.2, 0.2, None, "token-mean", False, backend)
-    assert grad.shape == (0,)
-    with pytest.raises(RuntimeError, match="need_grad=False"):
-        loss.backward()
+    value_args = (values, old_values, returns, mask, _packed_seq_ids(30), 0.2, "seq-mean-token-sum", backend)
+    torch.library.opcheck(ppo_value_loss_op, (values.clone().requires_grad_(True), *value_args[1:]))
+    torch.library.opcheck(ppo_value_loss_backward_op, (torch.tensor(-1.5), *value_args))
 
 
 @pytest.mark.parametrize("backend", TOKEN_BACKENDS)

@@ -22,11 +22,12 @@ The mask is read as boolean (nonzero = the policy generated this token). Masked 
 the loss and get exactly 0 gradient, whatever their values (NaN or inf included). ``old_logp``, ``advantages``,
 ``old_values``, ``returns`` and ``ref_logp`` are constants of the update: they are detached and receive no gradient.
 
-The standalone losses are the custom ops ``rlhf_fast::ppo_policy_loss`` and ``rlhf_fast::ppo_value_loss``: one fused
-pass (backends cpp, triton, torch) computes the aggregated loss, the diagnostics and, since the loss is a scalar, the
-gradient w.r.t. the first input, ``w_t * dl_t/dx_t`` with ``w_t`` the token's aggregation weight; the backward
-multiplies that saved gradient by the incoming scalar gradient. Elementwise PyTorch ran ~60 kernels over [B, T] for
-one forward+backward (22.6 ms at [64, 2048] on one CPU thread, against 9.8 ms for torch.compile of the reference).
+The standalone losses are the custom ops ``rlhf_fast::ppo_policy_loss`` and ``rlhf_fast::ppo_value_loss`` (backends
+cpp, triton, torch): the loss is ``sum_t w_t l_t`` with ``w_t`` the token's aggregation weight, so the forward is one
+pass over the tokens giving the loss and the diagnostics, and the backward (``rlhf_fast::ppo_*_loss_backward``) one
+pass writing ``grad_output * w_t * dl_t/dx_t`` in the input's dtype. They save only their inputs: the gradient is
+the one [B, T] tensor they allocate. (Elementwise PyTorch ran ~60 kernels over [B, T] for one forward+backward:
+22.6 ms at [64, 2048] on one CPU thread, against 9.8 ms for torch.compile of the reference.)
 ``ppo_loss_from_logits`` composes the fused log-prob/entropy op (``rlhf_fast::logprobs_entropy``: one read of the
 logits forward, one write of their gradient backward) with the per-token op ``rlhf_fast::ppo_token_loss`` and the
 aggregation: no ``[B, T, V]`` tensor is written but the gradient.
@@ -273,24 +274,33 @@ def _agg_weights(mask: Tensor, agg: str, seq_ids: Optional[Tensor]) -> Tensor:
     return w / _nonzero_or_one(seq_tokens) if agg == "seq-mean-token-mean" else w
 
 
-def _policy_loss_torch(logp, old_logp, advantages, mask, seq_ids, clip_low, clip_high, dual_clip, agg, need_grad):
-    loss, dlogp, ratio, clipped, dual = _policy_terms(logp, old_logp, advantages, clip_low, clip_high, dual_clip)
-    w = _agg_weights(mask, agg, seq_ids)
+def _policy_loss_torch(logp, old_logp, advantages, mask, seq_ids, clip_low, clip_high, dual_clip, agg):
+    loss, _, ratio, clipped, dual = _policy_terms(logp, old_logp, advantages, clip_low, clip_high, dual_clip)
     ratio = torch.where(mask, ratio, 0.0)
     sums = torch.stack([(clipped & mask).float().sum(), (dual & mask).float().sum(),
                         torch.where(mask, kl_penalty_ref(old_logp, logp, "k3"), 0.0).sum(), ratio.sum()])
     ratio_max = ratio.amax() if ratio.numel() > 0 else ratio.new_zeros(())  # ratio > 0: 0 when no token
     stats = torch.cat([sums / _nonzero_or_one(mask.float().sum()), ratio_max.reshape(1)])
-    grad = torch.where(mask, w * dlogp, 0.0).contiguous() if need_grad else dlogp.new_empty(0)
-    return torch.where(mask, w * loss, 0.0).sum(), stats, grad
+    return torch.where(mask, _agg_weights(mask, agg, seq_ids) * loss, 0.0).sum(), stats
 
 
-def _value_loss_torch(values, old_values, returns, mask, seq_ids, clip, agg, need_grad):
-    loss, dv, clipped = _value_terms(values, old_values, returns, clip)
-    w = _agg_weights(mask, agg, seq_ids)
+def _policy_loss_backward_torch(grad_loss, logp, old_logp, advantages, mask, seq_ids, clip_low, clip_high, dual_clip,
+                                agg):
+    _, dlogp, _, _, _ = _policy_terms(logp, old_logp, advantages, clip_low, clip_high, dual_clip)
+    w = _agg_weights(mask, agg, seq_ids) * grad_loss
+    return torch.where(mask, w * dlogp, 0.0).to(logp.dtype).contiguous()
+
+
+def _value_loss_torch(values, old_values, returns, mask, seq_ids, clip, agg):
+    loss, _, clipped = _value_terms(values, old_values, returns, clip)
     stats = ((clipped & mask).float().sum() / _nonzero_or_one(mask.float().sum())).reshape(1)
-    grad = torch.where(mask, w * dv, 0.0).contiguous() if need_grad else dv.new_empty(0)
-    return torch.where(mask, w * loss, 0.0).sum(), stats, grad
+    return torch.where(mask, _agg_weights(mask, agg, seq_ids) * loss, 0.0).sum(), stats
+
+
+def _value_loss_backward_torch(grad_loss, values, old_values, returns, mask, seq_ids, clip, agg):
+    _, dv, _ = _value_terms(values, old_values, returns, clip)
+    w = _agg_weights(mask, agg, seq_ids) * grad_loss
+    return torch.where(mask, w * dv, 0.0).to(values.dtype).contiguous()
 
 
 def _triton():
@@ -299,73 +309,103 @@ def _triton():
     return triton_ppo_loss
 
 
+def _run(backend: str, name: str, torch_impl, *args):
+    """The backend's implementation of ``name`` (ppo_{policy,value}_loss_{fwd,bwd})."""
+    if backend == "cpp":
+        return getattr(torch.ops.rlhf_fast_C, name)(*args)
+    if backend == "triton":
+        return getattr(_triton(), name)(*args)
+    return torch_impl(*args)
+
+
 @torch.library.custom_op("rlhf_fast::ppo_policy_loss", mutates_args=())
 def ppo_policy_loss_op(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, seq_ids: Optional[Tensor],
-                       clip_low: float, clip_high: float, dual_clip: Optional[float], agg: str, need_grad: bool,
-                       backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                       clip_low: float, clip_high: float, dual_clip: Optional[float], agg: str, backend: str
+                       ) -> tuple[Tensor, Tensor]:
     """Aggregated PPO-clip policy loss in one pass. logp, old_logp, advantages: [B, T] or [N] float32/bf16/fp16;
     mask bool of that shape; seq_ids int64 [N] or None (packed seq-mean-* modes).
 
-    -> (loss 0-d float32; stats float32 [5], in the order of POLICY_STATS; grad: d loss / d logp, float32 of logp's
-    shape, or an empty [0] tensor when need_grad is false). Differentiable w.r.t. logp (needs need_grad).
+    -> (loss 0-d float32, differentiable w.r.t. logp; stats float32 [5], in the order of POLICY_STATS).
     """
-    args = (logp, old_logp, advantages, mask, seq_ids, clip_low, clip_high, dual_clip, agg, need_grad)
-    if backend == "cpp":
-        return torch.ops.rlhf_fast_C.ppo_policy_loss_fwd(*args)
-    if backend == "triton":
-        return _triton().ppo_policy_loss_fwd(*args)
-    return _policy_loss_torch(*args)
+    return _run(backend, "ppo_policy_loss_fwd", _policy_loss_torch, logp, old_logp, advantages, mask, seq_ids,
+                clip_low, clip_high, dual_clip, agg)
+
+
+@torch.library.custom_op("rlhf_fast::ppo_policy_loss_backward", mutates_args=())
+def ppo_policy_loss_backward_op(grad_loss: Tensor, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                                seq_ids: Optional[Tensor], clip_low: float, clip_high: float,
+                                dual_clip: Optional[float], agg: str, backend: str) -> Tensor:
+    """grad_loss: 0-d float32 -> grad_loss * d loss / d logp, contiguous, logp's dtype and shape."""
+    return _run(backend, "ppo_policy_loss_bwd", _policy_loss_backward_torch, grad_loss, logp, old_logp, advantages,
+                mask, seq_ids, clip_low, clip_high, dual_clip, agg)
 
 
 @torch.library.custom_op("rlhf_fast::ppo_value_loss", mutates_args=())
 def ppo_value_loss_op(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, seq_ids: Optional[Tensor],
-                      clip: Optional[float], agg: str, need_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                      clip: Optional[float], agg: str, backend: str) -> tuple[Tensor, Tensor]:
     """Aggregated clipped value loss in one pass; inputs as ppo_policy_loss_op.
 
-    -> (loss 0-d float32; stats float32 [1] = clip_frac; grad: d loss / d values, float32, or [0] without need_grad).
+    -> (loss 0-d float32, differentiable w.r.t. values; stats float32 [1] = clip_frac).
     """
-    args = (values, old_values, returns, mask, seq_ids, clip, agg, need_grad)
-    if backend == "cpp":
-        return torch.ops.rlhf_fast_C.ppo_value_loss_fwd(*args)
-    if backend == "triton":
-        return _triton().ppo_value_loss_fwd(*args)
-    return _value_loss_torch(*args)
+    return _run(backend, "ppo_value_loss_fwd", _value_loss_torch, values, old_values, returns, mask, seq_ids, clip,
+                agg)
 
 
-def _fake_outputs(x: Tensor, n_stats: int, need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    f32 = dict(dtype=torch.float32, device=x.device)
-    return x.new_empty((), **f32), x.new_empty((n_stats,), **f32), x.new_empty(x.shape if need_grad else (0,), **f32)
+@torch.library.custom_op("rlhf_fast::ppo_value_loss_backward", mutates_args=())
+def ppo_value_loss_backward_op(grad_loss: Tensor, values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
+                               seq_ids: Optional[Tensor], clip: Optional[float], agg: str, backend: str) -> Tensor:
+    """grad_loss: 0-d float32 -> grad_loss * d loss / d values, contiguous, values' dtype and shape."""
+    return _run(backend, "ppo_value_loss_bwd", _value_loss_backward_torch, grad_loss, values, old_values, returns,
+                mask, seq_ids, clip, agg)
+
+
+def _fake_loss_stats(x: Tensor, n_stats: int) -> tuple[Tensor, Tensor]:
+    return x.new_empty((), dtype=torch.float32), x.new_empty((n_stats,), dtype=torch.float32)
 
 
 @ppo_policy_loss_op.register_fake
-def _(logp, old_logp, advantages, mask, seq_ids, clip_low, clip_high, dual_clip, agg, need_grad, backend):
-    return _fake_outputs(logp, len(POLICY_STATS), need_grad)
+def _(logp, old_logp, advantages, mask, seq_ids, clip_low, clip_high, dual_clip, agg, backend):
+    return _fake_loss_stats(logp, len(POLICY_STATS))
 
 
 @ppo_value_loss_op.register_fake
-def _(values, old_values, returns, mask, seq_ids, clip, agg, need_grad, backend):
-    return _fake_outputs(values, 1, need_grad)
+def _(values, old_values, returns, mask, seq_ids, clip, agg, backend):
+    return _fake_loss_stats(values, 1)
 
 
-def _saved_grad_setup(ctx, inputs, output):
-    ctx.mark_non_differentiable(output[1], output[2])
-    ctx.set_materialize_grads(False)  # else autograd fills a [B, T] zero "gradient" of the grad output each step
-    ctx.save_for_backward(output[2])
-    ctx.dtype, ctx.n_inputs, ctx.need_grad = inputs[0].dtype, len(inputs), inputs[-2]
+@ppo_policy_loss_backward_op.register_fake
+def _(grad_loss, logp, *args):
+    return torch.empty_like(logp, memory_format=torch.contiguous_format)
 
 
-def _saved_grad_backward(ctx, grad_loss, _grad_stats, _grad_grad):
-    """The forward computed d loss / d x already (the loss is a scalar): scale it by the incoming gradient."""
-    if not ctx.need_grad:
-        raise RuntimeError("rlhf_fast PPO loss: the forward ran with need_grad=False, so it kept no gradient; call "
-                           "the public op (which sets it) with grad mode on and an input that requires grad")
-    (grad,) = ctx.saved_tensors
-    grad = None if grad_loss is None else (grad * grad_loss).to(ctx.dtype)
-    return (grad, *([None] * (ctx.n_inputs - 1)))
+@ppo_value_loss_backward_op.register_fake
+def _(grad_loss, values, *args):
+    return torch.empty_like(values, memory_format=torch.contiguous_format)
 
 
-ppo_policy_loss_op.register_autograd(_saved_grad_backward, setup_context=_saved_grad_setup)
-ppo_value_loss_op.register_autograd(_saved_grad_backward, setup_context=_saved_grad_setup)
+def _loss_setup(ctx, inputs, output):
+    """Saves the tensor inputs (alive anyway: the caller's) and the rest; nothing [B, T] is allocated for backward."""
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    x, y, z, mask, seq_ids, *ctx.args = inputs
+    ctx.save_for_backward(x, y, z, mask, seq_ids)
+    ctx.n_inputs = len(inputs)
+
+
+def _policy_loss_grad(ctx, grad_loss, _grad_stats):
+    if grad_loss is None:
+        return (None,) * ctx.n_inputs
+    return (ppo_policy_loss_backward_op(grad_loss, *ctx.saved_tensors, *ctx.args),) + (None,) * (ctx.n_inputs - 1)
+
+
+def _value_loss_grad(ctx, grad_loss, _grad_stats):
+    if grad_loss is None:
+        return (None,) * ctx.n_inputs
+    return (ppo_value_loss_backward_op(grad_loss, *ctx.saved_tensors, *ctx.args),) + (None,) * (ctx.n_inputs - 1)
+
+
+ppo_policy_loss_op.register_autograd(_policy_loss_grad, setup_context=_loss_setup)
+ppo_value_loss_op.register_autograd(_value_loss_grad, setup_context=_loss_setup)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -489,9 +529,8 @@ def ppo_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Te
     _layout(logp, "logp", agg, seq_ids)
     clip_low, clip_high, dual_clip = _clips(clip_low, clip_high, dual_clip)
     backend = _backend.select("ppo_policy_loss", TOKEN_LOSS_BACKENDS, logp.device)
-    need_grad = torch.is_grad_enabled() and logp.requires_grad
-    loss, stats, _ = ppo_policy_loss_op(logp, old_logp.detach(), advantages.detach(), m, seq_ids, clip_low, clip_high,
-                                        dual_clip, agg, need_grad, backend)
+    loss, stats = ppo_policy_loss_op(logp, old_logp.detach(), advantages.detach(), m, seq_ids, clip_low, clip_high,
+                                     dual_clip, agg, backend)
     return loss, dict(zip(POLICY_STATS, stats.unbind()))
 
 
@@ -510,9 +549,7 @@ def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Te
     _layout(values, "values", agg, seq_ids)
     clip = None if clip is None else _number(clip, "clip", 0.0)
     backend = _backend.select("ppo_value_loss", TOKEN_LOSS_BACKENDS, values.device)
-    need_grad = torch.is_grad_enabled() and values.requires_grad
-    loss, stats, _ = ppo_value_loss_op(values, old_values.detach(), returns.detach(), m, seq_ids, clip, agg,
-                                       need_grad, backend)
+    loss, stats = ppo_value_loss_op(values, old_values.detach(), returns.detach(), m, seq_ids, clip, agg, backend)
     return loss, {"clip_frac": stats[0]}
 
 
