@@ -25,7 +25,7 @@ import sys
 import time
 
 import torch
-from common import device_name, median_ms, peak_extra_mib
+from common import device_name, median_ms, peak_extra_mib, sync
 
 CONFIGS = {  # name -> keyword arguments of ppo_loss_from_logits
     "full": dict(kl_coef=0.05, kl_kind="k3", entropy_coef=0.01, dual_clip=3.0),
@@ -134,10 +134,31 @@ def _subprocess_row(impl, shape, dtype_name, config, reps, thp: bool) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _interleaved_ms(impls: dict, x, args, kwargs, device: torch.device, reps: int) -> dict:
+    """Median ms of one forward+backward of each implementation, timed in rounds that run every implementation once,
+    so a change of the machine's load (a shared box) hits them all alike."""
+    def step(fn):
+        fn(*args, **kwargs)[0].backward()
+        x.grad = None
+
+    for fn in impls.values():  # warm-up (and compilation)
+        for _ in range(3):
+            step(fn)
+    times = {impl: [] for impl in impls}
+    for _ in range(reps):
+        for impl, fn in impls.items():
+            sync(device)
+            start = time.perf_counter()
+            step(fn)
+            sync(device)
+            times[impl].append(1e3 * (time.perf_counter() - start))
+    return {impl: statistics.median(t) for impl, t in times.items()}
+
+
 def token_loss_rows(shape, device: torch.device, threads: list, reps: int) -> list[dict]:
     """ppo_policy_loss / ppo_value_loss forward+backward on [B, T] float32 token vectors (stats included), in this
-    process. On the CPU at each thread count: on a shared 2-core machine a two-thread parallel region can wait for
-    the other core's scheduler slice (~20 ms measured), which would swamp ops of this size."""
+    process, timed interleaved (_interleaved_ms). On the CPU at each thread count: on a shared 2-core machine a
+    two-thread parallel region can wait for the other core's scheduler slice (~20 ms measured)."""
     import rlhf_fast
     from rlhf_fast import _backend
     from rlhf_fast.ops.ppo_loss import TOKEN_LOSS_BACKENDS, ppo_policy_loss_ref, ppo_value_loss_ref
@@ -162,12 +183,7 @@ def token_loss_rows(shape, device: torch.device, threads: list, reps: int) -> li
         for n_threads in threads if device.type == "cpu" else [None]:
             if n_threads:
                 torch.set_num_threads(n_threads)
-            times = {}
-            for impl, fn in impls.items():
-                def step(fn=fn):
-                    fn(x, b, c, mask, **kw)[0].backward()
-                    x.grad = None
-                times[impl] = median_ms(step, device, reps=reps, warmup=3)
+            times = _interleaved_ms(impls, x, (x, b, c, mask), kw, device, reps)
             for impl, ms in times.items():
                 rows.append({"op": op, "shape": list(shape), "dtype": "float32", "impl": impl, "device": device.type,
                              "threads": n_threads, "ms": ms, "vs_eager": times["eager reference"] / ms,
