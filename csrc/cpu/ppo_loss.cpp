@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "vec_utils.h"
@@ -218,15 +219,25 @@ void stage(const T* x, int64_t n, float* out) {
   std::fill(out + n, out + kBlock, 0.f);
 }
 
-// Stages block [i, i + len) of the inputs as fp32, zero-padded to kBlock (mask 0 in the padding).
+// Block [i, i + len) of the inputs as fp32, zero-padded to kBlock (mask 0 in the padding): px, py, pz point to the
+// staged copies, or into the inputs themselves for a full block of float32.
 template <typename T>
 struct Staged {
   alignas(64) float x[kBlock], y[kBlock], z[kBlock], m[kBlock], w[kBlock];
+  const float *px = x, *py = y, *pz = z;
 
-  void load(const T* px, const T* py, const T* pz, const bool* mask, const Weights& weights, int64_t i, int64_t len) {
-    stage(px + i, len, x);
-    stage(py + i, len, y);
-    stage(pz + i, len, z);
+  void load(const T* in_x, const T* in_y, const T* in_z, const bool* mask, const Weights& weights, int64_t i,
+            int64_t len) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (len == kBlock) {
+        px = in_x + i, py = in_y + i, pz = in_z + i;
+      } else {
+        stage(in_x + i, len, x), stage(in_y + i, len, y), stage(in_z + i, len, z);
+        px = x, py = y, pz = z;
+      }
+    } else {
+      stage(in_x + i, len, x), stage(in_y + i, len, y), stage(in_z + i, len, z);
+    }
     stage(mask + i, len, m);
     weights.fill(i, len, w);
   }
@@ -248,7 +259,7 @@ void forward_tokens(const Op& op, const T* x, const T* y, const T* z, const bool
         st.load(x, y, z, mask, weights, i, std::min(kBlock, end - i));
         Vec acc[Op::kSums];
         for (auto& a : acc) a = Vec(0.f);
-        op.template block<false>(st.x, st.y, st.z, st.m, st.w, nullptr, acc, vmax);
+        op.template block<false>(st.px, st.py, st.pz, st.m, st.w, nullptr, acc, vmax);
         for (int k = 0; k < Op::kSums; ++k) sums[task * Op::kSums + k] += reduce_sum(acc[k]);
       }
       maxima[task] = reduce_max(vmax);
@@ -267,7 +278,13 @@ void backward_tokens(const Op& op, const T* x, const T* y, const T* z, const boo
     for (int64_t block = begin; block < end; ++block) {
       const int64_t i = block * kBlock, len = std::min(kBlock, n - i);
       st.load(x, y, z, mask, weights, i, len);
-      op.template block<true>(st.x, st.y, st.z, st.m, st.w, g, nullptr, unused_max);
+      if constexpr (std::is_same_v<T, float>) {
+        if (len == kBlock) {  // written in place
+          op.template block<true>(st.px, st.py, st.pz, st.m, st.w, grad + i, nullptr, unused_max);
+          continue;
+        }
+      }
+      op.template block<true>(st.px, st.py, st.pz, st.m, st.w, g, nullptr, unused_max);
       for (int64_t j = 0; j < len; ++j) grad[i + j] = static_cast<T>(g[j]);
     }
   });
