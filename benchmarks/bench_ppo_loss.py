@@ -1,14 +1,17 @@
 """Benchmark of the PPO losses: ppo_loss_from_logits forward+backward against the eager composite (log_softmax,
 gather, entropy, clipped ratio, KL, masked mean: ppo_loss_from_logits_ref) and torch.compile of that composite; and
-the per-token losses ppo_policy_loss / ppo_value_loss against their references.
+the per-token losses ppo_policy_loss / ppo_value_loss (forward+backward, stats included) against their references,
+eager and under torch.compile, on every rlhf_fast backend usable on the device.
 
-Method. Each from-logits row runs in a fresh subprocess (so one row's allocations cannot hide another's) with glibc's
+Method (CPU). Each from-logits row runs in a fresh subprocess (so one row's allocations cannot hide another's) with glibc's
 mmap threshold fixed at 64 KiB, so every large buffer is mmapped and returned to the OS when freed and the resident
 set follows the live tensors. After the warm-up runs (torch.compile compiles there) the peak RSS is reset
 (``/proc/self/clear_refs``), one forward+backward runs, and the peak extra memory is VmHWM minus the RSS before it:
 all temporaries plus the logits' gradient, which stays alive. Time is the median of ``--reps`` forward+backward runs.
+The per-token rows run in this process, at each of ``--threads`` (default 1 and 2).
+Method (CUDA). In this process; peak extra memory from the caching allocator; times synchronise the device.
 
-    python benchmarks/bench_ppo_loss.py [--quick] [--thp] [--json PATH] [--reps N]
+    python benchmarks/bench_ppo_loss.py [--device cpu|cuda] [--quick] [--thp] [--json PATH] [--reps N] [--threads 1,2]
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import sys
 import time
 
 import torch
+from common import device_name, median_ms, peak_extra_mib, sync
 
 CONFIGS = {  # name -> keyword arguments of ppo_loss_from_logits
     "full": dict(kl_coef=0.05, kl_kind="k3", entropy_coef=0.01, dual_clip=3.0),
@@ -33,34 +37,28 @@ IMPLS = {  # config -> implementations timed ("rlhf_fast [torch]": the compositi
 }
 
 
-def _inputs(shape, dtype, seed=0):
+CUDA_IMPLS = ("eager composite", "compiled composite", "rlhf_fast [triton]", "rlhf_fast [cuda]")
+
+
+def _inputs(shape, dtype, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     *batch, vocab = shape
-    logits = torch.randn(shape, generator=g).to(dtype).requires_grad_(True)
+    logits = torch.randn(shape, generator=g).to(dtype)
     labels = torch.randint(0, vocab, batch, generator=g)
     old_logp = torch.randn(batch, generator=g) * 0.2 - 10.0
     ref_logp = torch.randn(batch, generator=g) * 0.2 - 10.0
     advantages = torch.randn(batch, generator=g)
     mask = torch.rand(batch, generator=g) < 0.9
-    return logits, labels, old_logp, advantages, mask, ref_logp
+    tensors = [x.to(device) for x in (logits, labels, old_logp, advantages, mask, ref_logp)]
+    tensors[0].requires_grad_(True)
+    return tuple(tensors)
 
 
-def _memory_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _run_row(impl: str, shape, dtype_name: str, config: str, reps: int) -> dict:
-    """One row, in this (fresh) process: -> {"ms": median, "peak_mib": peak extra memory}."""
+def _from_logits_step(impl: str, logits, labels, old_logp, advantages, mask, kwargs):
+    """-> a function running one forward+backward of ``impl`` (the logits' gradient is dropped after it)."""
     import rlhf_fast
     from rlhf_fast.ops.ppo_loss import ppo_loss_from_logits_ref
 
-    dtype = getattr(torch, dtype_name)
-    logits, labels, old_logp, advantages, mask, ref_logp = _inputs(shape, dtype)
-    kwargs = dict(CONFIGS[config], ref_logp=ref_logp)
     if impl == "eager composite":
         fn = ppo_loss_from_logits_ref
     elif impl == "compiled composite":
@@ -73,26 +71,57 @@ def _run_row(impl: str, shape, dtype_name: str, config: str, reps: int) -> dict:
         with rlhf_fast.use_backend(backend):
             loss, _ = fn(logits, labels, old_logp, advantages, mask, **kwargs)
         loss.backward()
+        logits.grad = None
 
+    return step
+
+
+def _memory_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _run_row(impl: str, shape, dtype_name: str, config: str, reps: int) -> dict:
+    """One CPU row, in this (fresh) process: -> {"ms": median, "peak_mib": peak extra memory}."""
+    logits, labels, old_logp, advantages, mask, ref_logp = _inputs(shape, getattr(torch, dtype_name))
+    step = _from_logits_step(impl, logits, labels, old_logp, advantages, mask, dict(CONFIGS[config], ref_logp=ref_logp))
     for _ in range(2):  # warm-up (and compilation)
         step()
-        logits.grad = None
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
         base = _memory_kib("VmRSS")
+        # the gradient is freed at the end of step(); the peak includes it
         step()
         peak_mib = (_memory_kib("VmHWM") - base) / 1024
     except OSError:
         peak_mib = float("nan")
-    logits.grad = None
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-        logits.grad = None
     return {"ms": 1e3 * statistics.median(times), "peak_mib": peak_mib}
+
+
+def _cuda_rows(shape, dtype_name: str, config: str, reps: int) -> dict:
+    """The from-logits rows on CUDA, in this process: impl -> {"ms", "peak_mib"}."""
+    from rlhf_fast import _backend
+
+    device = torch.device("cuda")
+    tensors = _inputs(shape, getattr(torch, dtype_name), device=device)
+    kwargs = dict(CONFIGS[config], ref_logp=tensors[-1])
+    results = {}
+    for impl in CUDA_IMPLS:
+        if "[" in impl and not _backend.built(impl[impl.index("[") + 1:-1]):
+            continue
+        step = _from_logits_step(impl, *tensors[:-1], kwargs)
+        ms = median_ms(step, device, reps=reps, warmup=2)
+        results[impl] = {"ms": ms, "peak_mib": peak_extra_mib(step, device)}
+    return results
 
 
 def _subprocess_row(impl, shape, dtype_name, config, reps, thp: bool) -> dict:
@@ -105,51 +134,76 @@ def _subprocess_row(impl, shape, dtype_name, config, reps, thp: bool) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _median_ms(fn, reps: int) -> float:
-    fn()
-    fn()
-    times = []
+def _interleaved_ms(impls: dict, x, args, kwargs, device: torch.device, reps: int) -> dict:
+    """Median ms of one forward+backward of each implementation, timed in rounds that run every implementation once,
+    so a change of the machine's load (a shared box) hits them all alike."""
+    def step(fn):
+        fn(*args, **kwargs)[0].backward()
+        x.grad = None
+
+    for fn in impls.values():  # warm-up (and compilation)
+        for _ in range(3):
+            step(fn)
+    times = {impl: [] for impl in impls}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        for impl, fn in impls.items():
+            sync(device)
+            start = time.perf_counter()
+            step(fn)
+            sync(device)
+            times[impl].append(1e3 * (time.perf_counter() - start))
+    return {impl: statistics.median(t) for impl, t in times.items()}
 
 
-def token_loss_rows(shape, reps: int) -> list[dict]:
-    """ppo_policy_loss / ppo_value_loss forward+backward on [B, T] token vectors, in this process, on one thread:
-    these ops are a few microseconds each, and on a shared 2-core machine a two-thread parallel region waits for
-    the other core's scheduler slice (~20 ms measured), which would swamp them."""
+def token_loss_rows(shape, device: torch.device, threads: list, reps: int) -> list[dict]:
+    """ppo_policy_loss / ppo_value_loss forward+backward on [B, T] float32 token vectors (stats included), in this
+    process, timed interleaved (_interleaved_ms). On the CPU at each thread count: on a shared 2-core machine a
+    two-thread parallel region can wait for the other core's scheduler slice (~20 ms measured)."""
     import rlhf_fast
-
-    torch.set_num_threads(1)
-    from rlhf_fast.ops.ppo_loss import ppo_policy_loss_ref, ppo_value_loss_ref
+    from rlhf_fast import _backend
+    from rlhf_fast.ops.ppo_loss import TOKEN_LOSS_BACKENDS, ppo_policy_loss_ref, ppo_value_loss_ref
 
     g = torch.Generator().manual_seed(0)
-    a, b, c = (torch.randn(shape, generator=g) for _ in range(3))
-    mask = torch.rand(shape, generator=g) < 0.9
+    a, b, c = (torch.randn(shape, generator=g).to(device) for _ in range(3))
+    mask = (torch.rand(shape, generator=g) < 0.9).to(device)
     x = a.clone().requires_grad_(True)
     cases = {
         "ppo_policy_loss": (rlhf_fast.ppo_policy_loss, ppo_policy_loss_ref, dict(dual_clip=3.0)),
         "ppo_value_loss": (rlhf_fast.ppo_value_loss, ppo_value_loss_ref, dict(clip=0.2)),
     }
+    backends = [name for name in TOKEN_LOSS_BACKENDS if _backend.built(name) and _backend.runs_on(name, device)]
     rows = []
     for op, (fast, ref, kw) in cases.items():
-        compiled = torch.compile(ref)
-        times = {}
-        for impl, fn in (("eager reference", ref), ("compiled reference", compiled), ("rlhf_fast [torch]", fast)):
-            times[impl] = _median_ms(lambda: fn(x, b, c, mask, **kw)[0].backward(), reps)
-        for impl, ms in times.items():
-            rows.append({"op": op, "shape": list(shape), "dtype": "float32", "impl": impl, "threads": 1, "ms": ms,
-                         "vs_eager": times["eager reference"] / ms, "vs_compiled": times["compiled reference"] / ms})
+        impls = {"eager reference": ref, "compiled reference": torch.compile(ref, dynamic=False)}
+        for name in backends:
+            def run(*args, _name=name, **kwargs):
+                with rlhf_fast.use_backend(_name):
+                    return fast(*args, **kwargs)
+            impls[f"rlhf_fast [{name}]"] = run
+        for n_threads in threads if device.type == "cpu" else [None]:
+            if n_threads:
+                torch.set_num_threads(n_threads)
+            times = _interleaved_ms(impls, x, (x, b, c, mask), kw, device, reps)
+            for impl, ms in times.items():
+                rows.append({"op": op, "shape": list(shape), "dtype": "float32", "impl": impl, "device": device.type,
+                             "threads": n_threads, "ms": ms, "vs_eager": times["eager reference"] / ms,
+                             "vs_compiled": times["compiled reference"] / ms})
     return rows
+
+
+def _threads(text: str) -> list:
+    return [int(t) for t in text.split(",")]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions (smoke run)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per row (default 5, quick 3)")
+    parser.add_argument("--threads", type=_threads, default=[1, 2],
+                        help="CPU thread counts of the per-token rows, comma-separated (default 1,2)")
+    parser.add_argument("--per-token-only", action="store_true", help="only the per-token loss rows")
     parser.add_argument("--thp", action="store_true",
                         help="THP_MEM_ALLOC_ENABLE=1: PyTorch asks for transparent huge pages for large CPU tensors "
                              "(page faults of freshly allocated [B, T, V] tensors dominate otherwise)")
@@ -162,38 +216,51 @@ def main() -> None:
 
     from tabulate import tabulate
 
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
     reps = args.reps or (3 if args.quick else 5)
-    shapes = [[2, 64, 1000]] if args.quick else [[8, 512, 32000]]
     rows = []
-    for shape in shapes:
+    if not args.per_token_only:
+        shape = [2, 64, 1000] if args.quick else [8, 512, 32000]
         logits_mib = torch.Size(shape).numel() * 4 / 2**20
-        for config in CONFIGS:
-            results = {impl: _subprocess_row(impl, shape, "float32", config, reps, args.thp)
-                       for impl in IMPLS[config]}
+        for config in ("full",) if cuda else CONFIGS:  # CUDA: one config, to keep torch.compile's time short
+            if cuda:
+                results = _cuda_rows(shape, "float32", config, reps * 4)
+            else:
+                results = {impl: _subprocess_row(impl, shape, "float32", config, reps, args.thp)
+                           for impl in IMPLS[config]}
             for impl, r in results.items():
                 rows.append({
                     "op": "ppo_loss_from_logits", "shape": shape, "dtype": "float32", "config": config, "impl": impl,
-                    "threads": torch.get_num_threads(), "thp": args.thp,
+                    "device": device.type, "threads": None if cuda else torch.get_num_threads(), "thp": args.thp,
                     "ms": r["ms"], "peak_extra_mib": r["peak_mib"], "peak_vs_logits": r["peak_mib"] / logits_mib,
                     "vs_eager": results["eager composite"]["ms"] / r["ms"],
                     "vs_compiled": results["compiled composite"]["ms"] / r["ms"],
                 })
-    print(f"ppo_loss_from_logits forward+backward, CPU ({torch.get_num_threads()} threads, transparent huge pages "
-          f"{'on' if args.thp else 'off'}); peak extra memory = VmHWM growth over one fwd+bwd (gradient included), "
-          "in a fresh process per row")
-    print(tabulate([[f"{r['shape']} {r['config']}", r["impl"], f"{r['ms']:.1f}", f"{r['peak_extra_mib']:.0f}",
-                     f"{r['peak_vs_logits']:.2f}x", f"{r['vs_eager']:.2f}x", f"{r['vs_compiled']:.2f}x"]
-                    for r in rows],
-                   headers=["shape, config", "impl", "median ms", "peak extra MiB", "peak / logits", "vs eager",
-                            "vs compiled"]))
-    token_shape = (4, 256) if args.quick else (64, 2048)
-    token_rows = token_loss_rows(token_shape, reps * 10)
-    print(f"\nper-token losses forward+backward on {list(token_shape)} float32, 1 thread")
-    print(tabulate([[r["op"], r["impl"], f"{r['ms']:.3f}", f"{r['vs_eager']:.2f}x", f"{r['vs_compiled']:.2f}x"]
-                    for r in token_rows], headers=["op", "impl", "median ms", "vs eager", "vs compiled"]))
+        where = "in this process" if cuda else "in a fresh process per row"
+        print(f"ppo_loss_from_logits forward+backward, {device_name(device)}"
+              + ("" if cuda else f", transparent huge pages {'on' if args.thp else 'off'}")
+              + f"; peak extra memory over one fwd+bwd (gradient included), {where}")
+        print(tabulate([[f"{r['shape']} {r['config']}", r["impl"], f"{r['ms']:.2f}", f"{r['peak_extra_mib']:.0f}",
+                         f"{r['peak_vs_logits']:.2f}x", f"{r['vs_eager']:.2f}x", f"{r['vs_compiled']:.2f}x"]
+                        for r in rows],
+                       headers=["shape, config", "impl", "median ms", "peak extra MiB", "peak / logits", "vs eager",
+                                "vs compiled"]))
+    if args.quick:
+        token_shapes = [(4, 256)]
+    else:
+        token_shapes = [(64, 2048), (256, 8192)] if cuda else [(64, 2048)]
+    token_rows = []
+    for token_shape in token_shapes:
+        token_rows += token_loss_rows(token_shape, device, args.threads, reps * (20 if cuda else 10))
+    print(f"\nper-token losses forward+backward (stats included), float32, {device_name(device)}")
+    print(tabulate([[r["op"], "x".join(map(str, r["shape"])), r["threads"] or "-", r["impl"], f"{r['ms']:.3f}",
+                     f"{r['vs_eager']:.2f}x", f"{r['vs_compiled']:.2f}x"] for r in token_rows],
+                   headers=["op", "shape", "threads", "impl", "median ms", "vs eager", "vs compiled"]))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": "cpu", "rows": rows + token_rows}, f, indent=1)
+            json.dump({"device": device_name(device), "torch": torch.__version__, "rows": rows + token_rows}, f,
+                      indent=1)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,16 @@ import math
 
 import pytest
 import torch
-from _testing import assert_within_ref_error, usable_backends
+from _testing import assert_within_ref_error, device_backends, usable_backends
 
 import rlhf_fast
-from rlhf_fast.ops.ppo_loss import (AGG_MODES, ppo_loss_from_logits_ref, ppo_policy_loss_ref, ppo_token_loss_op,
-                                    ppo_value_loss_ref, ppo_value_token_loss_op)
+from rlhf_fast.ops.ppo_loss import (AGG_MODES, POLICY_STATS, TOKEN_LOSS_BACKENDS, ppo_loss_from_logits_ref,
+                                    ppo_policy_loss_backward_op, ppo_policy_loss_op, ppo_policy_loss_ref,
+                                    ppo_token_loss_op, ppo_value_loss_backward_op, ppo_value_loss_op,
+                                    ppo_value_loss_ref)
 from rlhf_fast.ops.token_logprobs import LOGPROBS_BACKENDS
 
-POLICY_STATS = ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "ratio_max")
+TOKEN_BACKENDS = usable_backends(TOKEN_LOSS_BACKENDS)  # of the standalone ppo_policy_loss / ppo_value_loss
 
 
 def _tokens(shape, seed=0, masked_frac=0.3):
@@ -66,12 +68,14 @@ POLICY_CASES = [
 ]
 
 
-def test_policy_loss_hand_computed():
+@pytest.mark.parametrize("backend", TOKEN_BACKENDS)
+def test_policy_loss_hand_computed(backend):
     ratio, adv, loss, grad, clipped, dual = (torch.tensor(col) for col in zip(*POLICY_CASES))
     old_logp = torch.full_like(ratio, -1.0)
     logp = (old_logp + ratio.log()).requires_grad_(True)
     mask = torch.ones_like(ratio, dtype=torch.bool)
-    out, stats = rlhf_fast.ppo_policy_loss(logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.3, dual_clip=3.0)
+    with rlhf_fast.use_backend(backend):
+        out, stats = rlhf_fast.ppo_policy_loss(logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.3, dual_clip=3.0)
     n = len(POLICY_CASES)
     torch.testing.assert_close(out, loss.mean())
     out.backward()
@@ -84,11 +88,13 @@ def test_policy_loss_hand_computed():
     assert all(v.dtype == torch.float32 and v.dim() == 0 for v in stats.values())
 
 
-def test_policy_loss_symmetric_default_and_no_dual_clip():
+@pytest.mark.parametrize("backend", TOKEN_BACKENDS)
+def test_policy_loss_symmetric_default_and_no_dual_clip(backend):
     # clip_high=None -> 0.2: ratio 1.25 with A = 2 clips at 1.2; without dual_clip the A < 0 loss is unbounded
     ratio, adv = torch.tensor([1.25, 4.0]), torch.tensor([2.0, -2.0])
     old_logp = torch.zeros(2)
-    out, stats = rlhf_fast.ppo_policy_loss(ratio.log(), old_logp, adv, torch.ones(2), agg="seq-mean-token-sum-norm")
+    with rlhf_fast.use_backend(backend):
+        out, stats = rlhf_fast.ppo_policy_loss(ratio.log(), old_logp, adv, torch.ones(2), agg="seq-mean-token-sum-norm")
     torch.testing.assert_close(out, torch.tensor((-2.4 + 8.0) / 2))
     torch.testing.assert_close(stats["clip_frac"], torch.tensor(0.5))
     assert stats["dual_clip_frac"] == 0
@@ -103,17 +109,20 @@ VALUE_CASES = [
 ]
 
 
-def test_value_loss_hand_computed():
+@pytest.mark.parametrize("backend", TOKEN_BACKENDS)
+def test_value_loss_hand_computed(backend):
     v, v_old, ret, loss, grad, clipped = (torch.tensor(col) for col in zip(*VALUE_CASES))
     v.requires_grad_(True)
-    out, stats = rlhf_fast.ppo_value_loss(v, v_old, ret, torch.ones_like(v), clip=0.2)
+    with rlhf_fast.use_backend(backend):
+        out, stats = rlhf_fast.ppo_value_loss(v, v_old, ret, torch.ones_like(v), clip=0.2)
     torch.testing.assert_close(out, loss.mean())
     out.backward()
     torch.testing.assert_close(v.grad, grad / len(VALUE_CASES))
     torch.testing.assert_close(stats["clip_frac"], clipped.float().mean())
 
     v.grad = None
-    out, stats = rlhf_fast.ppo_value_loss(v, v_old, ret, torch.ones_like(v), clip=None)
+    with rlhf_fast.use_backend(backend):
+        out, stats = rlhf_fast.ppo_value_loss(v, v_old, ret, torch.ones_like(v), clip=None)
     torch.testing.assert_close(out, (0.5 * (v - ret) ** 2).mean())
     out.backward()
     torch.testing.assert_close(v.grad, (v - ret).detach() / len(VALUE_CASES))
@@ -131,9 +140,10 @@ AGG_EXPECTED = {
 }
 
 
+@pytest.mark.parametrize("backend", TOKEN_BACKENDS)
 @pytest.mark.parametrize("agg", AGG_MODES)
 @pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_agg_modes_hand_computed(agg, layout):
+def test_agg_modes_hand_computed(backend, agg, layout):
     returns = torch.zeros_like(AGG_TOKEN_LOSS)
     values = (2 * AGG_TOKEN_LOSS).sqrt()
     mask, seq_ids, expected = AGG_MASK, None, AGG_EXPECTED[agg]
@@ -144,7 +154,8 @@ def test_agg_modes_hand_computed(agg, layout):
         if agg == "seq-mean-token-sum-norm":
             expected = 17 / 12  # / mask.shape[-1] = N
     values.requires_grad_(True)
-    out, _ = rlhf_fast.ppo_value_loss(values, values.detach(), returns, mask, clip=None, agg=agg, seq_ids=seq_ids)
+    with rlhf_fast.use_backend(backend):
+        out, _ = rlhf_fast.ppo_value_loss(values, values.detach(), returns, mask, clip=None, agg=agg, seq_ids=seq_ids)
     torch.testing.assert_close(out, torch.tensor(expected))
     ref, _ = ppo_value_loss_ref(values, values.detach(), returns, mask, clip=None, agg=agg, seq_ids=seq_ids)
     (grad,) = torch.autograd.grad(out, values)
@@ -157,16 +168,19 @@ def test_agg_modes_hand_computed(agg, layout):
 # --------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("device, backend", device_backends(TOKEN_LOSS_BACKENDS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("agg", AGG_MODES)
 @pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_policy_and_value_loss_match_reference(dtype, agg, layout):
+def test_policy_and_value_loss_match_reference(device, backend, dtype, agg, layout):
     shape = (5, 37) if layout == "padded" else (173,)
-    seq_ids = _packed_seq_ids(173) if layout == "packed" else None
-    logp, old_logp, adv, mask = (x.to(dtype) if x.is_floating_point() else x for x in _tokens(shape))
+    seq_ids = _packed_seq_ids(173).to(device) if layout == "packed" else None
+    logp, old_logp, adv, mask = (x.to(device, dtype) if x.is_floating_point() else x.to(device)
+                                 for x in _tokens(shape))
     kw = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, agg=agg, seq_ids=seq_ids)
     logp.requires_grad_(True)
-    out, stats = rlhf_fast.ppo_policy_loss(logp, old_logp, adv, mask, **kw)
+    with rlhf_fast.use_backend(backend):
+        out, stats = rlhf_fast.ppo_policy_loss(logp, old_logp, adv, mask, **kw)
     (grad,) = torch.autograd.grad(out, logp)
     ref, ref_stats = ppo_policy_loss_ref(logp, old_logp, adv, mask, **kw)
     (grad_ref,) = torch.autograd.grad(ref, logp)
@@ -180,7 +194,8 @@ def test_policy_and_value_loss_match_reference(dtype, agg, layout):
         torch.testing.assert_close(stats[key], ref_stats[key].float(), msg=key)
 
     values, old_values, returns = logp.detach().clone().requires_grad_(True), old_logp, adv
-    out, stats = rlhf_fast.ppo_value_loss(values, old_values, returns, mask, clip=0.2, agg=agg, seq_ids=seq_ids)
+    with rlhf_fast.use_backend(backend):
+        out, stats = rlhf_fast.ppo_value_loss(values, old_values, returns, mask, clip=0.2, agg=agg, seq_ids=seq_ids)
     ref, ref_stats = ppo_value_loss_ref(values, old_values, returns, mask, clip=0.2, agg=agg, seq_ids=seq_ids)
     values64 = values.detach().double().requires_grad_(True)
     exact, _ = ppo_value_loss_ref(values64, old_values.double(), returns.double(), mask, clip=0.2, agg=agg,
@@ -193,31 +208,56 @@ def test_policy_and_value_loss_match_reference(dtype, agg, layout):
     assert 0 < stats["clip_frac"] < 1
 
 
-def test_masked_positions_are_ignored_whatever_their_values():
+@pytest.mark.parametrize("device, backend", device_backends(TOKEN_LOSS_BACKENDS))
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_standalone_losses_many_blocks(device, backend, layout):
+    """10500 tokens: several kernel blocks and CPU tasks, sequences spanning blocks."""
+    shape, agg = ((7, 1500), "seq-mean-token-mean") if layout == "padded" else ((10500,), "seq-mean-token-sum")
+    seq_ids = torch.randint(0, 40, shape, generator=torch.Generator().manual_seed(1)).to(device) \
+        if layout == "packed" else None
+    logp, old_logp, adv, mask = (x.to(device) for x in _tokens(shape))
+    logp.requires_grad_(True)
+    for fast, ref_fn, kw in ((rlhf_fast.ppo_policy_loss, ppo_policy_loss_ref, dict(dual_clip=2.0)),
+                             (rlhf_fast.ppo_value_loss, ppo_value_loss_ref, dict(clip=0.2))):
+        with rlhf_fast.use_backend(backend):
+            out, stats = fast(logp, old_logp, adv, mask, agg=agg, seq_ids=seq_ids, **kw)
+        ref, ref_stats = ref_fn(logp, old_logp, adv, mask, agg=agg, seq_ids=seq_ids, **kw)
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(torch.autograd.grad(out, logp)[0], torch.autograd.grad(ref, logp)[0])
+        for key, value in stats.items():
+            torch.testing.assert_close(value, ref_stats[key].float(), msg=key)
+
+
+@pytest.mark.parametrize("backend", TOKEN_BACKENDS)
+def test_masked_positions_are_ignored_whatever_their_values(backend):
     logp, old_logp, adv, mask = _tokens((4, 9))
     bad = torch.tensor([math.nan, math.inf, -math.inf])
     old_bad = torch.where(mask, old_logp, bad[torch.arange(36).view(4, 9) % 3])
     adv_bad = torch.where(mask, adv, bad[(torch.arange(36).view(4, 9) + 1) % 3])
     logp.requires_grad_(True)
     for agg in AGG_MODES:
-        out, stats = rlhf_fast.ppo_policy_loss(logp, old_bad, adv_bad, mask, dual_clip=2.0, agg=agg)
+        with rlhf_fast.use_backend(backend):
+            out, stats = rlhf_fast.ppo_policy_loss(logp, old_bad, adv_bad, mask, dual_clip=2.0, agg=agg)
         ref, _ = ppo_policy_loss_ref(logp, old_logp, adv, mask, dual_clip=2.0, agg=agg)
         torch.testing.assert_close(out, ref)
         (grad,) = torch.autograd.grad(out, logp)
         assert torch.isfinite(grad).all() and (grad[~mask] == 0).all()
         assert all(torch.isfinite(v) for v in stats.values())
-        out, _ = rlhf_fast.ppo_value_loss(logp, old_bad, adv_bad, mask, agg=agg)
+        with rlhf_fast.use_backend(backend):
+            out, _ = rlhf_fast.ppo_value_loss(logp, old_bad, adv_bad, mask, agg=agg)
         (grad,) = torch.autograd.grad(out, logp)
         assert torch.isfinite(out) and torch.isfinite(grad).all() and (grad[~mask] == 0).all()
 
 
+@pytest.mark.parametrize("backend", TOKEN_BACKENDS)
 @pytest.mark.parametrize("agg", AGG_MODES)
-def test_all_masked_batch(agg):
+def test_all_masked_batch(backend, agg):
     logp, old_logp, adv, _ = _tokens((3, 8))
     mask = torch.zeros(3, 8)
     logp.requires_grad_(True)
-    out, stats = rlhf_fast.ppo_policy_loss(logp, old_logp, adv, mask, dual_clip=3.0, agg=agg)
-    out_v, stats_v = rlhf_fast.ppo_value_loss(logp, old_logp, adv, mask, agg=agg)
+    with rlhf_fast.use_backend(backend):
+        out, stats = rlhf_fast.ppo_policy_loss(logp, old_logp, adv, mask, dual_clip=3.0, agg=agg)
+        out_v, stats_v = rlhf_fast.ppo_value_loss(logp, old_logp, adv, mask, agg=agg)
     grad, grad_v = (torch.autograd.grad(x, logp)[0] for x in (out, out_v))
     assert out == 0 and out_v == 0 and (grad == 0).all() and (grad_v == 0).all()
     assert all(v == 0 for v in [*stats.values(), *stats_v.values()])
@@ -340,7 +380,7 @@ def test_from_logits_writes_no_other_vocab_sized_tensor(backend):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def test_opcheck():
+def test_opcheck_token_loss():
     for dtype, with_terms, dual, kl_kind in ((torch.float32, False, None, "k3"), (torch.bfloat16, True, 2.0, "k3"),
                                              (torch.float32, True, None, "abs")):
         logp, old_logp, adv, mask = (x.to(dtype) if x.is_floating_point() else x for x in _tokens((3, 10)))
@@ -348,9 +388,45 @@ def test_opcheck():
         ref_logp = (logp.float() + 0.2).to(dtype) if with_terms else None
         args = (logp.requires_grad_(True), ent, old_logp, adv, ref_logp, mask, 0.2, 0.28, dual, 0.1, kl_kind, 0.01)
         torch.library.opcheck(ppo_token_loss_op, args)
-    for dtype, clip in ((torch.float32, None), (torch.bfloat16, 0.2)):
-        values, old_values, returns, mask = (x.to(dtype) if x.is_floating_point() else x for x in _tokens((3, 10)))
-        torch.library.opcheck(ppo_value_token_loss_op, (values.requires_grad_(True), old_values, returns, mask, clip))
+
+
+@pytest.mark.parametrize("backend", TOKEN_BACKENDS)
+def test_opcheck_standalone_losses(backend):
+    logp, old_logp, adv, mask = _tokens((3, 10))  # padded float32; dual clip
+    policy_args = (logp, old_logp, adv, mask, None, 0.2, 0.28, 2.0, "seq-mean-token-mean", backend)
+    torch.library.opcheck(ppo_policy_loss_op, (logp.clone().requires_grad_(True), *policy_args[1:]))
+    torch.library.opcheck(ppo_policy_loss_backward_op, (torch.tensor(0.7), *policy_args))
+    values, old_values, returns, mask = (x.to(torch.bfloat16) if x.is_floating_point() else x for x in _tokens((30,)))
+    value_args = (values, old_values, returns, mask, _packed_seq_ids(30), 0.2, "seq-mean-token-sum", backend)
+    torch.library.opcheck(ppo_value_loss_op, (values.clone().requires_grad_(True), *value_args[1:]))
+    torch.library.opcheck(ppo_value_loss_backward_op, (torch.tensor(-1.5), *value_args))
+
+
+@pytest.mark.parametrize("backend", TOKEN_BACKENDS)
+def test_standalone_losses_mixed_dtypes_strides_and_no_grad(backend):
+    """bf16 logp with float32 old_logp/advantages, transposed (non-contiguous) inputs, and grad mode off."""
+    logp, old_logp, adv, mask = _tokens((9, 6))
+    logp_t = logp.to(torch.bfloat16).T.requires_grad_(True)
+    args = (old_logp.T, adv.T, mask.T)
+    with rlhf_fast.use_backend(backend):
+        out, stats = rlhf_fast.ppo_policy_loss(logp_t, *args, dual_clip=2.0, agg="seq-mean-token-mean")
+        out_v, stats_v = rlhf_fast.ppo_value_loss(logp_t, *args, agg="seq-mean-token-sum")
+        with torch.no_grad():
+            out_ng, stats_ng = rlhf_fast.ppo_policy_loss(logp_t, *args, dual_clip=2.0, agg="seq-mean-token-mean")
+    ref, ref_stats = ppo_policy_loss_ref(logp_t, *args, dual_clip=2.0, agg="seq-mean-token-mean")
+    ref_v, ref_stats_v = ppo_value_loss_ref(logp_t, *args, agg="seq-mean-token-sum")
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(out_v, ref_v)
+    assert out_ng == out and not out_ng.requires_grad
+    for key in POLICY_STATS:
+        torch.testing.assert_close(stats[key], ref_stats[key])
+        assert stats_ng[key] == stats[key]
+    torch.testing.assert_close(stats_v["clip_frac"], ref_stats_v["clip_frac"])
+    for a, b in ((out, ref), (out_v, ref_v)):
+        (grad,) = torch.autograd.grad(a, logp_t)
+        (grad_ref,) = torch.autograd.grad(b, logp_t)
+        assert grad.dtype == torch.bfloat16
+        torch.testing.assert_close(grad, grad_ref)
 
 
 def test_torch_compile_fullgraph():
