@@ -34,8 +34,10 @@ Semantics (what "N ranks = 1 rank with N x the batch" means here):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -417,6 +419,14 @@ def _load_optim_state(model: Model, opt: torch.optim.Optimizer, state: dict) -> 
     set_optimizer_state_dict(model.module, opt, state, options=StateDictOptions(full_state_dict=True))
 
 
+@contextlib.contextmanager
+def _single_process_dcp():
+    """DCP warns on every single-process save / load, which is intended here (e.g. resuming on one rank)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 class Checkpoint:
     """Save / restore of models, optimizers and plain state for a trainer, on any world size.
 
@@ -448,7 +458,8 @@ class Checkpoint:
         import torch.distributed.checkpoint as dcp
 
         step_dir = os.path.join(self.path, f"step-{extra.get('step', extra.get('iteration', 0))}")
-        dcp.save(self._dcp_state(models, optimizers), checkpoint_id=step_dir, no_dist=not is_distributed())
+        with _single_process_dcp():
+            dcp.save(self._dcp_state(models, optimizers), checkpoint_id=step_dir, no_dist=not is_distributed())
         if is_main():
             common.save_checkpoint(os.path.join(step_dir, "meta.pt"), meta)
             previous = self._latest()
@@ -494,7 +505,8 @@ class Checkpoint:
 
             step_dir = self._latest()
             target = self._dcp_state(models, optimizers)
-            dcp.load(target, checkpoint_id=step_dir, no_dist=not is_distributed())
+            with _single_process_dcp():
+                dcp.load(target, checkpoint_id=step_dir, no_dist=not is_distributed())
             for k, m in models.items():
                 set_model_state_dict(m.module, target[k])
             for k, (m, o) in optimizers.items():
