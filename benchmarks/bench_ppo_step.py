@@ -1,11 +1,12 @@
 """Seconds per PPO iteration (generate / score / learn) and peak memory on the embedded default, fused ops (the
 automatic backend: C++ on CPU, Triton/CUDA on GPU) vs ``--backend torch`` (the plain-PyTorch references).
 
-    python benchmarks/bench_ppo_step.py [--iterations 5] [--vocab-size 32000] [--quick] [--json out.json]
+    python benchmarks/bench_ppo_step.py [--iterations 5] [--vocab-sizes 0,32000] [--quick] [--json out.json]
 
-Each backend runs in its own subprocess so its peak memory (max RSS on CPU, max allocated on CUDA) is its own.
-``--vocab-size`` widens the tiny model's vocabulary (extra ids are never in the prompts) to show the ops at an LLM's
-vocabulary size; the default keeps the embedded 19-word vocabulary.
+Each (vocabulary, backend) runs in its own subprocess so its peak memory (max RSS on CPU, max allocated on CUDA) is
+its own. Vocabulary 0 is the embedded default (23 tokens: the task's 19 words and 4 specials); a larger size widens
+the tiny model's embedding and lm_head (the extra ids never occur in the prompts) to show the ops at an LLM's
+vocabulary, where the log-prob / entropy / sampling work over V is no longer negligible next to the model's layers.
 """
 
 from __future__ import annotations
@@ -74,36 +75,42 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=10)
-    parser.add_argument("--vocab-size", type=int, default=0)
+    parser.add_argument("--vocab-sizes", default="0,32000", help="comma-separated; 0 = the embedded vocabulary")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="2 iterations of 16 prompts: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="1 iteration of 8 prompts, embedded vocabulary: a smoke run")
+    parser.add_argument("--reps", type=int, help="alias of --iterations (the benchmark runner's flag)")
+    parser.add_argument("--vocab-size", type=int, default=0, help=argparse.SUPPRESS)  # worker mode
     parser.add_argument("--json", help="write the rows to this file")
     parser.add_argument("--backend", default=None, help=argparse.SUPPRESS)  # worker mode
     args = parser.parse_args()
+    if args.reps:
+        args.iterations = args.reps
     if args.quick:
-        args.iterations, args.batch_size = 2, 16
+        args.iterations, args.batch_size, args.max_new_tokens, args.vocab_sizes = 1, 8, 4, "0"
     if args.backend:
         print(json.dumps(worker(args)))
         return
 
     rows = []
-    for backend in ("torch", "auto"):
-        cmd = [sys.executable, __file__, "--backend", backend, "--iterations", str(args.iterations),
-               "--batch-size", str(args.batch_size), "--max-new-tokens", str(args.max_new_tokens),
-               "--vocab-size", str(args.vocab_size), "--threads", str(args.threads)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True,
-                             env={**os.environ, "PYTHONWARNINGS": "ignore"}).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-    base = rows[0]["total"]
+    for vocab in [int(v) for v in args.vocab_sizes.split(",")]:
+        for backend in ("torch", "auto"):
+            cmd = [sys.executable, __file__, "--backend", backend, "--iterations", str(args.iterations),
+                   "--batch-size", str(args.batch_size), "--max-new-tokens", str(args.max_new_tokens),
+                   "--vocab-size", str(vocab), "--threads", str(args.threads)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                 env={**os.environ, "PYTHONWARNINGS": "ignore"}).stdout
+            rows.append({"vocab": vocab or 23, **json.loads(out.strip().splitlines()[-1])})
     from tabulate import tabulate
 
-    table = [[r["backend"] if r["backend"] == "torch" else "fused (auto)", f"{r['generate']:.3f}", f"{r['score']:.3f}",
-              f"{r['learn']:.3f}", f"{r['total']:.3f}", f"{r['peak_bytes'] / 2**20:.0f}", f"{base / r['total']:.2f}x"]
-             for r in rows]
-    vocab = args.vocab_size or "19 (embedded)"
-    print(f"PPO iteration, embedded tiny Llama, batch {args.batch_size}, {args.max_new_tokens} new tokens, vocab {vocab}, "
-          f"{args.threads} thread(s); median of {args.iterations} iterations (seconds)")
-    print(tabulate(table, headers=["ops", "generate", "score", "learn", "total", "peak MiB", "speed-up"]))
+    table = []
+    for r in rows:
+        base = next(b for b in rows if b["vocab"] == r["vocab"] and b["backend"] == "torch")
+        table.append([r["vocab"], "torch" if r["backend"] == "torch" else "fused (auto)", f"{r['generate']:.3f}",
+                      f"{r['score']:.3f}", f"{r['learn']:.3f}", f"{r['total']:.3f}",
+                      f"{r['peak_bytes'] / 2**20:.0f}", f"{base['total'] / r['total']:.2f}x"])
+    print(f"PPO iteration, tiny Llama (2 x 192, embedded default; vocab 23 = embedded), batch {args.batch_size}, "
+          f"{args.max_new_tokens} new tokens, {args.threads} thread(s); median of {args.iterations} iterations (s)")
+    print(tabulate(table, headers=["vocab", "ops", "generate", "score", "learn", "total", "peak MiB", "speed-up"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": vars(args), "rows": rows}, f, indent=1)

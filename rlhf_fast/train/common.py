@@ -17,9 +17,9 @@ from omegaconf import OmegaConf
 
 import rlhf_fast
 
+from .. import generate
 from ..data import prompt_batch, task
 from . import distributed
-from ._pending_ops import generate
 
 
 @dataclass

@@ -323,6 +323,13 @@ class Model:
                 block.reshard()
             self.engine.reshard()
 
+    def __getattr__(self, name: str):
+        # anything else (config, score, generation_config, ...) is the module's; note that calling the module
+        # directly bypasses DDP / FSDP2: fine for frozen replicated models, not for training
+        if name in ("module", "mode", "engine"):
+            raise AttributeError(name)
+        return getattr(self.module, name)
+
     def parameters(self):
         return self.module.parameters()
 

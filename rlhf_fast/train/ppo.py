@@ -27,15 +27,12 @@ from typing import NamedTuple, Optional
 
 import torch
 
-import rlhf_fast
-from rlhf_fast import ppo_policy_loss, ppo_value_loss
-
+from .. import gae, generate, group_advantages, kl_penalty, masked_mean, ppo_policy_loss, ppo_value_loss
 from ..data import prompt_batch, read_jsonl, task
 from ..models import sequence_logprobs
 from ..models.tiny import load_causal_lm, load_tokenizer
 from ..models.value_head import ScalarHeadModel, last_token_index
 from . import common, distributed
-from ._pending_ops import gae, generate, group_advantages, masked_mean, masked_whiten
 
 GROUP_MODES = ("grpo", "dr_grpo", "rloo")
 
@@ -216,7 +213,7 @@ class PPOTrainer:
         score = (raw - self.score_mean) / self.score_std
         if cfg.reward_clip is not None:
             score = score.clamp(-cfg.reward_clip, cfg.reward_clip)
-        kl = rlhf_fast.kl_penalty(old_logp, ref_logp, kind=cfg.kl_kind) * rmask  # [B, N]
+        kl = kl_penalty(old_logp, ref_logp, kind=cfg.kl_kind) * rmask  # [B, N]
         if self.group:
             adv = group_advantages(score, cfg.group_size, mode=cfg.algo)[:, None] * rmask
             returns = torch.zeros_like(adv)
@@ -226,7 +223,7 @@ class PPOTrainer:
             rewards[torch.arange(len(last)), last] += score
             adv, returns = gae(rewards, values, rmask, gamma=cfg.gamma, lam=cfg.lam)
             if cfg.whiten_advantages:  # statistics of the global batch
-                adv = distributed.masked_whiten(adv, rmask)
+                adv = distributed.masked_whiten(adv, rmask) * rmask
         stats = distributed.global_means(
             {"rm_score": raw.sum().item(), "reward": score.sum().item(), "kl": kl.sum().item(),
              "response_len": rmask.sum().item()}, len(raw))
@@ -256,7 +253,7 @@ class PPOTrainer:
                     loss = pg_global - cfg.entropy_coef * ent_global
                     value = pg.item() * w_pg - cfg.entropy_coef * entropy.item() * w_tok
                     if self.group and self.kl_coef > 0:  # GRPO: KL to the reference in the loss
-                        kl = masked_mean(rlhf_fast.kl_penalty(logp, ro.ref_logp[mb], kind=cfg.kl_kind), m)
+                        kl = masked_mean(kl_penalty(logp, ro.ref_logp[mb], kind=cfg.kl_kind), m)
                         loss = loss + self.kl_coef * distributed.global_loss(kl, m)[0]
                         value += self.kl_coef * kl.item() * w_tok
                 self.opt.zero_grad(set_to_none=True)
