@@ -409,8 +409,7 @@ def wrap(module: nn.Module, *, fsdp: bool = False, trainable: bool = True, shard
 
 
 def _optim_state(model: Model, opt: torch.optim.Optimizer) -> dict:
-    if model.mode == "none" and not is_distributed():
-        return opt.state_dict()
+    """The optimizer state keyed by parameter names, gathered (on rank 0): loadable on any world size and mode."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     return get_optimizer_state_dict(model.module, opt, options=StateDictOptions(full_state_dict=True,
@@ -418,15 +417,11 @@ def _optim_state(model: Model, opt: torch.optim.Optimizer) -> dict:
 
 
 def _load_optim_state(model: Model, opt: torch.optim.Optimizer, state: dict) -> None:
-    if model.mode == "none" and not is_distributed():
-        opt.load_state_dict(state)
-        return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(model.module, opt, state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model.module, opt, state, options=StateDictOptions(full_state_dict=is_distributed()))
 
 
-@contextlib.contextmanager
 def _single_process_dcp():
     """DCP warns on every single-process save / load, which is intended here (e.g. resuming on one rank)."""
     with warnings.catch_warnings():
