@@ -161,7 +161,7 @@ def main() -> None:
         args.batch, args.steps, args.max_new_tokens, args.modes = 8, 1, 4, "ddp"
     import transformers
 
-    import rlhf_fast.train.ppo  # noqa: F401  (imported once here: the forked ranks start with it)
+    import rlhf_fast.train.ppo  # noqa: F401 (imported once here: the forked ranks start with it)
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()

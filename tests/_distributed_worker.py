@@ -4,8 +4,8 @@ shares with the single-process references.
     python -m torch.distributed.run --nproc-per-node 2 tests/_distributed_worker.py OUT BASE_MODEL_DIR RM_DIR
 
 Scenarios run one after the other in the same process group, each into OUT/<name>: the global reductions, SFT /
-RM / PPO / GRPO with DDP and with FSDP2, an SFT checkpoint in DCP format, an uninterrupted PPO run, and last the
-same PPO run killed with SIGKILL in its third iteration (the test resumes it with ``rlhf-fast ppo --resume``).
+RM / PPO / GRPO with DDP and with FSDP2, an SFT checkpoint in DCP format, an uninterrupted FSDP2 PPO run, and last
+the same run killed with SIGKILL in its third iteration (the test resumes it with ``rlhf-fast ppo --resume``).
 """
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ PPO = ["iterations=2", "batch_size=4", "minibatch_size=4", "epochs=2", "max_new_
 GRPO = ["algo=grpo", "group_size=2", "iterations=2", "batch_size=2", "minibatch_size=4", "epochs=2", "kl_coef=0.05",
         "kl_kind=k3", "loss_agg=seq-mean-token-mean", "max_new_tokens=6", "eval_prompts=0", "lr=1e-3",
         "progress=false", "threads=1"]
-# the kill-and-resume run: its own rollouts, several shuffled minibatches, a checkpoint every iteration
+# the kill-and-resume run (FSDP2, gathered checkpoints): its own rollouts, several shuffled minibatches, a checkpoint
+# every iteration
 RESUME = ["iterations=4", "batch_size=4", "minibatch_size=2", "max_new_tokens=6", "save_every=1", "eval_prompts=0",
-          "progress=false", "threads=1"]
+          "progress=false", "threads=1", "fsdp=true"]
 KILL_AT = 2  # the killed run dies at the start of learning in iteration KILL_AT + 1, after checkpoint KILL_AT
 
 # the global batch of the reduction checks: rank 0 holds rows [0, 3) padded to its own length, rank 1 rows [3, 8)

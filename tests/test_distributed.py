@@ -5,8 +5,9 @@
   the single-process ops on the concatenated batch, with ranks holding different numbers of rows and paddings;
 - SFT, RM, PPO and GRPO: DDP on 2 ranks equals 1 rank with twice the per-rank batch (every logged metric and the
   final weights), FSDP2 on 2 ranks equals DDP;
-- a 2-rank PPO run killed with SIGKILL and resumed with ``rlhf-fast ppo --resume`` under torchrun ends with the
-  metrics of the uninterrupted run; a 2-rank FSDP2 checkpoint in DCP format resumes on 1 rank.
+- a 2-rank FSDP2 PPO run killed with SIGKILL and resumed with ``rlhf-fast ppo --resume`` under torchrun ends with the
+  metrics and weights of the uninterrupted run; a 2-rank DDP checkpoint (gathered) and a 2-rank FSDP2 checkpoint in
+  DCP format resume on 1 rank.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import rlhf_fast
 from rlhf_fast.models.tiny import load_causal_lm, save_tiny_default
 from rlhf_fast.models.value_head import ScalarHeadModel
 from rlhf_fast.train import common, distributed
-from rlhf_fast.train.ppo import PPOConfig
+from rlhf_fast.train.ppo import PPOConfig, PPOTrainer
 from rlhf_fast.train.rm import RMConfig, train_rm
 from rlhf_fast.train.sft import SFTConfig, train_sft
 
@@ -184,13 +185,29 @@ def test_kill_and_resume_two_ranks(models, launched):
     assert common.load_checkpoint(os.path.join(killed, "checkpoint.pt"))["iteration"] == W.KILL_AT
     assert len(metrics(killed)) == W.KILL_AT
     proc = torchrun(["-m", "rlhf_fast.cli", "ppo", "--model", base, "--out", killed, f"reward_model={rm}",
-                     *W.RESUME, "--resume"])
+                     *(a for a in W.RESUME if a != "fsdp=true"), "--fsdp", "--resume"])
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert proc.stdout.count("'iterations': 4") == 1  # only rank 0 prints
     assert metrics(killed) == metrics(full)
     for d in ("model", "critic"):
         wa, wb = weights(os.path.join(killed, d)), weights(os.path.join(full, d))
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_ddp_checkpoint_resumes_on_one_rank(models, launched, tmp_path):
+    base, rm = models
+    src = os.path.join(launched, "ppo_ddp")
+    out = str(tmp_path / "ppo")
+    os.makedirs(out)
+    shutil.copy(os.path.join(src, "checkpoint.pt"), out)
+    cfg = W.config(PPOConfig, W.PPO, 1, model=base, reward_model=rm, out=out)
+    trainer = PPOTrainer(cfg, resume=True)
+    assert trainer.iteration == 2 and trainer.kl_coef == metrics(src)[-1]["kl_coef"]
+    for model, saved in ((trainer.policy, load_causal_lm(os.path.join(src, "model"))),
+                         (trainer.critic, ScalarHeadModel.from_pretrained(os.path.join(src, "critic")))):
+        for k, v in saved.state_dict().items():
+            torch.testing.assert_close(model.module.state_dict()[k], v, rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
+    assert all(float(s["step"]) == 2 * 2 for s in trainer.opt.state.values())  # 2 iterations x 2 epochs x 1 step
 
 
 def test_dcp_checkpoint_from_two_fsdp_ranks_resumes_on_one(models, launched, tmp_path):

@@ -422,6 +422,7 @@ def _load_optim_state(model: Model, opt: torch.optim.Optimizer, state: dict) -> 
     set_optimizer_state_dict(model.module, opt, state, options=StateDictOptions(full_state_dict=is_distributed()))
 
 
+@contextlib.contextmanager
 def _single_process_dcp():
     """DCP warns on every single-process save / load, which is intended here (e.g. resuming on one rank)."""
     with warnings.catch_warnings():
