@@ -6,7 +6,7 @@ NCCL on GPUs) on the embedded default, DDP and FSDP2.
 Weak scaling, as the trainers define it: the batch per rank is fixed (SFT 64 rows, PPO 64 prompts; ``--quick`` 8),
 so N ranks process N times the samples per step; efficiency = (samples/s with N ranks) / (N x samples/s with 1).
 Each configuration runs in fresh processes forked from this one (which has only imported the libraries), one per
-rank with one intra-op thread each (``--threads``), connected like torchrun's (env:// rendezvous). Step time is the
+rank with one intra-op thread each (``--threads``), joined through a file rendezvous. Step time is the
 median over ``--steps`` steps after one warm-up step, of the slowest rank. Peak memory per rank: the process's peak
 resident set (CPU; it includes the ~0.5 GiB of imported libraries) and the peak extra resident set during the timed
 steps, or the peak allocated CUDA memory on GPUs.
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -27,12 +26,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import _rss_kib  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _build(path: str, quick: bool) -> str:
@@ -87,12 +80,22 @@ def _ppo_steps(args, device, path: str):
     return step
 
 
-def _rank(local_rank: int, args, world: int, port: int, path: str) -> None:
+def _rank(local_rank: int, args, world: int, path: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(args.threads)
     from rlhf_fast.train import distributed
 
+    if world > 1:  # a file rendezvous (no port to race for); distributed.setup then finds the group joined
+        if args.device == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if args.device == "cuda" else "gloo",
+                                init_method=f"file://{path}/rendezvous", rank=local_rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=5))
     device = distributed.setup(args.device)
     torch.manual_seed(0)
     step = (_sft_steps if args.stage == "sft" else _ppo_steps)(args, device, path)
@@ -133,7 +136,7 @@ def run(args, stage: str, world: int, mode: str, models: str) -> dict:
         os.symlink(f"{models}/policy", f"{tmp}/policy")
         os.symlink(f"{models}/rm", f"{tmp}/rm")
         a = argparse.Namespace(**{**vars(args), "stage": stage, "mode": mode})
-        mp.start_processes(_rank, args=(a, world, _free_port(), tmp), nprocs=world, start_method="fork")
+        mp.start_processes(_rank, args=(a, world, tmp), nprocs=world, start_method="fork")
         with open(f"{tmp}/result.json") as f:
             r = json.load(f)
     return {"stage": stage, "procs": world, "mode": mode if world > 1 else "-", "batch/rank": args.batch,
