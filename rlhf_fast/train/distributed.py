@@ -74,6 +74,8 @@ def setup(device: str = "auto") -> torch.device:
 
 
 def shutdown() -> None:
+    global _MESH
+    _MESH = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
