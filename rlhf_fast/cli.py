@@ -46,7 +46,7 @@ TRAIN_COMMANDS = {
 def _train(args) -> None:
     import transformers
 
-    from .train import common
+    from .train import common, distributed
 
     transformers.logging.set_verbosity_error()  # keep the trainers' own progress bars and report readable
     transformers.logging.disable_progress_bar()
@@ -59,14 +59,18 @@ def _train(args) -> None:
         from .train.rm import RMConfig as cls, train_rm as run
     else:
         from .train.ppo import PPOConfig as cls, train_ppo as run
-    fields = {"model": args.model, "out": args.out, "backend": args.backend}
+    fields = {"model": args.model, "out": args.out, "backend": args.backend, "fsdp": args.fsdp or None}
     if args.command != "pipeline":
         fields["data"] = args.data
     elif args.data:
         raise SystemExit("rlhf-fast pipeline: give the data files as sft_data=... rm_data=... ppo_data=...")
     cfg = common.load_config(cls, args.config, args.overrides, **fields)
-    result = run(cfg, resume=args.resume)
-    if args.command != "pipeline":
+    try:
+        result = run(cfg, resume=args.resume)
+        main = distributed.is_main()
+    finally:
+        distributed.shutdown()
+    if args.command != "pipeline" and main:
         print(result)
 
 
@@ -83,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--out", help="output directory")
         p.add_argument("--backend", choices=_backend.BACKENDS, help="run every rlhf_fast op on this backend")
         p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output directory")
+        p.add_argument("--fsdp", action="store_true",
+                       help="under torchrun: shard parameters, gradients and optimizer state with FSDP2 (else DDP)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (OmegaConf dotlist)")
     args = parser.parse_args(argv)
     if args.command == "info":

@@ -19,6 +19,7 @@ import rlhf_fast
 
 from .. import generate
 from ..data import prompt_batch, task
+from . import distributed
 
 
 @dataclass
@@ -32,7 +33,9 @@ class RunConfig:
     device: str = "auto"       # auto | cpu | cuda
     backend: Optional[str] = None   # force an rlhf_fast backend (torch, cpp, cuda, triton); None = automatic
     threads: int = 0           # torch intra-op threads on CPU; 0 = auto (1 for the embedded tiny model, else torch's)
-    progress: bool = True      # tqdm progress bars
+    progress: bool = True      # tqdm progress bars (rank 0 only under torchrun)
+    fsdp: bool = False         # under torchrun: shard parameters, gradients and optimizer state with FSDP2 (else DDP)
+    checkpoint: str = "full"   # full: rank 0 writes one gathered checkpoint.pt | dcp: sharded torch.distributed.checkpoint
 
 
 def load_config(cls, path: Optional[str] = None, overrides: Optional[list[str]] = None, **fields):
@@ -47,13 +50,13 @@ def load_config(cls, path: Optional[str] = None, overrides: Optional[list[str]] 
 
 
 def save_config(cfg, out: str) -> None:
-    atomic_write_text(os.path.join(out, "config.yaml"), OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    if distributed.is_main():
+        atomic_write_text(os.path.join(out, "config.yaml"), OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """The device to train on; under torchrun this also joins the process group (cuda:LOCAL_RANK on GPUs)."""
+    return distributed.setup(name)
 
 
 def autocast(device: torch.device):
@@ -159,14 +162,18 @@ class Metrics:
     """One JSON object per logged step in ``out/metrics.jsonl``, mirrored to TensorBoard (``out/tb``).
 
     On resume, rows past the checkpoint's step are dropped, so a resumed run's file matches an uninterrupted one.
+    Under torchrun every rank keeps the rows (the values are global), only rank 0 writes.
     """
 
     def __init__(self, out: str, resume_step: Optional[int] = None):
         self.path = os.path.join(out, "metrics.jsonl")
+        self.write = distributed.is_main()
         rows = []
         if resume_step is not None and os.path.exists(self.path):
             rows = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+        distributed.barrier()  # every rank has read the file before rank 0 rewrites it
+        if self.write:
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         self.rows = rows
         self._tb = None
         self._tb_dir = os.path.join(out, "tb")
@@ -174,6 +181,8 @@ class Metrics:
     def log(self, step: int, **values) -> dict:
         row = {"step": step, **{k: float(v) for k, v in values.items()}}
         self.rows.append(row)
+        if not self.write:
+            return row
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self._tb is None:
@@ -198,7 +207,7 @@ def read_metrics(path: str) -> list[dict]:
 def progress(iterable=None, *, enabled: bool, **kwargs):
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, disable=not enabled, dynamic_ncols=True, mininterval=1.0, **kwargs)
+    return tqdm(iterable, disable=not (enabled and distributed.is_main()), dynamic_ncols=True, mininterval=1.0, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -216,9 +225,12 @@ def decode_responses(tokenizer, sequences: torch.Tensor, response_mask: torch.Te
 @torch.no_grad()
 def sample_true_score(policy, tokenizer, rows: list[dict], *, seed: int, max_new_tokens: int,
                       temperature: float = 1.0, batch_size: int = 128) -> float:
-    """Mean true score of the policy's samples (temperature ``temperature``) on the task's prompts ``rows``."""
+    """Mean true score of the policy's samples (temperature ``temperature``) on the task's prompts ``rows``.
+
+    Under torchrun each rank samples its block of ``rows`` (seed + rank) and the mean is over all of them."""
     device = next(policy.parameters()).device
-    gen = torch.Generator(device).manual_seed(seed)
+    rows = distributed.shard(rows)
+    gen = torch.Generator(device).manual_seed(seed + distributed.rank())
     scores = []
     was_training = policy.training
     policy.eval()
@@ -231,4 +243,4 @@ def sample_true_score(policy, tokenizer, rows: list[dict], *, seed: int, max_new
         texts = decode_responses(tokenizer, res.sequences, res.response_mask, ids.shape[1])
         scores += [task.true_score(r["prompt"], t) for r, t in zip(chunk, texts)]
     policy.train(was_training)
-    return float(np.mean(scores))
+    return distributed.global_means({"score": float(np.sum(scores))}, len(scores))["score"]

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from . import common
+from . import common, distributed
 from .ppo import PPOConfig, train_ppo
 from .rm import RMConfig, train_rm
 from .sft import SFTConfig, train_sft
@@ -31,6 +31,8 @@ class PipelineConfig:
     backend: Optional[str] = None
     threads: int = 0
     progress: bool = True
+    fsdp: bool = False               # under torchrun: FSDP2 instead of DDP
+    checkpoint: str = "full"         # full | dcp
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -38,7 +40,7 @@ class PipelineConfig:
 
 def _stage(stage, cfg: PipelineConfig, name: str, **fields):
     """Copy the pipeline-wide fields into a stage's config."""
-    for key in ("seed", "device", "backend", "threads", "progress"):
+    for key in ("seed", "device", "backend", "threads", "progress", "fsdp", "checkpoint"):
         setattr(stage, key, getattr(cfg, key))
     stage.out = os.path.join(cfg.out, name)
     for key, value in fields.items():
@@ -68,9 +70,10 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False) -> dict:
     ppo_summary = (resume and _done(ppo.out)) or train_ppo(ppo, resume)
 
     summary = {"seed": cfg.seed, "sft": sft_summary, "rm": rm_summary, "ppo": ppo_summary}
-    common.atomic_write_text(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=1))
-    summary["plot"] = plot(cfg.out)
-    print(report(summary))
+    if distributed.is_main():  # only rank 0 writes and prints
+        common.atomic_write_text(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=1))
+        summary["plot"] = plot(cfg.out)
+        print(report(summary))
     return summary
 
 

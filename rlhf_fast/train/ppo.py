@@ -27,13 +27,12 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .. import (gae, generate, group_advantages, kl_penalty, masked_mean, masked_whiten, ppo_policy_loss,
-                ppo_value_loss)
+from .. import gae, generate, group_advantages, kl_penalty, masked_mean, ppo_policy_loss, ppo_value_loss
 from ..data import prompt_batch, read_jsonl, task
 from ..models import sequence_logprobs
 from ..models.tiny import load_causal_lm, load_tokenizer
 from ..models.value_head import ScalarHeadModel, last_token_index
-from . import common
+from . import common, distributed
 
 GROUP_MODES = ("grpo", "dr_grpo", "rloo")
 
@@ -45,9 +44,9 @@ class PPOConfig(common.RunConfig):
     critic: str = ""             # "" = initialise the critic from the reward model
     algo: str = "ppo"            # ppo | grpo | dr_grpo | rloo
     iterations: int = 60
-    batch_size: int = 64         # prompts per iteration
+    batch_size: int = 64         # prompts per iteration and rank (under torchrun the global batch is world_size x this)
     group_size: int = 4          # samples per prompt (group modes only)
-    minibatch_size: int = 32     # sequences per gradient step
+    minibatch_size: int = 32     # sequences per gradient step and rank
     epochs: int = 2              # passes over each rollout batch
     max_new_tokens: int = 10
     max_prompt_len: int = 256
@@ -71,7 +70,10 @@ class PPOConfig(common.RunConfig):
     reward_clip: Optional[float] = 5.0
     entropy_coef: float = 0.0
     grad_clip: float = 1.0
+    loss_agg: str = "token-mean"  # policy and value loss aggregation: token-mean | seq-mean-token-sum |
+    #                               seq-mean-token-mean | seq-mean-token-sum-norm (over the global batch)
     whiten_advantages: bool = True
+    shard_frozen: bool = False   # under torchrun: shard the reference and reward models with FSDP2 (else replicated)
     eval_prompts: int = 256      # synthetic task: prompts for the true score before/after (0 = skip)
     eval_every: int = 0          # also every this many iterations (0 = only before and after)
     save_every: int = 5
@@ -109,73 +111,76 @@ def response_values(critic: ScalarHeadModel, sequences, attention_mask, prompt_l
 
 
 def explained_variance(values, returns, mask) -> float:
-    """1 - Var(R - V) / Var(R) over the response tokens."""
-    m = mask.bool()
-    r, v = returns[m], values[m]
-    var = r.var()
-    return float("nan") if var == 0 else float(1 - (r - v).var() / var)
+    """1 - Var(R - V) / Var(R) over the response tokens (of every rank under torchrun)."""
+    return distributed.explained_variance(values, returns, mask)
 
 
 class PPOTrainer:
     def __init__(self, cfg: PPOConfig, resume: bool = False):
         if cfg.algo not in ("ppo", *GROUP_MODES):
             raise ValueError(f"algo must be ppo, grpo, dr_grpo or rloo, got {cfg.algo!r}")
+        if cfg.loss_agg not in distributed.AGG_MODES:
+            raise ValueError(f"loss_agg must be one of {distributed.AGG_MODES}, got {cfg.loss_agg!r}")
         if not cfg.model or not cfg.reward_model:
             raise ValueError("ppo needs model= (the SFT policy directory) and reward_model= (from `rlhf-fast rm`)")
         self.cfg = cfg
         os.makedirs(cfg.out, exist_ok=True)
         self.device = device = common.resolve_device(cfg.device)
         self.tokenizer = load_tokenizer(cfg.model)
-        self.policy = load_causal_lm(cfg.model, device)
-        self.ref = load_causal_lm(cfg.model, device).eval().requires_grad_(False)
-        self.reward_model = ScalarHeadModel.from_pretrained(cfg.reward_model, device).eval().requires_grad_(False)
+        self.policy = distributed.wrap(load_causal_lm(cfg.model, device), fsdp=cfg.fsdp)
+        frozen = {"trainable": False, "shard_frozen": cfg.shard_frozen}
+        self.ref = distributed.wrap(load_causal_lm(cfg.model, device).eval().requires_grad_(False), **frozen)
+        self.reward_model = distributed.wrap(
+            ScalarHeadModel.from_pretrained(cfg.reward_model, device).eval().requires_grad_(False), **frozen)
         with open(os.path.join(cfg.reward_model, "scalar_head.json")) as f:
             info = json.load(f)
         self.score_mean, self.score_std = info.get("score_mean", 0.0), info.get("score_std", 1.0) or 1.0
         self.group = cfg.algo in GROUP_MODES
-        self.critic = None if self.group else ScalarHeadModel.from_pretrained(cfg.critic or cfg.reward_model, device)
+        self.critic = None if self.group else distributed.wrap(
+            ScalarHeadModel.from_pretrained(cfg.critic or cfg.reward_model, device), fsdp=cfg.fsdp)
         self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=0.0)
         self.critic_opt = None if self.group else torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda it: 1.0 - it / cfg.iterations)
         self.rows = read_jsonl(cfg.data, "ppo") if cfg.data else task.prompts(20_000, cfg.seed)
-        self.generator = torch.Generator(device).manual_seed(cfg.seed)
+        # each rank samples its own rollouts: its own random stream
+        self.generator = torch.Generator(device).manual_seed(cfg.seed + distributed.rank())
         self.kl_coef = cfg.kl_coef
         self.iteration = 0
-        self.ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
-        ckpt = common.load_checkpoint(self.ckpt_path) if resume else None
+        self.checkpoint = distributed.Checkpoint(cfg.out, cfg.checkpoint)
         self.initial_true_score = None
+        ckpt = self.checkpoint.load(*self._checkpointed(), self.generator, seed=cfg.seed) if resume else None
         if ckpt is not None:
-            self._restore(ckpt)
+            self.sched.load_state_dict(ckpt["scheduler"])
+            self.kl_coef, self.iteration = ckpt["kl_coef"], ckpt["iteration"]
+            self.initial_true_score = ckpt["initial_true_score"]
         self.metrics = common.Metrics(cfg.out, resume_step=self.iteration if ckpt is not None else None)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
-    def _state(self) -> dict:
-        return {"policy": self.policy.state_dict(), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(),
-                "critic": None if self.group else self.critic.state_dict(),
-                "critic_optimizer": None if self.group else self.critic_opt.state_dict(),
-                "kl_coef": self.kl_coef, "iteration": self.iteration, "initial_true_score": self.initial_true_score,
-                "rng": common.rng_state(self.generator)}
-
-    def _restore(self, ckpt: dict) -> None:
-        self.policy.load_state_dict(ckpt["policy"])
-        self.opt.load_state_dict(ckpt["optimizer"])
-        self.sched.load_state_dict(ckpt["scheduler"])
+    def _checkpointed(self) -> tuple[dict, dict]:
+        models, optimizers = {"policy": self.policy}, {"optimizer": (self.policy, self.opt)}
         if not self.group:
-            self.critic.load_state_dict(ckpt["critic"])
-            self.critic_opt.load_state_dict(ckpt["critic_optimizer"])
-        self.kl_coef, self.iteration = ckpt["kl_coef"], ckpt["iteration"]
-        self.initial_true_score = ckpt["initial_true_score"]
-        common.set_rng_state(ckpt["rng"], self.generator)
+            models["critic"], optimizers["critic_optimizer"] = self.critic, (self.critic, self.critic_opt)
+        return models, optimizers
+
+    def save_checkpoint(self) -> None:
+        self.checkpoint.save(*self._checkpointed(),
+                             {"scheduler": self.sched.state_dict(), "kl_coef": self.kl_coef,
+                              "iteration": self.iteration, "initial_true_score": self.initial_true_score},
+                             self.generator)
 
     # ------------------------------------------------------------------------------------------------ phases
-    def prompts(self, iteration: int) -> list[dict]:
-        """The iteration's prompts: the data position is the iteration number (epochs reshuffle by seed)."""
-        n = len(self.rows)
-        per_epoch = max(1, n // self.cfg.batch_size)
+    def global_prompts(self, iteration: int) -> list[dict]:
+        """The iteration's prompts over all ranks: the data position is the iteration number (epochs reshuffle by
+        seed)."""
+        n, size = len(self.rows), self.cfg.batch_size * distributed.world_size()
+        per_epoch = max(1, n // size)
         epoch, i = divmod(iteration, per_epoch)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch))
-        return [self.rows[j] for j in order[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size].tolist()]
+        return [self.rows[j] for j in order[i * size:(i + 1) * size].tolist()]
+
+    def prompts(self, iteration: int) -> list[dict]:
+        """This rank's block of the iteration's prompts."""
+        return distributed.shard(self.global_prompts(iteration))
 
     @torch.no_grad()
     def rollout(self, rows: list[dict]):
@@ -186,7 +191,7 @@ class PPOTrainer:
             ids, mask = ids.repeat_interleave(cfg.group_size, 0), mask.repeat_interleave(cfg.group_size, 0)
         self.policy.eval()
         with common.autocast(self.device):
-            res = generate(self.policy, ids, mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+            res = self.policy.local(generate, ids, mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                            top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p, eos_token_id=tok.eos_token_id,
                            pad_token_id=tok.pad_token_id, generator=self.generator)
         self.policy.train()
@@ -201,10 +206,10 @@ class PPOTrainer:
                           rmask], 1)
         old_logp = res.logprobs.float() * rmask
         with common.autocast(self.device):
-            ref_logp = response_logprobs(self.ref, seq, attn, rmask, prompt_len, temperature=cfg.temperature)
-            raw = self.reward_model.score(seq, attn)
+            ref_logp = self.ref(response_logprobs, seq, attn, rmask, prompt_len, temperature=cfg.temperature)
+            raw = self.reward_model(ScalarHeadModel.score, seq, attn)
             values = (torch.zeros_like(old_logp) if self.group
-                      else response_values(self.critic, seq, attn, prompt_len).float() * rmask)
+                      else self.critic(response_values, seq, attn, prompt_len).float() * rmask)
         score = (raw - self.score_mean) / self.score_std
         if cfg.reward_clip is not None:
             score = score.clamp(-cfg.reward_clip, cfg.reward_clip)
@@ -217,10 +222,11 @@ class PPOTrainer:
             last = last_token_index(rmask)
             rewards[torch.arange(len(last)), last] += score
             adv, returns = gae(rewards, values, rmask, gamma=cfg.gamma, lam=cfg.lam)
-            if cfg.whiten_advantages:
-                adv = masked_whiten(adv, rmask) * rmask
-        stats = {"rm_score": raw.mean().item(), "reward": score.mean().item(),
-                 "kl": (kl.sum(1)).mean().item(), "response_len": rmask.sum(1).float().mean().item()}
+            if cfg.whiten_advantages:  # statistics of the global batch
+                adv = distributed.masked_whiten(adv, rmask) * rmask
+        stats = distributed.global_means(
+            {"rm_score": raw.sum().item(), "reward": score.sum().item(), "kl": kl.sum().item(),
+             "response_len": rmask.sum().item()}, len(raw))
         return Rollout(seq, attn, rmask, old_logp, ref_logp.float(), values, adv.float(), returns.float()), stats
 
     def learn(self, ro: Rollout, prompt_len: int) -> dict:
@@ -233,36 +239,45 @@ class PPOTrainer:
             for start in range(0, B, cfg.minibatch_size):
                 mb = order[start:start + cfg.minibatch_size]
                 m = ro.response_mask[mb]
+                # Every term is this rank's share of the global-batch aggregate: (loss, weight) = global_loss(...)
+                # scales the local aggregate so that the gradient averaged over ranks is that of the global one,
+                # and sum over ranks of (local value * weight) is the global value (see distributed.global_loss).
                 with common.autocast(self.device):
-                    logp, ent = response_logprobs(self.policy, ro.sequences[mb], ro.attention_mask[mb], m,
-                                                  prompt_len, temperature=cfg.temperature, return_entropy=True)
-                    loss, st = ppo_policy_loss(logp, ro.old_logp[mb], ro.advantages[mb], m, clip_low=cfg.clip_low,
-                                               clip_high=cfg.clip_high, dual_clip=cfg.dual_clip)
+                    logp, ent = self.policy(response_logprobs, ro.sequences[mb], ro.attention_mask[mb], m,
+                                            prompt_len, temperature=cfg.temperature, return_entropy=True)
+                    pg, st = ppo_policy_loss(logp, ro.old_logp[mb], ro.advantages[mb], m, clip_low=cfg.clip_low,
+                                             clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, agg=cfg.loss_agg)
                     entropy = masked_mean(ent, m)
-                    loss = loss - cfg.entropy_coef * entropy
+                    pg_global, w_pg = distributed.global_loss(pg, m, cfg.loss_agg)
+                    ent_global, w_tok = distributed.global_loss(entropy, m)
+                    loss = pg_global - cfg.entropy_coef * ent_global
+                    value = pg.item() * w_pg - cfg.entropy_coef * entropy.item() * w_tok
                     if self.group and self.kl_coef > 0:  # GRPO: KL to the reference in the loss
-                        loss = loss + self.kl_coef * masked_mean(
-                            kl_penalty(logp, ro.ref_logp[mb], kind=cfg.kl_kind), m)
+                        kl = masked_mean(kl_penalty(logp, ro.ref_logp[mb], kind=cfg.kl_kind), m)
+                        loss = loss + self.kl_coef * distributed.global_loss(kl, m)[0]
+                        value += self.kl_coef * kl.item() * w_tok
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
                 self.opt.step()
-                step = {"policy_loss": loss.item(), "entropy": entropy.item(), "clip_frac": float(st["clip_frac"]),
-                        "approx_kl": float(st["approx_kl"])}
+                step = {"policy_loss": value, "entropy": entropy.item() * w_tok,
+                        "clip_frac": float(st["clip_frac"]) * w_tok, "approx_kl": float(st["approx_kl"]) * w_tok}
                 if not self.group:
                     with common.autocast(self.device):
-                        v = response_values(self.critic, ro.sequences[mb], ro.attention_mask[mb], prompt_len)
-                        vloss, vst = ppo_value_loss(v, ro.values[mb], ro.returns[mb], m, clip=cfg.value_clip)
+                        v = self.critic(response_values, ro.sequences[mb], ro.attention_mask[mb], prompt_len)
+                        vloss, vst = ppo_value_loss(v, ro.values[mb], ro.returns[mb], m, clip=cfg.value_clip,
+                                                    agg=cfg.loss_agg)
+                        vloss_global, w_v = distributed.global_loss(vloss, m, cfg.loss_agg)
                     self.critic_opt.zero_grad(set_to_none=True)
-                    vloss.backward()
+                    vloss_global.backward()
                     torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.grad_clip)
                     self.critic_opt.step()
-                    step.update(value_loss=vloss.item(), value_clip_frac=float(vst["clip_frac"]))
+                    step.update(value_loss=vloss.item() * w_v, value_clip_frac=float(vst["clip_frac"]) * w_tok)
                 for k, v in step.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
         self.sched.step()
-        out = {k: v / count for k, v in sums.items()}
+        out = {k: v / count for k, v in distributed.reduce_floats(sums).items()}
         if not self.group:
             out["explained_variance"] = explained_variance(ro.values, ro.returns, ro.response_mask)
         return out
@@ -276,7 +291,7 @@ class PPOTrainer:
     def true_score(self) -> Optional[float]:
         if self.cfg.data or not self.cfg.eval_prompts:
             return None
-        return common.sample_true_score(self.policy, self.tokenizer,
+        return self.policy.local(common.sample_true_score, self.tokenizer,
                                         task.prompts(self.cfg.eval_prompts, seed=10_000 + self.cfg.seed),
                                         seed=self.cfg.seed, max_new_tokens=self.cfg.max_new_tokens,
                                         temperature=self.cfg.temperature)
@@ -299,28 +314,31 @@ class PPOTrainer:
             if not cfg.data:
                 texts = common.decode_responses(self.tokenizer, ro.sequences, ro.response_mask, prompt_len)
                 prompts_ = [r["prompt"] for r in rows for _ in range(cfg.group_size if self.group else 1)]
-                stats["true_score"] = sum(task.true_score(p, t) for p, t in zip(prompts_, texts)) / len(texts)
-            self.update_kl_coef(stats["kl"], ro.sequences.shape[0])
+                stats.update(distributed.global_means(
+                    {"true_score": sum(task.true_score(p, t) for p, t in zip(prompts_, texts))}, len(texts)))
+            self.update_kl_coef(stats["kl"], ro.sequences.shape[0] * distributed.world_size())
             self.iteration += 1
             if cfg.eval_every and self.iteration % cfg.eval_every == 0 and self.iteration < cfg.iterations:
                 stats["eval_true_score"] = self.true_score()
-            stats.update(kl_coef=self.kl_coef, lr=self.sched.get_last_lr()[0], time_generate=t1 - t0,
-                         time_score=t2 - t1, time_learn=t3 - t2)
+            stats.update(kl_coef=self.kl_coef, lr=self.sched.get_last_lr()[0])
+            stats.update(distributed.reduce_floats(  # the slowest rank sets the pace
+                {"time_generate": t1 - t0, "time_score": t2 - t1, "time_learn": t3 - t2}, "max"))
             self.metrics.log(self.iteration, **{k: v for k, v in stats.items() if v is not None})
             bar.update(1)
             bar.set_postfix(reward=f"{stats['reward']:.2f}", kl=f"{stats['kl']:.2f}",
                             **({"true": f"{stats['true_score']:.2f}"} if "true_score" in stats else {}))
             if self.iteration % cfg.save_every == 0 or self.iteration == cfg.iterations:
-                common.save_checkpoint(self.ckpt_path, self._state())
+                self.save_checkpoint()
         bar.close()
         final = self.true_score()
-        common.save_model_dir(self.policy, self.tokenizer, os.path.join(cfg.out, "model"))
+        self.policy.save_pretrained(os.path.join(cfg.out, "model"), self.tokenizer)
         if not self.group:
-            common.save_model_dir(self.critic, self.tokenizer, os.path.join(cfg.out, "critic"))
+            self.critic.save_pretrained(os.path.join(cfg.out, "critic"), self.tokenizer)
         self.metrics.close()
         summary = {"iterations": cfg.iterations, "true_score_before": self.initial_true_score,
                    "true_score_after": final, "final": self.metrics.rows[-1] if self.metrics.rows else {}}
-        common.atomic_write_text(os.path.join(cfg.out, "summary.json"), json.dumps(summary))
+        if distributed.is_main():
+            common.atomic_write_text(os.path.join(cfg.out, "summary.json"), json.dumps(summary))
         return summary
 
 

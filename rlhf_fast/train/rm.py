@@ -8,7 +8,6 @@ mean[r_chosen > r_rejected] on held-out pairs.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 
@@ -19,7 +18,7 @@ from transformers import AutoConfig, AutoModel
 from ..data import pair_batch, read_jsonl, task
 from ..models.tiny import load_tokenizer
 from ..models.value_head import ScalarHeadModel
-from . import common
+from . import common, distributed
 from .sft import base_model_dir, linear_schedule
 
 
@@ -30,7 +29,7 @@ class RMConfig(common.RunConfig):
     num_pairs: int = 4000        # synthetic task only
     heldout_fraction: float = 0.1
     epochs: int = 2
-    batch_size: int = 32         # pairs per step
+    batch_size: int = 32         # pairs per step and rank (under torchrun the global batch is world_size x this)
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 10
@@ -50,7 +49,11 @@ def bradley_terry(model: ScalarHeadModel, batch: dict) -> tuple[torch.Tensor, to
 
 @torch.no_grad()
 def evaluate(model, tokenizer, rows, cfg, device) -> dict:
-    """Held-out pairwise accuracy and loss, and the mean/std of all held-out scores (saved for PPO's normalisation)."""
+    """Held-out pairwise accuracy and loss, and the mean/std of all held-out scores (saved for PPO's normalisation).
+
+    Under torchrun each rank scores its block of ``rows``; the results are over all of them."""
+    n_rows = len(rows)
+    rows = distributed.shard(rows)
     model.eval()
     losses, accs, scores = [], [], []
     for i in range(0, len(rows), 128):
@@ -63,9 +66,12 @@ def evaluate(model, tokenizer, rows, cfg, device) -> dict:
         accs.append((rc > rr).float().sum().item())
         scores.append(r)
     model.train()
-    s = torch.cat(scores)
-    return {"heldout_loss": sum(losses) / len(rows), "heldout_accuracy": sum(accs) / len(rows),
-            "score_mean": s.mean().item(), "score_std": s.std().item()}
+    s = torch.cat(scores).double() if scores else torch.zeros(0, dtype=torch.float64)
+    tot = distributed.reduce_floats({"loss": sum(losses), "acc": sum(accs), "s": s.sum().item(), "n": s.numel()})
+    mean = tot["s"] / tot["n"]
+    sq = distributed.reduce_floats({"sq": ((s - mean) ** 2).sum().item()})["sq"]
+    return {"heldout_loss": tot["loss"] / n_rows, "heldout_accuracy": tot["acc"] / n_rows,
+            "score_mean": mean, "score_std": (sq / max(tot["n"] - 1, 1)) ** 0.5}
 
 
 def train_rm(cfg: RMConfig, resume: bool = False) -> dict:
@@ -80,22 +86,21 @@ def train_rm(cfg: RMConfig, resume: bool = False) -> dict:
             model = ScalarHeadModel(body).to(device)
         else:
             model = ScalarHeadModel.from_pretrained(model_dir, device)
+        model = distributed.wrap(model, fsdp=cfg.fsdp)
         rows = read_jsonl(cfg.data, "rm") if cfg.data else task.preference_pairs(cfg.num_pairs, cfg.seed)
         n_held = max(1, int(len(rows) * cfg.heldout_fraction))
         train_rows, held = rows[:-n_held], rows[-n_held:]
-        steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
+        global_batch = cfg.batch_size * distributed.world_size()
+        steps_per_epoch = distributed.steps_per_epoch(len(train_rows), global_batch)
         total = cfg.epochs * steps_per_epoch
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(cfg.warmup_steps, total))
 
-        ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
-        ckpt = common.load_checkpoint(ckpt_path) if resume else None
+        checkpoint = distributed.Checkpoint(cfg.out, cfg.checkpoint)
+        ckpt = checkpoint.load({"model": model}, {"optimizer": (model, opt)}, seed=cfg.seed) if resume else None
         step = 0
         if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
-            common.set_rng_state(ckpt["rng"])
             step = ckpt["step"]
         metrics = common.Metrics(cfg.out, resume_step=step if ckpt is not None else None)
 
@@ -106,52 +111,58 @@ def train_rm(cfg: RMConfig, resume: bool = False) -> dict:
         while step < total:
             epoch, i = divmod(step, steps_per_epoch)
             order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size].tolist()
+            idx = distributed.shard(order[i * global_batch:(i + 1) * global_batch].tolist())
             batch = {k: v.to(device) for k, v in pair_batch(tokenizer, [train_rows[j] for j in idx],
                                                               cfg.max_len).items()}
             with common.autocast(device):
-                loss, acc = bradley_terry(model, batch)
+                local_loss, acc = model(bradley_terry, batch)
+            # the mean over the global batch's pairs (see distributed.global_loss)
+            loss, weight = distributed.global_loss(local_loss, torch.ones(len(idx), 1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
             step += 1
-            loss_sum, acc_sum, n = loss_sum + loss.item(), acc_sum + acc.item(), n + 1
+            loss_sum, acc_sum, n = loss_sum + local_loss.item() * weight, acc_sum + acc.item() * weight, n + 1
             bar.update(1)
             if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == total:
-                row = {"loss": loss_sum / n, "accuracy": acc_sum / n}
+                tot = distributed.reduce_floats({"loss": loss_sum, "accuracy": acc_sum})
+                row = {"loss": tot["loss"] / n, "accuracy": tot["accuracy"] / n}
                 if step % cfg.eval_every == 0 or step == total:
-                    ev = evaluate(model, tokenizer, held, cfg, device)
+                    ev = model.local(evaluate, tokenizer, held, cfg, device)
                     row.update(heldout_loss=ev["heldout_loss"], heldout_accuracy=ev["heldout_accuracy"])
                 metrics.log(step, **row)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in row.items()})
                 loss_sum = acc_sum = 0.0
                 n = 0
             if step % cfg.save_every == 0 or step == total:
-                common.save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                                   "scheduler": sched.state_dict(), "rng": common.rng_state(),
-                                                   "step": step})
+                checkpoint.save({"model": model}, {"optimizer": (model, opt)},
+                                {"scheduler": sched.state_dict(), "step": step})
         bar.close()
-        ev = evaluate(model, tokenizer, held, cfg, device)
+        ev = model.local(evaluate, tokenizer, held, cfg, device)
         out_dir = os.path.join(cfg.out, "model")
-        common.save_model_dir(model, tokenizer, out_dir)
-        with open(os.path.join(out_dir, "scalar_head.json")) as f:
-            info = json.load(f)
-        info.update(score_mean=ev["score_mean"], score_std=ev["score_std"])
-        common.atomic_write_text(os.path.join(out_dir, "scalar_head.json"), json.dumps(info))
+        model.save_pretrained(out_dir, tokenizer)
+        if distributed.is_main():
+            with open(os.path.join(out_dir, "scalar_head.json")) as f:
+                info = json.load(f)
+            info.update(score_mean=ev["score_mean"], score_std=ev["score_std"])
+            common.atomic_write_text(os.path.join(out_dir, "scalar_head.json"), json.dumps(info))
+        distributed.barrier()
         metrics.close()
         summary = {"heldout_accuracy": ev["heldout_accuracy"], "heldout_loss": ev["heldout_loss"],
                    "heldout_pairs": len(held), "steps": total}
         if not cfg.data:
-            summary["heldout_accuracy_vs_rule"] = rule_accuracy(model, tokenizer, held, cfg, device)
-        common.atomic_write_text(os.path.join(cfg.out, "summary.json"), json.dumps(summary))
+            summary["heldout_accuracy_vs_rule"] = model.local(rule_accuracy, tokenizer, held, cfg, device)
+        if distributed.is_main():
+            common.atomic_write_text(os.path.join(cfg.out, "summary.json"), json.dumps(summary))
         return summary
 
 
 @torch.no_grad()
 def rule_accuracy(model, tokenizer, rows, cfg, device) -> float:
     """Synthetic task: how often the RM orders a held-out pair as the true rule does (pairs the rule ties skipped)."""
+    rows = distributed.shard(rows)
     model.eval()
     hits = total = 0
     for i in range(0, len(rows), 128):
@@ -164,4 +175,5 @@ def rule_accuracy(model, tokenizer, rows, cfg, device) -> float:
                 hits += (a > b) == (sa > sb)
                 total += 1
     model.train()
-    return hits / max(1, total)
+    tot = distributed.reduce_floats({"hits": hits, "total": total})
+    return tot["hits"] / max(1, tot["total"])

@@ -6,7 +6,6 @@ the fused linear log-prob op (no [B, T, V] logits).
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -15,7 +14,7 @@ import torch
 from ..data import IGNORE_INDEX, read_jsonl, sft_batch, task
 from ..models import sequence_logprobs
 from ..models.tiny import load_causal_lm, load_tokenizer, save_tiny_default
-from . import common
+from . import common, distributed
 
 
 @dataclass
@@ -23,7 +22,7 @@ class SFTConfig(common.RunConfig):
     out: str = "runs/sft"
     num_examples: int = 4000     # synthetic task only
     epochs: int = 2
-    batch_size: int = 64
+    batch_size: int = 64         # per rank: under torchrun the global batch is world_size x batch_size
     lr: float = 2e-3
     weight_decay: float = 0.0
     warmup_steps: int = 20
@@ -53,8 +52,9 @@ def base_model_dir(cfg: common.RunConfig) -> str:
     if cfg.model:
         return cfg.model
     path = os.path.join(cfg.out, "base")
-    if not os.path.exists(os.path.join(path, "config.json")):
+    if distributed.is_main() and not os.path.exists(os.path.join(path, "config.json")):
         save_tiny_default(path, seed=cfg.seed)
+    distributed.barrier()
     return path
 
 
@@ -66,21 +66,19 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> dict:
     with common.run_context(cfg):
         model_dir = base_model_dir(cfg)
         tokenizer = load_tokenizer(model_dir)
-        model = load_causal_lm(model_dir, device)
+        model = distributed.wrap(load_causal_lm(model_dir, device), fsdp=cfg.fsdp)
         rows = read_jsonl(cfg.data, "sft") if cfg.data else task.sft_examples(cfg.num_examples, cfg.seed)
-        steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
+        global_batch = cfg.batch_size * distributed.world_size()
+        steps_per_epoch = distributed.steps_per_epoch(len(rows), global_batch)
         total = cfg.epochs * steps_per_epoch
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(cfg.warmup_steps, total))
 
-        ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
-        ckpt = common.load_checkpoint(ckpt_path) if resume else None
+        checkpoint = distributed.Checkpoint(cfg.out, cfg.checkpoint)
+        ckpt = checkpoint.load({"model": model}, {"optimizer": (model, opt)}, seed=cfg.seed) if resume else None
         step = 0
         if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
-            common.set_rng_state(ckpt["rng"])
             step = ckpt["step"]
         metrics = common.Metrics(cfg.out, resume_step=step if ckpt is not None else None)
 
@@ -91,36 +89,39 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> dict:
             # data position = step: the epoch's order is a pure function of (seed, epoch)
             epoch, i = divmod(step, steps_per_epoch)
             order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size].tolist()
+            idx = distributed.shard(order[i * global_batch:(i + 1) * global_batch].tolist())
             batch = {k: v.to(device) for k, v in sft_batch(tokenizer, [rows[j] for j in idx], cfg.max_len).items()}
             with common.autocast(device):
-                loss = sft_loss(model, batch)
+                local_loss = model(sft_loss, batch)
+            # the token-mean over the global batch (see distributed.global_loss)
+            loss, weight = distributed.global_loss(local_loss, batch["labels"][:, 1:] != IGNORE_INDEX)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
             step += 1
-            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+            loss_sum, loss_n = loss_sum + local_loss.item() * weight, loss_n + 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == total:
+                loss_sum = distributed.reduce_floats({"loss": loss_sum})["loss"]
                 metrics.log(step, loss=loss_sum / loss_n, lr=sched.get_last_lr()[0])
                 bar.set_postfix(loss=f"{loss_sum / loss_n:.3f}")
                 loss_sum, loss_n = 0.0, 0
             if step % cfg.save_every == 0 or step == total:
-                common.save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                                   "scheduler": sched.state_dict(), "rng": common.rng_state(),
-                                                   "step": step})
+                checkpoint.save({"model": model}, {"optimizer": (model, opt)},
+                                {"scheduler": sched.state_dict(), "step": step})
         bar.close()
-        common.save_model_dir(model, tokenizer, os.path.join(cfg.out, "model"))
+        model.save_pretrained(os.path.join(cfg.out, "model"), tokenizer)
         summary = {"final_loss": metrics.rows[-1]["loss"] if metrics.rows else float("nan"), "steps": total}
         if not cfg.data and cfg.eval_prompts:
-            summary["true_score"] = common.sample_true_score(
-                model, tokenizer, task.prompts(cfg.eval_prompts, seed=10_000 + cfg.seed), seed=cfg.seed,
-                max_new_tokens=cfg.max_new_tokens)
+            summary["true_score"] = model.local(
+                common.sample_true_score, tokenizer, task.prompts(cfg.eval_prompts, seed=10_000 + cfg.seed),
+                seed=cfg.seed, max_new_tokens=cfg.max_new_tokens)
             summary["demonstrator_score"] = demonstrator_score(cfg.eval_prompts, cfg.seed)
         metrics.close()
-        common.atomic_write_text(os.path.join(cfg.out, "summary.json"), __import__("json").dumps(summary))
+        if distributed.is_main():
+            common.atomic_write_text(os.path.join(cfg.out, "summary.json"), __import__("json").dumps(summary))
         return summary
 
 
