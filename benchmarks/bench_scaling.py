@@ -126,6 +126,7 @@ def _rank(local_rank: int, args, world: int, path: str) -> None:
                "peak_mib": max(r["peak"] for r in rows) / 2**20, "extra_mib": max(r["extra"] for r in rows) / 2**20}
         with open(f"{path}/result.json", "w") as f:
             json.dump(out, f)
+    del step  # the models (and DDP's reducer, which holds the process group) go before the group
     distributed.shutdown()
 
 

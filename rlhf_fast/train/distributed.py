@@ -74,9 +74,14 @@ def setup(device: str = "auto") -> torch.device:
 
 
 def shutdown() -> None:
+    """Leaves the process group. The barrier first: once it returns, gloo's worker threads hold no finished work
+    whose tensors they would free later under the GIL; a group destroyed (by whoever drops the last reference, e.g.
+    a DDP reducer) while they do deadlocks, since its destructor joins them holding the GIL."""
     global _MESH
     _MESH = None
     if dist.is_initialized():
+        if is_distributed():
+            dist.barrier()
         dist.destroy_process_group()
 
 
