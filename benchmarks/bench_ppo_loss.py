@@ -3,11 +3,11 @@ gather, entropy, clipped ratio, KL, masked mean: ppo_loss_from_logits_ref) and t
 the per-token losses ppo_policy_loss / ppo_value_loss (forward+backward, stats included) against their references,
 eager and under torch.compile, on every rlhf_fast backend usable on the device.
 
-Method (CPU). Each from-logits row runs in a fresh subprocess (so one row's allocations cannot hide another's) with glibc's
-mmap threshold fixed at 64 KiB, so every large buffer is mmapped and returned to the OS when freed and the resident
-set follows the live tensors. After the warm-up runs (torch.compile compiles there) the peak RSS is reset
+Method (CPU). Each from-logits row runs in a fresh subprocess (so one row's allocations cannot hide another's) with
+glibc's mmap threshold fixed at 64 KiB, so every large buffer is mmapped and returned to the OS when freed and the
+resident set follows the live tensors. After the warm-up runs (torch.compile compiles there) the peak RSS is reset
 (``/proc/self/clear_refs``), one forward+backward runs, and the peak extra memory is VmHWM minus the RSS before it:
-all temporaries plus the logits' gradient, which stays alive. Time is the median of ``--reps`` forward+backward runs.
+all temporaries plus the logits' gradient. Time is the median of ``--reps`` forward+backward runs.
 The per-token rows run in this process, at each of ``--threads`` (default 1 and 2).
 Method (CUDA). In this process; peak extra memory from the caching allocator; times synchronise the device.
 
@@ -35,8 +35,6 @@ IMPLS = {  # config -> implementations timed ("rlhf_fast [torch]": the compositi
     "full": ("eager composite", "compiled composite", "rlhf_fast [cpp]", "rlhf_fast [torch]"),
     "no-entropy": ("eager composite", "compiled composite", "rlhf_fast [cpp]"),
 }
-
-
 CUDA_IMPLS = ("eager composite", "compiled composite", "rlhf_fast [triton]", "rlhf_fast [cuda]")
 
 

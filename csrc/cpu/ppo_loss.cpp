@@ -53,6 +53,8 @@ struct Weights {
     for (float& x : storage) x *= g;
   }
 
+  bool is_constant() const { return per_row == nullptr && per_seq == nullptr; }
+
   void fill(int64_t begin, int64_t n, float* out) const {
     if (per_seq != nullptr) {
       for (int64_t j = 0; j < n; ++j) out[j] = per_seq[seq_ids[begin + j]];
@@ -69,7 +71,8 @@ struct Weights {
   }
 };
 
-int64_t count_true(const bool* m, int64_t n) {
+int64_t count_true(const bool* mask, int64_t n) {
+  const auto* m = reinterpret_cast<const uint8_t*>(mask);  // bytes 0/1: the loop vectorises
   int64_t c = 0;
   for (int64_t i = 0; i < n; ++i) c += m[i];
   return c;
@@ -215,8 +218,12 @@ struct ValueOp {
 
 template <typename T>
 void stage(const T* x, int64_t n, float* out) {
-  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<float>(x[j]);
-  std::fill(out + n, out + kBlock, 0.f);
+  if constexpr (std::is_same_v<T, bool>) {
+    stage(reinterpret_cast<const uint8_t*>(x), n, out);  // bytes 0/1: the loop vectorises
+  } else {
+    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<float>(x[j]);
+    std::fill(out + n, out + kBlock, 0.f);
+  }
 }
 
 // Block [i, i + len) of the inputs as fp32, zero-padded to kBlock (mask 0 in the padding): px, py, pz point to the
@@ -225,6 +232,7 @@ template <typename T>
 struct Staged {
   alignas(64) float x[kBlock], y[kBlock], z[kBlock], m[kBlock], w[kBlock];
   const float *px = x, *py = y, *pz = z;
+  bool w_filled = false;
 
   void load(const T* in_x, const T* in_y, const T* in_z, const bool* mask, const Weights& weights, int64_t i,
             int64_t len) {
@@ -239,7 +247,12 @@ struct Staged {
       stage(in_x + i, len, x), stage(in_y + i, len, y), stage(in_z + i, len, z);
     }
     stage(mask + i, len, m);
-    weights.fill(i, len, w);
+    if (!weights.is_constant()) {
+      weights.fill(i, len, w);  // the padding keeps earlier (finite) weights: its mask is 0
+    } else if (!w_filled) {
+      weights.fill(i, kBlock, w);  // a constant weight: filled once
+      w_filled = true;
+    }
   }
 };
 
