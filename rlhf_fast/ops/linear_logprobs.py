@@ -49,8 +49,7 @@ from torch import Tensor
 
 from .. import _backend
 from . import _checks
-from .token_logprobs import (LOGPROBS_BACKENDS, entropy_ref, logprobs_entropy_backward_op, logprobs_entropy_op,
-                             logprobs_ref)
+from .token_logprobs import LOGPROBS_BACKENDS, _logprobs_bwd, _logprobs_fwd, entropy_ref, logprobs_ref
 
 LINEAR_LOGPROBS_BACKENDS = LOGPROBS_BACKENDS  # the backend of the fused log-prob kernel run on each tile
 OP_BACKENDS = {"linear_logprobs": LINEAR_LOGPROBS_BACKENDS}
@@ -111,38 +110,52 @@ def _tile_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], v0: int, v1:
     return torch.addmm(bias[v0:v1], h, weight[v0:v1].t())
 
 
-def _local_labels(labels: Tensor, keep: Tensor, v0: int, v1: int) -> tuple[Tensor, Tensor]:
-    """Labels of a tile of columns [v0, v1): (in_tile, label - v0 there and -1, the tile's ignore index, elsewhere)."""
-    in_tile = keep & (labels >= v0) & (labels < v1)
-    return in_tile, torch.where(in_tile, labels - v0, -1)
+def _label_tiles(labels: Tensor, keep: Tensor, vocab: int, cols: int) -> tuple[Tensor, Tensor]:
+    """(tile, offset), int64 [N]: the column tile holding each label (-1 where it is ignored or outside [0, V)) and
+    the label's column inside that tile. The labels local to tile c are where(tile == c, offset, -1): -1 is the
+    tiles' ignore index."""
+    in_range = keep & (labels >= 0) & (labels < vocab)
+    tile = torch.where(in_range, labels // cols, -1)
+    return tile, labels - tile * cols
+
+
+def _row_chunks(n: int, rows: int) -> list[tuple[int, int]]:
+    return [(start, min(start + rows, n)) for start in range(0, n, rows)]
 
 
 def _linear_logprobs_fwd(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, rows, cols,
                          backend):
     n, vocab = hidden.shape[0], weight.shape[0]
-    keep = labels != ignore_index
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    lse = torch.full((n,), float("-inf"), **f32)  # running log-sum-exp over the column tiles seen so far
-    entropy = torch.zeros(n, **f32)  # entropy of the softmax over the column tiles seen so far
-    target = torch.zeros(n, **f32)  # z[y] / T, from the tile holding y
-    for v0 in range(0, vocab, cols):
+    if n == 0:
+        return tuple(torch.empty(0, **f32) for _ in range(3))
+    keep = labels != ignore_index
+    tile, offset = _label_tiles(labels, keep, vocab, cols)
+    chunks = _row_chunks(n, rows)
+    # per row chunk, over the column tiles seen so far: log-sum-exp, entropy of the softmax, and z[y] / T (from the
+    # tile holding y). Few launches per tile: the kernels are called directly (this op is their custom-op wrapper's
+    # peer), and the states are rebound rather than written into slices.
+    lse = [torch.full((end - start,), float("-inf"), **f32) for start, end in chunks]
+    entropy = [torch.zeros(end - start, **f32) for start, end in chunks]
+    target = [torch.zeros(end - start, **f32) for start, end in chunks]
+    for c, v0 in enumerate(range(0, vocab, cols)):
         v1 = min(v0 + cols, vocab)
-        for start in range(0, n, rows):
-            end = min(start + rows, n)
-            in_tile, local = _local_labels(labels[start:end], keep[start:end], v0, v1)
+        for k, (start, end) in enumerate(chunks):
+            here = tile[start:end] == c
             logits = _tile_logits(hidden[start:end], weight, bias, v0, v1)
-            lp_c, ent_c, lse_c = logprobs_entropy_op(logits, local, temperature, -1, compute_entropy, backend)
+            lp_c, ent_c, lse_c = _logprobs_fwd(backend, logits, torch.where(here, offset[start:end], -1),
+                                               temperature, -1, compute_entropy)
             del logits
-            target[start:end] += torch.where(in_tile, lp_c + lse_c, 0.0)
-            old = lse[start:end]
-            new = torch.logaddexp(old, lse_c)
+            target[k] = torch.where(here, lp_c + lse_c, target[k])
+            new = torch.logaddexp(lse[k], lse_c)
             if compute_entropy:  # H = sum_c w_c (H_c - log w_c), w_c = exp(lse_c - lse): no cancellation
-                w_old, w_c = torch.exp(old - new), torch.exp(lse_c - new)
-                entropy[start:end] = (torch.where(w_old > 0, w_old * (entropy[start:end] + (new - old)), 0.0)
-                                      + torch.where(w_c > 0, w_c * (ent_c + (new - lse_c)), 0.0))
-            lse[start:end] = new
-    in_range = (labels >= 0) & (labels < vocab)  # an out-of-range label (unchecked on CUDA) gives NaN, as logprobs
-    logp = torch.where(keep, torch.where(in_range, target - lse, float("nan")), 0.0)
+                w_old, w_c = torch.exp(lse[k] - new), torch.exp(lse_c - new)
+                entropy[k] = (torch.where(w_old > 0, w_old * (entropy[k] + (new - lse[k])), 0.0)
+                              + torch.where(w_c > 0, w_c * (ent_c + (new - lse_c)), 0.0))
+            lse[k] = new
+    lse, entropy, target = (x[0] if len(x) == 1 else torch.cat(x) for x in (lse, entropy, target))
+    # an out-of-range label (unchecked on CUDA) gives NaN, as logprobs does
+    logp = torch.where(keep, torch.where((labels >= 0) & (labels < vocab), target - lse, float("nan")), 0.0)
     return logp, entropy, lse
 
 
@@ -225,19 +238,20 @@ def _linear_logprobs_bwd(grad_logp, grad_entropy, grad_lse, hidden, weight, bias
     if need_weight and not weight_in_place:
         gw_buffer = torch.empty(min(cols, vocab), weight.shape[1], **f32)
     keep = labels != ignore_index
-    g_kept = torch.where(keep, grad_logp, 0.0)
-    for v0 in range(0, vocab, cols):
+    tile, offset = _label_tiles(labels, keep, vocab, cols)
+    g_kept = torch.where(tile >= 0, grad_logp, 0.0)  # no gradient where logp is 0 (ignored) or NaN (out of range)
+    # d logp / d z = onehot(y) - p: on the tiles without the label, the -g p part goes through lse
+    grad_lse_elsewhere = grad_lse - g_kept
+    for c, v0 in enumerate(range(0, vocab, cols)):
         v1 = min(v0 + cols, vocab)
         gw = grad_weight[v0:v1] if gw_buffer is None else gw_buffer[:v1 - v0]
-        for start in range(0, n, rows):
-            end = min(start + rows, n)
-            h, g = hidden[start:end], g_kept[start:end]
-            in_tile, local = _local_labels(labels[start:end], keep[start:end], v0, v1)
-            # d logp / d z = onehot(y) - p: on the tiles without the label, the -p part goes through lse
-            grad_lse_tile = grad_lse[start:end] - torch.where(in_tile, 0.0, g)
+        for start, end in _row_chunks(n, rows):
+            h, here = hidden[start:end], tile[start:end] == c
             logits = _tile_logits(h, weight, bias, v0, v1)
-            grad_logits = logprobs_entropy_backward_op(g, grad_entropy[start:end], grad_lse_tile, logits, local,
-                                                       lse[start:end], entropy[start:end], temperature, -1, backend)
+            grad_logits = _logprobs_bwd(backend, g_kept[start:end], grad_entropy[start:end],
+                                        torch.where(here, grad_lse[start:end], grad_lse_elsewhere[start:end]), logits,
+                                        torch.where(here, offset[start:end], -1), lse[start:end], entropy[start:end],
+                                        temperature, -1)
             del logits  # one [rows, cols] buffer alive during the gradient GEMMs, not two
             if need_hidden:
                 _gemm(grad_hidden[start:end], grad_logits, weight[v0:v1], accumulate=v0 > 0)
