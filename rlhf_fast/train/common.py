@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import random
-import shutil
 from dataclasses import dataclass
 from typing import Optional
 
@@ -143,19 +142,6 @@ def load_checkpoint(path: str) -> Optional[dict]:
     if not os.path.exists(path):
         return None
     return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def save_model_dir(model, tokenizer, path: str) -> None:
-    """``save_pretrained`` into a temporary directory, then swap it in: ``path`` is always a complete model."""
-    tmp, old = path + ".tmp", path + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 class Metrics:

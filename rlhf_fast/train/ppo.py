@@ -19,7 +19,6 @@ head; from the reward model unless ``critic`` names another directory). One iter
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass

@@ -19,7 +19,7 @@ from ..data import pair_batch, read_jsonl, task
 from ..models.tiny import load_tokenizer
 from ..models.value_head import ScalarHeadModel
 from . import common, distributed
-from .sft import base_model_dir, linear_schedule
+from .sft import base_model_dir, optimizer_and_checkpoint
 
 
 @dataclass
@@ -93,16 +93,7 @@ def train_rm(cfg: RMConfig, resume: bool = False) -> dict:
         global_batch = cfg.batch_size * distributed.world_size()
         steps_per_epoch = distributed.steps_per_epoch(len(train_rows), global_batch)
         total = cfg.epochs * steps_per_epoch
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(cfg.warmup_steps, total))
-
-        checkpoint = distributed.Checkpoint(cfg.out, cfg.checkpoint)
-        ckpt = checkpoint.load({"model": model}, {"optimizer": (model, opt)}, seed=cfg.seed) if resume else None
-        step = 0
-        if ckpt is not None:
-            sched.load_state_dict(ckpt["scheduler"])
-            step = ckpt["step"]
-        metrics = common.Metrics(cfg.out, resume_step=step if ckpt is not None else None)
+        opt, sched, checkpoint, step, metrics = optimizer_and_checkpoint(cfg, model, total, resume)
 
         model.train()
         bar = common.progress(total=total, initial=step, enabled=cfg.progress, desc="rm")

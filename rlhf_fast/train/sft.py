@@ -47,6 +47,21 @@ def linear_schedule(warmup: int, total: int):
     return lambda step: min(1.0, (step + 1) / max(1, warmup)) * max(0.0, 1.0 - step / max(1, total))
 
 
+def optimizer_and_checkpoint(cfg, model, total: int, resume: bool):
+    """AdamW with the linear warm-up/decay schedule over ``total`` steps, and the run's checkpoint; when resuming,
+    model, optimizer, scheduler and RNG state are restored -> (optimizer, scheduler, checkpoint, step, metrics)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(cfg.warmup_steps, total))
+    checkpoint = distributed.Checkpoint(cfg.out, cfg.checkpoint)
+    state = checkpoint.load({"model": model}, {"optimizer": (model, opt)}, seed=cfg.seed) if resume else None
+    step = 0
+    if state is not None:
+        sched.load_state_dict(state["scheduler"])
+        step = state["step"]
+    metrics = common.Metrics(cfg.out, resume_step=step if state is not None else None)
+    return opt, sched, checkpoint, step, metrics
+
+
 def base_model_dir(cfg: common.RunConfig) -> str:
     """``cfg.model``, or the embedded tiny default built and saved under ``cfg.out/base``."""
     if cfg.model:
@@ -71,16 +86,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> dict:
         global_batch = cfg.batch_size * distributed.world_size()
         steps_per_epoch = distributed.steps_per_epoch(len(rows), global_batch)
         total = cfg.epochs * steps_per_epoch
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(cfg.warmup_steps, total))
-
-        checkpoint = distributed.Checkpoint(cfg.out, cfg.checkpoint)
-        ckpt = checkpoint.load({"model": model}, {"optimizer": (model, opt)}, seed=cfg.seed) if resume else None
-        step = 0
-        if ckpt is not None:
-            sched.load_state_dict(ckpt["scheduler"])
-            step = ckpt["step"]
-        metrics = common.Metrics(cfg.out, resume_step=step if ckpt is not None else None)
+        opt, sched, checkpoint, step, metrics = optimizer_and_checkpoint(cfg, model, total, resume)
 
         model.train()
         bar = common.progress(total=total, initial=step, enabled=cfg.progress, desc="sft")
