@@ -188,10 +188,8 @@ def test_kill_and_resume_two_ranks(models, launched):
                      *(a for a in W.RESUME if a != "fsdp=true"), "--fsdp", "--resume"])
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert proc.stdout.count("'iterations': 4") == 1  # only rank 0 prints
-    assert metrics(killed) == metrics(full)
-    for d in ("model", "critic"):
-        wa, wb = weights(os.path.join(killed, d)), weights(os.path.join(full, d))
-        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # same samples and metrics; not bit-exact: gloo's FSDP2 collectives can round differently between launches
+    assert_same_run(killed, full, model_dirs=("model", "critic"))
 
 
 def test_ddp_checkpoint_resumes_on_one_rank(models, launched, tmp_path):

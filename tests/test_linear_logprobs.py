@@ -129,11 +129,11 @@ def test_logp_only_gradient_and_frozen_inputs(tiles_of):
     hd, wd = hidden.double().requires_grad_(), weight.double().requires_grad_()
     ref = exact(hd, wd, bias, labels, 1.0, -100)[0]
     gh_ref, gw_ref = torch.autograd.grad(ref, (hd, wd), grad.double())
-    torch.testing.assert_close(gh.double(), gh_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gh.double(), gh_ref, rtol=1e-5, atol=1e-5)  # fp32 GEMMs vs fp64
     # only weight requires grad
     w = weight.clone().requires_grad_()
     (gw,) = torch.autograd.grad(rlhf_fast.linear_logprobs(hidden, w, labels, bias=bias), w, grad)
-    torch.testing.assert_close(gw.double(), gw_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw.double(), gw_ref, rtol=1e-5, atol=1e-5)
 
 
 def test_all_ignored_and_empty():
