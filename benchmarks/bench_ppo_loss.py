@@ -25,7 +25,7 @@ import sys
 import time
 
 import torch
-from common import device_name, median_ms, peak_extra_mib, sync
+from common import device_name, median_ms, peak_extra_mib, rss_kib, sync
 
 CONFIGS = {  # name -> keyword arguments of ppo_loss_from_logits
     "full": dict(kl_coef=0.05, kl_kind="k3", entropy_coef=0.01, dual_clip=3.0),
@@ -74,14 +74,6 @@ def _from_logits_step(impl: str, logits, labels, old_logp, advantages, mask, kwa
     return step
 
 
-def _memory_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _run_row(impl: str, shape, dtype_name: str, config: str, reps: int) -> dict:
     """One CPU row, in this (fresh) process: -> {"ms": median, "peak_mib": peak extra memory}."""
     logits, labels, old_logp, advantages, mask, ref_logp = _inputs(shape, getattr(torch, dtype_name))
@@ -91,10 +83,10 @@ def _run_row(impl: str, shape, dtype_name: str, config: str, reps: int) -> dict:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-        base = _memory_kib("VmRSS")
+        base = rss_kib("VmRSS")
         # the gradient is freed at the end of step(); the peak includes it
         step()
-        peak_mib = (_memory_kib("VmHWM") - base) / 1024
+        peak_mib = (rss_kib("VmHWM") - base) / 1024
     except OSError:
         peak_mib = float("nan")
     times = []

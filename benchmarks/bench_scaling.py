@@ -25,7 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import _rss_kib  # noqa: E402
+from common import rss_kib  # noqa: E402
 
 
 def _build(path: str, quick: bool) -> str:
@@ -107,7 +107,7 @@ def _rank(local_rank: int, args, world: int, path: str) -> None:
     else:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak resident set (VmHWM)
-        base = _rss_kib("VmRSS") * 1024
+        base = rss_kib("VmRSS") * 1024
     times, samples = [], 0
     for i in range(1, args.steps + 1):
         distributed.barrier()
@@ -119,7 +119,7 @@ def _rank(local_rank: int, args, world: int, path: str) -> None:
     if device.type == "cuda":
         peak, extra = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_allocated(device) - base
     else:
-        peak, extra = _rss_kib("VmHWM") * 1024, _rss_kib("VmHWM") * 1024 - base
+        peak, extra = rss_kib("VmHWM") * 1024, rss_kib("VmHWM") * 1024 - base
     rows = distributed.all_gather_object({"samples": samples, "peak": peak, "extra": extra})
     if distributed.is_main():
         out = {"step_s": statistics.median(times), "samples_per_step": sum(r["samples"] for r in rows) / args.steps,

@@ -32,7 +32,7 @@ def median_ms(fn, device: torch.device, *, reps: int = 5, warmup: int = 1) -> fl
     return statistics.median(times)
 
 
-def _rss_kib(field: str) -> int:
+def rss_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -56,9 +56,9 @@ def peak_extra_mib(fn, device: torch.device) -> float:
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    before = _rss_kib("VmRSS")
+    before = rss_kib("VmRSS")
     fn()
-    return max(0, _rss_kib("VmHWM") - before) / 1024
+    return max(0, rss_kib("VmHWM") - before) / 1024
 
 
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # datasheet peaks
