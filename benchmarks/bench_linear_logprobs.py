@@ -9,7 +9,8 @@ TRL's chunked path `trl.kernels.chunked_logprob.ChunkedLogProbFunction` (log-pro
 is installed; Liger's `LigerFusedLinearCrossEntropyLoss` (forward+backward only, when liger_kernel is installed: it
 returns a scalar loss, sum of -log-probs, so it forms the gradients in its forward, 3 GEMMs, which a per-token
 output with an arbitrary upstream gradient cannot do); rlhf_fast.linear_logprobs on each compiled backend usable on
-the device.
+the device. Forward+backward also has the scalar-loss rows, whose upstream gradient is known in the forward: eager
+`cross_entropy(hidden @ W.T, labels, reduction="sum")`, Liger, and rlhf_fast.linear_cross_entropy (3 GEMMs).
 
 Floor rows time plain GEMMs at the full size: the logits GEMM [N, H] x [H, V] for the forward; for forward+backward
 the three GEMMs no implementation can avoid (logits, grad_hidden, grad_weight) and, as "4 GEMMs", those plus a
@@ -49,19 +50,31 @@ def eager(hidden, weight, labels):
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
+def eager_cross_entropy(hidden, weight, labels):
+    return torch.nn.functional.cross_entropy((hidden @ weight.T).float(), labels, reduction="sum")
+
+
 def implementations(device, mode, only=None):
     """name -> fn(hidden, weight, labels) for ``mode``; ``only``: just that one (a memory child imports no more)."""
     impls = {"eager": eager, "torch.compile(eager)": torch.compile(eager)}
     if only is None or only.startswith("trl"):
         impls.update(_trl())
-    if mode == "fwd+bwd" and (only is None or only.startswith("liger")):
-        impls.update(_liger())
-    for name in LINEAR_LOGPROBS_BACKENDS:
-        if name != "torch" and _backend.built(name) and _backend.runs_on(name, device):
-            def run(hidden, weight, labels, _name=name):
+    compiled = [name for name in LINEAR_LOGPROBS_BACKENDS
+                if name != "torch" and _backend.built(name) and _backend.runs_on(name, device)]
+    for name in compiled:
+        def run(hidden, weight, labels, _name=name):
+            with rlhf_fast.use_backend(_name):
+                return rlhf_fast.linear_logprobs(hidden, weight, labels)
+        impls[f"rlhf_fast[{name}]"] = run
+    if mode == "fwd+bwd":  # scalar losses: the upstream gradient is known in the forward
+        impls["eager cross_entropy (scalar loss)"] = eager_cross_entropy
+        if only is None or only.startswith("liger"):
+            impls.update(_liger())
+        for name in compiled:
+            def loss(hidden, weight, labels, _name=name):
                 with rlhf_fast.use_backend(_name):
-                    return rlhf_fast.linear_logprobs(hidden, weight, labels)
-            impls[f"rlhf_fast[{name}]"] = run
+                    return rlhf_fast.linear_cross_entropy(hidden, weight, labels, reduction="sum")
+            impls[f"rlhf_fast.linear_cross_entropy[{name}] (scalar loss)"] = loss
     return impls if only is None else {only: impls[only]}
 
 

@@ -1,11 +1,12 @@
-"""rlhf_fast.models.sequence_logprobs against the model's own forward().logits on tiny transformers models."""
+"""rlhf_fast.models.sequence_logprobs / sequence_cross_entropy against the model's own forward().logits on tiny
+transformers models."""
 
 import pytest
 import torch
 from torch import nn
 from transformers import Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from rlhf_fast.models import sequence_logprobs, shift_labels
+from rlhf_fast.models import sequence_cross_entropy, sequence_logprobs, shift_labels
 
 VOCAB = 101
 
@@ -70,6 +71,25 @@ def test_matches_model_forward(kind):
     assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("kind", ["llama", "llama-tied", "llama-bias", "gpt2"])
+def test_cross_entropy_matches_model_forward(kind):
+    model = tiny_model(kind)
+    input_ids, attention_mask, labels = batch()
+    loss = sequence_cross_entropy(model, input_ids, attention_mask, labels, temperature=0.8)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    ref_logp, _ = from_logits(model, input_ids, attention_mask, labels, 0.8)
+    scored = (labels != -100) & (attention_mask == 1)
+    ref = -ref_logp.sum() / scored.sum()
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == {name for name, p in model.named_parameters() if p.grad is not None}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_logp_only_matches_and_custom_ignore_index():
     model = tiny_model("llama")
     input_ids, attention_mask, labels = batch()
@@ -117,6 +137,8 @@ def test_scaled_or_non_linear_head_is_refused():
     model.config.logit_scale = 0.5
     with pytest.raises(ValueError, match="logit_scale"):
         sequence_logprobs(model, input_ids, attention_mask, labels)
+    with pytest.raises(ValueError, match="sequence_cross_entropy does not support .*logit_scale"):
+        sequence_cross_entropy(model, input_ids, attention_mask, labels)
     model.config.logit_scale = None
     model.lm_head = nn.Sequential(nn.Linear(32, VOCAB))
     with pytest.raises(ValueError, match="not a torch.nn.Linear"):

@@ -12,11 +12,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from ..data.task import VOCAB
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
+# The task needs 19 words, but a 19-row lm_head would make the embedded run nothing like an LLM's: there the head and
+# everything over the vocabulary (log-probs, entropy, sampling) is a large share of an RLHF step. Reserved words pad
+# the vocabulary to V / hidden ~ 43 (Llama-3-8B: 31, Qwen2.5-0.5B: 170), as real tokenizers carry reserved tokens;
+# they never occur in the data, so the model must learn to give them no mass.
+DEFAULT_VOCAB_SIZE = 8192
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the task's symbols (split on whitespace) plus the special tokens."""
+def build_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over the task's symbols (split on whitespace) plus the special tokens, padded with
+    ``<reserved_i>`` words to ``vocab_size`` entries (0 = no padding)."""
     words = list(SPECIAL_TOKENS.values()) + list(VOCAB)
+    if vocab_size and vocab_size < len(words):
+        raise ValueError(f"vocab_size must be 0 or at least {len(words)} (the task's words), got {vocab_size}")
+    words += [f"<reserved_{i}>" for i in range(max(0, vocab_size - len(words)))]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left", **SPECIAL_TOKENS)
@@ -24,8 +33,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_tiny_model(tokenizer, *, hidden_size: int = 192, num_layers: int = 2, num_heads: int = 4,
                      intermediate_size: int = 768, max_positions: int = 64, seed: int = 0) -> LlamaForCausalLM:
-    """A ~1.2 M-parameter Llama (with a 20-word vocabulary the embeddings are negligible). Two wide layers rather
-    than four narrow ones: on a CPU, per-layer Python overhead dominates at these sizes."""
+    """A small Llama: 1.2 M parameters in the two layers, plus 2 x vocabulary x 192 in the untied embedding and head
+    (4.3 M in all with the default 8192 words). Two wide layers rather than four narrow ones: on a CPU, per-layer
+    Python overhead dominates at these sizes."""
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
@@ -36,9 +46,9 @@ def build_tiny_model(tokenizer, *, hidden_size: int = 192, num_layers: int = 2, 
     return LlamaForCausalLM(config)
 
 
-def save_tiny_default(path: str, seed: int = 0, **model_kwargs) -> str:
+def save_tiny_default(path: str, seed: int = 0, vocab_size: int = DEFAULT_VOCAB_SIZE, **model_kwargs) -> str:
     """Build the tiny model and tokenizer and ``save_pretrained`` both into ``path``; returns ``path``."""
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(vocab_size)
     build_tiny_model(tokenizer, seed=seed, **model_kwargs).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -25,8 +25,9 @@ Why recompute instead of computing grad_logits in the forward (Liger's fused lin
 upstream gradient here is a per-token vector (e.g. PPO's advantage * ratio) known only in backward, and
 grad_weight = sum_n g_n (onehot(y_n) - p_n) hidden_n^T cannot be formed before g is known without keeping the [N, V]
 probabilities. (Forming the unscaled grad_hidden rows (onehot - p) @ weight in the forward, to scale by g later,
-is exact but moves a GEMM rather than saving one: grad_weight still needs p in backward.) The price is a fourth GEMM:
-forward + backward costs 4 GEMMs of 2*N*H*V FLOPs each, 4/3 of the three-GEMM floor (logits, grad_hidden,
+is exact but moves a GEMM rather than saving one: grad_weight still needs p in backward. When the upstream gradient
+is known before the forward, as in the SFT loss, linear_cross_entropy.py needs only 3 GEMMs.) The price is a fourth
+GEMM: forward + backward costs 4 GEMMs of 2*N*H*V FLOPs each, 4/3 of the three-GEMM floor (logits, grad_hidden,
 grad_weight). Measured on the 2-core CPU (process CPU time, 1 thread, N=2048, H=1024, V=32000 fp32, medians of 3):
 forward + backward 8.9 s, 1.27x the three full-size GEMMs (7.0 s) and 0.93x four of them; the log-prob kernels are
 ~1.5 % of it, the rest is the tile GEMMs, at the full-size rate (~70 GFLOP/s per core, MKL and oneDNN alike). The

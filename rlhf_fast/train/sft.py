@@ -1,5 +1,5 @@
 """Supervised fine-tuning: causal-LM loss on the response tokens only (prompt and padding masked), computed with
-the fused linear log-prob op (no [B, T, V] logits).
+the fused linear cross-entropy op (gradients formed in the forward, no [B, T, V] logits).
 
     rlhf-fast sft [--config sft.yaml] [--model DIR] [--data sft.jsonl] [--out DIR] [key=value ...]
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data import IGNORE_INDEX, read_jsonl, sft_batch, task
-from ..models import sequence_logprobs
+from ..models import sequence_cross_entropy
 from ..models.tiny import load_causal_lm, load_tokenizer, save_tiny_default
 from . import common, distributed
 
@@ -38,9 +38,7 @@ def sft_loss(model, batch: dict) -> torch.Tensor:
     """Mean negative log-likelihood of the response tokens, float32 scalar."""
     labels = torch.full_like(batch["labels"], IGNORE_INDEX)
     labels[:, :-1] = batch["labels"][:, 1:]  # position t predicts token t+1
-    logp = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], labels)  # [B, T] float32
-    mask = labels != IGNORE_INDEX
-    return -(logp * mask).sum() / mask.sum().clamp(min=1)
+    return sequence_cross_entropy(model, batch["input_ids"], batch["attention_mask"], labels)
 
 
 def linear_schedule(warmup: int, total: int):
