@@ -23,7 +23,11 @@ from typing import Iterator
 import torch
 
 BACKENDS = ("torch", "cpp", "cuda", "triton")
-AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("triton", "cuda", "torch")}
+# CUDA: the compiled kernels first. On an H100 (benchmarks/results/2026-11-27-h100-check1.txt) they beat the Triton
+# ones in every log-prob row (fwd and fwd+bwd, V = 32000 and 151936, fp32 and bf16: 0.74-0.89x the time), they need
+# no JIT compile on first call, and the CUDA sampler passed the GPU tests where the Triton one then failed. Triton
+# is the fallback when the package was installed without nvcc.
+AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
 
 
 def _import_extension(name: str):
