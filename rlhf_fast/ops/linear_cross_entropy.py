@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .. import _backend
 from . import _checks
-from .linear_logprobs import LINEAR_LOGPROBS_BACKENDS, _check_inputs, _gemm, _row_chunks, _tile_logits
+from .linear_logprobs import LINEAR_LOGPROBS_BACKENDS, _balanced, _check_inputs, _gemm, _row_chunks, _tile_logits
 from .token_logprobs import _logprobs_bwd, _logprobs_fwd, logprobs_ref
 
 OP_BACKENDS = {"linear_cross_entropy": LINEAR_LOGPROBS_BACKENDS}
@@ -40,9 +40,7 @@ CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
 
 def chunk_rows(n_tokens: int, vocab: int, device: torch.device) -> int:
     """Rows per chunk: the chunk's float32 logits fit CHUNK_BYTES, at least one row, equal-sized chunks."""
-    most = max(1, CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"]) // (4 * vocab))
-    count = max(1, -(-n_tokens // most))
-    return max(1, -(-n_tokens // count))
+    return _balanced(n_tokens, CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"]) // (4 * vocab), 1)
 
 
 def linear_cross_entropy_ref(hidden: Tensor, weight: Tensor, labels: Tensor, coef: Tensor,

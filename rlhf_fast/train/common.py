@@ -65,9 +65,20 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def global_batch_indices(n_rows: int, step: int, steps_per_epoch: int, global_batch: int, seed: int) -> list[int]:
+    """The row indices of the global batch at ``step``: each epoch's order is a pure function of (seed, epoch), so
+    the data position is the step number (what --resume restores). Each rank takes its share with distributed.shard."""
+    epoch, i = divmod(step, steps_per_epoch)
+    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    return order[i * global_batch:(i + 1) * global_batch].tolist()
+
+
 @contextlib.contextmanager
 def run_context(cfg: RunConfig):
-    """Threads, seeds and the requested op backend for the duration of a stage."""
+    """For the duration of a stage: its output folder (with config.yaml), threads, seeds and the requested op
+    backend."""
+    os.makedirs(cfg.out, exist_ok=True)
+    save_config(cfg, cfg.out)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     elif resolve_device(cfg.device).type == "cpu" and _is_tiny(cfg.model):

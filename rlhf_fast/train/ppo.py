@@ -172,10 +172,7 @@ class PPOTrainer:
         """The iteration's prompts over all ranks: the data position is the iteration number (epochs reshuffle by
         seed)."""
         n, size = len(self.rows), self.cfg.batch_size * distributed.world_size()
-        per_epoch = max(1, n // size)
-        epoch, i = divmod(iteration, per_epoch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch))
-        return [self.rows[j] for j in order[i * size:(i + 1) * size].tolist()]
+        return [self.rows[j] for j in common.global_batch_indices(n, iteration, max(1, n // size), size, self.cfg.seed)]
 
     def prompts(self, iteration: int) -> list[dict]:
         """This rank's block of the iteration's prompts."""
@@ -342,7 +339,5 @@ class PPOTrainer:
 
 
 def train_ppo(cfg: PPOConfig, resume: bool = False) -> dict:
-    os.makedirs(cfg.out, exist_ok=True)
-    common.save_config(cfg, cfg.out)
     with common.run_context(cfg):
         return PPOTrainer(cfg, resume).train()

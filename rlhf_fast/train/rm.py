@@ -75,8 +75,6 @@ def evaluate(model, tokenizer, rows, cfg, device) -> dict:
 
 
 def train_rm(cfg: RMConfig, resume: bool = False) -> dict:
-    os.makedirs(cfg.out, exist_ok=True)
-    common.save_config(cfg, cfg.out)
     device = common.resolve_device(cfg.device)
     with common.run_context(cfg):
         model_dir = base_model_dir(cfg)
@@ -100,9 +98,8 @@ def train_rm(cfg: RMConfig, resume: bool = False) -> dict:
         acc_sum = loss_sum = 0.0
         n = 0
         while step < total:
-            epoch, i = divmod(step, steps_per_epoch)
-            order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-            idx = distributed.shard(order[i * global_batch:(i + 1) * global_batch].tolist())
+            idx = distributed.shard(common.global_batch_indices(len(train_rows), step, steps_per_epoch, global_batch,
+                                                                cfg.seed))
             batch = {k: v.to(device) for k, v in pair_batch(tokenizer, [train_rows[j] for j in idx],
                                                               cfg.max_len).items()}
             with common.autocast(device):

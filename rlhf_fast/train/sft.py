@@ -73,8 +73,6 @@ def base_model_dir(cfg: common.RunConfig) -> str:
 
 def train_sft(cfg: SFTConfig, resume: bool = False) -> dict:
     """Trains, saves ``cfg.out/model`` and returns a summary (final loss, true score on the synthetic task)."""
-    os.makedirs(cfg.out, exist_ok=True)
-    common.save_config(cfg, cfg.out)
     device = common.resolve_device(cfg.device)
     with common.run_context(cfg):
         model_dir = base_model_dir(cfg)
@@ -90,10 +88,8 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> dict:
         bar = common.progress(total=total, initial=step, enabled=cfg.progress, desc="sft")
         loss_sum, loss_n = 0.0, 0
         while step < total:
-            # data position = step: the epoch's order is a pure function of (seed, epoch)
-            epoch, i = divmod(step, steps_per_epoch)
-            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-            idx = distributed.shard(order[i * global_batch:(i + 1) * global_batch].tolist())
+            idx = distributed.shard(common.global_batch_indices(len(rows), step, steps_per_epoch, global_batch,
+                                                                cfg.seed))
             batch = {k: v.to(device) for k, v in sft_batch(tokenizer, [rows[j] for j in idx], cfg.max_len).items()}
             with common.autocast(device):
                 local_loss = model(sft_loss, batch)
