@@ -1,4 +1,5 @@
-"""Data for the trainers: the embedded synthetic task, users' JSONL files, tokenization into batches."""
+"""Data for the trainers: the embedded synthetic task and tokenizer, users' JSONL files, tokenization into packed
+batches."""
 
 from . import task
 from .jsonl import DataError, read_jsonl, write_jsonl

@@ -1,15 +1,16 @@
-"""Turning rows into token ids and padded batches.
+"""Turning rows into token ids: packed ``TokenBatch``es for training, left-padded prompts for generation.
 
-Layout: a prompt gets the tokenizer's BOS (when it has one) in front; a response gets EOS appended. Batches are
-``[B, T]`` int64 ``input_ids`` with ``attention_mask``; prompts for generation are left-padded, full sequences
-right-padded (the models compute positions from the mask, so either works).
+Layout: a prompt gets the tokenizer's BOS (when it has one) in front; a response gets EOS appended. A sequence
+longer than ``max_len`` loses prompt tokens from the left, then response tokens from the right.
 """
 
 from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from ..batch import IGNORE_INDEX, TokenBatch
+
+__all__ = ["IGNORE_INDEX", "TokenBatch", "sft_batch", "pair_batch", "prompt_batch", "fit"]
 
 
 def chat_prompt(tokenizer, messages: list[dict]) -> str:
@@ -45,31 +46,39 @@ def pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
-def sft_batch(tokenizer, rows: list[dict], max_len: int) -> dict:
-    """-> input_ids, attention_mask, labels [B, T] (labels = input_ids on response tokens, IGNORE_INDEX elsewhere)."""
-    ids, labels = [], []
+def fit(prompt: list[int], response: list[int], max_len: int) -> tuple[list[int], list[int]]:
+    """Prompt and response cut to ``max_len`` tokens in all: the prompt loses tokens from the left first (its end
+    is what the response follows), then the response from the right; at least one prompt token stays."""
+    room = max(1, max_len - len(response))
+    prompt = prompt[-room:]
+    return prompt, response[:max_len - len(prompt)]
+
+
+def sft_batch(tokenizer, rows: list[dict], max_len: int) -> TokenBatch:
+    """-> a packed TokenBatch of prompt + response (+ EOS) whose targets are the response tokens."""
+    seqs, prompt_lens = [], []
     for row in rows:
-        p = encode_prompt(tokenizer, prompt_text(tokenizer, row))
-        r = encode_response(tokenizer, completion_text(row))
-        seq = (p + r)[:max_len]
-        ids.append(seq)
-        labels.append(([IGNORE_INDEX] * len(p) + r)[:max_len])
-    input_ids = pad(ids, tokenizer.pad_token_id)
-    return {"input_ids": input_ids, "attention_mask": pad([[1] * len(s) for s in ids], 0),
-            "labels": pad(labels, IGNORE_INDEX)}
+        p, r = fit(encode_prompt(tokenizer, prompt_text(tokenizer, row)),
+                   encode_response(tokenizer, completion_text(row)), max_len)
+        seqs.append(p + r)
+        prompt_lens.append(len(p))
+    return TokenBatch.pack(seqs, prompt_lens)
 
 
-def pair_batch(tokenizer, rows: list[dict], max_len: int) -> dict:
-    """-> input_ids, attention_mask [2B, T]: the B chosen sequences, then the B rejected ones."""
-    seqs = []
+def pair_batch(tokenizer, rows: list[dict], max_len: int) -> TokenBatch:
+    """-> a packed TokenBatch of 2B sequences: the B chosen ones, then the B rejected ones."""
+    seqs, prompt_lens = [], []
     for key in ("chosen", "rejected"):
         for row in rows:
-            seqs.append((encode_prompt(tokenizer, row["prompt"]) + encode_response(tokenizer, row[key]))[:max_len])
-    return {"input_ids": pad(seqs, tokenizer.pad_token_id), "attention_mask": pad([[1] * len(s) for s in seqs], 0)}
+            p, r = fit(encode_prompt(tokenizer, prompt_text(tokenizer, row)), encode_response(tokenizer, row[key]),
+                       max_len)
+            seqs.append(p + r)
+            prompt_lens.append(len(p))
+    return TokenBatch.pack(seqs, prompt_lens)
 
 
 def prompt_batch(tokenizer, rows: list[dict], max_len: int) -> dict:
-    """-> left-padded input_ids, attention_mask [B, P] for generation."""
+    """-> left-padded input_ids, attention_mask [B, P] for generation (the prompt's last ``max_len`` tokens)."""
     seqs = [encode_prompt(tokenizer, prompt_text(tokenizer, row))[-max_len:] for row in rows]
     return {"input_ids": pad(seqs, tokenizer.pad_token_id, left=True),
             "attention_mask": pad([[1] * len(s) for s in seqs], 0, left=True)}

@@ -1,11 +1,10 @@
-"""Helpers for 🤗 transformers models: log-probs of sequences without materializing the [B, T, V] logits."""
+"""🤗 transformers models on packed batches: log-probs without materializing logits, the scalar-head model (reward
+model, critic), local loading, the embedded tiny Llama."""
 
-from .logprobs import sequence_cross_entropy, sequence_logprobs, shift_labels
+from .loading import disable_dropout, load_causal_lm, load_tokenizer
+from .logprobs import decoder_hidden, sequence_cross_entropy, sequence_logprobs
+from .tiny import build_tiny_model
+from .value_head import ScalarHeadModel
 
-__all__ = ["sequence_cross_entropy", "sequence_logprobs", "shift_labels"]
-
-from .tiny import build_tiny_model, build_tokenizer, load_causal_lm, load_tokenizer, save_tiny_default  # noqa: E402
-from .value_head import ScalarHeadModel  # noqa: E402
-
-__all__ += ["build_tiny_model", "build_tokenizer", "load_causal_lm", "load_tokenizer", "save_tiny_default",
-            "ScalarHeadModel"]
+__all__ = ["decoder_hidden", "sequence_cross_entropy", "sequence_logprobs", "ScalarHeadModel", "build_tiny_model",
+           "disable_dropout", "load_causal_lm", "load_tokenizer"]

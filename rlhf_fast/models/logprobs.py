@@ -1,9 +1,10 @@
-"""Per-token log-probs (and entropy) of a 🤗 transformers causal LM, via the fused lm_head op.
+"""Per-token log-probs (and entropy) of a 🤗 transformers causal LM on a packed ``rlhf_fast.batch.TokenBatch``,
+via the fused lm_head ops.
 
-``sequence_logprobs`` runs the decoder body, keeps only the positions that are scored, and applies
-``rlhf_fast.ops.linear_logprobs`` with the model's output-embedding weight: the lm_head is never run on the
-padded or ignored positions, and the [B, T, V] logits never exist. ``sequence_cross_entropy`` is the SFT loss on
-the same positions, with ``rlhf_fast.ops.linear_cross_entropy``.
+``sequence_logprobs`` runs the decoder body on the packed sequences (no padding, per-sequence positions), keeps only
+the target positions, and applies ``rlhf_fast.linear_logprobs`` with the model's output-embedding weight: the
+lm_head never runs on other positions and the [N, V] logits never exist. ``sequence_cross_entropy`` is the SFT loss
+on the same positions, with ``rlhf_fast.linear_cross_entropy``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..ops import _checks
 from ..ops.linear_cross_entropy import linear_cross_entropy
 from ..ops.linear_logprobs import linear_logprobs
 
@@ -27,19 +27,6 @@ _HEAD_TRANSFORMS = {
     "lm_head_multiplier": 1.0,  # Falcon-H1: logits * multiplier
     "output_multiplier_scale": 1.0,
 }
-
-
-def shift_labels(input_ids: Tensor, attention_mask: Optional[Tensor] = None, ignore_index: int = -100) -> Tensor:
-    """Next-token labels aligned with positions: ``labels[:, t] = input_ids[:, t + 1]``.
-
-    input_ids: [B, T] int64; attention_mask: [B, T] (1 = real token) or None -> labels [B, T] int64, with
-    ``ignore_index`` at the last position and wherever the next token is padding (attention_mask[:, t + 1] == 0).
-    """
-    labels = torch.full_like(input_ids, ignore_index)
-    labels[:, :-1] = input_ids[:, 1:]
-    if attention_mask is not None:
-        labels[:, :-1].masked_fill_(attention_mask[:, 1:] == 0, ignore_index)
-    return labels
 
 
 def _unsupported_head(model: nn.Module) -> Optional[str]:
@@ -58,83 +45,63 @@ def _unsupported_head(model: nn.Module) -> Optional[str]:
     return None
 
 
-def _scored_positions(caller: str, model: nn.Module, input_ids: Tensor, attention_mask: Optional[Tensor],
-                      labels: Tensor, ignore_index: int):
-    """Runs the decoder body; returns (hidden [M, H], weight, bias, labels [M], index [M]) for the M positions whose
-    label is scored and not padding (index into the flattened [B * T])."""
+def decoder_hidden(body: nn.Module, batch) -> Tensor:
+    """Last hidden states of a 🤗 decoder body (``model.get_decoder()`` or an ``AutoModel``) on a packed
+    ``TokenBatch``: [N, H], one per token, each sequence attending only to itself at its own positions.
+
+    The sequences run as the batch's ``rows()`` (FlashAttention-2: one row, varlen through the position ids; SDPA and
+    eager: rows as long as the longest sequence, with the block-diagonal causal mask transformers builds from the
+    restarting position ids)."""
+    flash = getattr(body.config, "_attn_implementation", "") == "flash_attention_2"
+    ids, pos, index = batch.rows(row_len=batch.num_tokens if flash else None)
+    hidden = body(input_ids=ids, position_ids=pos, attention_mask=None, use_cache=False).last_hidden_state
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+
+
+def _scored(caller: str, model: nn.Module, batch):
+    """-> (hidden [M, H], weight, bias, labels [M], index [M]) of the M positions whose label is a target."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a transformers causal LM), got {type(model).__name__}")
     problem = _unsupported_head(model)
     if problem is not None:
         raise ValueError(f"{caller} does not support {type(model).__name__}: {problem}; use the model's "
                          "own forward().logits with rlhf_fast.logprobs instead")
-    _checks.tensor(input_ids, "input_ids")
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
-    _checks.tensor(labels, "labels")
-    if labels.dtype != torch.int64:
-        raise TypeError(f"labels must be int64 (torch.long), got {labels.dtype}")
-    _checks.same_shape(labels, "labels", input_ids.shape, "the shape of input_ids")
-    if attention_mask is not None:
-        _checks.tensor(attention_mask, "attention_mask")
-        _checks.same_shape(attention_mask, "attention_mask", input_ids.shape, "the shape of input_ids")
-    body = model.get_decoder()
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # [B, T, H]
+    hidden = decoder_hidden(model.get_decoder(), batch)
     head = model.get_output_embeddings()
     weight, bias = head.weight, head.bias
     if torch.is_autocast_enabled(hidden.device.type):  # what nn.Linear would compute in
         dtype = torch.get_autocast_dtype(hidden.device.type)
         weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
-    hidden = hidden.to(weight.dtype)
-
-    scored = labels != ignore_index
-    if attention_mask is not None:
-        scored &= attention_mask.to(torch.bool)
-    index = scored.reshape(-1).nonzero().squeeze(1)  # [M]: the only positions sent to the head
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
-    return flat_hidden, weight, bias, labels.reshape(-1).index_select(0, index), index
+    index = batch.mask.nonzero().squeeze(1)  # [M]: the only positions sent to the head (one host read)
+    return hidden.index_select(0, index).to(weight.dtype), weight, bias, batch.labels.index_select(0, index), index
 
 
-def sequence_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Tensor, *,
-                      temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False):
-    """Log-prob of ``labels[:, t]`` under the model's next-token distribution at position t, for a causal LM.
+def sequence_logprobs(model: nn.Module, batch, *, temperature: float = 1.0, return_entropy: bool = False):
+    """Log-prob of each target label of a packed ``TokenBatch`` under a causal LM: logp [N] float32, the log-prob
+    of ``labels[t]`` (= ``input_ids[t + 1]``) at position t, 0 where ``labels == -100``; with ``return_entropy``
+    the tuple (logp, entropy [N]).
 
-    Labels convention: labels are aligned with positions, i.e. already shifted: ``labels[:, t]`` is the token
-    predicted at position t (from ``input_ids[:, :t + 1]``), usually ``input_ids[:, t + 1]`` — build them with
-    ``shift_labels(input_ids, attention_mask)`` and set prompt positions to ``ignore_index`` to score only the
-    response. The result at t equals ``log_softmax(model(input_ids, attention_mask).logits[:, t] / temperature)``
-    at ``labels[:, t]``.
-
-    model: a 🤗 transformers causal LM (``get_decoder()`` body + ``get_output_embeddings()`` nn.Linear, tied or
-    untied); input_ids: [B, T] int64; attention_mask: [B, T] (1 = real token, 0 = padding, left or right) or None;
-    labels: [B, T] int64 in [0, V) or ``ignore_index``.
-    Returns logp [B, T] float32, 0 where labels == ignore_index or attention_mask == 0 (those positions never reach
-    the lm_head); with ``return_entropy`` the tuple (logp, entropy), entropy 0 at the same positions.
-    Differentiable w.r.t. the model parameters. Selecting the scored positions reads the mask (one host sync).
-    Models whose head transforms the logits (final-logit softcapping, logit scaling) raise ValueError.
+    Equal to ``log_softmax(model(sequence).logits / temperature)`` of each sequence on its own, unpadded; the
+    [N, V] logits never exist (``rlhf_fast.linear_logprobs`` on the target positions only). Differentiable w.r.t.
+    the model parameters. Models whose head transforms the logits (softcapping, logit scaling) raise ValueError.
     """
-    ignore_index = _checks.integer(ignore_index, "ignore_index")
-    flat_hidden, weight, bias, flat_labels, index = _scored_positions("sequence_logprobs", model, input_ids,
-                                                                      attention_mask, labels, ignore_index)
-    out = linear_logprobs(flat_hidden, weight, flat_labels, bias=bias, temperature=temperature,
-                          ignore_index=ignore_index, return_entropy=return_entropy)
+    hidden, weight, bias, labels, index = _scored("sequence_logprobs", model, batch)
+    out = linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=return_entropy)
 
     def scatter(values: Tensor) -> Tensor:
-        return values.new_zeros(labels.numel()).index_copy(0, index, values).view(labels.shape)
+        return values.new_zeros(batch.num_tokens).index_copy(0, index, values)
 
-    if return_entropy:
-        return scatter(out[0]), scatter(out[1])
-    return scatter(out)
+    return (scatter(out[0]), scatter(out[1])) if return_entropy else scatter(out)
 
 
-def sequence_cross_entropy(model: nn.Module, input_ids: Tensor, attention_mask: Optional[Tensor], labels: Tensor, *,
-                           temperature: float = 1.0, ignore_index: int = -100) -> Tensor:
-    """Mean negative log-likelihood of the scored labels (the SFT loss): -mean of ``sequence_logprobs`` over the
-    positions whose label is not ``ignore_index`` and not padding, computed by ``linear_cross_entropy`` (gradients
-    formed in the forward: 3 GEMMs over the vocabulary instead of 4). Same arguments and labels convention as
-    ``sequence_logprobs``; returns a float32 scalar (0 when nothing is scored)."""
-    ignore_index = _checks.integer(ignore_index, "ignore_index")
-    flat_hidden, weight, bias, flat_labels, _ = _scored_positions("sequence_cross_entropy", model, input_ids,
-                                                                  attention_mask, labels, ignore_index)
-    return linear_cross_entropy(flat_hidden, weight, flat_labels, bias=bias, temperature=temperature,
-                                ignore_index=ignore_index)
+def sequence_cross_entropy(model: nn.Module, batch, *, weights: Optional[Tensor] = None,
+                           temperature: float = 1.0) -> Tensor:
+    """The SFT loss of a packed ``TokenBatch``: ``sum_t weights[t] * -logp[t]`` over its target positions (weights
+    [N] float32, e.g. ``rlhf_fast.loss_weights``; None: the mean over the targets), computed by
+    ``rlhf_fast.linear_cross_entropy`` (gradients formed in the forward: 3 GEMMs over the vocabulary, no logits
+    kept). -> float32 scalar (0 when nothing is a target)."""
+    hidden, weight, bias, labels, index = _scored("sequence_cross_entropy", model, batch)
+    if weights is None:
+        return linear_cross_entropy(hidden, weight, labels, bias=bias, temperature=temperature)
+    return linear_cross_entropy(hidden, weight, labels, weights=weights.index_select(0, index), bias=bias,
+                                temperature=temperature, reduction="sum")

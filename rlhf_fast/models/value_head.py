@@ -1,5 +1,6 @@
 """Scalar-head model for the reward model and the PPO critic: a causal LM body (``AutoModel``) and a linear head
-H -> 1. ``forward`` gives a value at every position [B, T]; ``score`` reads it at each sequence's last non-pad token."""
+H -> 1, on packed ``TokenBatch`` input. ``forward`` gives a value at every token [N]; ``score`` reads it at each
+sequence's last token [S]."""
 
 from __future__ import annotations
 
@@ -10,21 +11,10 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModel
 
-from .tiny import attn_implementation
+from .loading import attn_implementation
+from .logprobs import decoder_hidden
 
 HEAD_FILE = "scalar_head.pt"
-
-
-def position_ids(attention_mask: Tensor) -> Tensor:
-    """Positions counted over real tokens, so left padding does not shift them: [B, T] int64."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def last_token_index(attention_mask: Tensor) -> Tensor:
-    """Index of the last non-pad token of each row (rows may be left- or right-padded): [B] int64."""
-    T = attention_mask.shape[-1]
-    idx = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
-    return torch.where(attention_mask.bool(), idx, -1).amax(-1).clamp(min=0)
 
 
 class ScalarHeadModel(nn.Module):
@@ -36,16 +26,13 @@ class ScalarHeadModel(nn.Module):
         nn.init.normal_(self.head.weight, std=1.0 / (body.config.hidden_size + 1) ** 0.5)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """input_ids, attention_mask [B, T] -> float32 values [B, T]."""
-        h = self.body(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=position_ids(attention_mask)).last_hidden_state
-        return self.head(h).squeeze(-1).float()
+    def forward(self, batch) -> Tensor:
+        """A packed ``TokenBatch`` -> float32 values [N], one per token (the critic's V of the state ending there)."""
+        return self.head(decoder_hidden(self.body, batch)).squeeze(-1).float()
 
-    def score(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """The reward: the value at each sequence's last non-pad token, float32 [B]."""
-        values = self(input_ids, attention_mask)
-        return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+    def score(self, batch) -> Tensor:
+        """The reward: the value at each sequence's last token, float32 [S]."""
+        return self(batch)[batch.last_index]
 
     @classmethod
     def from_pretrained(cls, path: str, device: torch.device | str = "cpu") -> "ScalarHeadModel":

@@ -1,12 +1,13 @@
-"""What the SFT, RM and PPO trainers share: config loading, device and backend set-up, atomic checkpoints with RNG
-state, metrics to JSONL + TensorBoard, and sampling from a policy to measure the synthetic task's true score."""
+"""What every trainer shares: the run config, the ``Trainer`` skeleton (config -> data -> model -> loop ->
+checkpoint -> metrics), metrics to JSONL + TensorBoard, and sampling from a policy to measure the synthetic task's
+true score."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import random
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,7 +19,9 @@ import rlhf_fast
 
 from .. import generate
 from ..data import prompt_batch, task
+from ..data.embedded import save_tiny_default
 from . import distributed
+from .checkpoint import Checkpoint, atomic_write_text, remove_stale_temporaries, seed_everything
 
 
 @dataclass
@@ -100,61 +103,6 @@ def _is_tiny(model_dir: str) -> bool:
         return False
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state(generator: Optional[torch.Generator] = None) -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if generator is not None:
-        state["generator"] = generator.get_state()
-    return state
-
-
-def set_rng_state(state: dict, generator: Optional[torch.Generator] = None) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if generator is not None:
-        generator.set_state(state["generator"])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Atomic files: write a temporary file next to the target, then os.replace (atomic on POSIX). A crash at any point
-# leaves either the previous complete file or the new complete file, never a torn one.
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_checkpoint(path: str, state: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str) -> Optional[dict]:
-    if not os.path.exists(path):
-        return None
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
 class Metrics:
     """One JSON object per logged step in ``out/metrics.jsonl``, mirrored to TensorBoard (``out/tb``).
 
@@ -197,14 +145,152 @@ class Metrics:
 
 
 def read_metrics(path: str) -> list[dict]:
+    """The rows of a metrics.jsonl; a torn last line (a kill or a full disk mid-append) is dropped with a warning,
+    a malformed line anywhere else is an error naming the file and line."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for k, (i, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if k == len(lines) - 1:
+                warnings.warn(f"{path}:{i}: dropping a torn last line (the run was interrupted mid-write)")
+                break
+            raise ValueError(f"{path}:{i}: not a JSON metrics row ({exc.msg})") from None
+    return rows
 
 
 def progress(iterable=None, *, enabled: bool, **kwargs):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, disable=not (enabled and distributed.is_main()), dynamic_ncols=True, mininterval=1.0, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The trainer skeleton
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def linear_schedule(warmup: int, total: int):
+    return lambda step: min(1.0, (step + 1) / max(1, warmup)) * max(0.0, 1.0 - step / max(1, total))
+
+
+def base_model_dir(cfg: RunConfig) -> str:
+    """``cfg.model``, or the embedded tiny default built and saved under ``cfg.out/base``."""
+    if cfg.model:
+        return cfg.model
+    path = os.path.join(cfg.out, "base")
+    if distributed.is_main() and not os.path.exists(os.path.join(path, "model.safetensors")):
+        save_tiny_default(path, seed=cfg.seed)
+    distributed.barrier()
+    return path
+
+
+class Trainer:
+    """config -> data -> model -> loop -> checkpoint -> metrics, for every algorithm.
+
+    A stage implements ``setup()`` (data, models, optimizers), ``total_steps()``, ``train_step()`` (one optimiser
+    step or RL iteration -> {name: value over the global batch}, the same on every rank), the
+    ``checkpointed()`` models and optimizers, and ``finish()`` (save, evaluate -> summary). The skeleton owns the
+    loop, the logging window (averaged over ``log_every`` steps; saved in the checkpoint, so a resumed run logs what
+    an uninterrupted one does), checkpoints every ``save_every`` steps and at the end, and resume.
+    """
+
+    name = "stage"
+    log_every = 1
+    save_every = 50
+
+    def __init__(self, cfg: RunConfig, resume: bool = False):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.generator = torch.Generator(self.device).manual_seed(cfg.seed + distributed.rank())
+        self.setup()
+        self.step = 0
+        self.window: dict[str, list[float]] = {}  # name -> [sum, count] since the last log
+        self.checkpoint = Checkpoint(cfg.out, cfg.checkpoint)
+        state = None
+        if resume:
+            remove_stale_temporaries(cfg.out)
+            state = self.checkpoint.load(*self.checkpointed(), self.generator, seed=cfg.seed)
+            if state is None:
+                warnings.warn(f"--resume: no checkpoint in {cfg.out}, starting from the beginning")
+        if state is not None:
+            self.step, self.window = state["step"], state["window"]
+            self.restore(state)
+        self.metrics = Metrics(cfg.out, resume_step=self.step if state is not None else None)
+
+    # what a stage provides
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    def total_steps(self) -> int:
+        raise NotImplementedError
+
+    def train_step(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def checkpointed(self) -> tuple[dict, dict]:
+        """-> ({name: Model}, {name: (Model, optimizer)})."""
+        raise NotImplementedError
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def restore(self, state: dict) -> None:
+        pass
+
+    def finish(self) -> dict:
+        raise NotImplementedError
+
+    def postfix(self, row: dict) -> dict:
+        return {k: f"{v:.3f}" for k, v in list(row.items())[:3]}
+
+    # the loop
+    def train(self) -> dict:
+        total = self.total_steps()
+        bar = progress(total=total, initial=self.step, enabled=self.cfg.progress, desc=self.name)
+        while self.step < total:
+            for k, v in self.train_step().items():
+                acc = self.window.setdefault(k, [0.0, 0])
+                acc[0], acc[1] = acc[0] + v, acc[1] + 1
+            self.step += 1
+            bar.update(1)
+            if self.step % self.log_every == 0 or self.step == total:
+                row = {k: s / n for k, (s, n) in self.window.items()}
+                row.update(self.log_extra(row))
+                self.metrics.log(self.step, **{k: v for k, v in row.items() if v is not None})
+                bar.set_postfix(self.postfix(row))
+                self.window = {}
+            if self.step % self.save_every == 0 or self.step == total:
+                self.checkpoint.save(*self.checkpointed(), {**self.extra_state(), "step": self.step,
+                                                            "window": self.window}, self.generator)
+        bar.close()
+        summary = self.finish()
+        self.metrics.close()
+        if distributed.is_main():
+            atomic_write_text(os.path.join(self.cfg.out, "summary.json"), json.dumps(summary))
+        return summary
+
+    def log_extra(self, row: dict) -> dict:
+        """Values computed at logging time only (evaluations, learning rates)."""
+        return {}
+
+
+def optimizer_step(loss, model, opt, grad_clip: float, sched=None) -> None:
+    """Backward, gradient-norm clipping, one optimiser (and schedule) step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    if sched is not None:
+        sched.step()
+
+
+def optimizer(cfg, model, total: int):
+    """AdamW with the linear warm-up / decay schedule over ``total`` steps."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(cfg.warmup_steps, total))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,12 +9,9 @@ Semantics (what "N ranks = 1 rank with N x the batch" means here):
 
 * ``batch_size`` / ``minibatch_size`` are per rank; the global batch is ``world_size`` times larger. Every rank
   computes the same global order of the data from the seed, and rank r takes block r of each global batch.
-* Loss aggregation over the global batch. A loss is ``S_r / D_r`` on rank r, with ``S_r`` a sum over its tokens or
-  sequences and ``D_r`` the normaliser of the aggregation mode (``token-mean``: masked tokens; ``seq-mean-token-sum``
-  and ``seq-mean-token-mean``: sequences with >= 1 token; ``seq-mean-token-sum-norm``: the padded length T). The
-  objective of the concatenated global batch is ``sum_r S_r / D`` with ``D = sum_r D_r`` (``max_r T_r`` for
-  ``-norm``). :func:`global_loss` all-reduces ``D_r`` and returns ``(S_r / D_r) * (N * D_r / D)``: DDP and FSDP2
-  *average* gradients over the N ranks, so the averaged gradient is exactly the gradient of ``sum_r S_r / D``.
+* Loss aggregation over the global batch: the aggregation mode becomes per-token weights once per step
+  (:func:`global_weights`, one all-reduce of the normaliser; docs/formulas.md states each mode), so each rank's
+  ``sum(w * l)`` is its share of the global aggregate and DDP / FSDP2's gradient average is its gradient.
 * Whitening statistics (:func:`masked_whiten`), explained variance and every logged metric use all-reduced sums, so
   they are the single-process values of the concatenated batch.
 * Models: trainable ones are wrapped (``Model``), and every forward that needs gradients or touches sharded
@@ -24,28 +21,20 @@ Semantics (what "N ranks = 1 rank with N x the batch" means here):
   ``model.local(fn, ...)``: under FSDP2 it gathers every layer once, runs ``fn`` on the full parameters with no
   further collective, and reshards. Frozen models (PPO reference and reward model) are replicated, or sharded with
   FSDP2 when ``shard_frozen=true``.
-* Checkpoints: ``checkpoint=full`` (default) gathers model and optimizer state (keyed by parameter names) and rank 0
-  writes one file atomically; ``checkpoint=dcp`` writes a sharded ``torch.distributed.checkpoint`` directory per
-  save (each rank its shard) and then rank 0 atomically points ``latest`` at it. Both resume on the same world size
-  exactly (per-rank RNG states are saved); a different world size loads model and optimizer (DCP reshards), with
-  fresh per-rank RNG streams.
+* Checkpoints: see checkpoint.py.
 * Only rank 0 writes metrics, plots, summaries and models, and shows progress bars.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map_only
-
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Process group and rank helpers
@@ -158,32 +147,20 @@ def global_means(sums: dict[str, float], count: float) -> dict[str, float]:
     return {k: v / n for k, v in total.items()}
 
 
-def agg_normalizer(mask: Tensor, agg: str) -> Tensor:
-    """The normaliser D_r of an aggregation mode on this rank (see the module docstring): float32 0-d."""
-    if agg not in AGG_MODES:
-        raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
-    m = mask.bool()
-    if agg == "token-mean":
-        return m.sum().float()
-    if agg == "seq-mean-token-sum-norm":
-        return torch.tensor(float(mask.shape[-1]), device=mask.device)
-    return (m.sum(-1) > 0).sum().float()
+def global_weights(mask: Tensor, agg: str = "token-mean", *, seq_ids: Optional[Tensor] = None,
+                   max_len: Optional[int] = None) -> Tensor:
+    """Per-token loss weights (``rlhf_fast.loss_weights``) over the GLOBAL batch, with one all-reduce of the
+    normaliser, scaled by the world size for the gradient averaging of DDP / FSDP2: with ``loss = sum(w * l)`` on
+    each rank, the averaged gradient is that of the global aggregate, and ``sum over ranks of loss / world_size`` is
+    its value. One process: exactly ``loss_weights(mask, agg, ...)``."""
+    from ..ops import loss_normalizer, loss_weights
 
-
-def global_loss(local_loss: Tensor, mask: Tensor, agg: str = "token-mean") -> tuple[Tensor, float]:
-    """Rescales this rank's aggregated loss so that averaging gradients over ranks gives the global aggregate.
-
-    local_loss: 0-d, = S_r / D_r as ``rlhf_fast.ppo_policy_loss`` / ``masked_mean`` aggregate locally; mask: the
-    [B, T] mask it was aggregated over. -> (loss to backpropagate ``local_loss * N * D_r / D``, weight
-    ``D_r / D``). ``sum_r local_loss * weight_r`` (an all-reduce of the weighted values) is the global loss; the
-    trainers accumulate ``value * weight`` per step and reduce once per logging interval.
-    """
-    d_local = agg_normalizer(mask, agg)
+    d = loss_normalizer(mask, agg, seq_ids=seq_ids, max_len=max_len)
     if not is_distributed():
-        return local_loss, 1.0
-    d = all_reduce(d_local.detach().clone().cpu().double(), "max" if agg == "seq-mean-token-sum-norm" else "sum")
-    weight = float(d_local) / max(float(d), 1.0)
-    return local_loss * (world_size() * weight), weight
+        return loss_weights(mask, agg, seq_ids=seq_ids, max_len=max_len, normalizer=d)
+    d = all_reduce(d.detach().double().cpu().reshape(1), "max" if agg == "seq-mean-token-sum-norm" else "sum")
+    w = loss_weights(mask, agg, seq_ids=seq_ids, max_len=max_len, normalizer=d[0].to(mask.device, torch.float32))
+    return w * world_size()
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -410,123 +387,3 @@ def wrap(module: nn.Module, *, fsdp: bool = False, trainable: bool = True, shard
     return Model(module, "fsdp" if shard_frozen else "none")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _optim_state(model: Model, opt: torch.optim.Optimizer) -> dict:
-    """The optimizer state keyed by parameter names, gathered (on rank 0): loadable on any world size and mode."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model.module, opt, options=StateDictOptions(full_state_dict=True,
-                                                                                 cpu_offload=True))
-
-
-def _load_optim_state(model: Model, opt: torch.optim.Optimizer, state: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model.module, opt, state, options=StateDictOptions(full_state_dict=is_distributed()))
-
-
-@contextlib.contextmanager
-def _single_process_dcp():
-    """DCP warns on every single-process save / load, which is intended here (e.g. resuming on one rank)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        yield
-
-
-class Checkpoint:
-    """Save / restore of models, optimizers and plain state for a trainer, on any world size.
-
-    ``models``: {name: Model}; ``optimizers``: {name: (Model, optimizer)}; ``extra``: picklable values (scheduler
-    state, step, ...), saved by rank 0. RNG: every rank's Python / NumPy / torch (and ``generator``) state.
-    ``fmt="full"``: ``out/checkpoint.pt``, one file written by rank 0 (temp file + rename) with the keys of the
-    single-process checkpoint; ``fmt="dcp"``: ``out/checkpoint.dcp/step-N`` written by all ranks, then
-    ``out/checkpoint.dcp/latest`` (temp file + rename) names it.
-    """
-
-    def __init__(self, out: str, fmt: str = "full"):
-        if fmt not in ("full", "dcp"):
-            raise ValueError(f"checkpoint must be full or dcp, got {fmt!r}")
-        self.out, self.fmt = out, fmt
-        self.path = os.path.join(out, "checkpoint.pt" if fmt == "full" else "checkpoint.dcp")
-
-    def save(self, models: dict, optimizers: dict, extra: dict, generator: Optional[torch.Generator] = None) -> None:
-        from . import common
-
-        rngs = all_gather_object(common.rng_state(generator))
-        meta = {**extra, "rng": rngs[0], "rng_ranks": rngs, "world_size": world_size()}
-        if self.fmt == "full":
-            state = {k: (m.full_state_dict() if m.mode == "fsdp" else m.module.state_dict()) for k, m in models.items()}
-            state.update({k: _optim_state(m, o) for k, (m, o) in optimizers.items()})
-            if is_main():
-                common.save_checkpoint(self.path, {**state, **meta})
-            barrier()
-            return
-        import torch.distributed.checkpoint as dcp
-
-        step_dir = os.path.join(self.path, f"step-{extra.get('step', extra.get('iteration', 0))}")
-        with _single_process_dcp():
-            dcp.save(self._dcp_state(models, optimizers), checkpoint_id=step_dir, no_dist=not is_distributed())
-        if is_main():
-            common.save_checkpoint(os.path.join(step_dir, "meta.pt"), meta)
-            previous = self._latest()
-            common.atomic_write_text(os.path.join(self.path, "latest"), os.path.basename(step_dir))
-            if previous and previous != step_dir:
-                shutil.rmtree(previous, ignore_errors=True)
-        barrier()
-
-    def _latest(self) -> Optional[str]:
-        try:
-            with open(os.path.join(self.path, "latest")) as f:
-                return os.path.join(self.path, f.read().strip())
-        except OSError:
-            return None
-
-    @staticmethod
-    def _dcp_state(models: dict, optimizers: dict) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-        state = {k: get_model_state_dict(m.module) for k, m in models.items()}
-        state.update({k: get_optimizer_state_dict(m.module, o) for k, (m, o) in optimizers.items()})
-        return state
-
-    def exists(self) -> bool:
-        return os.path.exists(self.path) if self.fmt == "full" else self._latest() is not None
-
-    def load(self, models: dict, optimizers: dict, generator: Optional[torch.Generator] = None,
-             seed: int = 0) -> Optional[dict]:
-        """Restores models, optimizers and RNG in place; -> the saved dict (extra values), or None if none."""
-        from . import common
-
-        if not self.exists():
-            return None
-        if self.fmt == "full":
-            state = common.load_checkpoint(self.path)
-            for k, m in models.items():
-                m.load_full_state_dict(state[k])
-            for k, (m, o) in optimizers.items():
-                _load_optim_state(m, o, state[k])
-        else:
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
-            step_dir = self._latest()
-            target = self._dcp_state(models, optimizers)
-            with _single_process_dcp():
-                dcp.load(target, checkpoint_id=step_dir, no_dist=not is_distributed())
-            for k, m in models.items():
-                set_model_state_dict(m.module, target[k])
-            for k, (m, o) in optimizers.items():
-                set_optimizer_state_dict(m.module, o, target[k])
-            state = common.load_checkpoint(os.path.join(step_dir, "meta.pt"))
-        ranks = state.get("rng_ranks") or [state["rng"]]
-        if len(ranks) == world_size():
-            common.set_rng_state(ranks[rank()], generator)
-        else:  # another world size: model and optimizer resume, the per-rank random streams restart
-            common.seed_everything(seed + rank())
-            if generator is not None:
-                generator.manual_seed(seed + 1000 * rank() + 1)
-        return state

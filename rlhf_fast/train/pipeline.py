@@ -8,40 +8,41 @@ With --resume a finished stage is skipped and an interrupted one continues from 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 from . import common, distributed
+from .checkpoint import atomic_write_text
 from .ppo import PPOConfig, train_ppo
 from .rm import RMConfig, train_rm
 from .sft import SFTConfig, train_sft
 
 
 @dataclass
-class PipelineConfig:
+class PipelineConfig(common.RunConfig):
+    """The run-wide fields (``RunConfig``'s: seed, device, backend, ...) apply to every stage; ``model`` is the base
+    model, ``out`` the pipeline's folder (stages in out/sft, out/rm, out/ppo); data per stage."""
+
     out: str = "runs/pipeline"
-    model: str = ""                  # base model directory; "" = the embedded tiny default
     sft_data: str = ""               # JSONL files; "" = the embedded synthetic task
     rm_data: str = ""
     ppo_data: str = ""
-    seed: int = 0
-    device: str = "auto"
-    backend: Optional[str] = None
-    threads: int = 0
-    progress: bool = True
-    fsdp: bool = False               # under torchrun: FSDP2 instead of DDP
-    checkpoint: str = "full"         # full | dcp
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
 
 
+STAGE_OWN = ("model", "data", "out")  # the RunConfig fields each stage gets from the pipeline's wiring
+
+
 def _stage(stage, cfg: PipelineConfig, name: str, **fields):
-    """Copy the pipeline-wide fields into a stage's config."""
-    for key in ("seed", "device", "backend", "threads", "progress", "fsdp", "checkpoint"):
-        setattr(stage, key, getattr(cfg, key))
+    """A stage's config: every run-wide field of the pipeline, its folder, and its wiring (model, data, ...)."""
+    for f in dataclasses.fields(common.RunConfig):
+        if f.name not in STAGE_OWN:
+            setattr(stage, f.name, getattr(cfg, f.name))
     stage.out = os.path.join(cfg.out, name)
     for key, value in fields.items():
         setattr(stage, key, value)
@@ -57,6 +58,8 @@ def _done(path: str) -> Optional[dict]:
 
 
 def run_pipeline(cfg: PipelineConfig, resume: bool = False) -> dict:
+    if cfg.data:
+        raise ValueError("pipeline: give the data files per stage as sft_data=, rm_data= and ppo_data=, not data=")
     os.makedirs(cfg.out, exist_ok=True)
     common.save_config(cfg, cfg.out)
     sft = _stage(cfg.sft, cfg, "sft", model=cfg.model, data=cfg.sft_data)
@@ -71,7 +74,7 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False) -> dict:
 
     summary = {"seed": cfg.seed, "sft": sft_summary, "rm": rm_summary, "ppo": ppo_summary}
     if distributed.is_main():  # only rank 0 writes and prints
-        common.atomic_write_text(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=1))
+        atomic_write_text(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=1))
         summary["plot"] = plot(cfg.out)
         print(report(summary))
     return summary

@@ -1,17 +1,19 @@
-"""PPO (and its critic-free GRPO / RLOO / Dr. GRPO variants) on the fused ops.
+"""PPO (and its critic-free GRPO / RLOO / Dr. GRPO variants) on packed batches and the fused ops.
 
 Models: policy (from SFT), frozen reference (a second copy of the SFT weights), frozen reward model, critic (value
-head; from the reward model unless ``critic`` names another directory). One iteration:
+head; from the reward model unless ``critic`` names another directory). Dropout is off in all of them (unless
+``dropout=true``), so every log-prob that enters a ratio or a KL is the eval-mode computation. One iteration:
 
-  1. generate  B prompts (x G samples in group modes) with rlhf_fast.generate: sequences, response mask and the
-               behaviour log-probs of the sampler.
-  2. score     reference log-probs (fused linear log-prob op), reward-model score at the last token (normalised with
-               the RM's held-out statistics, optionally clipped), critic values; per-token reward
+  1. generate  B prompts (x G samples in group modes) with rlhf_fast.generate -> a packed TokenBatch of prompt +
+               response with the sampler's behaviour log-probs (same positions as every later forward).
+  2. score     reference log-probs, reward-model score at each sequence's last token (normalised with the RM's
+               held-out statistics, optionally clipped), critic values; per-token reward
                r[t] = -kl_coef * k(logp, ref_logp)[t] (+ score on the last response token); GAE; whitening.
-               Group modes: advantage = group_advantages(score) on every response token, no critic, and the KL
-               goes into the loss instead (as GRPO does).
-  3. learn     ``epochs`` passes over shuffled minibatches: ppo_policy_loss on the fused log-probs (+ entropy bonus),
-               ppo_value_loss for the critic, gradient clipping.
+               Group modes: advantage = group_advantages(score, group ids) on every response token, no critic, and
+               the KL goes into the loss instead (as GRPO does).
+  3. learn     ``epochs`` passes over shuffled minibatches of sequences: per-token loss weights from ``loss_agg``
+               (over the global minibatch), ``ppo_objective`` on the fused log-probs, ``ppo_value_loss`` for the
+               critic, gradient clipping.
 
     rlhf-fast ppo --model SFT_DIR reward_model=RM_DIR [--data prompts.jsonl] [--out DIR] [key=value ...]
 """
@@ -22,15 +24,15 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
-from .. import gae, generate, group_advantages, kl_penalty, masked_mean, ppo_policy_loss, ppo_value_loss
+from .. import gae, generate, group_advantages, kl_penalty, ppo_objective, ppo_value_loss
+from ..batch import TokenBatch
 from ..data import prompt_batch, read_jsonl, task
-from ..models import sequence_logprobs
-from ..models.tiny import load_causal_lm, load_tokenizer
-from ..models.value_head import ScalarHeadModel, last_token_index
+from ..models import ScalarHeadModel, disable_dropout, load_causal_lm, load_tokenizer, sequence_logprobs
+from ..ops import AGG_MODES
 from . import common, distributed
 
 GROUP_MODES = ("grpo", "dr_grpo", "rloo")
@@ -69,44 +71,19 @@ class PPOConfig(common.RunConfig):
     reward_clip: Optional[float] = 5.0
     entropy_coef: float = 0.0
     grad_clip: float = 1.0
-    loss_agg: str = "token-mean"  # policy and value loss aggregation: token-mean | seq-mean-token-sum |
-    #                               seq-mean-token-mean | seq-mean-token-sum-norm (over the global batch)
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm |
+    #                               dr-grpo (docs/formulas.md), over the global minibatch
     whiten_advantages: bool = True
+    dropout: bool = False        # keep dropout in the policy and critic while training (off by default, as in TRL)
     shard_frozen: bool = False   # under torchrun: shard the reference and reward models with FSDP2 (else replicated)
     eval_prompts: int = 256      # synthetic task: prompts for the true score before/after (0 = skip)
     eval_every: int = 0          # also every this many iterations (0 = only before and after)
     save_every: int = 5
 
 
-class Rollout(NamedTuple):
-    """One iteration's experience; B sequences, P prompt positions, N response positions."""
-
-    sequences: torch.Tensor       # [B, P+N] int64, left-padded prompt then response
-    attention_mask: torch.Tensor  # [B, P+N] int64
-    response_mask: torch.Tensor   # [B, N] int64, 1 on generated tokens (through EOS)
-    old_logp: torch.Tensor        # [B, N] float32, behaviour log-probs from the sampler
-    ref_logp: torch.Tensor        # [B, N] float32
-    values: torch.Tensor          # [B, N] float32 (zeros in group modes)
-    advantages: torch.Tensor      # [B, N] float32
-    returns: torch.Tensor         # [B, N] float32
-
-
-def response_logprobs(model, sequences, attention_mask, response_mask, prompt_len: int, *, temperature: float,
-                      return_entropy: bool = False):
-    """Log-probs of the response tokens under ``model`` (fused linear log-prob op): float32 [B, N] (, entropy)."""
-    # position t predicts token t+1: the N response tokens are predicted at positions P-1 ... P+N-2
-    labels = torch.full_like(sequences, -100)
-    labels[:, prompt_len - 1:-1] = torch.where(response_mask.bool(), sequences[:, prompt_len:], -100)
-    out = sequence_logprobs(model, sequences, attention_mask, labels, temperature=temperature,
-                            return_entropy=return_entropy)
-    if return_entropy:
-        return out[0][:, prompt_len - 1:-1], out[1][:, prompt_len - 1:-1]
-    return out[:, prompt_len - 1:-1]
-
-
-def response_values(critic: ScalarHeadModel, sequences, attention_mask, prompt_len: int) -> torch.Tensor:
-    """V(state before each response token): float32 [B, N]."""
-    return critic(sequences, attention_mask)[:, prompt_len - 1:-1]
+def values_of(critic: ScalarHeadModel, batch: TokenBatch) -> torch.Tensor:
+    """V(state before each target token) at its predicting position: float32 [N], 0 off the targets."""
+    return critic(batch) * batch.mask
 
 
 def explained_variance(values, returns, mask) -> float:
@@ -114,19 +91,22 @@ def explained_variance(values, returns, mask) -> float:
     return distributed.explained_variance(values, returns, mask)
 
 
-class PPOTrainer:
-    def __init__(self, cfg: PPOConfig, resume: bool = False):
+class PPOTrainer(common.Trainer):
+    name = "ppo"
+
+    def setup(self) -> None:
+        cfg = self.cfg
         if cfg.algo not in ("ppo", *GROUP_MODES):
             raise ValueError(f"algo must be ppo, grpo, dr_grpo or rloo, got {cfg.algo!r}")
-        if cfg.loss_agg not in distributed.AGG_MODES:
-            raise ValueError(f"loss_agg must be one of {distributed.AGG_MODES}, got {cfg.loss_agg!r}")
+        if cfg.loss_agg not in AGG_MODES:
+            raise ValueError(f"loss_agg must be one of {AGG_MODES}, got {cfg.loss_agg!r}")
         if not cfg.model or not cfg.reward_model:
             raise ValueError("ppo needs model= (the SFT policy directory) and reward_model= (from `rlhf-fast rm`)")
-        self.cfg = cfg
-        os.makedirs(cfg.out, exist_ok=True)
-        self.device = device = common.resolve_device(cfg.device)
+        self.save_every = cfg.save_every
+        device = self.device
+        trainable = (lambda m: m) if cfg.dropout else disable_dropout
         self.tokenizer = load_tokenizer(cfg.model)
-        self.policy = distributed.wrap(load_causal_lm(cfg.model, device), fsdp=cfg.fsdp)
+        self.policy = distributed.wrap(trainable(load_causal_lm(cfg.model, device)), fsdp=cfg.fsdp)
         frozen = {"trainable": False, "shard_frozen": cfg.shard_frozen}
         self.ref = distributed.wrap(load_causal_lm(cfg.model, device).eval().requires_grad_(False), **frozen)
         self.reward_model = distributed.wrap(
@@ -136,50 +116,43 @@ class PPOTrainer:
         self.score_mean, self.score_std = info.get("score_mean", 0.0), info.get("score_std", 1.0) or 1.0
         self.group = cfg.algo in GROUP_MODES
         self.critic = None if self.group else distributed.wrap(
-            ScalarHeadModel.from_pretrained(cfg.critic or cfg.reward_model, device), fsdp=cfg.fsdp)
+            trainable(ScalarHeadModel.from_pretrained(cfg.critic or cfg.reward_model, device)), fsdp=cfg.fsdp)
         self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=0.0)
         self.critic_opt = None if self.group else torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda it: 1.0 - it / cfg.iterations)
         self.rows = read_jsonl(cfg.data, "ppo") if cfg.data else task.prompts(20_000, cfg.seed)
-        # each rank samples its own rollouts: its own random stream
-        self.generator = torch.Generator(device).manual_seed(cfg.seed + distributed.rank())
         self.kl_coef = cfg.kl_coef
-        self.iteration = 0
-        self.checkpoint = distributed.Checkpoint(cfg.out, cfg.checkpoint)
         self.initial_true_score = None
-        ckpt = self.checkpoint.load(*self._checkpointed(), self.generator, seed=cfg.seed) if resume else None
-        if ckpt is not None:
-            self.sched.load_state_dict(ckpt["scheduler"])
-            self.kl_coef, self.iteration = ckpt["kl_coef"], ckpt["iteration"]
-            self.initial_true_score = ckpt["initial_true_score"]
-        self.metrics = common.Metrics(cfg.out, resume_step=self.iteration if ckpt is not None else None)
+
+    def total_steps(self) -> int:
+        return self.cfg.iterations
 
     # ------------------------------------------------------------------------------------------------ checkpoints
-    def _checkpointed(self) -> tuple[dict, dict]:
+    def checkpointed(self) -> tuple[dict, dict]:
         models, optimizers = {"policy": self.policy}, {"optimizer": (self.policy, self.opt)}
         if not self.group:
             models["critic"], optimizers["critic_optimizer"] = self.critic, (self.critic, self.critic_opt)
         return models, optimizers
 
-    def save_checkpoint(self) -> None:
-        self.checkpoint.save(*self._checkpointed(),
-                             {"scheduler": self.sched.state_dict(), "kl_coef": self.kl_coef,
-                              "iteration": self.iteration, "initial_true_score": self.initial_true_score},
-                             self.generator)
+    def extra_state(self) -> dict:
+        return {"scheduler": self.sched.state_dict(), "kl_coef": self.kl_coef,
+                "initial_true_score": self.initial_true_score}
+
+    def restore(self, state: dict) -> None:
+        self.sched.load_state_dict(state["scheduler"])
+        self.kl_coef, self.initial_true_score = state["kl_coef"], state["initial_true_score"]
 
     # ------------------------------------------------------------------------------------------------ phases
-    def global_prompts(self, iteration: int) -> list[dict]:
-        """The iteration's prompts over all ranks: the data position is the iteration number (epochs reshuffle by
-        seed)."""
-        n, size = len(self.rows), self.cfg.batch_size * distributed.world_size()
-        return [self.rows[j] for j in common.global_batch_indices(n, iteration, max(1, n // size), size, self.cfg.seed)]
-
     def prompts(self, iteration: int) -> list[dict]:
-        """This rank's block of the iteration's prompts."""
-        return distributed.shard(self.global_prompts(iteration))
+        """This rank's block of the iteration's prompts (the data position is the iteration number; epochs
+        reshuffle by seed)."""
+        n, size = len(self.rows), self.cfg.batch_size * distributed.world_size()
+        order = common.global_batch_indices(n, iteration, max(1, n // size), size, self.cfg.seed)
+        return distributed.shard([self.rows[j] for j in order])
 
     @torch.no_grad()
-    def rollout(self, rows: list[dict]):
+    def rollout(self, rows: list[dict]) -> tuple:
+        """-> (GenerateOutput [B(*G) rows], the prompt mask [B(*G), P])."""
         cfg, tok = self.cfg, self.tokenizer
         batch = prompt_batch(tok, rows, cfg.max_prompt_len)
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
@@ -187,95 +160,100 @@ class PPOTrainer:
             ids, mask = ids.repeat_interleave(cfg.group_size, 0), mask.repeat_interleave(cfg.group_size, 0)
         self.policy.eval()
         with common.autocast(self.device):
-            res = self.policy.local(generate, ids, mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                           top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p, eos_token_id=tok.eos_token_id,
-                           pad_token_id=tok.pad_token_id, generator=self.generator)
+            out = self.policy.local(generate, ids, mask, max_new_tokens=cfg.max_new_tokens,
+                                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
+                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                    generator=self.generator)
         self.policy.train()
-        return res, ids.shape[1]
+        return out, mask
 
     @torch.no_grad()
-    def score(self, res, prompt_len: int) -> tuple[Rollout, dict]:
+    def score(self, out, prompt_mask) -> tuple[TokenBatch, dict]:
+        """The rollout as a packed batch with reference log-probs, values, advantages and returns filled in."""
         cfg = self.cfg
-        seq, rmask = res.sequences, res.response_mask.long()
-        attn = torch.cat([(seq[:, :prompt_len] != self.tokenizer.pad_token_id).long()
-                          if self.tokenizer.pad_token_id is not None else torch.ones_like(seq[:, :prompt_len]),
-                          rmask], 1)
-        old_logp = res.logprobs.float() * rmask
+        batch = TokenBatch.from_generation(out.sequences, prompt_mask, out.response_mask, out.logprobs)
+        mask = batch.mask
+        if self.group:
+            batch.group_ids = torch.arange(batch.num_seqs, device=self.device) // cfg.group_size
         with common.autocast(self.device):
-            ref_logp = self.ref(response_logprobs, seq, attn, rmask, prompt_len, temperature=cfg.temperature)
-            raw = self.reward_model(ScalarHeadModel.score, seq, attn)
-            values = (torch.zeros_like(old_logp) if self.group
-                      else self.critic(response_values, seq, attn, prompt_len).float() * rmask)
+            batch.ref_logp = self.ref(sequence_logprobs, batch, temperature=cfg.temperature).float()
+            raw = self.reward_model(ScalarHeadModel.score, batch)
+            if not self.group:
+                self.critic.eval()
+                batch.values = self.critic(values_of, batch).float()
+                self.critic.train()
         score = (raw - self.score_mean) / self.score_std
         if cfg.reward_clip is not None:
             score = score.clamp(-cfg.reward_clip, cfg.reward_clip)
-        kl = kl_penalty(old_logp, ref_logp, kind=cfg.kl_kind) * rmask  # [B, N]
+        batch.scores = score
+        kl = kl_penalty(batch.old_logp, batch.ref_logp, kind=cfg.kl_kind) * mask  # [N]
         if self.group:
-            adv = group_advantages(score, cfg.group_size, mode=cfg.algo)[:, None] * rmask
-            returns = torch.zeros_like(adv)
+            batch.advantages = group_advantages(score, batch.group_ids, mode=cfg.algo)[batch.seq_ids] * mask
+            batch.returns = torch.zeros_like(batch.advantages)
         else:
             rewards = -self.kl_coef * kl
-            last = last_token_index(rmask)
-            rewards[torch.arange(len(last)), last] += score
-            adv, returns = gae(rewards, values, rmask, gamma=cfg.gamma, lam=cfg.lam)
+            rewards[batch.last_index - 1] += score  # the position predicting each sequence's last token
+            adv, returns = gae(batch.padded(rewards), batch.padded(batch.values), batch.padded(mask), gamma=cfg.gamma,
+                               lam=cfg.lam)  # one row per sequence
+            adv, batch.returns = batch.unpadded(adv), batch.unpadded(returns)
             if cfg.whiten_advantages:  # statistics of the global batch
-                adv = distributed.masked_whiten(adv, rmask) * rmask
+                adv = distributed.masked_whiten(adv, mask) * mask
+            batch.advantages = adv
         stats = distributed.global_means(
             {"rm_score": raw.sum().item(), "reward": score.sum().item(), "kl": kl.sum().item(),
-             "response_len": rmask.sum().item()}, len(raw))
-        return Rollout(seq, attn, rmask, old_logp, ref_logp.float(), values, adv.float(), returns.float()), stats
+             "response_len": mask.sum().item()}, batch.num_seqs)
+        return batch, stats
 
-    def learn(self, ro: Rollout, prompt_len: int) -> dict:
+    def learn(self, batch: TokenBatch) -> dict:
         cfg = self.cfg
-        B = ro.sequences.shape[0]
-        sums: dict[str, float] = {}
-        count = 0
+        S = batch.num_seqs
+        # the padded length of seq-mean-token-sum-norm: the longest response of the global batch; dr-grpo's
+        # constant: the longest a response may be
+        longest = distributed.reduce_floats({"n": int(batch.padded(batch.mask.long()).sum(1).max())}, "max")["n"]
+        max_len = cfg.max_new_tokens if cfg.loss_agg == "dr-grpo" else int(longest)
+        names = ["policy_loss", "clip_frac", "approx_kl", "ratio_mean", "entropy", "value_loss", "value_clip_frac"]
+        sums = torch.zeros(len(names), dtype=torch.float64, device=self.device)  # no host sync until the end
+        tokens = torch.zeros((), dtype=torch.float64, device=self.device)
+        steps = 0
         for _ in range(cfg.epochs):
-            order = torch.randperm(B, generator=self.generator, device=self.generator.device).to(self.device)
-            for start in range(0, B, cfg.minibatch_size):
-                mb = order[start:start + cfg.minibatch_size]
-                m = ro.response_mask[mb]
-                # Every term is this rank's share of the global-batch aggregate: (loss, weight) = global_loss(...)
-                # scales the local aggregate so that the gradient averaged over ranks is that of the global one,
-                # and sum over ranks of (local value * weight) is the global value (see distributed.global_loss).
+            order = torch.randperm(S, generator=self.generator, device=self.generator.device).to(self.device)
+            for start in range(0, S, cfg.minibatch_size):
+                mb = batch.select(order[start:start + cfg.minibatch_size])
+                w = distributed.global_weights(mb.mask, cfg.loss_agg, seq_ids=mb.seq_ids, max_len=max_len)
                 with common.autocast(self.device):
-                    logp, ent = self.policy(response_logprobs, ro.sequences[mb], ro.attention_mask[mb], m,
-                                            prompt_len, temperature=cfg.temperature, return_entropy=True)
-                    pg, st = ppo_policy_loss(logp, ro.old_logp[mb], ro.advantages[mb], m, clip_low=cfg.clip_low,
-                                             clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, agg=cfg.loss_agg)
-                    entropy = masked_mean(ent, m)
-                    pg_global, w_pg = distributed.global_loss(pg, m, cfg.loss_agg)
-                    ent_global, w_tok = distributed.global_loss(entropy, m)
-                    loss = pg_global - cfg.entropy_coef * ent_global
-                    value = pg.item() * w_pg - cfg.entropy_coef * entropy.item() * w_tok
-                    if self.group and self.kl_coef > 0:  # GRPO: KL to the reference in the loss
-                        kl = masked_mean(kl_penalty(logp, ro.ref_logp[mb], kind=cfg.kl_kind), m)
-                        loss = loss + self.kl_coef * distributed.global_loss(kl, m)[0]
-                        value += self.kl_coef * kl.item() * w_tok
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
-                self.opt.step()
-                step = {"policy_loss": value, "entropy": entropy.item() * w_tok,
-                        "clip_frac": float(st["clip_frac"]) * w_tok, "approx_kl": float(st["approx_kl"]) * w_tok}
+                    logp, entropy = self.policy(sequence_logprobs, mb, temperature=cfg.temperature,
+                                                return_entropy=True)
+                    kl_in_loss = self.group and self.kl_coef > 0  # GRPO: KL to the reference in the loss
+                    loss, st = ppo_objective(logp, mb.old_logp, mb.advantages, w, entropy=entropy,
+                                             ref_logp=mb.ref_logp if kl_in_loss else None,
+                                             kl_coef=self.kl_coef if kl_in_loss else 0.0, kl_kind=cfg.kl_kind,
+                                             entropy_coef=cfg.entropy_coef, clip_low=cfg.clip_low,
+                                             clip_high=cfg.clip_high, dual_clip=cfg.dual_clip)
+                common.optimizer_step(loss, self.policy, self.opt, cfg.grad_clip)
+                n_tok = (w != 0).sum().double()
+                row = [loss.detach() / distributed.world_size(), st["clip_frac"] * n_tok,
+                       st["approx_kl"] * n_tok, st["ratio_mean"] * n_tok, st["entropy"] * n_tok]
                 if not self.group:
                     with common.autocast(self.device):
-                        v = self.critic(response_values, ro.sequences[mb], ro.attention_mask[mb], prompt_len)
-                        vloss, vst = ppo_value_loss(v, ro.values[mb], ro.returns[mb], m, clip=cfg.value_clip,
-                                                    agg=cfg.loss_agg)
-                        vloss_global, w_v = distributed.global_loss(vloss, m, cfg.loss_agg)
-                    self.critic_opt.zero_grad(set_to_none=True)
-                    vloss_global.backward()
-                    torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.grad_clip)
-                    self.critic_opt.step()
-                    step.update(value_loss=vloss.item() * w_v, value_clip_frac=float(vst["clip_frac"]) * w_tok)
-                for k, v in step.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                count += 1
+                        v = self.critic(values_of, mb)
+                        vloss, vst = ppo_value_loss(v, mb.values, mb.returns, w, clip=cfg.value_clip)
+                    common.optimizer_step(vloss, self.critic, self.critic_opt, cfg.grad_clip)
+                    row += [vloss.detach() / distributed.world_size(), vst["clip_frac"] * n_tok]
+                else:
+                    row += [torch.zeros((), device=self.device)] * 2
+                sums += torch.stack([r.double() for r in row])
+                tokens += n_tok
+                steps += 1
         self.sched.step()
-        out = {k: v / count for k, v in distributed.reduce_floats(sums).items()}
-        if not self.group:
-            out["explained_variance"] = explained_variance(ro.values, ro.returns, ro.response_mask)
+        total = distributed.reduce_floats({**dict(zip(names, sums.tolist())), "tokens": float(tokens)})
+        out = {}
+        for k in names:
+            per_step = k in ("policy_loss", "value_loss")  # global values: summed over ranks, mean over steps
+            out[k] = total[k] / steps if per_step else total[k] / max(total["tokens"], 1.0)
+        if self.group:
+            del out["value_loss"], out["value_clip_frac"]
+        else:
+            out["explained_variance"] = explained_variance(batch.values, batch.returns, batch.mask)
         return out
 
     def update_kl_coef(self, kl: float, n: int) -> None:
@@ -288,54 +266,48 @@ class PPOTrainer:
         if self.cfg.data or not self.cfg.eval_prompts:
             return None
         return self.policy.local(common.sample_true_score, self.tokenizer,
-                                        task.prompts(self.cfg.eval_prompts, seed=10_000 + self.cfg.seed),
-                                        seed=self.cfg.seed, max_new_tokens=self.cfg.max_new_tokens,
-                                        temperature=self.cfg.temperature)
+                                 task.prompts(self.cfg.eval_prompts, seed=10_000 + self.cfg.seed),
+                                 seed=self.cfg.seed, max_new_tokens=self.cfg.max_new_tokens,
+                                 temperature=self.cfg.temperature)
 
     # ------------------------------------------------------------------------------------------------ loop
-    def train(self) -> dict:
+    def train_step(self) -> dict:
         cfg = self.cfg
-        if self.iteration == 0:
+        if self.step == 0 and self.initial_true_score is None:
             self.initial_true_score = self.true_score()
-        bar = common.progress(total=cfg.iterations, initial=self.iteration, enabled=cfg.progress, desc="ppo")
-        while self.iteration < cfg.iterations:
-            rows = self.prompts(self.iteration)
-            t0 = time.perf_counter()
-            res, prompt_len = self.rollout(rows)
-            t1 = time.perf_counter()
-            ro, stats = self.score(res, prompt_len)
-            t2 = time.perf_counter()
-            stats.update(self.learn(ro, prompt_len))
-            t3 = time.perf_counter()
-            if not cfg.data:
-                texts = common.decode_responses(self.tokenizer, ro.sequences, ro.response_mask, prompt_len)
-                prompts_ = [r["prompt"] for r in rows for _ in range(cfg.group_size if self.group else 1)]
-                stats.update(distributed.global_means(
-                    {"true_score": sum(task.true_score(p, t) for p, t in zip(prompts_, texts))}, len(texts)))
-            self.update_kl_coef(stats["kl"], ro.sequences.shape[0] * distributed.world_size())
-            self.iteration += 1
-            if cfg.eval_every and self.iteration % cfg.eval_every == 0 and self.iteration < cfg.iterations:
-                stats["eval_true_score"] = self.true_score()
-            stats.update(kl_coef=self.kl_coef, lr=self.sched.get_last_lr()[0])
-            stats.update(distributed.reduce_floats(  # the slowest rank sets the pace
-                {"time_generate": t1 - t0, "time_score": t2 - t1, "time_learn": t3 - t2}, "max"))
-            self.metrics.log(self.iteration, **{k: v for k, v in stats.items() if v is not None})
-            bar.update(1)
-            bar.set_postfix(reward=f"{stats['reward']:.2f}", kl=f"{stats['kl']:.2f}",
-                            **({"true": f"{stats['true_score']:.2f}"} if "true_score" in stats else {}))
-            if self.iteration % cfg.save_every == 0 or self.iteration == cfg.iterations:
-                self.save_checkpoint()
-        bar.close()
+        rows = self.prompts(self.step)
+        t0 = time.perf_counter()
+        out, prompt_mask = self.rollout(rows)
+        t1 = time.perf_counter()
+        batch, stats = self.score(out, prompt_mask)
+        t2 = time.perf_counter()
+        stats.update(self.learn(batch))
+        t3 = time.perf_counter()
+        if not cfg.data:
+            texts = common.decode_responses(self.tokenizer, out.sequences, out.response_mask, prompt_mask.shape[1])
+            prompts = [r["prompt"] for r in rows for _ in range(cfg.group_size if self.group else 1)]
+            stats.update(distributed.global_means(
+                {"true_score": sum(task.true_score(p, t) for p, t in zip(prompts, texts))}, len(texts)))
+        self.update_kl_coef(stats["kl"], batch.num_seqs * distributed.world_size())
+        if cfg.eval_every and (self.step + 1) % cfg.eval_every == 0 and self.step + 1 < cfg.iterations:
+            stats["eval_true_score"] = self.true_score()
+        stats.update(kl_coef=self.kl_coef, lr=self.sched.get_last_lr()[0])
+        stats.update(distributed.reduce_floats(  # the slowest rank sets the pace
+            {"time_generate": t1 - t0, "time_score": t2 - t1, "time_learn": t3 - t2}, "max"))
+        return {k: v for k, v in stats.items() if v is not None}
+
+    def postfix(self, row: dict) -> dict:
+        keys = ("reward", "kl", "true_score")
+        return {k: f"{row[k]:.2f}" for k in keys if k in row}
+
+    def finish(self) -> dict:
+        cfg = self.cfg
         final = self.true_score()
         self.policy.save_pretrained(os.path.join(cfg.out, "model"), self.tokenizer)
         if not self.group:
             self.critic.save_pretrained(os.path.join(cfg.out, "critic"), self.tokenizer)
-        self.metrics.close()
-        summary = {"iterations": cfg.iterations, "true_score_before": self.initial_true_score,
-                   "true_score_after": final, "final": self.metrics.rows[-1] if self.metrics.rows else {}}
-        if distributed.is_main():
-            common.atomic_write_text(os.path.join(cfg.out, "summary.json"), json.dumps(summary))
-        return summary
+        return {"iterations": cfg.iterations, "true_score_before": self.initial_true_score,
+                "true_score_after": final, "final": self.metrics.rows[-1] if self.metrics.rows else {}}
 
 
 def train_ppo(cfg: PPOConfig, resume: bool = False) -> dict:

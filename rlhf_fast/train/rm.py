@@ -1,6 +1,6 @@
-"""Reward model: a causal LM body with a scalar head read at each sequence's last non-pad token, trained on
-(prompt, chosen, rejected) with the Bradley–Terry loss -log sigmoid(r_chosen - r_rejected); reports pairwise accuracy
-mean[r_chosen > r_rejected] on held-out pairs.
+"""Reward model: a causal LM body with a scalar head read at each sequence's last token, trained on packed
+(prompt, chosen, rejected) pairs with the Bradley–Terry loss -log sigmoid(r_chosen - r_rejected); reports pairwise
+accuracy mean[r_chosen > r_rejected] on held-out pairs.
 
     rlhf-fast rm [--config rm.yaml] [--model DIR] [--data pairs.jsonl] [--out DIR] [key=value ...]
 """
@@ -16,10 +16,9 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel
 
 from ..data import pair_batch, read_jsonl, task
-from ..models.tiny import load_tokenizer
-from ..models.value_head import ScalarHeadModel
+from ..models import ScalarHeadModel, disable_dropout, load_tokenizer
 from . import common, distributed
-from .sft import base_model_dir, optimizer_and_checkpoint
+from .checkpoint import atomic_write_text
 
 
 @dataclass
@@ -35,16 +34,17 @@ class RMConfig(common.RunConfig):
     warmup_steps: int = 10
     grad_clip: float = 1.0
     max_len: int = 128
+    dropout: bool = False        # keep the model's dropout while training (off by default)
     log_every: int = 10
     eval_every: int = 50
     save_every: int = 50
 
 
-def bradley_terry(model: ScalarHeadModel, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (loss = mean -log sigmoid(r_c - r_r), accuracy = mean[r_c > r_r]); batch holds chosen then rejected."""
-    r = model.score(batch["input_ids"], batch["attention_mask"])
-    r_chosen, r_rejected = r.chunk(2)
-    return -F.logsigmoid(r_chosen - r_rejected).mean(), (r_chosen > r_rejected).float().mean()
+def bradley_terry(model: ScalarHeadModel, batch, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed batch of B chosen then B rejected sequences, per-pair weights [B] -> (loss = sum w * -log
+    sigmoid(r_c - r_r), per-pair correctness [B] float32 = [r_c > r_r])."""
+    r_chosen, r_rejected = model.score(batch).chunk(2)
+    return -(weights * F.logsigmoid(r_chosen - r_rejected)).sum(), (r_chosen > r_rejected).float()
 
 
 @torch.no_grad()
@@ -57,10 +57,9 @@ def evaluate(model, tokenizer, rows, cfg, device) -> dict:
     model.eval()
     losses, accs, scores = [], [], []
     for i in range(0, len(rows), 128):
-        chunk = rows[i:i + 128]
-        batch = {k: v.to(device) for k, v in pair_batch(tokenizer, chunk, cfg.max_len).items()}
+        batch = pair_batch(tokenizer, rows[i:i + 128], cfg.max_len).to(device)
         with common.autocast(device):
-            r = model.score(batch["input_ids"], batch["attention_mask"])
+            r = model.score(batch)
         rc, rr = r.chunk(2)
         losses.append(-F.logsigmoid(rc - rr).sum().item())
         accs.append((rc > rr).float().sum().item())
@@ -74,77 +73,81 @@ def evaluate(model, tokenizer, rows, cfg, device) -> dict:
             "score_mean": mean, "score_std": (sq / max(tot["n"] - 1, 1)) ** 0.5}
 
 
-def train_rm(cfg: RMConfig, resume: bool = False) -> dict:
-    device = common.resolve_device(cfg.device)
-    with common.run_context(cfg):
-        model_dir = base_model_dir(cfg)
-        tokenizer = load_tokenizer(model_dir)
+class RMTrainer(common.Trainer):
+    name = "rm"
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.log_every, self.save_every = cfg.log_every, cfg.save_every
+        model_dir = common.base_model_dir(cfg)
+        self.tokenizer = load_tokenizer(model_dir)
         if cfg.from_scratch:
             body = AutoModel.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.float32)
-            model = ScalarHeadModel(body).to(device)
+            module = ScalarHeadModel(body).to(self.device)
         else:
-            model = ScalarHeadModel.from_pretrained(model_dir, device)
-        model = distributed.wrap(model, fsdp=cfg.fsdp)
+            module = ScalarHeadModel.from_pretrained(model_dir, self.device)
+        self.model = distributed.wrap(module if cfg.dropout else disable_dropout(module), fsdp=cfg.fsdp)
         rows = read_jsonl(cfg.data, "rm") if cfg.data else task.preference_pairs(cfg.num_pairs, cfg.seed)
         n_held = max(1, int(len(rows) * cfg.heldout_fraction))
-        train_rows, held = rows[:-n_held], rows[-n_held:]
-        global_batch = cfg.batch_size * distributed.world_size()
-        steps_per_epoch = distributed.steps_per_epoch(len(train_rows), global_batch)
-        total = cfg.epochs * steps_per_epoch
-        opt, sched, checkpoint, step, metrics = optimizer_and_checkpoint(cfg, model, total, resume)
+        self.rows, self.held = rows[:-n_held], rows[-n_held:]
+        self.global_batch = cfg.batch_size * distributed.world_size()
+        self.steps_per_epoch = distributed.steps_per_epoch(len(self.rows), self.global_batch)
+        self.opt, self.sched = common.optimizer(cfg, self.model, self.total_steps())
+        self.model.train()
 
-        model.train()
-        bar = common.progress(total=total, initial=step, enabled=cfg.progress, desc="rm")
-        acc_sum = loss_sum = 0.0
-        n = 0
-        while step < total:
-            idx = distributed.shard(common.global_batch_indices(len(train_rows), step, steps_per_epoch, global_batch,
-                                                                cfg.seed))
-            batch = {k: v.to(device) for k, v in pair_batch(tokenizer, [train_rows[j] for j in idx],
-                                                              cfg.max_len).items()}
-            with common.autocast(device):
-                local_loss, acc = model(bradley_terry, batch)
-            # the mean over the global batch's pairs (see distributed.global_loss)
-            loss, weight = distributed.global_loss(local_loss, torch.ones(len(idx), 1))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-            step += 1
-            loss_sum, acc_sum, n = loss_sum + local_loss.item() * weight, acc_sum + acc.item() * weight, n + 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == total:
-                tot = distributed.reduce_floats({"loss": loss_sum, "accuracy": acc_sum})
-                row = {"loss": tot["loss"] / n, "accuracy": tot["accuracy"] / n}
-                if step % cfg.eval_every == 0 or step == total:
-                    ev = model.local(evaluate, tokenizer, held, cfg, device)
-                    row.update(heldout_loss=ev["heldout_loss"], heldout_accuracy=ev["heldout_accuracy"])
-                metrics.log(step, **row)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in row.items()})
-                loss_sum = acc_sum = 0.0
-                n = 0
-            if step % cfg.save_every == 0 or step == total:
-                checkpoint.save({"model": model}, {"optimizer": (model, opt)},
-                                {"scheduler": sched.state_dict(), "step": step})
-        bar.close()
-        ev = model.local(evaluate, tokenizer, held, cfg, device)
+    def total_steps(self) -> int:
+        return self.cfg.epochs * self.steps_per_epoch
+
+    def checkpointed(self):
+        return {"model": self.model}, {"optimizer": (self.model, self.opt)}
+
+    def extra_state(self) -> dict:
+        return {"scheduler": self.sched.state_dict()}
+
+    def restore(self, state: dict) -> None:
+        self.sched.load_state_dict(state["scheduler"])
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        idx = distributed.shard(common.global_batch_indices(len(self.rows), self.step, self.steps_per_epoch,
+                                                            self.global_batch, cfg.seed))
+        batch = pair_batch(self.tokenizer, [self.rows[j] for j in idx], cfg.max_len).to(self.device)
+        # the mean over the global batch's pairs: one weight per pair
+        weights = distributed.global_weights(torch.ones(len(idx), 1, device=self.device)).squeeze(1)
+        with common.autocast(self.device):
+            loss, correct = self.model(bradley_terry, batch, weights)
+        common.optimizer_step(loss, self.model, self.opt, cfg.grad_clip, self.sched)
+        n = distributed.world_size()
+        return distributed.reduce_floats({"loss": loss.item() / n, "accuracy": (weights * correct).sum().item() / n})
+
+    def log_extra(self, row: dict) -> dict:
+        if self.step % self.cfg.eval_every == 0 or self.step == self.total_steps():
+            ev = self.model.local(evaluate, self.tokenizer, self.held, self.cfg, self.device)
+            return {"heldout_loss": ev["heldout_loss"], "heldout_accuracy": ev["heldout_accuracy"]}
+        return {}
+
+    def finish(self) -> dict:
+        cfg = self.cfg
+        ev = self.model.local(evaluate, self.tokenizer, self.held, cfg, self.device)
         out_dir = os.path.join(cfg.out, "model")
-        model.save_pretrained(out_dir, tokenizer)
+        self.model.save_pretrained(out_dir, self.tokenizer)
         if distributed.is_main():
             with open(os.path.join(out_dir, "scalar_head.json")) as f:
                 info = json.load(f)
             info.update(score_mean=ev["score_mean"], score_std=ev["score_std"])
-            common.atomic_write_text(os.path.join(out_dir, "scalar_head.json"), json.dumps(info))
+            atomic_write_text(os.path.join(out_dir, "scalar_head.json"), json.dumps(info))
         distributed.barrier()
-        metrics.close()
         summary = {"heldout_accuracy": ev["heldout_accuracy"], "heldout_loss": ev["heldout_loss"],
-                   "heldout_pairs": len(held), "steps": total}
+                   "heldout_pairs": len(self.held), "steps": self.total_steps()}
         if not cfg.data:
-            summary["heldout_accuracy_vs_rule"] = model.local(rule_accuracy, tokenizer, held, cfg, device)
-        if distributed.is_main():
-            common.atomic_write_text(os.path.join(cfg.out, "summary.json"), json.dumps(summary))
+            summary["heldout_accuracy_vs_rule"] = self.model.local(rule_accuracy, self.tokenizer, self.held, cfg,
+                                                                   self.device)
         return summary
+
+
+def train_rm(cfg: RMConfig, resume: bool = False) -> dict:
+    with common.run_context(cfg):
+        return RMTrainer(cfg, resume).train()
 
 
 @torch.no_grad()
@@ -155,8 +158,7 @@ def rule_accuracy(model, tokenizer, rows, cfg, device) -> float:
     hits = total = 0
     for i in range(0, len(rows), 128):
         chunk = rows[i:i + 128]
-        batch = {k: v.to(device) for k, v in pair_batch(tokenizer, chunk, cfg.max_len).items()}
-        rc, rr = model.score(batch["input_ids"], batch["attention_mask"]).chunk(2)
+        rc, rr = model.score(pair_batch(tokenizer, chunk, cfg.max_len).to(device)).chunk(2)
         for row, a, b in zip(chunk, rc.tolist(), rr.tolist()):
             sa, sb = task.true_score(row["prompt"], row["chosen"]), task.true_score(row["prompt"], row["rejected"])
             if sa != sb:

@@ -1,5 +1,5 @@
-"""Supervised fine-tuning: causal-LM loss on the response tokens only (prompt and padding masked), computed with
-the fused linear cross-entropy op (gradients formed in the forward, no [B, T, V] logits).
+"""Supervised fine-tuning: causal-LM loss on the response tokens of packed batches (prompt tokens are not targets),
+computed with the fused linear cross-entropy op (gradients formed in the forward, no logits kept).
 
     rlhf-fast sft [--config sft.yaml] [--model DIR] [--data sft.jsonl] [--out DIR] [key=value ...]
 """
@@ -9,11 +9,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import torch
-
-from ..data import IGNORE_INDEX, read_jsonl, sft_batch, task
-from ..models import sequence_cross_entropy
-from ..models.tiny import load_causal_lm, load_tokenizer, save_tiny_default
+from ..data import read_jsonl, sft_batch, task
+from ..models import disable_dropout, load_causal_lm, load_tokenizer, sequence_cross_entropy
 from . import common, distributed
 
 
@@ -28,101 +25,77 @@ class SFTConfig(common.RunConfig):
     warmup_steps: int = 20
     grad_clip: float = 1.0
     max_len: int = 128
+    dropout: bool = False        # keep the model's dropout while training (off by default, as TRL does)
     log_every: int = 10
     save_every: int = 50         # checkpoint every this many steps
     eval_prompts: int = 256      # synthetic task: prompts for the true score (0 = skip)
     max_new_tokens: int = 10
 
 
-def sft_loss(model, batch: dict) -> torch.Tensor:
-    """Mean negative log-likelihood of the response tokens, float32 scalar."""
-    labels = torch.full_like(batch["labels"], IGNORE_INDEX)
-    labels[:, :-1] = batch["labels"][:, 1:]  # position t predicts token t+1
-    return sequence_cross_entropy(model, batch["input_ids"], batch["attention_mask"], labels)
+def sft_loss(model, batch, weights=None):
+    """sum_t w_t * -log p(label_t) over the target tokens of a packed batch (None: their mean): float32 scalar."""
+    return sequence_cross_entropy(model, batch, weights=weights)
 
 
-def linear_schedule(warmup: int, total: int):
-    return lambda step: min(1.0, (step + 1) / max(1, warmup)) * max(0.0, 1.0 - step / max(1, total))
+class SFTTrainer(common.Trainer):
+    name = "sft"
 
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.log_every, self.save_every = cfg.log_every, cfg.save_every
+        model_dir = common.base_model_dir(cfg)
+        self.tokenizer = load_tokenizer(model_dir)
+        module = load_causal_lm(model_dir, self.device)
+        self.model = distributed.wrap(module if cfg.dropout else disable_dropout(module), fsdp=cfg.fsdp)
+        self.rows = read_jsonl(cfg.data, "sft") if cfg.data else task.sft_examples(cfg.num_examples, cfg.seed)
+        self.global_batch = cfg.batch_size * distributed.world_size()
+        self.steps_per_epoch = distributed.steps_per_epoch(len(self.rows), self.global_batch)
+        self.opt, self.sched = common.optimizer(cfg, self.model, self.total_steps())
+        self.model.train()
 
-def optimizer_and_checkpoint(cfg, model, total: int, resume: bool):
-    """AdamW with the linear warm-up/decay schedule over ``total`` steps, and the run's checkpoint; when resuming,
-    model, optimizer, scheduler and RNG state are restored -> (optimizer, scheduler, checkpoint, step, metrics)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(cfg.warmup_steps, total))
-    checkpoint = distributed.Checkpoint(cfg.out, cfg.checkpoint)
-    state = checkpoint.load({"model": model}, {"optimizer": (model, opt)}, seed=cfg.seed) if resume else None
-    step = 0
-    if state is not None:
-        sched.load_state_dict(state["scheduler"])
-        step = state["step"]
-    metrics = common.Metrics(cfg.out, resume_step=step if state is not None else None)
-    return opt, sched, checkpoint, step, metrics
+    def total_steps(self) -> int:
+        return self.cfg.epochs * self.steps_per_epoch
 
+    def checkpointed(self):
+        return {"model": self.model}, {"optimizer": (self.model, self.opt)}
 
-def base_model_dir(cfg: common.RunConfig) -> str:
-    """``cfg.model``, or the embedded tiny default built and saved under ``cfg.out/base``."""
-    if cfg.model:
-        return cfg.model
-    path = os.path.join(cfg.out, "base")
-    if distributed.is_main() and not os.path.exists(os.path.join(path, "config.json")):
-        save_tiny_default(path, seed=cfg.seed)
-    distributed.barrier()
-    return path
+    def extra_state(self) -> dict:
+        return {"scheduler": self.sched.state_dict()}
+
+    def restore(self, state: dict) -> None:
+        self.sched.load_state_dict(state["scheduler"])
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        idx = distributed.shard(common.global_batch_indices(len(self.rows), self.step, self.steps_per_epoch,
+                                                            self.global_batch, cfg.seed))
+        batch = sft_batch(self.tokenizer, [self.rows[j] for j in idx], cfg.max_len).to(self.device)
+        weights = distributed.global_weights(batch.mask, "token-mean")  # the token-mean over the global batch
+        with common.autocast(self.device):
+            loss = self.model(sft_loss, batch, weights)
+        common.optimizer_step(loss, self.model, self.opt, cfg.grad_clip, self.sched)
+        return distributed.reduce_floats({"loss": loss.item() / distributed.world_size()})
+
+    def log_extra(self, row: dict) -> dict:
+        return {"lr": self.sched.get_last_lr()[0]}
+
+    def finish(self) -> dict:
+        cfg = self.cfg
+        self.model.save_pretrained(os.path.join(cfg.out, "model"), self.tokenizer)
+        summary = {"final_loss": self.metrics.rows[-1]["loss"] if self.metrics.rows else float("nan"),
+                   "steps": self.total_steps()}
+        if not cfg.data and cfg.eval_prompts:
+            summary["true_score"] = self.model.local(
+                common.sample_true_score, self.tokenizer, task.prompts(cfg.eval_prompts, seed=10_000 + cfg.seed),
+                seed=cfg.seed, max_new_tokens=cfg.max_new_tokens)
+            summary["demonstrator_score"] = demonstrator_score(cfg.eval_prompts, cfg.seed)
+        return summary
 
 
 def train_sft(cfg: SFTConfig, resume: bool = False) -> dict:
     """Trains, saves ``cfg.out/model`` and returns a summary (final loss, true score on the synthetic task)."""
-    device = common.resolve_device(cfg.device)
     with common.run_context(cfg):
-        model_dir = base_model_dir(cfg)
-        tokenizer = load_tokenizer(model_dir)
-        model = distributed.wrap(load_causal_lm(model_dir, device), fsdp=cfg.fsdp)
-        rows = read_jsonl(cfg.data, "sft") if cfg.data else task.sft_examples(cfg.num_examples, cfg.seed)
-        global_batch = cfg.batch_size * distributed.world_size()
-        steps_per_epoch = distributed.steps_per_epoch(len(rows), global_batch)
-        total = cfg.epochs * steps_per_epoch
-        opt, sched, checkpoint, step, metrics = optimizer_and_checkpoint(cfg, model, total, resume)
-
-        model.train()
-        bar = common.progress(total=total, initial=step, enabled=cfg.progress, desc="sft")
-        loss_sum, loss_n = 0.0, 0
-        while step < total:
-            idx = distributed.shard(common.global_batch_indices(len(rows), step, steps_per_epoch, global_batch,
-                                                                cfg.seed))
-            batch = {k: v.to(device) for k, v in sft_batch(tokenizer, [rows[j] for j in idx], cfg.max_len).items()}
-            with common.autocast(device):
-                local_loss = model(sft_loss, batch)
-            # the token-mean over the global batch (see distributed.global_loss)
-            loss, weight = distributed.global_loss(local_loss, batch["labels"][:, 1:] != IGNORE_INDEX)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-            step += 1
-            loss_sum, loss_n = loss_sum + local_loss.item() * weight, loss_n + 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total:
-                loss_sum = distributed.reduce_floats({"loss": loss_sum})["loss"]
-                metrics.log(step, loss=loss_sum / loss_n, lr=sched.get_last_lr()[0])
-                bar.set_postfix(loss=f"{loss_sum / loss_n:.3f}")
-                loss_sum, loss_n = 0.0, 0
-            if step % cfg.save_every == 0 or step == total:
-                checkpoint.save({"model": model}, {"optimizer": (model, opt)},
-                                {"scheduler": sched.state_dict(), "step": step})
-        bar.close()
-        model.save_pretrained(os.path.join(cfg.out, "model"), tokenizer)
-        summary = {"final_loss": metrics.rows[-1]["loss"] if metrics.rows else float("nan"), "steps": total}
-        if not cfg.data and cfg.eval_prompts:
-            summary["true_score"] = model.local(
-                common.sample_true_score, tokenizer, task.prompts(cfg.eval_prompts, seed=10_000 + cfg.seed),
-                seed=cfg.seed, max_new_tokens=cfg.max_new_tokens)
-            summary["demonstrator_score"] = demonstrator_score(cfg.eval_prompts, cfg.seed)
-        metrics.close()
-        if distributed.is_main():
-            common.atomic_write_text(os.path.join(cfg.out, "summary.json"), __import__("json").dumps(summary))
-        return summary
+        return SFTTrainer(cfg, resume).train()
 
 
 def demonstrator_score(n: int, seed: int) -> float:
