@@ -65,21 +65,21 @@ class SharedRolloutPPO(PPOTrainer):
     rank's prompts with its own random stream)."""
 
     def rollout(self, rows):
-        own, self.generator = self.generator, torch.Generator(self.device).manual_seed(1000 + self.iteration)
+        own, self.generator = self.generator, torch.Generator(self.device).manual_seed(1000 + self.step)
         try:
-            res, prompt_len = super().rollout(self.global_prompts(self.iteration))
+            res, prompt_mask = super().rollout(self.global_prompts(self.step))
         finally:
             self.generator = own
         idx = torch.tensor(distributed.shard(range(res.sequences.shape[0])))
         return SimpleNamespace(sequences=res.sequences[idx], response_mask=res.response_mask[idx],
-                               logprobs=res.logprobs[idx]), prompt_len
+                               logprobs=res.logprobs[idx]), prompt_mask[idx]
 
 
 class KilledPPO(PPOTrainer):
-    def learn(self, ro, prompt_len):
-        if self.iteration == KILL_AT:
+    def learn(self, batch):
+        if self.step == KILL_AT:
             os.kill(os.getpid(), signal.SIGKILL)
-        return super().learn(ro, prompt_len)
+        return super().learn(batch)
 
 
 def run_ppo(cls, cfg: PPOConfig) -> dict:
@@ -116,6 +116,7 @@ class Linear(torch.nn.Module):
 
 def reductions(out: str) -> None:
     from rlhf_fast import ppo_policy_loss
+    from rlhf_fast.ops import AGG_MODES
 
     data, mask, lengths = reduction_batch()
     lo, hi = (0, SPLIT[0]) if distributed.rank() == 0 else SPLIT
@@ -125,13 +126,13 @@ def reductions(out: str) -> None:
     res = {"whiten": distributed.all_gather_object(distributed.masked_whiten(mine["x"], m).tolist()),
            "mean": float(distributed.masked_mean(mine["x"], m)),
            "explained_variance": distributed.explained_variance(mine["values"], mine["returns"], m)}
-    for agg in distributed.AGG_MODES:
+    for agg in AGG_MODES:
         model = distributed.Model(Linear(data["x"].shape[1]), "ddp")
         logp = model(lambda mod, x: mod(x), mine["x"])
-        pg, _ = ppo_policy_loss(logp, mine["old_logp"], mine["advantages"], m, agg=agg)
-        loss, weight = distributed.global_loss(pg, m, agg)
+        w = distributed.global_weights(m, agg, max_len=data["x"].shape[1])
+        loss, _ = ppo_policy_loss(logp, mine["old_logp"], mine["advantages"], w)
         loss.backward()
-        res[agg] = {"loss": distributed.reduce_floats({"v": pg.item() * weight})["v"],
+        res[agg] = {"loss": distributed.reduce_floats({"v": loss.item() / distributed.world_size()})["v"],
                     "grad": model.module.w.grad.tolist()}
     if distributed.is_main():
         with open(os.path.join(out, "reductions.json"), "w") as f:

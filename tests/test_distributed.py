@@ -24,9 +24,11 @@ from safetensors.torch import load_file
 
 import _distributed_worker as W
 import rlhf_fast
-from rlhf_fast.models.tiny import load_causal_lm, save_tiny_default
-from rlhf_fast.models.value_head import ScalarHeadModel
+from rlhf_fast.data.embedded import save_tiny_default
+from rlhf_fast.models import ScalarHeadModel, load_causal_lm
+from rlhf_fast.ops import AGG_MODES
 from rlhf_fast.train import common, distributed
+from rlhf_fast.train.checkpoint import load_checkpoint
 from rlhf_fast.train.ppo import PPOConfig, PPOTrainer
 from rlhf_fast.train.rm import RMConfig, train_rm
 from rlhf_fast.train.sft import SFTConfig, train_sft
@@ -111,9 +113,10 @@ def test_global_reductions_equal_single_process(launched):
     r, v = data["returns"][m].double(), data["values"][m].double()
     assert res["explained_variance"] == pytest.approx(float(1 - (r - v).var() / r.var()), rel=1e-6)
 
-    for agg in distributed.AGG_MODES:  # loss value and DDP-averaged gradient = those of the concatenated batch
+    for agg in AGG_MODES:  # loss value and DDP-averaged gradient = those of the concatenated batch
         model = W.Linear(x.shape[1])
-        loss, _ = rlhf_fast.ppo_policy_loss(model(x), data["old_logp"], data["advantages"], mask, agg=agg)
+        w = rlhf_fast.loss_weights(mask, agg, max_len=x.shape[1])
+        loss, _ = rlhf_fast.ppo_policy_loss(model(x), data["old_logp"], data["advantages"], w)
         loss.backward()
         assert res[agg]["loss"] == pytest.approx(loss.item(), rel=1e-5), agg
         torch.testing.assert_close(torch.tensor(res[agg]["grad"]), model.w.grad, rtol=1e-5, atol=1e-6,
@@ -124,15 +127,15 @@ def test_helpers_are_the_ops_on_one_process():
     data, mask, _ = W.reduction_batch()
     assert not distributed.is_distributed() and distributed.world_size() == 1
     torch.testing.assert_close(distributed.masked_whiten(data["x"], mask), rlhf_fast.masked_whiten(data["x"], mask))
-    loss = torch.tensor(1.5)
-    assert distributed.global_loss(loss, mask, "seq-mean-token-mean") == (loss, 1.0)
+    for agg in AGG_MODES:
+        torch.testing.assert_close(distributed.global_weights(mask, agg), rlhf_fast.loss_weights(mask, agg))
     assert distributed.shard(list(range(7)), 0, 2) == [0, 1, 2, 3] and distributed.shard(list(range(7)), 1, 2) == [
         4, 5, 6]
     # a last partial batch is kept when every rank gets a row of it
     assert [distributed.steps_per_epoch(n, 16, 2) for n in (32, 33, 34)] == [2, 2, 3]
     assert [distributed.steps_per_epoch(n, 16, 1) for n in (32, 33, 34)] == [2, 3, 3]
-    with pytest.raises(ValueError, match="agg must be one of"):
-        distributed.global_loss(loss, mask, "token-sum")
+    with pytest.raises(ValueError, match="agg"):
+        distributed.global_weights(mask, "token-sum")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,7 +185,7 @@ def test_ddp_two_ranks_equal_one_rank_and_fsdp_equals_ddp(stage, models, launche
 def test_kill_and_resume_two_ranks(models, launched):
     base, rm = models
     killed, full = os.path.join(launched, "ppo_killed"), os.path.join(launched, "ppo_full")
-    assert common.load_checkpoint(os.path.join(killed, "checkpoint.pt"))["iteration"] == W.KILL_AT
+    assert load_checkpoint(os.path.join(killed, "checkpoint.pt"))["step"] == W.KILL_AT
     assert len(metrics(killed)) == W.KILL_AT
     proc = torchrun(["-m", "rlhf_fast.cli", "ppo", "--model", base, "--out", killed, f"reward_model={rm}",
                      *(a for a in W.RESUME if a != "fsdp=true"), "--fsdp", "--resume"])
@@ -200,7 +203,7 @@ def test_ddp_checkpoint_resumes_on_one_rank(models, launched, tmp_path):
     shutil.copy(os.path.join(src, "checkpoint.pt"), out)
     cfg = W.config(PPOConfig, W.PPO, 1, model=base, reward_model=rm, out=out)
     trainer = PPOTrainer(cfg, resume=True)
-    assert trainer.iteration == 2 and trainer.kl_coef == metrics(src)[-1]["kl_coef"]
+    assert trainer.step == 2 and trainer.kl_coef == metrics(src)[-1]["kl_coef"]
     for model, saved in ((trainer.policy, load_causal_lm(os.path.join(src, "model"))),
                          (trainer.critic, ScalarHeadModel.from_pretrained(os.path.join(src, "critic")))):
         for k, v in saved.state_dict().items():

@@ -1,5 +1,7 @@
-"""Orchestration tests: model/tokenizer loading, data errors, SFT / RM steps, a shortened SFT -> RM -> PPO pipeline
-that must raise the true score, backend agreement, atomic checkpoints and resume after SIGKILL."""
+"""Orchestration tests: model/tokenizer loading, data errors, SFT / RM / PPO / GRPO steps on packed batches against
+padded references, on-policy ratios of exactly 1 (eval-mode, same positions) on Llama, Qwen2 and GPT-2, a shortened
+SFT -> RM -> PPO pipeline that must raise the true score, backend agreement, atomic checkpoints and resume after
+SIGKILL."""
 
 from __future__ import annotations
 
@@ -14,10 +16,14 @@ import pytest
 import torch
 
 import rlhf_fast
-from rlhf_fast.data import DataError, read_jsonl, sft_batch, task, write_jsonl
-from rlhf_fast.models.tiny import build_tokenizer, load_causal_lm, load_tokenizer, save_tiny_default
-from rlhf_fast.models.value_head import ScalarHeadModel, last_token_index
-from rlhf_fast.train import common
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from rlhf_fast.batch import TokenBatch
+from rlhf_fast.data import DataError, pair_batch, read_jsonl, sft_batch, task, write_jsonl
+from rlhf_fast.data.embedded import build_tokenizer, save_tiny_default
+from rlhf_fast.models import ScalarHeadModel, load_causal_lm, load_tokenizer, sequence_logprobs
+from rlhf_fast.ops.ppo_loss import ppo_loss_from_logits_ref
+from rlhf_fast.train import checkpoint, common
 from rlhf_fast.train.pipeline import PipelineConfig, run_pipeline
 from rlhf_fast.train.ppo import PPOConfig, PPOTrainer
 from rlhf_fast.train.rm import bradley_terry
@@ -45,6 +51,7 @@ def test_tiny_model_and_tokenizer_round_trip(tmp_path):
     ids = tok("+3 7 = 7 0 3", add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == "+3 7 = 7 0 3"
     assert len(ids) == 6 and tok.unk_token_id not in ids
+    assert tok("+3 7 =")["input_ids"] == [tok.bos_token_id] + ids[:3]  # BOS the standard way, as the trainers encode
     assert tok.vocab == build_tokenizer().vocab
     model = load_causal_lm(path)
     n_params = sum(p.numel() for p in model.parameters())
@@ -57,9 +64,24 @@ def test_tiny_model_and_tokenizer_round_trip(tmp_path):
     torch.nn.init.normal_(rm.head.weight)
     rm.save_pretrained(str(tmp_path / "rm"))
     rm2 = ScalarHeadModel.from_pretrained(str(tmp_path / "rm"))
-    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]])
-    torch.testing.assert_close(rm.score(x.expand(2, -1), mask), rm2.score(x.expand(2, -1), mask), rtol=0, atol=0)
-    assert last_token_index(mask).tolist() == [3, 5]
+    batch = TokenBatch.pack([ids, ids[:4]], [2, 2])
+    torch.testing.assert_close(rm.score(batch), rm2.score(batch), rtol=0, atol=0)
+
+
+def test_embedded_default_save_is_atomic(tmp_path, monkeypatch):
+    """A kill while the base model is written leaves no directory that later runs would take as complete."""
+    path = str(tmp_path / "base")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("transformers.PreTrainedTokenizerFast.save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_tiny_default(path)
+    monkeypatch.undo()
+    assert not os.path.exists(path)
+    save_tiny_default(path)
+    load_causal_lm(path), load_tokenizer(path)
 
 
 def test_jsonl_errors_name_file_and_line(tmp_path):
@@ -76,34 +98,80 @@ def test_jsonl_errors_name_file_and_line(tmp_path):
         read_jsonl(str(path), "rm")
 
 
-def test_sft_batch_masks_prompt_and_one_step_lowers_loss(tmp_path):
+def padded_logp(model, batch: TokenBatch) -> torch.Tensor:
+    """The padded reference: right-padded [S, L] rows through the model's own forward with an attention mask
+    -> log-prob of each label, packed back to [N]."""
+    ids = batch.padded(batch.input_ids)
+    attn = batch.padded(torch.ones_like(batch.input_ids))
+    logp_all = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits.float(), -1)
+    labels = batch.padded(batch.labels, -100)
+    logp = logp_all.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    return batch.unpadded(torch.where(labels != -100, logp, 0.0))
+
+
+def grads_of(model, loss) -> list[torch.Tensor]:
+    model.zero_grad()
+    loss.backward()
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def test_sft_batch_packed_equals_padded_and_one_step_lowers_loss(tmp_path):
     path = save_tiny_default(str(tmp_path / "tiny"))
     tok, model = load_tokenizer(path), load_causal_lm(path)
     rows = [{"prompt": "+1 2 =", "completion": "2 3 4"}, {"prompt": "+4 9 =", "completion": "9 3"}]
     batch = sft_batch(tok, rows, 64)
-    assert batch["labels"][0].tolist() == [-100] * 4 + tok("2 3 4", add_special_tokens=False)["input_ids"] + [
-        tok.eos_token_id]
-    assert batch["labels"][1, -2:].tolist() == [tok.eos_token_id, -100] and batch["attention_mask"][1].sum() == 7
+    target = tok("2 3 4", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert batch.input_ids[:8].tolist() == tok("+1 2 =")["input_ids"] + target
+    assert batch.labels[:8].tolist() == [-100] * 3 + target + [-100] and batch.cu_seqlens.tolist() == [0, 8, 15]
+    loss = sft_loss(model, batch)
+    ref = -padded_logp(model, batch).sum() / batch.mask.sum()  # the token-mean cross-entropy of the responses
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for g, g_ref in zip(grads_of(model, sft_loss(model, batch)), grads_of(model, ref)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    before = sft_loss(model, batch)
-    # the loss equals the plain cross-entropy of the response tokens
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100)
-    torch.testing.assert_close(before, ce, rtol=1e-5, atol=1e-5)
-    before.backward()
+    model.zero_grad()
+    sft_loss(model, batch).backward()
     opt.step()
-    assert sft_loss(model, batch).item() < before.item() - 0.05
+    assert sft_loss(model, batch).item() < loss.item() - 0.05
+
+
+def test_long_prompts_are_cut_from_the_left():
+    tok = build_tokenizer()
+    rows = [{"prompt": "+1 2 = 3 4 5 6 7", "completion": "2 3 4"}]
+    batch = sft_batch(tok, rows, 6)
+    assert batch.num_tokens == 6 and batch.mask.sum() == 4  # the 3 digits + EOS stay targets
+    assert batch.input_ids[:2].tolist() == tok("6 7", add_special_tokens=False)["input_ids"]
 
 
 def test_bradley_terry_loss_and_accuracy():
     class Fixed(torch.nn.Module):
-        def score(self, input_ids, attention_mask):
+        def score(self, batch):
             return torch.tensor([2.0, 0.0, 1.0, 1.0])  # chosen (2, 0), rejected (1, 1)
 
-    loss, acc = bradley_terry(Fixed(), {"input_ids": None, "attention_mask": None})
+    loss, correct = bradley_terry(Fixed(), None, torch.full((2,), 0.5))
     expected = (torch.log1p(torch.exp(torch.tensor(-1.0))) + torch.log1p(torch.exp(torch.tensor(1.0)))) / 2
     torch.testing.assert_close(loss, expected)
-    assert acc.item() == 0.5
+    assert correct.tolist() == [1.0, 0.0]
+
+
+def test_rm_packed_equals_padded(tmp_path):
+    path = save_tiny_default(str(tmp_path / "tiny"), hidden_size=64, num_heads=2, intermediate_size=128)
+    tok, rm = load_tokenizer(path), ScalarHeadModel.from_pretrained(path)
+    torch.nn.init.normal_(rm.head.weight)
+    rows = [{"prompt": "+1 2 =", "chosen": "2 3 4", "rejected": "2 5"},
+            {"prompt": "+4 9 =", "chosen": "9 3 7 1", "rejected": "1"}]
+    batch = pair_batch(tok, rows, 64)
+    assert batch.num_seqs == 4
+    w = torch.full((2,), 0.5)
+    loss, correct = bradley_terry(rm, batch, w)
+    ids, attn = batch.padded(batch.input_ids), batch.padded(torch.ones_like(batch.input_ids))
+    values = rm.head(rm.body(input_ids=ids, attention_mask=attn).last_hidden_state).squeeze(-1)
+    r = values.gather(1, (batch.seq_lens - 1)[:, None]).squeeze(1)
+    ref = -torch.nn.functional.logsigmoid(r[:2] - r[2:]).mean()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    assert correct.tolist() == (r[:2] > r[2:]).float().tolist()
+    for g, g_ref in zip(grads_of(rm, bradley_terry(rm, batch, w)[0]), grads_of(rm, ref)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
 
 
 def test_rm_learns_and_saves_score_statistics(pipeline):
@@ -135,10 +203,9 @@ def _one_iteration(out, backend):
                     progress=False, backend=backend)
     with rlhf_fast.use_backend(backend):
         trainer = PPOTrainer(cfg)
-        res, plen = trainer.rollout(trainer.prompts(0))
-        ro, stats = trainer.score(res, plen)
-        stats.update(trainer.learn(ro, plen))
-    return ro, stats, trainer.policy
+        batch, stats = trainer.score(*trainer.rollout(trainer.prompts(0)))
+        stats.update(trainer.learn(batch))
+    return batch, stats, trainer.policy
 
 
 def test_torch_backend_agrees_with_fused_ops(pipeline):
@@ -147,11 +214,11 @@ def test_torch_backend_agrees_with_fused_ops(pipeline):
                                      torch.device("cpu"))
     if fast == "torch":
         pytest.skip("the compiled CPU extension is not built: nothing to compare the torch backend with")
-    ro_t, st_t, pol_t = _one_iteration(out, "torch")
-    ro_f, st_f, pol_f = _one_iteration(out, fast)
-    assert torch.equal(ro_t.sequences, ro_f.sequences)  # same sampler stream
+    b_t, st_t, pol_t = _one_iteration(out, "torch")
+    b_f, st_f, pol_f = _one_iteration(out, fast)
+    assert torch.equal(b_t.input_ids, b_f.input_ids)  # same sampler stream
     for name in ("old_logp", "ref_logp", "values", "advantages", "returns"):
-        torch.testing.assert_close(getattr(ro_f, name), getattr(ro_t, name), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(getattr(b_f, name), getattr(b_t, name), rtol=1e-4, atol=1e-4)
     for k in ("reward", "kl", "policy_loss", "entropy", "value_loss"):
         assert st_f[k] == pytest.approx(st_t[k], rel=1e-3, abs=1e-4), k
     for p_f, p_t in zip(pol_f.parameters(), pol_t.parameters()):
@@ -160,16 +227,107 @@ def test_torch_backend_agrees_with_fused_ops(pipeline):
 
 def test_checkpoint_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    common.save_checkpoint(path, {"step": 1})
+    checkpoint.save_checkpoint(path, {"step": 1})
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        common.save_checkpoint(path, {"step": 2})
+        checkpoint.save_checkpoint(path, {"step": 2})
     monkeypatch.undo()
-    assert common.load_checkpoint(path) == {"step": 1}  # the finished checkpoint survives a crash mid-write
+    assert checkpoint.load_checkpoint(path) == {"step": 1}  # the finished checkpoint survives a crash mid-write
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # and the partial temporary file is gone
+
+
+def test_torn_metrics_line_is_dropped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    with pytest.warns(UserWarning, match="torn last line"):
+        assert common.read_metrics(str(path)) == [{"step": 1, "loss": 2.0}]
+    path.write_text('{"step": 1, "lo\n{"step": 2, "loss": 2.0}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl:1"):
+        common.read_metrics(str(path))
+
+
+def tiny_policy_and_rm(root, kind: str) -> tuple[str, str]:
+    """A random-init policy of ``kind`` with the embedded task's words, saved with a reward model on its body."""
+    tok = build_tokenizer(0)
+    ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+               eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    if kind == "gpt2":  # dropout 0.1 in the embeddings, attention and residuals
+        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **ids))
+    elif kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.1,
+                                             **ids))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.1,
+                                             **ids))
+    policy, rm = os.path.join(root, f"{kind}-policy"), os.path.join(root, f"{kind}-rm")
+    model.save_pretrained(policy)
+    tok.save_pretrained(policy)
+    ScalarHeadModel.from_pretrained(policy).save_pretrained(rm)
+    return policy, rm
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
+def test_first_on_policy_minibatch_has_ratio_one(tmp_path, kind):
+    """Eval-mode log-probs at the sampler's positions: one fully on-policy minibatch has approx_kl ~ 0 and no
+    clipping, on models with dropout and with absolute positions (GPT-2)."""
+    policy, rm = tiny_policy_and_rm(str(tmp_path), kind)
+    cfg = PPOConfig(model=policy, reward_model=rm, out=str(tmp_path / "ppo"), iterations=1, epochs=1, batch_size=64,
+                    minibatch_size=64, max_new_tokens=8, eval_prompts=0, progress=False)
+    trainer = PPOTrainer(cfg)
+    stats = trainer.learn(trainer.score(*trainer.rollout(trainer.prompts(0)))[0])
+    assert stats["approx_kl"] < 1e-6 and stats["clip_frac"] == 0.0
+    assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+
+
+def response_rows(batch: TokenBatch, x: torch.Tensor) -> torch.Tensor:
+    """The old padded layout: each sequence's target positions as one right-padded row [S, R]."""
+    rows = [x[batch.cu_seqlens[s]:batch.cu_seqlens[s + 1]][batch.mask[batch.cu_seqlens[s]:batch.cu_seqlens[s + 1]]]
+            for s in range(batch.num_seqs)]
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_ppo_step_packed_equals_padded(pipeline, tmp_path, agg):
+    """One minibatch's objective and gradients on the packed batch with loss weights equal the padded composite
+    (the model's own logits on right-padded rows, the per-mode aggregation of the old [B, T] layout)."""
+    out, _ = pipeline
+    cfg = PPOConfig(model=os.path.join(out, "sft", "model"), reward_model=os.path.join(out, "rm", "model"),
+                    out=str(tmp_path / "ppo"), iterations=1, batch_size=8, eval_prompts=0, progress=False,
+                    entropy_coef=0.01)
+    trainer = PPOTrainer(cfg)
+    batch, _ = trainer.score(*trainer.rollout(trainer.prompts(0)))
+    batch.advantages = torch.randn(batch.num_tokens, generator=torch.Generator().manual_seed(0)) * batch.mask
+    batch.old_logp = batch.old_logp + 0.3 * batch.advantages.sin() * batch.mask  # off-policy: some ratios clip
+    policy = trainer.policy.module
+    mb = batch.select([5, 0, 3, 6])
+    R = int(response_rows(mb, mb.mask.long()).sum(1).max())
+    w = rlhf_fast.loss_weights(mb.mask, agg, seq_ids=mb.seq_ids, max_len=R)
+
+    def packed_loss():
+        logp, ent = sequence_logprobs(policy, mb, return_entropy=True)
+        return rlhf_fast.ppo_objective(logp, mb.old_logp, mb.advantages, w, entropy=ent, ref_logp=mb.ref_logp,
+                                       kl_coef=0.1, kl_kind="k3", entropy_coef=0.01)[0]
+
+    def padded_loss():
+        ids, attn = mb.padded(mb.input_ids), mb.padded(torch.ones_like(mb.input_ids))
+        logits = policy(input_ids=ids, attention_mask=attn).logits
+        logits = response_rows(mb, mb.unpadded(logits))  # [S, R, V] at the target positions
+        labels = torch.where(response_rows(mb, mb.mask.long()).bool(), response_rows(mb, mb.labels), -100)
+        rows = lambda x: response_rows(mb, x)  # noqa: E731
+        return ppo_loss_from_logits_ref(logits, labels, rows(mb.old_logp), rows(mb.advantages), labels != -100,
+                                        ref_logp=rows(mb.ref_logp), kl_coef=0.1, kl_kind="k3", entropy_coef=0.01,
+                                        agg=agg)[0]
+
+    torch.testing.assert_close(packed_loss(), padded_loss().float(), rtol=1e-5, atol=1e-6)
+    for g, g_ref in zip(grads_of(policy, packed_loss()), grads_of(policy, padded_loss())):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
 
 
 def test_grpo_group_advantages_without_critic(pipeline, tmp_path):
@@ -179,19 +337,18 @@ def test_grpo_group_advantages_without_critic(pipeline, tmp_path):
                     minibatch_size=16, kl_kind="k3", eval_prompts=0, progress=False)
     trainer = PPOTrainer(cfg)
     assert trainer.critic is None
-    res, plen = trainer.rollout(trainer.prompts(0))
-    ro, _ = trainer.score(res, plen)
-    assert ro.sequences.shape[0] == 32
-    prompts = ro.sequences[:, :plen].view(8, 4, plen)
+    out_, prompt_mask = trainer.rollout(trainer.prompts(0))
+    batch, _ = trainer.score(out_, prompt_mask)
+    assert batch.num_seqs == 32 and batch.group_ids.tolist() == [g for g in range(8) for _ in range(4)]
+    prompts = out_.sequences[:, :prompt_mask.shape[1]].view(8, 4, -1)
     assert torch.equal(prompts, prompts[:, :1].expand_as(prompts))  # G consecutive samples of each prompt
     # every response token of a sample carries its group-normalised score; nothing outside the response
     with torch.no_grad():
-        raw = trainer.reward_model.score(ro.sequences, ro.attention_mask)
+        raw = trainer.reward_model.score(batch)
     s = ((raw - trainer.score_mean) / trainer.score_std).clamp(-cfg.reward_clip, cfg.reward_clip).view(8, 4)
     expected = ((s - s.mean(1, keepdim=True)) / (s.std(1, keepdim=True) + 1e-6)).reshape(-1)
-    torch.testing.assert_close(ro.advantages[:, 0], expected, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(ro.advantages, expected[:, None] * ro.response_mask, rtol=1e-4, atol=1e-4)
-    assert not ro.values.any() and not ro.returns.any()
+    torch.testing.assert_close(batch.advantages, expected[batch.seq_ids] * batch.mask, rtol=1e-4, atol=1e-4)
+    assert batch.values is None and not batch.returns.any()
 
     summary = trainer.train()
     rows = common.read_metrics(str(tmp_path / "grpo" / "metrics.jsonl"))
@@ -215,14 +372,14 @@ def test_resume_after_sigkill_matches_uninterrupted_run(pipeline, tmp_path):
     ckpt = os.path.join(killed, "checkpoint.pt")
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        state = common.load_checkpoint(ckpt) if os.path.exists(ckpt) else None
-        if state is not None and state["iteration"] >= 2:
+        state = checkpoint.load_checkpoint(ckpt) if os.path.exists(ckpt) else None
+        if state is not None and state["step"] >= 2:
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert common.load_checkpoint(ckpt)["iteration"] < 4
+    assert checkpoint.load_checkpoint(ckpt)["step"] < 4
     subprocess.run(args + ["--out", killed, "--resume"], check=True, env=env, capture_output=True)
 
     a = common.read_metrics(os.path.join(full, "metrics.jsonl"))

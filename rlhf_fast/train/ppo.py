@@ -143,12 +143,15 @@ class PPOTrainer(common.Trainer):
         self.kl_coef, self.initial_true_score = state["kl_coef"], state["initial_true_score"]
 
     # ------------------------------------------------------------------------------------------------ phases
-    def prompts(self, iteration: int) -> list[dict]:
-        """This rank's block of the iteration's prompts (the data position is the iteration number; epochs
-        reshuffle by seed)."""
+    def global_prompts(self, iteration: int) -> list[dict]:
+        """The iteration's prompts over all ranks: the data position is the iteration number (epochs reshuffle by
+        seed)."""
         n, size = len(self.rows), self.cfg.batch_size * distributed.world_size()
-        order = common.global_batch_indices(n, iteration, max(1, n // size), size, self.cfg.seed)
-        return distributed.shard([self.rows[j] for j in order])
+        return [self.rows[j] for j in common.global_batch_indices(n, iteration, max(1, n // size), size, self.cfg.seed)]
+
+    def prompts(self, iteration: int) -> list[dict]:
+        """This rank's block of the iteration's prompts."""
+        return distributed.shard(self.global_prompts(iteration))
 
     @torch.no_grad()
     def rollout(self, rows: list[dict]) -> tuple:
