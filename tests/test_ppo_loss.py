@@ -226,7 +226,7 @@ def test_loss_weights_bad_input():
 
 
 @pytest.mark.parametrize("device, backend", device_backends(TOKEN_LOSS_BACKENDS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("agg", AGG_MODES)
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_policy_and_value_loss_match_reference(device, backend, dtype, agg, layout):
@@ -409,7 +409,7 @@ def test_from_logits_packed_equals_padded(backend):
         torch.testing.assert_close(packed, padded)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_ppo_objective_matches_reference_and_is_the_from_logits_objective(dtype):
     """ppo_objective on given log-probs / entropy (values and gradients of both) against the reference, and
     ppo_loss_from_logits = logprobs_and_entropy + ppo_objective exactly."""
