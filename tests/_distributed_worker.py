@@ -115,7 +115,7 @@ class Linear(torch.nn.Module):
 
 
 def reductions(out: str) -> None:
-    from rlhf_fast import ppo_policy_loss
+    from rlhf_fast import loss_weights, ppo_policy_loss
 
     data, mask, lengths = reduction_batch()
     lo, hi = (0, SPLIT[0]) if distributed.rank() == 0 else SPLIT
@@ -128,7 +128,7 @@ def reductions(out: str) -> None:
     for agg in distributed.AGG_MODES:
         model = distributed.Model(Linear(data["x"].shape[1]), "ddp")
         logp = model(lambda mod, x: mod(x), mine["x"])
-        pg, _ = ppo_policy_loss(logp, mine["old_logp"], mine["advantages"], m, agg=agg)
+        pg, _ = ppo_policy_loss(logp, mine["old_logp"], mine["advantages"], loss_weights(m, agg))
         loss, weight = distributed.global_loss(pg, m, agg)
         loss.backward()
         res[agg] = {"loss": distributed.reduce_floats({"v": pg.item() * weight})["v"],

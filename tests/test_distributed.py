@@ -113,7 +113,8 @@ def test_global_reductions_equal_single_process(launched):
 
     for agg in distributed.AGG_MODES:  # loss value and DDP-averaged gradient = those of the concatenated batch
         model = W.Linear(x.shape[1])
-        loss, _ = rlhf_fast.ppo_policy_loss(model(x), data["old_logp"], data["advantages"], mask, agg=agg)
+        loss, _ = rlhf_fast.ppo_policy_loss(model(x), data["old_logp"], data["advantages"],
+                                            rlhf_fast.loss_weights(mask, agg))
         loss.backward()
         assert res[agg]["loss"] == pytest.approx(loss.item(), rel=1e-5), agg
         torch.testing.assert_close(torch.tensor(res[agg]["grad"]), model.w.grad, rtol=1e-5, atol=1e-6,
