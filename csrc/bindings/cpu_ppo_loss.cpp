@@ -5,14 +5,14 @@
 #include "../cpu/ppo_loss.h"
 
 TORCH_LIBRARY_FRAGMENT(rlhf_fast_C, m) {
-  m.def("ppo_policy_loss_fwd(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, Tensor? seq_ids,"
-        " float clip_low, float clip_high, float? dual_clip, str agg) -> (Tensor, Tensor)");
-  m.def("ppo_policy_loss_bwd(Tensor grad_loss, Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask,"
-        " Tensor? seq_ids, float clip_low, float clip_high, float? dual_clip, str agg) -> Tensor");
-  m.def("ppo_value_loss_fwd(Tensor values, Tensor old_values, Tensor returns, Tensor mask, Tensor? seq_ids,"
-        " float? clip, str agg) -> (Tensor, Tensor)");
-  m.def("ppo_value_loss_bwd(Tensor grad_loss, Tensor values, Tensor old_values, Tensor returns, Tensor mask,"
-        " Tensor? seq_ids, float? clip, str agg) -> Tensor");
+  m.def("ppo_policy_loss_fwd(Tensor logp, Tensor old_logp, Tensor advantages, Tensor weights, float clip_low,"
+        " float clip_high, float? dual_clip) -> (Tensor, Tensor)");
+  m.def("ppo_policy_loss_bwd(Tensor grad_loss, Tensor logp, Tensor old_logp, Tensor advantages, Tensor weights,"
+        " float clip_low, float clip_high, float? dual_clip) -> Tensor");
+  m.def("ppo_value_loss_fwd(Tensor values, Tensor old_values, Tensor returns, Tensor weights, float? clip)"
+        " -> (Tensor, Tensor)");
+  m.def("ppo_value_loss_bwd(Tensor grad_loss, Tensor values, Tensor old_values, Tensor returns, Tensor weights,"
+        " float? clip) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_fast_C, CPU, m) {

@@ -4,7 +4,8 @@ from . import advantages, linear_cross_entropy as _linear_cross_entropy, ppo_los
 from .advantages import discounted_returns, gae, group_advantages, masked_mean, masked_var, masked_whiten
 from .linear_cross_entropy import linear_cross_entropy  # shadows the module name
 from .linear_logprobs import OP_BACKENDS as _LINEAR_LOGPROBS_BACKENDS, linear_logprobs  # shadows the module name
-from .ppo_loss import ppo_loss_from_logits, ppo_policy_loss, ppo_value_loss
+from .loss_weights import AGG_MODES, loss_normalizer, loss_weights  # loss_weights shadows the module name
+from .ppo_loss import ppo_loss_from_logits, ppo_objective, ppo_policy_loss, ppo_value_loss
 from .sampling import sample
 from .token_logprobs import entropy, kl_divergence, kl_penalty, logprobs, logprobs_and_entropy
 
@@ -17,7 +18,8 @@ OP_BACKENDS = {
 __all__ = [
     "entropy", "kl_divergence", "kl_penalty", "linear_cross_entropy", "linear_logprobs", "logprobs",
     "logprobs_and_entropy",
-    "ppo_loss_from_logits", "ppo_policy_loss", "ppo_value_loss",
+    "AGG_MODES", "loss_normalizer", "loss_weights",
+    "ppo_loss_from_logits", "ppo_objective", "ppo_policy_loss", "ppo_value_loss",
     "discounted_returns", "gae", "group_advantages", "masked_mean", "masked_var", "masked_whiten",
     "sample",
 ]

@@ -1,6 +1,6 @@
 """Advantage estimation: masked GAE, discounted returns, masked mean/variance/whitening, group advantages.
 
-Formulas (../shared/FORMULAS.md). ``mask[b, t] = 1`` marks the tokens the policy generated. Positions with mask 0
+Formulas (docs/formulas.md). ``mask[b, t] = 1`` marks the tokens the policy generated. Positions with mask 0
 are skipped: the recurrences carry their state across them unchanged, and their outputs are 0. GAE over [B, T],
 per sequence, with gamma and lam scalars or per-sequence:
 
@@ -127,21 +127,30 @@ def masked_whiten_ref(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: flo
     return out if shift_mean else out + mean
 
 
-def group_advantages_ref(scores: Tensor, group_size: int, mode: str, eps: float = 1e-6) -> Tensor:
-    """Per group of ``group_size`` consecutive scores: grpo (s - mean) / (std + eps) with the unbiased std,
-    dr_grpo s - mean, rloo s_i - mean_{j != i} s_j = G / (G - 1) (s_i - mean); groups of one give 0 (grpo, rloo).
-    Output: float32 (float64 for float64 scores)."""
-    s = scores.to(_ref_dtype(scores)).reshape(-1, group_size)
-    d = s - s[:, :1]  # measured from the group's first score, so a group of equal scores is exactly 0
-    centered = d - d.mean(dim=1, keepdim=True)
-    if mode == "dr_grpo":
-        out = centered
-    elif group_size == 1:
-        out = torch.zeros_like(s)
-    elif mode == "grpo":
-        out = centered / (d.std(dim=1, keepdim=True) + eps)
-    else:
-        out = centered * (group_size / (group_size - 1))
+def _consecutive_ids(n: int, group_size: int, device) -> Tensor:
+    return torch.arange(n, device=device) // group_size
+
+
+def group_advantages_ref(scores: Tensor, group_ids: Union[int, Tensor], mode: str, eps: float = 1e-6) -> Tensor:
+    """Per group (the scores sharing a group id; an int G: consecutive groups of G): grpo (s - mean) / (std + eps)
+    with the unbiased std, dr_grpo s - mean, rloo s_i - mean_{j != i} s_j = G / (G - 1) (s_i - mean); a group of one
+    gives 0 in every mode. Output: float32 (float64 for float64 scores), the shape of scores."""
+    s = scores.to(_ref_dtype(scores)).flatten()
+    ids = _consecutive_ids(s.numel(), group_ids, s.device) if isinstance(group_ids, int) else group_ids
+    out = torch.zeros_like(s)
+    for g in ids.unique().tolist():
+        sel = ids == g
+        n = int(sel.sum())
+        if n == 1:
+            continue
+        d = s[sel] - s[sel][0]  # measured from the group's first score, so a group of equal scores is exactly 0
+        centered = d - d.mean()
+        if mode == "dr_grpo":
+            out[sel] = centered
+        elif mode == "grpo":
+            out[sel] = centered / (d.std() + eps)
+        else:
+            out[sel] = centered * (n / (n - 1))
     return out.reshape(scores.shape)
 
 
@@ -301,13 +310,29 @@ masked_whiten_op.register_autograd(_masked_whiten_grad, setup_context=_masked_wh
 
 
 @torch.library.custom_op("rlhf_fast::group_advantages", mutates_args=())
-def group_advantages_op(scores: Tensor, group_size: int, mode: str, eps: float) -> Tensor:
-    """scores [N] or [N / G, G] float -> float32 of the same shape (computed in float64: scores are few)."""
-    return group_advantages_ref(scores.double(), group_size, mode, eps).float().contiguous()
+def group_advantages_op(scores: Tensor, group_ids: Tensor, mode: str, eps: float) -> Tensor:
+    """scores [B] float, group_ids int64 [B] (any values) -> float32 [B], computed in float64 (scores are few)."""
+    s = scores.double()
+    groups, inv = torch.unique(group_ids, return_inverse=True)
+    count = torch.zeros(groups.numel(), dtype=torch.float64, device=s.device).index_add_(0, inv, torch.ones_like(s))
+    pos = torch.arange(s.numel(), device=s.device)
+    first = torch.full((groups.numel(),), s.numel(), device=s.device).scatter_reduce(0, inv, pos, "amin")
+    d = s - s[first][inv]  # measured from the group's first score, so a group of equal scores is exactly 0
+    n = count[inv]
+    centered = d - torch.zeros_like(count).index_add_(0, inv, d)[inv] / n
+    many = n > 1
+    if mode == "dr_grpo":
+        out = centered
+    elif mode == "grpo":
+        var = torch.zeros_like(count).index_add_(0, inv, centered * centered)[inv] / torch.where(many, n - 1, 1.0)
+        out = centered / (var.sqrt() + eps)
+    else:
+        out = centered * n / torch.where(many, n - 1, 1.0)
+    return torch.where(many, out, 0.0).float()
 
 
 @group_advantages_op.register_fake
-def _(scores, group_size, mode, eps):
+def _(scores, group_ids, mode, eps):
     return scores.new_empty(scores.shape, dtype=torch.float32)
 
 
@@ -447,27 +472,41 @@ def masked_whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: floa
     return masked_whiten_op(x, mask, shift_mean, eps)
 
 
-def group_advantages(scores: Tensor, group_size: int, *, mode: str, eps: float = 1e-6) -> Tensor:
-    """Advantages of outcome scores relative to their group of ``group_size`` samples of one prompt.
+def group_advantages(scores: Tensor, group_ids: Union[int, Tensor], *, mode: str = "grpo",
+                     eps: float = 1e-6) -> Tensor:
+    """Advantages of outcome scores relative to their group (the samples of one prompt).
 
-    scores: [N] float32/bf16/fp16 with groups of consecutive entries (N a multiple of group_size), or [N / G, G]
-    with G == group_size. mode: ``grpo`` (s - mean) / (std + eps) with the unbiased std; ``dr_grpo`` s - mean;
-    ``rloo`` s_i - mean_{j != i} s_j. -> float32 of the shape of scores. A group of one gives 0 (grpo, rloo), a
-    group of equal scores gives 0; never NaN for finite scores. Not differentiable.
+    scores: [B] float32/bf16/fp16; group_ids: int64 [B], the group of each score (any values, groups of any sizes,
+    rows in any order), or an int G: consecutive groups of G (then scores may also be [B / G, G]).
+    mode: ``grpo`` (s - mean) / (std + eps) with the unbiased std; ``dr_grpo`` s - mean; ``rloo``
+    s_i - mean_{j != i} s_j. -> float32 of the shape of scores. A group of one gets 0 in every mode, a group of equal
+    scores gets 0; never NaN for finite scores. Not differentiable. Formulas: docs/formulas.md.
     """
     _checks.float_tensor(scores, "scores")
-    group_size = _checks.integer(group_size, "group_size")
     _checks.choice(mode, "mode", GROUP_MODES)
     eps = _checks.positive_number(eps, "eps")
+    if isinstance(group_ids, Tensor):
+        if scores.dim() != 1:
+            raise ValueError(f"scores must be [B] with a group_ids tensor, got shape {tuple(scores.shape)}")
+        if group_ids.dtype != torch.int64:
+            raise TypeError(f"group_ids must be int64 (torch.long), got {group_ids.dtype}")
+        _checks.same_shape(group_ids, "group_ids", scores.shape, "the shape of scores")
+        _checks.same_device(group_ids, "group_ids", scores, "scores")
+        return group_advantages_op(scores.detach(), group_ids, mode, eps)
+    if isinstance(group_ids, bool) or not isinstance(group_ids, int):
+        raise TypeError(f"group_ids must be an int64 tensor or an int (the group size), got "
+                        f"{type(group_ids).__name__}")
+    group_size = group_ids
     if group_size < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size}")
+        raise ValueError(f"group_ids as a group size must be >= 1, got {group_size}")
     if scores.dim() == 1:
         if scores.shape[0] % group_size != 0:
-            raise ValueError(f"scores has {scores.shape[0]} entries, not a multiple of group_size={group_size}")
+            raise ValueError(f"scores has {scores.shape[0]} entries, not a multiple of group size {group_size}")
     elif scores.dim() == 2:
         if scores.shape[1] != group_size:
-            raise ValueError(f"scores of shape {tuple(scores.shape)} must be [N / G, G] with G = group_size = "
+            raise ValueError(f"scores of shape {tuple(scores.shape)} must be [B / G, G] with G = group size = "
                              f"{group_size}")
     else:
-        raise ValueError(f"scores must be [N] or [N / G, G], got shape {tuple(scores.shape)}")
-    return group_advantages_op(scores.detach(), group_size, mode, eps)
+        raise ValueError(f"scores must be [B] or [B / G, G], got shape {tuple(scores.shape)}")
+    ids = _consecutive_ids(scores.numel(), group_size, scores.device)
+    return group_advantages_op(scores.detach().flatten(), ids, mode, eps).view(scores.shape)

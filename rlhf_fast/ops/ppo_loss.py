@@ -1,36 +1,29 @@
-"""PPO losses: clipped policy loss (asymmetric and dual clip), clipped value loss, and the full per-token PPO
+"""PPO losses: clipped policy loss (asymmetric and dual clip), clipped value loss, the PPO objective, and that
 objective computed straight from the logits.
 
-Formulas (../shared/FORMULAS.md), per token, with A the advantage:
+Formulas (docs/formulas.md), per token, with A the advantage:
   ratio  = exp(clamp(logp - old_logp, -20, 20))
   policy = max(-A * ratio, -A * clamp(ratio, 1 - clip_low, 1 + clip_high)); with dual_clip c: where A < 0,
            policy = min(policy, -A * c)
   value  = 0.5 * max((v - R)^2, (v_old + clamp(v - v_old, -clip, clip) - R)^2)
   full   = policy + kl_coef * k(logp, ref_logp) - entropy_coef * entropy       (k: kl_penalty of kind kl_kind)
-Aggregation ``agg`` of a per-token loss l over the mask:
-  token-mean               sum(l * mask) / sum(mask)
-  seq-mean-token-sum       mean over sequences with >= 1 token of sum_t(l * mask)
-  seq-mean-token-mean      mean over sequences with >= 1 token of sum_t(l * mask) / sum_t(mask)
-  seq-mean-token-sum-norm  sum(l * mask) / mask.shape[-1]
-A batch with no token gives loss 0 (and zero gradients), never NaN.
+Every loss is ``sum_t w_t * l_t`` with per-token float32 weights w (``loss_weights``: the aggregation mode as weights,
+docs/formulas.md, "Loss aggregation"). A token with w_t == 0 is masked: it contributes exactly 0 to the loss and gets
+exactly 0 gradient, whatever its values (NaN or inf included). Stats are plain means over the tokens with w_t != 0
+(0 when there is none). ``old_logp``, ``advantages``, ``old_values``, ``returns``, ``ref_logp`` and the weights are
+constants of the update: they are detached and receive no gradient.
 
-Layouts: padded ``[B, T]`` (each row a sequence), or packed ``[N]`` (tokens of all sequences concatenated). Packed
-input takes ``seq_ids`` (int64 ``[N]``, the sequence of each token, values in ``[0, N)``) for the seq-mean-* modes;
-seq-mean-token-sum-norm divides by ``mask.shape[-1]`` in both layouts (T padded, N packed), as the formula says.
-
-The mask is read as boolean (nonzero = the policy generated this token). Masked positions contribute exactly 0 to
-the loss and get exactly 0 gradient, whatever their values (NaN or inf included). ``old_logp``, ``advantages``,
-``old_values``, ``returns`` and ``ref_logp`` are constants of the update: they are detached and receive no gradient.
+Layouts: padded ``[B, T]`` or packed ``[N]``; the ops read only the weights, so both are the same to them.
 
 The standalone losses are the custom ops ``rlhf_fast::ppo_policy_loss`` and ``rlhf_fast::ppo_value_loss`` (backends
-cpp, triton, torch): the loss is ``sum_t w_t l_t`` with ``w_t`` the token's aggregation weight, so the forward is one
-pass over the tokens giving the loss and the diagnostics, and the backward (``rlhf_fast::ppo_*_loss_backward``) one
-pass writing ``grad_output * w_t * dl_t/dx_t`` in the input's dtype. They save only their inputs: the gradient is
-the one [B, T] tensor they allocate. (Elementwise PyTorch ran ~60 kernels over [B, T] for one forward+backward:
-22.6 ms at [64, 2048] on one CPU thread, against 9.8 ms for torch.compile of the reference.)
-``ppo_loss_from_logits`` composes the fused log-prob/entropy op (``rlhf_fast::logprobs_entropy``: one read of the
-logits forward, one write of their gradient backward) with the per-token op ``rlhf_fast::ppo_token_loss`` and the
-aggregation: no ``[B, T, V]`` tensor is written but the gradient.
+cpp, triton, torch): the forward is one pass over the tokens giving the loss and the diagnostics, and the backward
+(``rlhf_fast::ppo_*_loss_backward``) one pass writing ``grad_output * w_t * dl_t/dx_t`` in the input's dtype. They
+save only their inputs: the gradient is the one [B, T] tensor they allocate. (Elementwise PyTorch ran ~60 kernels
+over [B, T] for one forward+backward: 22.6 ms at [64, 2048] on one CPU thread, against 9.8 ms for torch.compile of the
+reference.) ``ppo_objective`` is THE PPO objective (the per-token op ``rlhf_fast::ppo_token_loss``, then the weighted
+sum); ``ppo_loss_from_logits`` is the fused log-prob/entropy op (``rlhf_fast::logprobs_entropy``: one read of the
+logits forward, one write of their gradient backward) followed by ``ppo_objective``: no ``[B, T, V]`` tensor is
+written but the gradient.
 """
 
 from __future__ import annotations
@@ -43,14 +36,15 @@ from torch import Tensor
 
 from .. import _backend
 from . import _checks
+from .loss_weights import AGG_MODES
 from .token_logprobs import KL_KINDS, LOGPROBS_BACKENDS, kl_penalty_ref, logprobs, logprobs_and_entropy
 
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 TOKEN_LOSS_BACKENDS = ("torch", "cpp", "triton")  # of the standalone ppo_policy_loss / ppo_value_loss
 POLICY_STATS = ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "ratio_max")
 OP_BACKENDS = {  # public op -> backends implementing it (shown by `rlhf-fast info`)
     "ppo_policy_loss": TOKEN_LOSS_BACKENDS,
     "ppo_value_loss": TOKEN_LOSS_BACKENDS,
+    "ppo_objective": ("torch",),  # the per-token op, then the weighted sum
     "ppo_loss_from_logits": LOGPROBS_BACKENDS,  # the backend of the log-prob op it runs on the logits
 }
 IGNORE_INDEX = -100
@@ -66,13 +60,20 @@ def _up(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def aggregate_ref(loss_tok: Tensor, mask: Tensor, agg: str = "token-mean", seq_ids: Optional[Tensor] = None) -> Tensor:
+def aggregate_ref(loss_tok: Tensor, mask: Tensor, agg: str = "token-mean", seq_ids: Optional[Tensor] = None,
+                  max_len: Optional[int] = None) -> Tensor:
+    """The aggregation of mode ``agg`` written out per mode (as it was before loss weights): the tests' ground truth
+    for ``loss_weights``. Padded [B, T] (rows are sequences) or packed [N] with seq_ids."""
     m = mask.bool()
     loss_tok = torch.where(m, _up(loss_tok), 0.0)
+    max_len = mask.shape[-1] if max_len is None else max_len
     if agg == "token-mean":
         return loss_tok.sum() / m.sum().clamp_min(1)
     if agg == "seq-mean-token-sum-norm":
-        return loss_tok.sum() / mask.shape[-1]
+        return loss_tok.sum() / max_len
+    if agg == "dr-grpo":  # B sequences, empty ones included
+        n_seqs = mask.shape[0] if seq_ids is None else len(seq_ids.unique())
+        return loss_tok.sum() / max(n_seqs * max_len, 1)
     if seq_ids is None:
         seqs = [(loss_tok[b], m[b]) for b in range(loss_tok.shape[0])]
     else:
@@ -114,12 +115,13 @@ def _policy_stats_ref(logp, old_logp, ratio, clipped, dual, mask):
 
 
 def ppo_policy_loss_ref(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=None, dual_clip=None,
-                        agg="token-mean", seq_ids=None):
+                        agg="token-mean", seq_ids=None, max_len=None):
     loss, ratio, clipped, dual = _policy_tokens_ref(logp, old_logp, advantages, clip_low, clip_high, dual_clip)
-    return aggregate_ref(loss, mask, agg, seq_ids), _policy_stats_ref(logp, old_logp, ratio, clipped, dual, mask)
+    return aggregate_ref(loss, mask, agg, seq_ids, max_len), _policy_stats_ref(logp, old_logp, ratio, clipped, dual,
+                                                                              mask)
 
 
-def ppo_value_loss_ref(values, old_values, returns, mask, *, clip=0.2, agg="token-mean", seq_ids=None):
+def ppo_value_loss_ref(values, old_values, returns, mask, *, clip=0.2, agg="token-mean", seq_ids=None, max_len=None):
     v, v_old, ret = _up(values), _up(old_values), _up(returns)
     unclipped = (v - ret) ** 2
     if clip is None:
@@ -130,28 +132,38 @@ def ppo_value_loss_ref(values, old_values, returns, mask, *, clip=0.2, agg="toke
         frac = (clipped > unclipped) & ((v - v_old).abs() > clip)
     with torch.no_grad():
         stats = {"clip_frac": _mean_ref(frac, mask)}
-    return aggregate_ref(loss, mask, agg, seq_ids), stats
+    return aggregate_ref(loss, mask, agg, seq_ids, max_len), stats
 
 
-def ppo_loss_from_logits_ref(logits, labels, old_logp, advantages, mask, *, ref_logp=None, kl_coef=0.0, kl_kind="k3",
-                             entropy_coef=0.0, temperature=1.0, clip_low=0.2, clip_high=None, dual_clip=None,
-                             agg="token-mean", seq_ids=None):
-    """The eager composite: log_softmax + gather (+ entropy over [..., V]), then the per-token formulas."""
-    logp_all = torch.log_softmax(_up(logits) / temperature, dim=-1)
-    keep = labels != IGNORE_INDEX
-    logp = torch.where(keep, logp_all.gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1), 0.0)
+def ppo_objective_ref(logp, old_logp, advantages, mask, *, entropy=None, ref_logp=None, kl_coef=0.0, kl_kind="k3",
+                      entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None, agg="token-mean", seq_ids=None,
+                      max_len=None):
     loss, ratio, clipped, dual = _policy_tokens_ref(logp, old_logp, advantages, clip_low, clip_high, dual_clip)
     stats = _policy_stats_ref(logp, old_logp, ratio, clipped, dual, mask)
     if ref_logp is not None:
         kl = kl_penalty_ref(logp, ref_logp, kl_kind)
         loss = loss + kl_coef * kl
         stats["kl"] = _mean_ref(kl.detach(), mask)
+    if entropy is not None:
+        loss = loss - entropy_coef * _up(entropy)
+        stats["entropy"] = _mean_ref(entropy.detach(), mask)
+    return aggregate_ref(loss, mask, agg, seq_ids, max_len), stats
+
+
+def ppo_loss_from_logits_ref(logits, labels, old_logp, advantages, mask, *, ref_logp=None, kl_coef=0.0, kl_kind="k3",
+                             entropy_coef=0.0, temperature=1.0, clip_low=0.2, clip_high=None, dual_clip=None,
+                             agg="token-mean", seq_ids=None, max_len=None):
+    """The eager composite: log_softmax + gather (+ entropy over [..., V]), then the per-token formulas."""
+    logp_all = torch.log_softmax(_up(logits) / temperature, dim=-1)
+    keep = labels != IGNORE_INDEX
+    logp = torch.where(keep, logp_all.gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1), 0.0)
+    ent = None
     if entropy_coef != 0.0:
         p = logp_all.exp()
         ent = -(p * torch.where(p > 0, logp_all, 0.0)).sum(-1)
-        loss = loss - entropy_coef * ent
-        stats["entropy"] = _mean_ref(ent.detach(), mask)
-    return aggregate_ref(loss, mask, agg, seq_ids), stats
+    return ppo_objective_ref(logp, old_logp, advantages, mask, entropy=ent, ref_logp=ref_logp, kl_coef=kl_coef,
+                             kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high,
+                             dual_clip=dual_clip, agg=agg, seq_ids=seq_ids, max_len=max_len)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,49 +270,32 @@ def _value_terms(values, old_values, returns, clip):
     return 0.5 * torch.maximum(d * d, e * e), grad, takes_clipped & (step.abs() > clip)
 
 
-def _agg_weights(mask: Tensor, agg: str, seq_ids: Optional[Tensor]) -> Tensor:
-    """Per-token aggregation weights w, float32, 0 where masked: the aggregated loss is sum(w * loss_tok)."""
-    m = mask.float()
-    if agg == "token-mean":
-        return m / _nonzero_or_one(m.sum())
-    if agg == "seq-mean-token-sum-norm":
-        return m / mask.shape[-1]
-    if seq_ids is None:  # padded: one row per sequence ([N] without seq_ids: one sequence)
-        tokens = seq_tokens = m.sum(-1, keepdim=True)
-    else:  # packed: sequence ids index [N] buckets
-        tokens = m.new_zeros(m.shape).index_add(0, seq_ids, m)
-        seq_tokens = tokens[seq_ids]
-    w = m / _nonzero_or_one((tokens > 0).float().sum())
-    return w / _nonzero_or_one(seq_tokens) if agg == "seq-mean-token-mean" else w
-
-
-def _policy_loss_torch(logp, old_logp, advantages, mask, seq_ids, clip_low, clip_high, dual_clip, agg):
+def _policy_loss_torch(logp, old_logp, advantages, weights, clip_low, clip_high, dual_clip):
+    mask = weights != 0
     loss, _, ratio, clipped, dual = _policy_terms(logp, old_logp, advantages, clip_low, clip_high, dual_clip)
     ratio = torch.where(mask, ratio, 0.0)
     sums = torch.stack([(clipped & mask).float().sum(), (dual & mask).float().sum(),
                         torch.where(mask, kl_penalty_ref(old_logp, logp, "k3"), 0.0).sum(), ratio.sum()])
     ratio_max = ratio.amax() if ratio.numel() > 0 else ratio.new_zeros(())  # ratio > 0: 0 when no token
     stats = torch.cat([sums / _nonzero_or_one(mask.float().sum()), ratio_max.reshape(1)])
-    return torch.where(mask, _agg_weights(mask, agg, seq_ids) * loss, 0.0).sum(), stats
+    return torch.where(mask, weights * loss, 0.0).sum(), stats
 
 
-def _policy_loss_backward_torch(grad_loss, logp, old_logp, advantages, mask, seq_ids, clip_low, clip_high, dual_clip,
-                                agg):
+def _policy_loss_backward_torch(grad_loss, logp, old_logp, advantages, weights, clip_low, clip_high, dual_clip):
     _, dlogp, _, _, _ = _policy_terms(logp, old_logp, advantages, clip_low, clip_high, dual_clip)
-    w = _agg_weights(mask, agg, seq_ids) * grad_loss
-    return torch.where(mask, w * dlogp, 0.0).to(logp.dtype).contiguous()
+    return torch.where(weights != 0, weights * grad_loss * dlogp, 0.0).to(logp.dtype).contiguous()
 
 
-def _value_loss_torch(values, old_values, returns, mask, seq_ids, clip, agg):
+def _value_loss_torch(values, old_values, returns, weights, clip):
+    mask = weights != 0
     loss, _, clipped = _value_terms(values, old_values, returns, clip)
     stats = ((clipped & mask).float().sum() / _nonzero_or_one(mask.float().sum())).reshape(1)
-    return torch.where(mask, _agg_weights(mask, agg, seq_ids) * loss, 0.0).sum(), stats
+    return torch.where(mask, weights * loss, 0.0).sum(), stats
 
 
-def _value_loss_backward_torch(grad_loss, values, old_values, returns, mask, seq_ids, clip, agg):
+def _value_loss_backward_torch(grad_loss, values, old_values, returns, weights, clip):
     _, dv, _ = _value_terms(values, old_values, returns, clip)
-    w = _agg_weights(mask, agg, seq_ids) * grad_loss
-    return torch.where(mask, w * dv, 0.0).to(values.dtype).contiguous()
+    return torch.where(weights != 0, weights * grad_loss * dv, 0.0).to(values.dtype).contiguous()
 
 
 def _triton():
@@ -319,44 +314,42 @@ def _run(backend: str, name: str, torch_impl, *args):
 
 
 @torch.library.custom_op("rlhf_fast::ppo_policy_loss", mutates_args=())
-def ppo_policy_loss_op(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, seq_ids: Optional[Tensor],
-                       clip_low: float, clip_high: float, dual_clip: Optional[float], agg: str, backend: str
-                       ) -> tuple[Tensor, Tensor]:
-    """Aggregated PPO-clip policy loss in one pass. logp, old_logp, advantages: [B, T] or [N] float32/bf16/fp16;
-    mask bool of that shape; seq_ids int64 [N] or None (packed seq-mean-* modes).
+def ppo_policy_loss_op(logp: Tensor, old_logp: Tensor, advantages: Tensor, weights: Tensor, clip_low: float,
+                       clip_high: float, dual_clip: Optional[float], backend: str) -> tuple[Tensor, Tensor]:
+    """sum_t w_t * policy_t in one pass. logp, old_logp, advantages: [B, T] or [N] float32/bf16/fp16; weights
+    float32 of that shape (0 = masked).
 
     -> (loss 0-d float32, differentiable w.r.t. logp; stats float32 [5], in the order of POLICY_STATS).
     """
-    return _run(backend, "ppo_policy_loss_fwd", _policy_loss_torch, logp, old_logp, advantages, mask, seq_ids,
-                clip_low, clip_high, dual_clip, agg)
+    return _run(backend, "ppo_policy_loss_fwd", _policy_loss_torch, logp, old_logp, advantages, weights, clip_low,
+                clip_high, dual_clip)
 
 
 @torch.library.custom_op("rlhf_fast::ppo_policy_loss_backward", mutates_args=())
-def ppo_policy_loss_backward_op(grad_loss: Tensor, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
-                                seq_ids: Optional[Tensor], clip_low: float, clip_high: float,
-                                dual_clip: Optional[float], agg: str, backend: str) -> Tensor:
-    """grad_loss: 0-d float32 -> grad_loss * d loss / d logp, contiguous, logp's dtype and shape."""
+def ppo_policy_loss_backward_op(grad_loss: Tensor, logp: Tensor, old_logp: Tensor, advantages: Tensor,
+                                weights: Tensor, clip_low: float, clip_high: float, dual_clip: Optional[float],
+                                backend: str) -> Tensor:
+    """grad_loss: 0-d float32 -> grad_loss * w * d loss / d logp, contiguous, logp's dtype and shape."""
     return _run(backend, "ppo_policy_loss_bwd", _policy_loss_backward_torch, grad_loss, logp, old_logp, advantages,
-                mask, seq_ids, clip_low, clip_high, dual_clip, agg)
+                weights, clip_low, clip_high, dual_clip)
 
 
 @torch.library.custom_op("rlhf_fast::ppo_value_loss", mutates_args=())
-def ppo_value_loss_op(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, seq_ids: Optional[Tensor],
-                      clip: Optional[float], agg: str, backend: str) -> tuple[Tensor, Tensor]:
-    """Aggregated clipped value loss in one pass; inputs as ppo_policy_loss_op.
+def ppo_value_loss_op(values: Tensor, old_values: Tensor, returns: Tensor, weights: Tensor, clip: Optional[float],
+                      backend: str) -> tuple[Tensor, Tensor]:
+    """sum_t w_t * value_t in one pass; inputs as ppo_policy_loss_op.
 
     -> (loss 0-d float32, differentiable w.r.t. values; stats float32 [1] = clip_frac).
     """
-    return _run(backend, "ppo_value_loss_fwd", _value_loss_torch, values, old_values, returns, mask, seq_ids, clip,
-                agg)
+    return _run(backend, "ppo_value_loss_fwd", _value_loss_torch, values, old_values, returns, weights, clip)
 
 
 @torch.library.custom_op("rlhf_fast::ppo_value_loss_backward", mutates_args=())
-def ppo_value_loss_backward_op(grad_loss: Tensor, values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
-                               seq_ids: Optional[Tensor], clip: Optional[float], agg: str, backend: str) -> Tensor:
-    """grad_loss: 0-d float32 -> grad_loss * d loss / d values, contiguous, values' dtype and shape."""
+def ppo_value_loss_backward_op(grad_loss: Tensor, values: Tensor, old_values: Tensor, returns: Tensor,
+                               weights: Tensor, clip: Optional[float], backend: str) -> Tensor:
+    """grad_loss: 0-d float32 -> grad_loss * w * d loss / d values, contiguous, values' dtype and shape."""
     return _run(backend, "ppo_value_loss_bwd", _value_loss_backward_torch, grad_loss, values, old_values, returns,
-                mask, seq_ids, clip, agg)
+                weights, clip)
 
 
 def _fake_loss_stats(x: Tensor, n_stats: int) -> tuple[Tensor, Tensor]:
@@ -364,12 +357,12 @@ def _fake_loss_stats(x: Tensor, n_stats: int) -> tuple[Tensor, Tensor]:
 
 
 @ppo_policy_loss_op.register_fake
-def _(logp, old_logp, advantages, mask, seq_ids, clip_low, clip_high, dual_clip, agg, backend):
+def _(logp, old_logp, advantages, weights, clip_low, clip_high, dual_clip, backend):
     return _fake_loss_stats(logp, len(POLICY_STATS))
 
 
 @ppo_value_loss_op.register_fake
-def _(values, old_values, returns, mask, seq_ids, clip, agg, backend):
+def _(values, old_values, returns, weights, clip, backend):
     return _fake_loss_stats(values, 1)
 
 
@@ -387,8 +380,8 @@ def _loss_setup(ctx, inputs, output):
     """Saves the tensor inputs (alive anyway: the caller's) and the rest; nothing [B, T] is allocated for backward."""
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
-    x, y, z, mask, seq_ids, *ctx.args = inputs
-    ctx.save_for_backward(x, y, z, mask, seq_ids)
+    x, y, z, weights, *ctx.args = inputs
+    ctx.save_for_backward(x, y, z, weights)
     ctx.n_inputs = len(inputs)
 
 
@@ -409,29 +402,12 @@ ppo_value_loss_op.register_autograd(_value_loss_grad, setup_context=_loss_setup)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Aggregation and stats: plain PyTorch on [B, T] / [N] vectors, no host synchronisation.
+# Stats: plain PyTorch on [B, T] / [N] vectors, no host synchronisation.
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def _nonzero_or_one(x: Tensor) -> Tensor:
     return torch.where(x > 0, x, torch.ones_like(x))
-
-
-def _aggregate(loss_tok: Tensor, mask: Tensor, agg: str, seq_ids: Optional[Tensor]) -> Tensor:
-    """loss_tok float32 (0 at masked positions), mask bool, both [B, T] or [N] -> 0-d float32."""
-    m = mask.float()
-    if agg == "token-mean":
-        return loss_tok.sum() / _nonzero_or_one(m.sum())
-    if agg == "seq-mean-token-sum-norm":
-        return loss_tok.sum() / mask.shape[-1]
-    if seq_ids is None:  # padded: one row per sequence
-        seq_loss, seq_tokens = loss_tok.sum(-1), m.sum(-1)
-    else:  # packed: sequence ids index [N] buckets (at most N sequences)
-        seq_loss = loss_tok.new_zeros(loss_tok.shape).index_add(0, seq_ids, loss_tok)
-        seq_tokens = m.new_zeros(m.shape).index_add(0, seq_ids, m)
-    if agg == "seq-mean-token-mean":
-        seq_loss = seq_loss / _nonzero_or_one(seq_tokens)
-    return seq_loss.sum() / _nonzero_or_one((seq_tokens > 0).float().sum())
 
 
 def _masked_mean(x: Tensor, mask: Tensor, count: Tensor) -> Tensor:
@@ -472,36 +448,12 @@ def _token_tensors(named: dict, shape_name: str, ref: Tensor) -> None:
         _checks.same_device(x, name, ref, shape_name)
 
 
-def _mask(mask, ref: Tensor, ref_name: str) -> Tensor:
-    _checks.tensor(mask, "mask")
-    _checks.same_shape(mask, "mask", ref.shape, f"the shape of {ref_name}")
-    _checks.same_device(mask, "mask", ref, ref_name)
-    if mask.is_complex():
-        raise TypeError(f"mask must be bool, integer or float, got {mask.dtype}")
-    return mask if mask.dtype == torch.bool else mask != 0
-
-
-def _layout(x: Tensor, name: str, agg: str, seq_ids) -> None:
-    """[B, T] padded or [N] packed; packed input needs seq_ids for the seq-mean-* modes that split sequences."""
-    _checks.choice(agg, "agg", AGG_MODES)
-    if x.dim() not in (1, 2):
-        raise ValueError(f"{name} must be [B, T] (padded) or [N] (packed), got shape {tuple(x.shape)}")
-    if seq_ids is None:
-        if x.dim() == 1 and agg in ("seq-mean-token-sum", "seq-mean-token-mean"):
-            raise ValueError(f"agg={agg!r} on packed [N] input needs seq_ids (the sequence id of each token)")
-        return
-    _checks.tensor(seq_ids, "seq_ids")
-    if x.dim() != 1:
-        raise ValueError(f"seq_ids is for packed [N] input; {name} is padded [B, T] {tuple(x.shape)}")
-    if seq_ids.dtype != torch.int64:
-        raise TypeError(f"seq_ids must be int64 (torch.long), got {seq_ids.dtype}")
-    _checks.same_shape(seq_ids, "seq_ids", x.shape, f"the shape of {name}")
-    _checks.same_device(seq_ids, "seq_ids", x, name)
-    # The range check reads the ids: eager CPU only (no host synchronisation on CUDA or under torch.compile).
-    if seq_ids.device.type == "cpu" and not torch.compiler.is_compiling() and seq_ids.numel() > 0:
-        if bool(((seq_ids < 0) | (seq_ids >= seq_ids.numel())).any()):
-            raise ValueError(f"seq_ids must be in [0, N) = [0, {seq_ids.numel()}), got values in "
-                             f"[{int(seq_ids.min())}, {int(seq_ids.max())}]")
+def _weights(weights, ref: Tensor, ref_name: str) -> Tensor:
+    """[B, T] or [N] float weights of ref's shape -> float32, detached (the kernels read float32)."""
+    if ref.dim() not in (1, 2):
+        raise ValueError(f"{ref_name} must be [B, T] (padded) or [N] (packed), got shape {tuple(ref.shape)}")
+    _token_tensors({"weights": weights}, ref_name, ref)
+    return weights.detach().float()
 
 
 def _clips(clip_low, clip_high, dual_clip) -> tuple[float, float, Optional[float]]:
@@ -511,96 +463,122 @@ def _clips(clip_low, clip_high, dual_clip) -> tuple[float, float, Optional[float
     return clip_low, clip_high, dual_clip
 
 
-def ppo_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *, clip_low: float = 0.2,
-                    clip_high: Optional[float] = None, dual_clip: Optional[float] = None, agg: str = "token-mean",
-                    seq_ids: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO-clip policy loss (asymmetric clip, optional dual clip), aggregated by ``agg``.
+def ppo_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, weights: Tensor, *, clip_low: float = 0.2,
+                    clip_high: Optional[float] = None, dual_clip: Optional[float] = None
+                    ) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO-clip policy loss (asymmetric clip, optional dual clip), ``sum_t w_t * policy_t``.
 
-    logp, old_logp, advantages: [B, T] (padded) or [N] (packed), float32/bf16/fp16; mask: same shape, bool or 0/1;
-    seq_ids: int64 [N], packed input only. clip_low in (0, 1); clip_high > 0 (None: clip_low); dual_clip > 1 or None.
+    logp, old_logp, advantages: [B, T] (padded) or [N] (packed), float32/bf16/fp16; weights: same shape, the loss
+    weights of ``loss_weights`` (0 = masked; read as float32). clip_low in (0, 1); clip_high > 0 (None: clip_low);
+    dual_clip > 1 or None.
     -> (loss: 0-d float32, differentiable w.r.t. logp; stats: dict of 0-d float32 tensors ``clip_frac``,
     ``dual_clip_frac``, ``approx_kl`` (mean of k3 with d = logp - old_logp, i.e. (ratio - 1) - log ratio),
-    ``ratio_mean``, ``ratio_max`` over the masked tokens; 0 when no token).
-    Backends: cpp (CPU), triton (CUDA), torch (any device); one fused pass, see the module docstring.
+    ``ratio_mean``, ``ratio_max``: plain means over the tokens with w != 0; 0 when none).
+    Backends: cpp (CPU), triton (CUDA), torch (any device); one fused pass. Formulas: docs/formulas.md.
     """
     _checks.float_tensor(logp, "logp")
     _token_tensors({"old_logp": old_logp, "advantages": advantages}, "logp", logp)
-    m = _mask(mask, logp, "logp")
-    _layout(logp, "logp", agg, seq_ids)
+    w = _weights(weights, logp, "logp")
     clip_low, clip_high, dual_clip = _clips(clip_low, clip_high, dual_clip)
     backend = _backend.select("ppo_policy_loss", TOKEN_LOSS_BACKENDS, logp.device)
-    loss, stats = ppo_policy_loss_op(logp, old_logp.detach(), advantages.detach(), m, seq_ids, clip_low, clip_high,
-                                     dual_clip, agg, backend)
+    loss, stats = ppo_policy_loss_op(logp, old_logp.detach(), advantages.detach(), w, clip_low, clip_high, dual_clip,
+                                     backend)
     return loss, dict(zip(POLICY_STATS, stats.unbind()))
 
 
-def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *, clip: Optional[float] = 0.2,
-                   agg: str = "token-mean", seq_ids: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped value loss 0.5 * max((v - R)^2, (v_old + clamp(v - v_old, -clip, clip) - R)^2), aggregated by ``agg``.
+def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, weights: Tensor, *,
+                   clip: Optional[float] = 0.2) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss ``sum_t w_t * 0.5 * max((v - R)^2, (v_old + clamp(v - v_old, -clip, clip) - R)^2)``.
 
-    values, old_values, returns: [B, T] or [N], float32/bf16/fp16; mask: same shape, bool or 0/1; seq_ids: int64 [N]
-    for packed input; clip > 0, or None for the unclipped 0.5 * (v - R)^2.
-    -> (loss: 0-d float32, differentiable w.r.t. values; stats: {``clip_frac``: fraction of masked tokens where the
-    clipped term is taken and its clamp is active}). Backends as ppo_policy_loss.
+    values, old_values, returns: [B, T] or [N], float32/bf16/fp16; weights: same shape (``loss_weights``; 0 =
+    masked); clip > 0, or None for the unclipped 0.5 * (v - R)^2.
+    -> (loss: 0-d float32, differentiable w.r.t. values; stats: {``clip_frac``: fraction of the tokens with w != 0
+    where the clipped term is taken and its clamp is active}). Backends as ppo_policy_loss.
     """
     _checks.float_tensor(values, "values")
     _token_tensors({"old_values": old_values, "returns": returns}, "values", values)
-    m = _mask(mask, values, "values")
-    _layout(values, "values", agg, seq_ids)
+    w = _weights(weights, values, "values")
     clip = None if clip is None else _number(clip, "clip", 0.0)
     backend = _backend.select("ppo_value_loss", TOKEN_LOSS_BACKENDS, values.device)
-    loss, stats = ppo_value_loss_op(values, old_values.detach(), returns.detach(), m, seq_ids, clip, agg, backend)
+    loss, stats = ppo_value_loss_op(values, old_values.detach(), returns.detach(), w, clip, backend)
     return loss, {"clip_frac": stats[0]}
 
 
-def ppo_loss_from_logits(logits: Tensor, labels: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
-                         ref_logp: Optional[Tensor] = None, kl_coef: float = 0.0, kl_kind: str = "k3",
-                         entropy_coef: float = 0.0, temperature: float = 1.0, clip_low: float = 0.2,
-                         clip_high: Optional[float] = None, dual_clip: Optional[float] = None,
-                         agg: str = "token-mean", seq_ids: Optional[Tensor] = None
-                         ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The full PPO objective per token, policy + kl_coef * k(t) - entropy_coef * entropy, from the logits.
+def ppo_objective(logp: Tensor, old_logp: Tensor, advantages: Tensor, weights: Tensor, *,
+                  entropy: Optional[Tensor] = None, ref_logp: Optional[Tensor] = None, kl_coef: float = 0.0,
+                  kl_kind: str = "k3", entropy_coef: float = 0.0, clip_low: float = 0.2,
+                  clip_high: Optional[float] = None, dual_clip: Optional[float] = None
+                  ) -> tuple[Tensor, dict[str, Tensor]]:
+    """THE PPO objective: ``sum_t w_t * (policy_t + kl_coef * k_t - entropy_coef * entropy_t)``.
 
-    logits: [B, T, V] (padded) or [N, V] (packed), float32/bf16/fp16; labels: int64 [B, T] / [N], in [0, V) or -100
-    (positions that should be masked anyway); old_logp, advantages, mask, ref_logp: [B, T] / [N]; seq_ids: int64 [N]
-    for packed input. ``logp = log softmax(logits / temperature)[label]``; k is ``kl_penalty(logp, ref_logp,
-    kl_kind)``, kl_kind in k1, k2, k3, abs (ref_logp is required when kl_coef != 0); entropy at ``temperature``.
-    Equal to ``logprobs_and_entropy`` + ``ppo_policy_loss`` + ``kl_penalty`` + the entropy bonus, computed as that
-    composition of custom ops: the logits are read once forward, and their gradient is written in one pass backward.
-    -> (loss: 0-d float32, differentiable w.r.t. logits; stats: those of ``ppo_policy_loss``, plus ``kl`` (masked
-    mean of k) when ref_logp is given and ``entropy`` (masked mean) when entropy_coef != 0).
+    logp, old_logp, advantages, weights, entropy, ref_logp: [B, T] or [N], float32/bf16/fp16 (weights: those of
+    ``loss_weights``, 0 = masked). k_t = ``kl_penalty(logp, ref_logp, kl_kind)``, kl_kind in k1, k2, k3, abs
+    (ref_logp is required when kl_coef != 0); entropy is required when entropy_coef != 0.
+    -> (loss: 0-d float32, differentiable w.r.t. logp and entropy; stats: those of ``ppo_policy_loss``, plus ``kl``
+    (mean of k) when ref_logp is given and ``entropy`` (mean) when entropy is given; plain means over the tokens with
+    w != 0). Formulas: docs/formulas.md.
     """
-    _checks.logits(logits)
-    if logits.dim() not in (2, 3):
-        raise ValueError(f"logits must be [B, T, V] (padded) or [N, V] (packed), got shape {tuple(logits.shape)}")
-    _checks.tensor(labels, "labels")
-    _checks.same_shape(labels, "labels", logits.shape[:-1], "logits.shape[:-1]")
-    _token_tensors({"old_logp": old_logp, "advantages": advantages}, "labels", labels)
-    if ref_logp is not None:
-        _token_tensors({"ref_logp": ref_logp}, "labels", labels)
-    m = _mask(mask, labels, "labels")
-    _layout(labels, "labels", agg, seq_ids)
+    _checks.float_tensor(logp, "logp")
+    _token_tensors({"old_logp": old_logp, "advantages": advantages}, "logp", logp)
+    for name, x in (("entropy", entropy), ("ref_logp", ref_logp)):
+        if x is not None:
+            _token_tensors({name: x}, "logp", logp)
+    w = _weights(weights, logp, "logp")
     clip_low, clip_high, dual_clip = _clips(clip_low, clip_high, dual_clip)
     _checks.choice(kl_kind, "kl_kind", KL_KINDS)
     kl_coef = _number(kl_coef, "kl_coef", 0.0, low_open=False)
     entropy_coef = _number(entropy_coef, "entropy_coef", -math.inf)
     if kl_coef != 0.0 and ref_logp is None:
         raise ValueError(f"kl_coef={kl_coef} needs ref_logp (the reference policy's log-probs of the labels)")
+    if entropy_coef != 0.0 and entropy is None:
+        raise ValueError(f"entropy_coef={entropy_coef} needs entropy (the policy's per-token entropy)")
 
-    if entropy_coef != 0.0:
-        logp, ent = logprobs_and_entropy(logits, labels, temperature=temperature, ignore_index=IGNORE_INDEX)
-    else:  # the log-prob op then skips the entropy sums
-        logp, ent = logprobs(logits, labels, temperature=temperature, ignore_index=IGNORE_INDEX), None
+    m = w != 0
     old_logp = old_logp.detach()
     ref_logp = None if ref_logp is None else ref_logp.detach()
     loss_tok, ratio, clipped, dual = ppo_token_loss_op(
-        logp, ent, old_logp, advantages.detach(), ref_logp if kl_coef != 0.0 else None, m, clip_low, clip_high,
-        dual_clip, kl_coef, kl_kind, entropy_coef)
+        logp, entropy if entropy_coef != 0.0 else None, old_logp, advantages.detach(),
+        ref_logp if kl_coef != 0.0 else None, m, clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef)
     stats = _policy_stats(logp, old_logp, ratio, clipped, dual, m)
     with torch.no_grad():
         count = _nonzero_or_one(m.float().sum())
         if ref_logp is not None:
             stats["kl"] = _masked_mean(kl_penalty_ref(logp.detach(), ref_logp, kl_kind), m, count)
-        if ent is not None:
-            stats["entropy"] = _masked_mean(ent.detach(), m, count)
-    return _aggregate(loss_tok, m, agg, seq_ids), stats
+        if entropy is not None:
+            stats["entropy"] = _masked_mean(entropy.detach(), m, count)
+    return (w * loss_tok).sum(), stats  # loss_tok is 0 where w is: a masked token adds exactly 0
+
+
+def ppo_loss_from_logits(logits: Tensor, labels: Tensor, old_logp: Tensor, advantages: Tensor, weights: Tensor, *,
+                         ref_logp: Optional[Tensor] = None, kl_coef: float = 0.0, kl_kind: str = "k3",
+                         entropy_coef: float = 0.0, temperature: float = 1.0, clip_low: float = 0.2,
+                         clip_high: Optional[float] = None, dual_clip: Optional[float] = None
+                         ) -> tuple[Tensor, dict[str, Tensor]]:
+    """``ppo_objective`` on the log-probs (and entropy) of the labels, computed from the logits by the fused op.
+
+    logits: [B, T, V] (padded) or [N, V] (packed), float32/bf16/fp16; labels: int64 [B, T] / [N], in [0, V) or -100
+    (positions whose weight should be 0 anyway); old_logp, advantages, weights, ref_logp: [B, T] / [N].
+    ``logp = log softmax(logits / temperature)[label]``, entropy at ``temperature`` (computed only when
+    entropy_coef != 0). The logits are read once forward, and their gradient is written in one pass backward.
+    -> (loss: 0-d float32, differentiable w.r.t. logits; stats: those of ``ppo_objective``).
+    """
+    _checks.logits(logits)
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"logits must be [B, T, V] (padded) or [N, V] (packed), got shape {tuple(logits.shape)}")
+    _checks.tensor(labels, "labels")
+    _checks.same_shape(labels, "labels", logits.shape[:-1], "logits.shape[:-1]")
+    _token_tensors({"old_logp": old_logp, "advantages": advantages, "weights": weights}, "labels", labels)
+    if ref_logp is not None:
+        _token_tensors({"ref_logp": ref_logp}, "labels", labels)
+    _checks.choice(kl_kind, "kl_kind", KL_KINDS)
+    entropy_coef = _number(entropy_coef, "entropy_coef", -math.inf)
+    if kl_coef != 0.0 and ref_logp is None:
+        raise ValueError(f"kl_coef={kl_coef} needs ref_logp (the reference policy's log-probs of the labels)")
+    _clips(clip_low, clip_high, dual_clip)  # before the log-prob kernel runs
+    if entropy_coef != 0.0:
+        logp, ent = logprobs_and_entropy(logits, labels, temperature=temperature, ignore_index=IGNORE_INDEX)
+    else:  # the log-prob op then skips the entropy sums
+        logp, ent = logprobs(logits, labels, temperature=temperature, ignore_index=IGNORE_INDEX), None
+    return ppo_objective(logp, old_logp, advantages, weights, entropy=ent, ref_logp=ref_logp, kl_coef=kl_coef,
+                         kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high,
+                         dual_clip=dual_clip)
