@@ -29,8 +29,8 @@ from common import rss_kib  # noqa: E402
 
 
 def _build(path: str, quick: bool) -> str:
-    from rlhf_fast.models.tiny import save_tiny_default
-    from rlhf_fast.models.value_head import ScalarHeadModel
+    from rlhf_fast.data.embedded import save_tiny_default
+    from rlhf_fast.models import ScalarHeadModel
 
     kwargs = {"hidden_size": 64, "intermediate_size": 128} if quick else {}
     save_tiny_default(f"{path}/policy", **kwargs)
@@ -39,8 +39,8 @@ def _build(path: str, quick: bool) -> str:
 
 
 def _sft_steps(args, device, path: str):
-    from rlhf_fast.data import IGNORE_INDEX, sft_batch, task
-    from rlhf_fast.models.tiny import load_causal_lm, load_tokenizer
+    from rlhf_fast.data import sft_batch, task
+    from rlhf_fast.models import load_causal_lm, load_tokenizer
     from rlhf_fast.train import distributed
     from rlhf_fast.train.sft import sft_loss
 
@@ -52,8 +52,8 @@ def _sft_steps(args, device, path: str):
 
     def step(i: int) -> int:
         idx = distributed.shard(list(range(i * G, (i + 1) * G)))
-        batch = {k: v.to(device) for k, v in sft_batch(tok, [rows[j] for j in idx], 128).items()}
-        loss, _ = distributed.global_loss(model(sft_loss, batch), batch["labels"][:, 1:] != IGNORE_INDEX)
+        batch = sft_batch(tok, [rows[j] for j in idx], 128).to(device)
+        loss = model(sft_loss, batch, distributed.global_weights(batch.mask))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -72,10 +72,9 @@ def _ppo_steps(args, device, path: str):
     trainer = PPOTrainer(cfg)
 
     def step(i: int) -> int:
-        res, plen = trainer.rollout(trainer.prompts(i))
-        ro, _ = trainer.score(res, plen)
-        trainer.learn(ro, plen)
-        return ro.sequences.shape[0]
+        batch, _ = trainer.score(*trainer.rollout(trainer.prompts(i)))
+        trainer.learn(batch)
+        return batch.num_seqs
 
     return step
 

@@ -327,7 +327,7 @@ def test_ppo_step_packed_equals_padded(pipeline, tmp_path, agg):
 
     torch.testing.assert_close(packed_loss(), padded_loss().float(), rtol=1e-5, atol=1e-6)
     for g, g_ref in zip(grads_of(policy, packed_loss()), grads_of(policy, padded_loss())):
-        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)  # fp32: the 1e-5
 
 
 def test_grpo_group_advantages_without_critic(pipeline, tmp_path):

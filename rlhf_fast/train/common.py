@@ -203,6 +203,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, resume: bool = False):
         self.cfg = cfg
+        os.makedirs(cfg.out, exist_ok=True)
         self.device = resolve_device(cfg.device)
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed + distributed.rank())
         self.setup()
