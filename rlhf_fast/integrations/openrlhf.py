@@ -23,6 +23,8 @@ Tensors of a dtype the fused kernels do not take (float64) go through the plain 
 
 from __future__ import annotations
 
+import importlib.metadata
+import warnings
 from typing import Optional
 
 import torch
@@ -34,6 +36,19 @@ __all__ = ["DPOLoss", "LogExpLoss", "PairWiseLoss", "PolicyLoss", "ValueLoss", "
            "log_probs_from_logits", "masked_mean"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+def _warn_if_uncovered() -> None:
+    """Warn once (at import) when the installed openrlhf is a version these adapters do not target."""
+    try:
+        v = importlib.metadata.version("openrlhf")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    if not v.startswith("0.8."):
+        warnings.warn(f"rlhf_fast.integrations.openrlhf targets openrlhf 0.8.x; openrlhf {v} is installed and may differ "
+                      "(docs/integrations.md)", stacklevel=2)
+
+
+_warn_if_uncovered()
 
 
 def log_probs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:

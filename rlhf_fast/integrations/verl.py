@@ -27,6 +27,9 @@ Tensors of a dtype the fused kernels do not take (float64) go through the plain 
 
 from __future__ import annotations
 
+import importlib.metadata
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -40,6 +43,27 @@ __all__ = [
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 _KL_KINDS = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
+
+def _older_than(version: str, target: tuple[int, ...]) -> bool:
+    parts = []
+    for piece in version.split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts) < target
+
+
+def _warn_if_uncovered() -> None:
+    """Warn once (at import) when the installed verl is a version these adapters do not target."""
+    try:
+        v = importlib.metadata.version("verl")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    if _older_than(v, (0, 6, 1)):
+        warnings.warn(f"rlhf_fast.integrations.verl targets verl >= 0.6.1; verl {v} is installed and may differ "
+                      "(docs/integrations.md)", stacklevel=2)
+
+
+_warn_if_uncovered()
 
 
 # ------------------------------------------------------------------------------------------------------------------
