@@ -144,3 +144,21 @@ def test_compiles_fullgraph():
     for fn, inputs in [(lambda a, b: orl.log_probs_from_logits(a, b, 0.7), (logits, labels)),
                        (lambda a, b: orl.compute_approx_kl(a, b, "k3"), (lp, base))]:
         torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="eager")(*inputs), fn(*inputs))
+
+
+def test_pairwise_logexp_dpo_hand_computed():
+    import math
+
+    chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.0])
+    softplus = lambda x: math.log1p(math.exp(x))  # noqa: E731  (-logsigmoid(x) = softplus(-x))
+    assert orl.PairWiseLoss()(chosen, rejected).item() == pytest.approx((softplus(-1) + softplus(0)) / 2)
+    margin = torch.tensor([1.0, -1.0])
+    assert orl.PairWiseLoss()(chosen, rejected, margin).item() == pytest.approx((softplus(0) + softplus(-1)) / 2)
+    assert orl.LogExpLoss()(chosen, rejected).item() == pytest.approx((softplus(-1) + softplus(0)) / 2)
+    # DPO: x = (pc - pr) - (rc - rr) = (-1 - -3) - (-2 - -2) = 2
+    pc, pr, rc, rr = (torch.tensor([v]) for v in (-1.0, -3.0, -2.0, -2.0))
+    loss, ch, rj = orl.DPOLoss(beta=0.5, label_smoothing=0.1)(pc, pr, rc, rr)
+    assert loss.item() == pytest.approx(0.9 * softplus(-1.0) + 0.1 * softplus(1.0))
+    assert ch.item() == pytest.approx(0.5) and rj.item() == pytest.approx(-0.5)
+    loss_ipo, _, _ = orl.DPOLoss(beta=0.5, ipo=True)(pc, pr, rc, rr)
+    assert loss_ipo.item() == pytest.approx((2 - 1) ** 2)

@@ -56,7 +56,14 @@ def test_selective_log_softmax_low_precision(dtype):
     index = torch.randint(0, 50, (4, 6), generator=gen)
     exact = ORIG["selective_log_softmax"](logits.double(), index)
     same = ORIG["selective_log_softmax"](logits, index)  # TRL's CPU path: log_softmax in the low dtype
-    assert_within_ref_error(rlhf_trl.selective_log_softmax(logits, index), same, exact, name=str(dtype))
+    out = rlhf_trl.selective_log_softmax(logits, index)
+    assert out.dtype == dtype == same.dtype  # TRL's dtype contract on its CPU path (math in float32)
+    assert_within_ref_error(out.float(), same.float(), exact.float(), name=str(dtype))
+    assert rlhf_trl.entropy_from_logits(logits).dtype == dtype
+    rlhf_trl.patch(dtype="float32")
+    assert rlhf_trl.selective_log_softmax(logits, index).dtype == torch.float32
+    rlhf_trl.unpatch()
+    assert rlhf_trl.selective_log_softmax(logits, index).dtype == dtype
 
 
 def test_entropy_and_joint_match_trl():
@@ -119,16 +126,51 @@ def test_chunked_lm_head_matches_trl(outputs, with_bias):
         torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
 
 
-def test_chunked_lm_head_falls_back_for_softcapping_and_metrics():
+def test_chunked_lm_head_falls_back_for_softcapping():
     gen = torch.Generator().manual_seed(6)
     hidden, weight = torch.randn(5, 8, generator=gen), torch.randn(21, 8, generator=gen)
     targets = torch.randint(0, 21, (5,), generator=gen)
-    for extra in [dict(final_logit_softcapping=5.0), dict(outputs=("log_probs", "is_top1", "mean_logits"))]:
-        kw = dict(final_logit_softcapping=None, logit_scale=1.0, outputs=("log_probs",)) | extra
-        got = rlhf_trl.ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 8, *kw.values())
-        want = ORIG["_ChunkedLogProbFunction"].apply(hidden, weight, None, targets, 1.0, 8, *kw.values())
-        for a, b in zip(got, want):
-            assert (a is None and b is None) or torch.equal(a, b)
+    got = rlhf_trl.ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 8, 5.0, 1.0, ("log_probs",))
+    want = ORIG["_ChunkedLogProbFunction"].apply(hidden, weight, None, targets, 1.0, 8, 5.0, 1.0, ("log_probs",))
+    for a, b in zip(got, want):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_chunked_lm_head_every_output_fused(monkeypatch, with_bias):
+    """All five outputs on the fused path, checked on full logits z = (h W^T + b) / T: log sum_v p_v^2,
+    mean_v z_v, and is_top1 = the target is the FIRST argmax (a tie with an earlier token is not top-1)."""
+    calls = []
+    real = ops.linear_logprobs
+    monkeypatch.setattr(ops, "linear_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    gen = torch.Generator().manual_seed(7)
+    n, h, v, t = 6, 8, 9000, 0.8  # v > one argmax chunk (4096)
+    hidden = torch.randn(n, h, generator=gen, requires_grad=True)
+    weight = torch.randn(v, h, generator=gen)
+    weight[[3, 5, 8000]] = 10 * torch.eye(h)[0]  # rows 0 and 1: exact ties of tokens 3, 5, 8000 at the max (50)
+    hidden_det = hidden.detach()
+    hidden_det[:2] = 5 * torch.eye(h)[0]
+    bias = torch.randn(v, generator=gen) if with_bias else None
+    if with_bias:
+        bias[8000] = bias[3] = bias[5]
+    targets = torch.tensor([3, 5, 1, 2, 3, 4])
+    outputs = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    logp, ent, lssp, mean, top1 = rlhf_trl.ChunkedLogProbFunction.apply(hidden, weight, bias, targets, t, 1024,
+                                                                          None, 1.0, outputs)
+    assert calls and all(x.dtype == torch.float32 for x in (logp, ent, lssp, mean)) and top1.dtype == torch.bool
+    z = ((hidden_det @ weight.T + (0 if bias is None else bias)) / t).double()
+    p = z.softmax(-1)
+    torch.testing.assert_close(logp.double(), z.log_softmax(-1).gather(-1, targets[:, None])[:, 0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(ent.double(), -(p * p.log().nan_to_num()).sum(-1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(lssp.double(), (p * p).sum(-1).log(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(mean.double(), z.mean(-1), atol=1e-4, rtol=0)
+    assert top1[0] and not top1[1]  # 3 is the first of the tied maxima; 5 comes after 3
+    assert torch.equal(top1[2:], z[2:].argmax(-1) == targets[2:])
+    assert not lssp.requires_grad and not mean.requires_grad and logp.requires_grad
+    want = ORIG["_ChunkedLogProbFunction"].apply(hidden, weight, bias, targets, t, 1024, None, 1.0, outputs)
+    assert torch.equal(top1, want[4])
+    for a, b in zip((logp, ent, lssp, mean), want[:4]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_patch_unpatch_every_module():
@@ -145,6 +187,23 @@ def test_patch_unpatch_every_module():
     assert not rlhf_trl.is_patched()
     for name, orig in ORIG.items():
         assert getattr(trl_utils, name) is orig
+
+
+def test_unpatch_restores_modules_imported_while_patched():
+    """Regression: a trl module imported during the patch takes rlhf_fast's function by name (``from
+    ..trainer.utils import selective_log_softmax``); after ``patched()`` it must hold TRL's function again."""
+    import types
+
+    with rlhf_trl.patched():
+        late = types.ModuleType("trl._imported_while_patched")
+        sys.modules[late.__name__] = late
+        exec("from trl.trainer.utils import selective_log_softmax, _ChunkedLogProbFunction", late.__dict__)
+        assert late.selective_log_softmax is rlhf_trl.selective_log_softmax
+    try:
+        assert late.selective_log_softmax is ORIG["selective_log_softmax"]
+        assert late._ChunkedLogProbFunction is ORIG["_ChunkedLogProbFunction"]
+    finally:
+        del sys.modules[late.__name__]
 
 
 # ---- the same tiny GRPO run, patched and unpatched ------------------------------------------------------------------

@@ -13,16 +13,17 @@ AGG_MODES = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mea
 # ---- references, from veRL's formulas ------------------------------------------------------------------------------
 
 def _masked_mean(x, m, axis=None):
-    return (x * m).sum(axis=axis) / m.sum(axis=axis)
+    return (x * m).sum(axis=axis) / m.sum(axis=axis).clamp(min=1e-8)
 
 
 def _agg(loss, m, mode):
+    rows = m.sum(-1) > 0  # veRL >= 0.6.1: sequences without a token are left out of the seq-means
     if mode == "token-mean":
         return _masked_mean(loss, m)
     if mode == "seq-mean-token-sum":
-        return (loss * m).sum(-1).mean()
+        return (loss * m).sum(-1)[rows].mean()
     if mode == "seq-mean-token-mean":
-        return ((loss * m).sum(-1) / m.sum(-1)).mean()
+        return ((loss * m).sum(-1)[rows] / m.sum(-1)[rows]).mean()
     return (loss * m).sum() / m.shape[-1]
 
 
@@ -159,10 +160,20 @@ def test_agg_loss_hand_computed():
     loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
     m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     assert verl.agg_loss(loss, m, "token-mean").item() == pytest.approx(7 / 3)
-    assert verl.agg_loss(loss, m, "seq-mean-token-sum").item() == pytest.approx((3 + 4 + 0) / 3)  # all 3 rows
+    # veRL >= 0.6.1: the empty third row is not a sequence of the mean
+    assert verl.agg_loss(loss, m, "seq-mean-token-sum").item() == pytest.approx((3 + 4) / 2)
     assert verl.agg_loss(loss, m, "seq-mean-token-sum-norm").item() == pytest.approx(7 / 3)  # / T = 3
-    assert torch.isnan(verl.agg_loss(loss, m, "seq-mean-token-mean"))  # 0 / 0 on the empty row, as in veRL
-    assert verl.agg_loss(loss[:2], m[:2], "seq-mean-token-mean").item() == pytest.approx((1.5 + 4) / 2)
+    assert verl.agg_loss(loss, m, "seq-mean-token-mean").item() == pytest.approx((1.5 + 4) / 2)
+    # the global counts veRL's callers pass (**global_batch_info): loss = local sum / global count * dp_size
+    assert verl.agg_loss(loss, m, "token-mean", dp_size=2, batch_num_tokens=7).item() == pytest.approx(7 / 7 * 2)
+    assert verl.agg_loss(loss, m, "seq-mean-token-sum", dp_size=4, global_batch_size=8).item() == pytest.approx(
+        7 / 8 * 4)
+    assert verl.agg_loss(loss, m, "seq-mean-token-sum-norm", loss_scale_factor=10).item() == pytest.approx(0.7)
+    nan_outside = loss.masked_fill(m == 0, float("nan"))
+    assert verl.agg_loss(nan_outside, m, "seq-mean-token-mean").item() == pytest.approx(2.75)
+    assert verl.agg_loss(loss, torch.zeros_like(m), "token-mean").item() == 0.0  # veRL: 0/0; ours 0 (documented)
+    assert verl.masked_mean(nan_outside, m).item() == pytest.approx(7 / 3)  # NaN outside the mask ignored
+    assert verl.masked_mean(loss, torch.zeros_like(m)).item() == 0.0  # an empty mask gives 0
     with pytest.raises(ValueError, match="loss_agg_mode"):
         verl.agg_loss(loss, m, "token-sum")
 

@@ -12,11 +12,19 @@ Semantics follow OpenRLHF (``openrlhf/models/utils.py``, 2025), not FORMULAS.md,
     (OpenRLHF does, as a memory trick; the values returned are the same).
   - ``PolicyLoss`` clamps log(ratio) to [-20, 20] before exp (FORMULAS.md; OpenRLHF does not clamp): the two differ
     only where the new and old log-probs are more than 20 nats apart.
+  - ``PolicyLoss`` / ``ValueLoss`` keep the v0.8.5 signatures (``forward(..., action_mask)``, PolicyLoss returns
+    ``(loss, clip_ratio)``) with HEAD's aggregation: ``token_level_loss=False`` averages over the sequences with at
+    least one token (a fully masked row is left out, not NaN); the loss is ``sum_t w_t l_t`` with
+    ``rlhf_fast.loss_weights``. v0.9's ``(loss, clip_ratio, ppo_kl, vllm_kl)``, dual clip, gspo and the
+    ``dp_size`` / ``batch_num_tokens`` / ``global_batch_size`` arguments are not covered yet.
+  - ``PairWiseLoss``, ``LogExpLoss``, ``DPOLoss`` (openrlhf/models/loss.py): thin formulas, OpenRLHF's signatures.
 Tensors of a dtype the fused kernels do not take (float64) go through the plain PyTorch formula.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import warnings
 from typing import Optional
 
 import torch
@@ -24,9 +32,23 @@ from torch import Tensor
 
 from .. import ops
 
-__all__ = ["PolicyLoss", "ValueLoss", "compute_approx_kl", "compute_entropy", "log_probs_from_logits", "masked_mean"]
+__all__ = ["DPOLoss", "LogExpLoss", "PairWiseLoss", "PolicyLoss", "ValueLoss", "compute_approx_kl", "compute_entropy",
+           "log_probs_from_logits", "masked_mean"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+def _warn_if_uncovered() -> None:
+    """Warn once (at import) when the installed openrlhf is a version these adapters do not target."""
+    try:
+        v = importlib.metadata.version("openrlhf")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    if not v.startswith("0.8."):
+        warnings.warn(f"rlhf_fast.integrations.openrlhf targets openrlhf 0.8.x; openrlhf {v} is installed and may differ "
+                      "(docs/integrations.md)", stacklevel=2)
+
+
+_warn_if_uncovered()
 
 
 def log_probs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
@@ -76,11 +98,10 @@ def _all_tokens(mask: Optional[Tensor], like: Tensor) -> Tensor:
     return torch.ones_like(like, dtype=torch.bool) if mask is None else mask
 
 
-def _seq_mean_all_rows(loss: Tensor, mask: Tensor) -> Tensor:
-    """rlhf_fast's seq-mean-token-mean (over rows with tokens) -> OpenRLHF's (over all rows; NaN if one is empty)."""
-    rows = mask.bool().any(-1)
-    loss = loss * (rows.sum() / rows.numel())
-    return torch.where(rows.all(), loss, torch.full_like(loss, float("nan")))
+def _weights(mask: Tensor, token_level_loss: bool) -> Tensor:
+    """OpenRLHF's (HEAD) aggregation as per-token weights: the token mean, or the mean over the sequences with at
+    least one token of each one's token mean (a fully masked row is left out; an empty batch gives 0)."""
+    return ops.loss_weights(mask.float(), "token-mean" if token_level_loss else "seq-mean-token-mean")
 
 
 class PolicyLoss(torch.nn.Module):
@@ -97,11 +118,8 @@ class PolicyLoss(torch.nn.Module):
     def forward(self, log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor,
                 action_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         mask = _all_tokens(action_mask, log_probs)
-        agg = "token-mean" if self.token_level_loss else "seq-mean-token-mean"
-        loss, _ = ops.ppo_policy_loss(log_probs, old_log_probs, advantages, mask, clip_low=self.clip_eps_low,
-                                      clip_high=self.clip_eps_high, agg=agg)
-        if not self.token_level_loss:
-            loss = _seq_mean_all_rows(loss, mask)
+        loss, _ = ops.ppo_policy_loss(log_probs, old_log_probs, advantages, _weights(mask, self.token_level_loss),
+                                      clip_low=self.clip_eps_low, clip_high=self.clip_eps_high)
         with torch.no_grad():
             ratio = (log_probs.float() - old_log_probs.float()).exp()
             surr1 = ratio * advantages
@@ -123,6 +141,43 @@ class ValueLoss(torch.nn.Module):
     def forward(self, values: Tensor, old_values: Tensor, returns: Tensor,
                 action_mask: Optional[Tensor] = None) -> Tensor:
         mask = _all_tokens(action_mask, values)
-        agg = "token-mean" if self.token_level_loss else "seq-mean-token-mean"
-        loss, _ = ops.ppo_value_loss(values, old_values, returns, mask, clip=self.clip_eps, agg=agg)
-        return loss if self.token_level_loss else _seq_mean_all_rows(loss, mask)
+        return ops.ppo_value_loss(values, old_values, returns, _weights(mask, self.token_level_loss),
+                                  clip=self.clip_eps)[0]
+
+
+class PairWiseLoss(torch.nn.Module):
+    """OpenRLHF's reward-model loss: ``mean(-logsigmoid(chosen - rejected - margin))`` (margin 0 when None)."""
+
+    def forward(self, chosen_reward: Tensor, reject_reward: Tensor, margin: Optional[Tensor] = None) -> Tensor:
+        diff = chosen_reward - reject_reward
+        return -torch.nn.functional.logsigmoid(diff if margin is None else diff - margin).mean()
+
+
+class LogExpLoss(torch.nn.Module):
+    """OpenRLHF's ``mean(log(1 + exp(rejected - chosen)))`` (= softplus, stable); ``margin`` is accepted and unused,
+    as in OpenRLHF."""
+
+    def forward(self, chosen_reward: Tensor, reject_reward: Tensor, margin: Optional[Tensor] = None) -> Tensor:
+        return torch.nn.functional.softplus(reject_reward - chosen_reward).mean()
+
+
+class DPOLoss(torch.nn.Module):
+    """OpenRLHF's DPO loss. With x = (pi_c - pi_r) - (ref_c - ref_r): sigmoid loss ``-(1 - ls) logsigmoid(beta x) -
+    ls logsigmoid(-beta x)`` (ls = label_smoothing), or IPO ``(x - 1 / (2 beta))^2``; ``forward(...) -> (mean loss,
+    chosen_rewards = beta (pi_c - ref_c), rejected_rewards = beta (pi_r - ref_r))``, the rewards detached."""
+
+    def __init__(self, beta: float, label_smoothing: float = 0.0, ipo: bool = False) -> None:
+        super().__init__()
+        self.beta, self.label_smoothing, self.ipo = beta, label_smoothing, ipo
+
+    def forward(self, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, reference_chosen_logps: Tensor,
+                reference_rejected_logps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x = (policy_chosen_logps - policy_rejected_logps) - (reference_chosen_logps - reference_rejected_logps)
+        if self.ipo:
+            losses = (x - 1 / (2 * self.beta)) ** 2
+        else:
+            logsig = torch.nn.functional.logsigmoid
+            losses = -(1 - self.label_smoothing) * logsig(self.beta * x) - self.label_smoothing * logsig(-self.beta * x)
+        chosen = self.beta * (policy_chosen_logps - reference_chosen_logps).detach()
+        rejected = self.beta * (policy_rejected_logps - reference_rejected_logps).detach()
+        return losses.mean(), chosen, rejected

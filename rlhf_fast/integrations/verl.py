@@ -14,14 +14,21 @@ Semantics follow veRL, not FORMULAS.md, where they differ (each function's docst
   - GAE: at positions outside ``response_mask`` the advantage is the carried running value (FORMULAS.md: 0),
     returns are ``advantages + values`` before whitening and unmasked, and the advantages come back whitened over
     the mask (at every position, not multiplied by the mask).
-  - agg_loss: the ``seq-mean-*`` modes average over ALL sequences, empty ones included (FORMULAS.md: sequences with
-    at least one token); ``seq-mean-token-mean`` is NaN when a sequence has no token, as in veRL.
+  - agg_loss (veRL >= 0.6.1, as at v0.7/HEAD): the ``seq-mean-*`` modes average over the sequences with at least
+    one token; ``dp_size``, ``batch_num_tokens``, ``global_batch_size``, ``loss_scale_factor`` as in veRL; the loss
+    is a sum of per-token weights (``rlhf_fast.loss_weights``) times the loss, so an empty batch gives 0 (veRL: NaN
+    in token-mean, where it divides 0 by 0).
+  - masked_mean: veRL's ``masked_sum / (mask.sum() + 1e-8)``: values outside the mask (NaN included) are ignored and
+    an empty mask gives 0.
   - the PPO ``ppo_kl`` diagnostic is the k1 mean ``mean_mask(old_logp - logp)`` (FORMULAS.md: k3).
   - ``logprobs_from_logits`` returns float32 (veRL: float32 on its flash-attn path, the logits dtype otherwise).
 Tensors of a dtype the fused kernels do not take (float64) go through the plain PyTorch formula.
 """
 
 from __future__ import annotations
+
+import importlib.metadata
+import warnings
 
 import torch
 from torch import Tensor
@@ -36,6 +43,27 @@ __all__ = [
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 _KL_KINDS = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
+
+def _older_than(version: str, target: tuple[int, ...]) -> bool:
+    parts = []
+    for piece in version.split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts) < target
+
+
+def _warn_if_uncovered() -> None:
+    """Warn once (at import) when the installed verl is a version these adapters do not target."""
+    try:
+        v = importlib.metadata.version("verl")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    if _older_than(v, (0, 6, 1)):
+        warnings.warn(f"rlhf_fast.integrations.verl targets verl >= 0.6.1; verl {v} is installed and may differ "
+                      "(docs/integrations.md)", stacklevel=2)
+
+
+_warn_if_uncovered()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -63,8 +91,9 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
 
 
 def masked_mean(values: Tensor, mask: Tensor, axis=None) -> Tensor:
-    """``(values * mask).sum(axis) / mask.sum(axis)``."""
-    return (values * mask).sum(axis=axis) / mask.sum(axis=axis)
+    """``sum(values where mask) / (mask.sum(axis) + 1e-8)``: values outside the mask (NaN too) do not count; an empty
+    mask gives 0."""
+    return (torch.where(mask.bool(), values, 0.0) * mask).sum(axis=axis) / (mask.sum(axis=axis) + 1e-8)
 
 
 def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
@@ -118,40 +147,32 @@ def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
     return k2 - k2.detach() + value.detach()
 
 
-def agg_loss(loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str) -> Tensor:
-    """Aggregate a per-token loss [B, T] over the mask into a scalar (veRL's modes and semantics).
-
-    token-mean: sum(l*m) / sum(m); seq-mean-token-sum: mean over all B rows of sum_t(l*m);
-    seq-mean-token-mean: mean over all B rows of sum_t(l*m) / sum_t(m); seq-mean-token-sum-norm: sum(l*m) / T.
-    """
-    masked = loss_mat * loss_mask
-    if loss_agg_mode == "token-mean":
-        return masked_mean(loss_mat, loss_mask)
-    if loss_agg_mode == "seq-mean-token-sum":
-        return masked.sum(-1).mean()
-    if loss_agg_mode == "seq-mean-token-mean":
-        return (masked.sum(-1) / loss_mask.sum(-1)).mean()
-    if loss_agg_mode == "seq-mean-token-sum-norm":
-        return masked.sum() / loss_mask.shape[-1]
-    raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode}")
-
-
-def _agg_like_verl(loss: Tensor, mask: Tensor, loss_agg_mode: str) -> Tensor:
-    """Turn rlhf_fast's aggregate (FORMULAS.md: seq-means over non-empty sequences, 0 for an empty batch) into
-    veRL's (seq-means over all B rows, NaN where veRL divides 0 by 0)."""
+def _verl_weights(loss_mask: Tensor, loss_agg_mode: str, dp_size: int = 1, batch_num_tokens=None,
+                  global_batch_size=None, loss_scale_factor=None) -> Tensor:
+    """veRL's aggregation as per-token weights (sum_t w_t l_t is veRL's loss): D is this batch's normaliser of the
+    mode (rlhf_fast.loss_normalizer) or the global count veRL is given, divided by dp_size (not for sum-norm)."""
     if loss_agg_mode not in AGG_MODES:
         raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode}")
-    m = mask.bool()
-    nan = torch.full_like(loss, float("nan"))
-    if loss_agg_mode == "token-mean":
-        return torch.where(m.any(), loss, nan)
+    mask = loss_mask.float()
     if loss_agg_mode == "seq-mean-token-sum-norm":
-        return loss
-    rows_with_tokens = m.any(-1)
-    loss = loss * (rows_with_tokens.sum() / rows_with_tokens.numel())
-    if loss_agg_mode == "seq-mean-token-mean":
-        loss = torch.where(rows_with_tokens.all(), loss, nan)
-    return loss
+        scale = mask.shape[-1] if loss_scale_factor is None else loss_scale_factor
+        return ops.loss_weights(mask, loss_agg_mode, normalizer=torch.as_tensor(float(scale)))
+    given = batch_num_tokens if loss_agg_mode == "token-mean" else global_batch_size
+    norm = ops.loss_normalizer(mask, loss_agg_mode) if given is None else torch.as_tensor(given, dtype=torch.float32)
+    return ops.loss_weights(mask, loss_agg_mode, normalizer=norm.to(mask.device).float() / dp_size)
+
+
+def agg_loss(loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str, dp_size: int = 1, batch_num_tokens=None,
+             global_batch_size=None, loss_scale_factor=None) -> Tensor:
+    """Aggregate a per-token loss [B, T] over the mask into a scalar, veRL (>= 0.6.1) semantics.
+
+    token-mean: sum(l*m) / N * dp_size (N = batch_num_tokens, default sum m); seq-mean-token-sum /
+    seq-mean-token-mean: sum over non-empty rows of sum_t(l*m) (/ n_row) / G * dp_size (G = global_batch_size,
+    default the number of non-empty rows); seq-mean-token-sum-norm: sum(l*m) / (loss_scale_factor or T).
+    Values outside the mask (NaN too) do not count; a normaliser of 0 gives 0.
+    """
+    w = _verl_weights(loss_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
+    return torch.where(w != 0, w * loss_mat, 0.0).sum()
 
 
 def compute_gae_advantage_return(token_level_rewards: Tensor, values: Tensor, response_mask: Tensor, gamma, lam
@@ -200,11 +221,9 @@ def compute_policy_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tens
     high = cliprange if cliprange_high is None else cliprange_high
     if low is None or high is None:
         raise ValueError("cliprange (or both cliprange_low and cliprange_high) must be given")
-    if loss_agg_mode not in AGG_MODES:
-        raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode}")
-    loss, _ = ops.ppo_policy_loss(log_prob, old_log_prob, advantages, response_mask, clip_low=float(low),
-                                  clip_high=float(high), dual_clip=float(clip_ratio_c), agg=loss_agg_mode)
-    loss = _agg_like_verl(loss, response_mask, loss_agg_mode)
+    weights = _verl_weights(response_mask, loss_agg_mode)
+    loss, _ = ops.ppo_policy_loss(log_prob, old_log_prob, advantages, weights, clip_low=float(low),
+                                  clip_high=float(high), dual_clip=float(clip_ratio_c))
     with torch.no_grad():
         log_ratio = (log_prob.float() - old_log_prob.float()).clamp(-20.0, 20.0)
         ratio, adv = log_ratio.exp(), advantages.float()
@@ -223,11 +242,8 @@ def compute_value_loss(vpreds: Tensor, returns: Tensor, values: Tensor, response
     0.5 * agg(max((vpreds - R)^2, (values + clamp(vpreds - values, -c, c) - R)^2)) -> (vf_loss, vf_clipfrac), 0-d
     float32; vf_clipfrac = masked mean of [clipped term > unclipped term]. Differentiable w.r.t. ``vpreds``.
     """
-    if loss_agg_mode not in AGG_MODES:
-        raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode}")
-    loss, _ = ops.ppo_value_loss(vpreds, values, returns, response_mask, clip=float(cliprange_value),
-                                 agg=loss_agg_mode)
-    loss = _agg_like_verl(loss, response_mask, loss_agg_mode)
+    loss, _ = ops.ppo_value_loss(vpreds, values, returns, _verl_weights(response_mask, loss_agg_mode),
+                                 clip=float(cliprange_value))
     with torch.no_grad():
         v, old, ret = vpreds.float(), values.float(), returns.float()
         clipped = (old + (v - old).clamp(-cliprange_value, cliprange_value) - ret) ** 2

@@ -36,7 +36,6 @@ from torch import Tensor
 
 from .. import _backend
 from . import _checks
-from .loss_weights import AGG_MODES
 from .token_logprobs import KL_KINDS, LOGPROBS_BACKENDS, kl_penalty_ref, logprobs, logprobs_and_entropy
 
 TOKEN_LOSS_BACKENDS = ("torch", "cpp", "triton")  # of the standalone ppo_policy_loss / ppo_value_loss
