@@ -260,7 +260,9 @@ def _generate_static(model, input_ids, mask, N, params, eos, pad, generator, G, 
         idx = torch.tensor(prompts, device=device)
         ids, m = input_ids[idx, P - p:], mask[idx, P - p:]
         causal = torch.ones(p, p, dtype=torch.bool, device=device).tril()
-        pre_bias = torch.where(causal & m.bool()[:, None, :], 0.0, neg).to(dtype)[:, None]
+        eye = torch.eye(p, dtype=torch.bool, device=device)
+        # a pad query sees itself, so no row is fully masked (no NaN under fp16/bf16, where `neg` may become -inf)
+        pre_bias = torch.where(causal & (m.bool()[:, None, :] | eye), 0.0, neg).to(dtype)[:, None]
         pre = SlotCache(n, p, device)
         pre.columns = torch.arange(p, device=device)
         logits = _forward_logits(model, ids, pre_bias, (m.cumsum(1) - 1).clamp(min=0), pre)
