@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+import weakref
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -108,19 +109,32 @@ def _forward_logits(model, ids, bias, positions, cache) -> Tensor:
 class _Decoder:
     """One decode step of the static path (forward + fused sampler), optionally compiled."""
 
-    def __init__(self, model, cache: SlotCache, backend: str, compile: bool):
-        self.model, self.cache, self.backend = model, cache, backend
+    def __init__(self, cache: SlotCache, backend: str, compile: bool):
+        self.cache, self.backend = cache, backend
         fn = self._step
         if compile:
             mode = "reduce-overhead" if cache.columns.device.type == "cuda" else None
             fn = torch.compile(fn, mode=mode, dynamic=False)
         self.fn = fn
 
-    def _step(self, token, position, bias, uniforms, temperature, top_k, top_p, min_p):
-        logits = _forward_logits(self.model, token[:, None], bias[:, None, None, :], position[:, None], self.cache)
+    def _step(self, model, token, position, bias, uniforms, temperature, top_k, top_p, min_p):
+        logits = _forward_logits(model, token[:, None], bias[:, None, None, :], position[:, None], self.cache)
         tokens, logprobs, _ = sample_op(logits.contiguous(), uniforms, temperature, top_k, top_p, min_p,
                                         self.backend)
         return tokens, logprobs
+
+
+_DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _decoder(model, W: int, L: int, device, backend: str, compile: bool) -> _Decoder:
+    """The model's decoder for this shape, reused across calls (one per model: the compiled step and its CUDA graphs
+    stay valid because the cache buffers keep their addresses)."""
+    key = (W, L, str(device), backend, compile)
+    cached = _DECODERS.get(model)
+    if cached is None or cached[0] != key:
+        cached = _DECODERS[model] = (key, _Decoder(SlotCache(W, L, device), backend, compile))
+    return cached[1]
 
 
 @torch.no_grad()
@@ -228,7 +242,8 @@ def _generate_static(model, input_ids, mask, N, params, eos, pad, generator, G, 
     lengths = mask.sum(1)
     lengths_host = lengths.tolist()
 
-    slots = SlotCache(W, L, device)
+    decoder = _decoder(model, W, L, device, backend, compile)
+    slots = decoder.cache
     bias = torch.full((W, L), neg, dtype=dtype, device=device)
     token = torch.full((W,), pad, dtype=torch.int64, device=device)
     position = torch.zeros(W, dtype=torch.int64, device=device)
@@ -240,7 +255,6 @@ def _generate_static(model, input_ids, mask, N, params, eos, pad, generator, G, 
     res_tokens = torch.full((R + 1, N + 1), pad, dtype=torch.int64, device=device)
     res_logp = torch.zeros(R + 1, N + 1, dtype=torch.float32, device=device)
     res_mask = torch.zeros(R + 1, N + 1, dtype=torch.int64, device=device)
-    decoder = _Decoder(model, slots, backend, compile)
 
     def record(tok, logp, live):
         """Writes the new token of each ``live`` slot; advances its count; marks the stopped."""
@@ -269,6 +283,8 @@ def _generate_static(model, input_ids, mask, N, params, eos, pad, generator, G, 
         src = torch.arange(n, device=device).repeat_interleave(G)
         dst = torch.tensor(free[:n * G], device=device)
         cols = (t - p + torch.arange(p, device=device)) % L
+        if slots.keys and (slots.keys[0].dtype, slots.keys[0].shape[1]) != (pre.keys[0].dtype, pre.keys[0].shape[1]):
+            slots.keys.clear(), slots.values.clear()  # the previous call ran in another dtype (autocast)
         if not slots.keys:  # allocate the decode cache like the prefill one
             for k, v in zip(pre.keys, pre.values):
                 slots.update(k.new_zeros(W, k.shape[1], 1, k.shape[3]), v.new_zeros(W, v.shape[1], 1, v.shape[3]),
@@ -315,7 +331,7 @@ def _generate_static(model, input_ids, mask, N, params, eos, pad, generator, G, 
         slots.columns.fill_(col)
         bias[:, col] = 0.0
         uniforms = torch.rand(W, generator=generator, device=device, dtype=torch.float32)
-        tok, logp = decoder.fn(token, position, bias, uniforms, *slot_params)
+        tok, logp = decoder.fn(model, token, position, bias, uniforms, *slot_params)
         live = ~done
         position.add_(live.long())
         record(tok, logp, live)
