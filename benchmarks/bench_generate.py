@@ -133,6 +133,7 @@ def measure(case, impls, reps, device):
     for r in rows:
         r["x hf dyn"] = r["tokens/s"] / base
         r["x hf static"] = r["tokens/s"] / static if static else None
+    print(tabulate(rows, headers="keys", floatfmt=".3g", tablefmt="github"), flush=True)  # progress
     return rows
 
 
