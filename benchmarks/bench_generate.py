@@ -161,25 +161,25 @@ def main():
         tok = build_tokenizer()
         model = build_tiny_model(tok).to(device).eval()
         ids, mask = prompts(4 if args.quick else 32, 16, len(tok), device)
-        rows += measure("(a) embedded, 32x16+10", implementations(model, ids, mask, 10, tok.eos_token_id,
+        rows += measure(f"(a) embedded, {ids.shape[0]}x16+10", implementations(model, ids, mask, 10, tok.eos_token_id,
                                                                   compile_ok=compile_ok), args.reps, device)
-    model = llama_b(device, vocab=1000, hidden=64, layers=2) if args.quick else llama_b(device)
+    model = llama_b(device, vocab=1000, hidden=64, layers=2) if args.quick else llama_b(device)  # --quick: a toy
     V = model.config.vocab_size
     if "b" in cases:
         for B in [int(b) for b in args.batches.split(",")]:
             ids, mask = prompts(B, 16 if args.quick else 64, V, device)
-            rows += measure(f"(b) B={B}, P=64, N={N}", implementations(model, ids, mask, N, V - 1,
+            rows += measure(f"(b) B={B}, P={ids.shape[1]}, N={N}", implementations(model, ids, mask, N, V - 1,
                                                                        compile_ok=compile_ok), args.reps, device)
     if "tail" in cases:
         ids, mask = prompts(16 if args.quick else 64, 16 if args.quick else 64, V, device, seed=1)
         eos = list(range(1, 1 + V // 50))
-        rows += measure(f"(b) long tail, 64 prompts, width 16, N<={N}",
+        rows += measure(f"(b) long tail, {ids.shape[0]} prompts, width {4 if args.quick else 16}, N<={N}",
                         implementations(model, ids, mask, N, eos, compile_ok=False, width=4 if args.quick else 16),
                         args.reps, device)
     if "group" in cases:
         ids, mask = prompts(2 if args.quick else 8, 32 if args.quick else 512, V, device, seed=2)
         Ng = 8 if args.quick else args.group_new_tokens
-        rows += measure(f"(b) G=8, 8 prompts x 512, N={Ng}",
+        rows += measure(f"(b) G=8, {ids.shape[0]} prompts x {ids.shape[1]}, N={Ng}",
                         implementations(model, ids, mask, Ng, V - 1, compile_ok=False, G=8), args.reps, device)
     print(f"# bench_generate on {device_name(device)} (torch {torch.__version__})")
     print(tabulate(rows, headers="keys", floatfmt=".3g", tablefmt="github"))
