@@ -8,8 +8,10 @@ mask it is TRL's and OpenRLHF's loop too), about 10 small ops per token; the sam
 compiled by `torch.compile` (compiling the whole unrolled loop took 210 s at T=128 on the 2-core dev machine, so it is
 only timed with --compile-loop, meant for small T); every rlhf_fast backend usable on the device (on CUDA also each
 CUDA kernel forced). Default shapes: CPU B=64, T=2048 (the issue's target shape) plus a long and a short-sequence
-shape; CUDA B=512, T=8192. On CUDA the last column is the fraction of HBM bandwidth reached by reading rewards,
-values and mask once and writing advantages and returns.
+shape, and B=512, T=8192; CUDA B=512, T=8192. The "bandwidth floor" row copies a byte buffer of half the bytes GAE
+must move (reading rewards, values and mask once and writing advantages and returns: read + write = all of them);
+"x floor" is each row's time over it. On CUDA the last column is the fraction of HBM bandwidth reached by moving
+those bytes.
 """
 
 from __future__ import annotations
@@ -91,14 +93,21 @@ def main():
     elif device.type == "cuda":
         shapes = [((512, 8192), torch.float32), ((512, 8192), torch.bfloat16), ((8, 32768), torch.float32)]
     else:
-        shapes = [((64, 2048), torch.float32), ((8, 16384), torch.float32), ((1024, 256), torch.bfloat16)]
+        shapes = [((64, 2048), torch.float32), ((512, 8192), torch.float32), ((8, 16384), torch.float32),
+                  ((1024, 256), torch.bfloat16)]
     impls = implementations(device, args.compile_loop)
     rows = []
     for (n_rows, n_steps), dtype in shapes:
         rewards, values, mask = make_inputs(n_rows, n_steps, dtype, device)
         mask_f = mask.to(dtype)
         moved = n_rows * n_steps * (2 * rewards.element_size() + 1 + 2 * 4)
-        shape_rows = []
+        src = torch.empty(moved // 2, dtype=torch.uint8, device=device).fill_(1)
+        dst = torch.empty_like(src)
+        floor_ms = median_ms(lambda: dst.copy_(src), device, reps=args.reps)
+        shape_rows = [{"shape": f"{n_rows}x{n_steps}", "dtype": str(dtype).replace("torch.", ""),
+                       "impl": "bandwidth floor", "median ms": floor_ms, "peak extra MiB": None, "x loop": None,
+                       "x compiled step": None, "x floor": 1.0, "HBM frac": hbm_fraction(device, moved, floor_ms)}]
+        del src, dst
         for name, fn in impls.items():
             def call(fn=fn):
                 return fn(rewards, values, mask, mask_f)
@@ -107,9 +116,9 @@ def main():
             shape_rows.append({
                 "shape": f"{n_rows}x{n_steps}", "dtype": str(dtype).replace("torch.", ""), "impl": name,
                 "median ms": ms, "peak extra MiB": None if slow_loop else peak_extra_mib(call, device), "x loop": None,
-                "x compiled step": None, "HBM frac": hbm_fraction(device, moved, ms),
+                "x compiled step": None, "x floor": ms / floor_ms, "HBM frac": hbm_fraction(device, moved, ms),
             })
-        loop_ms, step_ms = shape_rows[0]["median ms"], shape_rows[1]["median ms"]
+        loop_ms, step_ms = shape_rows[1]["median ms"], shape_rows[2]["median ms"]
         for row in shape_rows:
             row["x loop"] = loop_ms / row["median ms"]
             row["x compiled step"] = step_ms / row["median ms"]

@@ -1,0 +1,427 @@
+"""Training losses from hidden states with the gradients formed in the forward: the PPO/GRPO objective
+(linear_ppo_loss) and the DPO family (linear_dpo_loss). Three GEMMs in all; the [N, V] logits are never kept.
+
+Why 3 GEMMs (as linear_cross_entropy.py, unlike linear_logprobs.py): once a token's log-prob is known, so is
+d loss / d logp of these losses (PPO: per token; DPO: per pair, so a chunk holds whole pairs). Each chunk of rows,
+with its whole vocabulary, goes once through
+  logits = hidden[rows] @ weight.T (+ bias)                 GEMM 1
+  (logp, entropy, lse) -> per-token loss and (g_logp, g_entropy) -> grad_logits (the fused log-prob kernels)
+  grad_hidden[rows] = grad_logits @ weight                  GEMM 2
+  grad_weight += grad_logits.T @ hidden[rows]               GEMM 3 (float32 accumulation)
+and backward only scales the saved gradients by the upstream scalar. Chunks: float32 logits within
+linear_cross_entropy.CHUNK_BYTES. The log-prob kernels run on the op's backend (cpp / cuda / triton / torch).
+
+PPO objective (docs/formulas.md), z = (hidden @ weight.T + bias) / temperature, logp_t and entropy H_t of z:
+  r_t = exp(clamp(logp_t - old_t, -20, 20));  pol_t = max(-A_t r_t, -A_t clamp(r_t, 1 - clip_low, 1 + clip_high));
+  with dual clip c: where A_t < 0, pol_t = min(pol_t, -A_t c)
+  loss = sum_t w_t (pol_t + kl_coef k(logp_t, ref_t) - entropy_coef H_t), over kept tokens (w_t != 0 and label
+  != ignore_index); a token not kept contributes exactly 0 and gets 0 gradient, whatever old_logp / advantages /
+  ref_logp / weights hold there (NaN included).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from . import _checks
+from .linear_cross_entropy import CHUNK_BYTES, chunk_rows
+from .linear_logprobs import LINEAR_LOGPROBS_BACKENDS, _balanced, _check_inputs, _gemm, _tile_logits
+from .token_logprobs import _logprobs_bwd, _logprobs_fwd, entropy_ref, kl_penalty_ref, logprobs_ref
+
+OP_BACKENDS = {"linear_ppo_loss": LINEAR_LOGPROBS_BACKENDS, "linear_dpo_loss": LINEAR_LOGPROBS_BACKENDS}
+
+KL_KINDS = ("k1", "k2", "k3", "abs")
+PPO_STATS = ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "ratio_max", "kl", "entropy", "log_ratio_mean")
+DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
+DPO_STATS = ("chosen_rewards", "rejected_rewards", "margins", "accuracy", "nll")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-token PPO terms (float32 [n]; the caller masks).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _kl_terms(logp: Tensor, ref_logp: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+    """(k, d k / d logp) of the sampled-token KL estimator, d = ref - logp (k3's clamps pass no gradient)."""
+    d = ref_logp - logp
+    if kind == "k1":
+        return -d, torch.ones_like(d)
+    if kind == "k2":
+        return 0.5 * d * d, -d
+    if kind == "abs":
+        return d.abs(), -torch.sign(d)
+    dc = d.clamp(-20.0, 20.0)
+    k3 = dc.exp() - dc - 1.0
+    return k3.clamp(-10.0, 10.0), torch.where((d.abs() <= 20.0) & (k3.abs() <= 10.0), 1.0 - dc.exp(), 0.0)
+
+
+def _ppo_terms(logp, entropy, old_logp, adv, ref_logp, clip_low, clip_high, dual_clip, kl_coef, kl_kind,
+               entropy_coef):
+    """-> per-token (loss, d loss / d logp, d loss / d entropy, ratio, log_ratio, clipped, dual, kl)."""
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
+    unclipped, clipped = -adv * ratio, -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    takes_ratio = (unclipped >= clipped) & (log_ratio.abs() <= 20.0)
+    dual = torch.zeros_like(takes_ratio)
+    if dual_clip is not None:
+        dual = (adv < 0) & (loss > -adv * dual_clip)
+        loss = torch.where(dual, -adv * dual_clip, loss)
+        takes_ratio = takes_ratio & ~dual
+    dlogp = torch.where(takes_ratio, unclipped, 0.0)
+    kl = torch.zeros_like(loss)
+    if ref_logp is not None:
+        kl, dkl = _kl_terms(logp, ref_logp, kl_kind)
+        loss = loss + kl_coef * kl
+        dlogp = dlogp + kl_coef * dkl
+    loss = loss - entropy_coef * entropy
+    return loss, dlogp, ratio, log_ratio, clipped > unclipped, dual, kl
+
+
+def _linear_ppo_fwd(hidden, weight, bias, labels, old_logp, advantages, weights, ref_logp, temperature, ignore_index,
+                    clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef, rows, needs, backend):
+    n, vocab = hidden.shape[0], weight.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    need_hidden, need_weight, need_bias = needs
+    grad_hidden = torch.empty(hidden.shape, **f32) if need_hidden else hidden.new_empty(0)
+    grad_weight = torch.empty(weight.shape, **f32) if need_weight else weight.new_empty(0)
+    grad_bias = torch.zeros(vocab, **f32) if need_bias else weight.new_empty(0)
+    keep_all = (labels != ignore_index) & (weights != 0)
+    loss = torch.zeros((), **f32)
+    sums = torch.zeros(len(PPO_STATS), **f32)  # ratio_max in slot 4 is a max
+    zeros = torch.zeros(min(rows, n), **f32)
+    for start in range(0, n, rows):
+        end = min(start + rows, n)
+        h, y, keep = hidden[start:end], labels[start:end], keep_all[start:end]
+        logits = _tile_logits(h, weight, bias, 0, vocab)
+        logp, ent, lse = _logprobs_fwd(backend, logits, y, temperature, ignore_index, True)
+        # masked tokens: zeros, so that no NaN reaches a sum or a gradient
+        z = lambda x: torch.where(keep, x.float(), 0.0)  # noqa: E731
+        w = z(weights[start:end])
+        tok, dlogp, ratio, log_ratio, clipped, dual, kl = _ppo_terms(
+            z(logp), z(ent), z(old_logp[start:end]), z(advantages[start:end]),
+            None if ref_logp is None else z(ref_logp[start:end]), clip_low, clip_high, dual_clip, kl_coef, kl_kind,
+            entropy_coef)
+        loss = loss + torch.where(keep, w * tok, 0.0).sum()
+        approx_kl = torch.expm1(log_ratio.clamp(-20.0, 20.0)) - log_ratio.clamp(-20.0, 20.0)
+        km = keep.float()
+        chunk = torch.stack([(clipped.float() * km).sum(), (dual.float() * km).sum(),
+                             (approx_kl.clamp(-10.0, 10.0) * km).sum(), (ratio * km).sum(), (ratio * km).max(),
+                             (kl * km).sum(), (z(ent) * km).sum(), (log_ratio * km).sum()])
+        sums = torch.cat([sums[:4] + chunk[:4], torch.maximum(sums[4:5], chunk[4:5]), sums[5:] + chunk[5:]])
+        if not any(needs):
+            continue
+        g_logp = torch.where(keep, w * dlogp, 0.0)
+        g_ent = torch.where(keep, -entropy_coef * w, 0.0)
+        grad_logits = _logprobs_bwd(backend, g_logp, g_ent, zeros[:end - start], logits, y, lse, ent, temperature,
+                                    ignore_index)
+        del logits
+        if need_hidden:
+            _gemm(grad_hidden[start:end], grad_logits, weight, accumulate=False)
+        if need_weight:
+            _gemm(grad_weight, grad_logits.t(), h, accumulate=start > 0)
+        if need_bias:
+            grad_bias += grad_logits.sum(0, dtype=torch.float32)
+        del grad_logits
+    if n == 0:
+        grad_weight.zero_()
+    count = keep_all.sum().float()
+    stats = torch.where(count > 0, sums / count.clamp_min(1.0), 0.0)
+    stats = torch.cat([stats[:4], sums[4:5], stats[5:]])
+    return (loss, stats, grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype),
+            grad_bias.to(bias.dtype) if need_bias else grad_bias)
+
+
+@torch.library.custom_op("rlhf_fast::linear_ppo_loss", mutates_args=())
+def linear_ppo_loss_op(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, old_logp: Tensor, advantages: Tensor,
+    weights: Tensor, ref_logp: Optional[Tensor], temperature: float, ignore_index: int, clip_low: float,
+    clip_high: float, dual_clip: Optional[float], kl_coef: float, kl_kind: str, entropy_coef: float, rows: int,
+    need_hidden: bool, need_weight: bool, need_bias: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """hidden [N, H], weight [V, H], bias [V] or None (one float dtype), labels [N] int64, old_logp / advantages /
+    weights / ref_logp [N] -> (loss float32 scalar, stats float32 [len(PPO_STATS)], grad_hidden [N, H],
+    grad_weight [V, H], grad_bias [V] of the loss in the input dtype, each one not needed an empty tensor [0])."""
+    return _linear_ppo_fwd(hidden, weight, bias, labels, old_logp, advantages, weights, ref_logp, temperature,
+                           ignore_index, clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef, rows,
+                           (need_hidden, need_weight, need_bias), backend)
+
+
+def _fake_grads(hidden, weight, need_hidden, need_weight, need_bias):
+    return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
+            weight.new_empty(weight.shape if need_weight else (0,)),
+            weight.new_empty((weight.shape[0],) if need_bias else (0,)))
+
+
+@linear_ppo_loss_op.register_fake
+def _(hidden, weight, bias, labels, old_logp, advantages, weights, ref_logp, temperature, ignore_index, clip_low,
+      clip_high, dual_clip, kl_coef, kl_kind, entropy_coef, rows, need_hidden, need_weight, need_bias, backend):
+    return (hidden.new_empty((), dtype=torch.float32), hidden.new_empty(len(PPO_STATS), dtype=torch.float32),
+            *_fake_grads(hidden, weight, need_hidden, need_weight, need_bias))
+
+
+def _scale(g: Tensor, grad_loss: Tensor) -> Tensor:
+    # as linear_cross_entropy: in place in eager (no second [V, H] buffer), out of place when traced
+    if type(g) is torch.Tensor:
+        return g.mul_(grad_loss.to(g.dtype))
+    return g * grad_loss.to(g.dtype)
+
+
+def _setup_grads(first_need: int):
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*output[-3:])
+        ctx.needs = inputs[first_need:first_need + 3]
+        ctx.n_inputs = len(inputs)
+    return setup
+
+
+def _grad(ctx, grad_loss, *_):
+    scaled = [_scale(g, grad_loss) if need else None for g, need in zip(ctx.saved_tensors, ctx.needs)]
+    return (*scaled, *[None] * (ctx.n_inputs - 3))
+
+
+linear_ppo_loss_op.register_autograd(_grad, setup_context=_setup_grads(17))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DPO: hidden [2P, T, H], rows 0..P-1 the chosen responses and rows P..2P-1 the rejected ones (pair i = rows i and
+# P + i, TRL's concatenated layout). A chunk holds whole pairs: rows [a, b) and [P + a, P + b).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _dpo_pair_terms(chosen_lr, rejected_lr, beta, loss_type, label_smoothing):
+    """-> per-pair (loss, d loss / d chosen_lr); d loss / d rejected_lr is its negative."""
+    diff = chosen_lr - rejected_lr
+    h = beta * diff
+    if loss_type in ("sigmoid", "robust"):
+        ls = label_smoothing
+        sig = torch.sigmoid(h)
+        if loss_type == "sigmoid":
+            loss = -(1 - ls) * torch.nn.functional.logsigmoid(h) - ls * torch.nn.functional.logsigmoid(-h)
+            dh = -(1 - ls) * (1 - sig) + ls * sig
+        else:
+            loss = (-(1 - ls) * torch.nn.functional.logsigmoid(h) + ls * torch.nn.functional.logsigmoid(-h)) \
+                / (1 - 2 * ls)
+            dh = (-(1 - ls) * (1 - sig) - ls * sig) / (1 - 2 * ls)
+        return loss, beta * dh
+    if loss_type == "hinge":
+        return torch.relu(1 - h), torch.where(h < 1, -beta, 0.0)
+    e = diff - 1 / (2 * beta)  # ipo
+    return e * e, 2 * e
+
+
+def _linear_dpo_fwd(hidden, weight, bias, labels, ref_chosen, ref_rejected, temperature, ignore_index, beta,
+                    loss_type, label_smoothing, nll_coef, pairs_per_chunk, needs, backend):
+    n_rows, seq, size = hidden.shape
+    pairs, vocab = n_rows // 2, weight.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    need_hidden, need_weight, need_bias = needs
+    grad_hidden = torch.empty(hidden.shape, **f32) if need_hidden else hidden.new_empty(0)
+    grad_weight = torch.empty(weight.shape, **f32) if need_weight else weight.new_empty(0)
+    grad_bias = torch.zeros(vocab, **f32) if need_bias else weight.new_empty(0)
+    n_chosen = (labels[:pairs] != ignore_index).sum().float()
+    nll_scale = nll_coef / n_chosen.clamp_min(1.0)
+    loss = torch.zeros((), **f32)
+    sums = torch.zeros(len(DPO_STATS), **f32)
+    for a in range(0, pairs, pairs_per_chunk):
+        b = min(a + pairs_per_chunk, pairs)
+        k = b - a
+        h = torch.cat([hidden[a:b], hidden[pairs + a:pairs + b]]).reshape(-1, size)
+        y = torch.cat([labels[a:b], labels[pairs + a:pairs + b]]).reshape(-1)
+        logits = _tile_logits(h, weight, bias, 0, vocab)
+        logp, ent, lse = _logprobs_fwd(backend, logits, y, temperature, ignore_index, False)
+        seq_logp = logp.view(2 * k, seq).sum(1)
+        chosen_lr = seq_logp[:k] - ref_chosen[a:b].float()
+        rejected_lr = seq_logp[k:] - ref_rejected[a:b].float()
+        pair_loss, d_chosen = _dpo_pair_terms(chosen_lr, rejected_lr, beta, loss_type, label_smoothing)
+        nll = -seq_logp[:k].sum()
+        loss = loss + pair_loss.sum() / pairs + nll_scale * nll
+        rc, rr = beta * chosen_lr, beta * rejected_lr
+        sums = sums + torch.stack([rc.sum(), rr.sum(), (rc - rr).sum(), (rc > rr).float().sum(), nll])
+        if not any(needs):
+            continue
+        g_seq = torch.cat([d_chosen / pairs - nll_scale, -d_chosen / pairs])
+        g_logp = g_seq[:, None].expand(2 * k, seq).reshape(-1)
+        zeros = torch.zeros(2 * k * seq, **f32)
+        grad_logits = _logprobs_bwd(backend, g_logp, zeros, zeros, logits, y, lse, ent, temperature, ignore_index)
+        del logits
+        if need_hidden:
+            g = grad_hidden.new_empty(2 * k * seq, size)
+            _gemm(g, grad_logits, weight, accumulate=False)
+            g = g.view(2 * k, seq, size)
+            grad_hidden[a:b], grad_hidden[pairs + a:pairs + b] = g[:k], g[k:]
+        if need_weight:
+            _gemm(grad_weight, grad_logits.t(), h, accumulate=a > 0)
+        if need_bias:
+            grad_bias += grad_logits.sum(0, dtype=torch.float32)
+        del grad_logits
+    if pairs == 0:
+        grad_weight.zero_()
+    stats = torch.cat([sums[:4] / max(pairs, 1), (sums[4:] / n_chosen.clamp_min(1.0))])
+    return (loss, stats, grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype),
+            grad_bias.to(bias.dtype) if need_bias else grad_bias)
+
+
+@torch.library.custom_op("rlhf_fast::linear_dpo_loss", mutates_args=())
+def linear_dpo_loss_op(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, ref_chosen_logp: Tensor,
+    ref_rejected_logp: Tensor, temperature: float, ignore_index: int, beta: float, loss_type: str,
+    label_smoothing: float, nll_coef: float, pairs_per_chunk: int, need_hidden: bool, need_weight: bool,
+    need_bias: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """hidden [2P, T, H] (chosen rows, then rejected rows), weight [V, H], bias [V] or None, labels [2P, T] int64,
+    ref_*_logp [P] -> (loss, stats [len(DPO_STATS)], grad_hidden, grad_weight, grad_bias)."""
+    return _linear_dpo_fwd(hidden, weight, bias, labels, ref_chosen_logp, ref_rejected_logp, temperature,
+                           ignore_index, beta, loss_type, label_smoothing, nll_coef, pairs_per_chunk,
+                           (need_hidden, need_weight, need_bias), backend)
+
+
+@linear_dpo_loss_op.register_fake
+def _(hidden, weight, bias, labels, ref_chosen_logp, ref_rejected_logp, temperature, ignore_index, beta, loss_type,
+      label_smoothing, nll_coef, pairs_per_chunk, need_hidden, need_weight, need_bias, backend):
+    return (hidden.new_empty((), dtype=torch.float32), hidden.new_empty(len(DPO_STATS), dtype=torch.float32),
+            *_fake_grads(hidden, weight, need_hidden, need_weight, need_bias))
+
+
+linear_dpo_loss_op.register_autograd(_grad, setup_context=_setup_grads(13))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# References and public API.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def linear_ppo_loss_ref(hidden, weight, labels, old_logp, advantages, weights, *, bias=None, temperature=1.0,
+                        clip_low=0.2, clip_high=None, dual_clip=None, ref_logp=None, kl_coef=0.0, kl_kind="k3",
+                        entropy_coef=0.0, ignore_index=-100) -> Tensor:
+    """The obvious computation (full logits, autograd): the loss only."""
+    logits = hidden @ weight.T + (bias if bias is not None else 0)
+    logp = logprobs_ref(logits, labels, temperature, ignore_index)
+    ent = entropy_ref(logits, temperature)
+    keep = (labels != ignore_index) & (weights != 0)
+    z = lambda x: torch.where(keep, x.float(), 0.0)  # noqa: E731
+    clip_high = clip_low if clip_high is None else clip_high
+    tok = _ppo_terms(z(logp), z(ent), z(old_logp), z(advantages), None if ref_logp is None else z(ref_logp),
+                     clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef)[0]
+    return torch.where(keep, z(weights) * tok, 0.0).sum()
+
+
+def _check_vector(x, name: str, labels: Tensor) -> None:
+    _checks.float_tensor(x, name)
+    _checks.same_shape(x, name, labels.shape, "labels.shape")
+    _checks.same_device(x, name, labels, "labels")
+
+
+def _needs(hidden, weight, bias):
+    on = torch.is_grad_enabled()
+    return [on and x is not None and x.requires_grad for x in (hidden, weight, bias)]
+
+
+def _flat(x: Optional[Tensor]) -> Optional[Tensor]:
+    return None if x is None else x.detach().reshape(-1).contiguous()
+
+
+def linear_ppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Tensor, advantages: Tensor,
+                    weights: Tensor, *, bias: Optional[Tensor] = None, temperature: float = 1.0,
+                    clip_low: float = 0.2, clip_high: Optional[float] = None, dual_clip: Optional[float] = None,
+                    ref_logp: Optional[Tensor] = None, kl_coef: float = 0.0, kl_kind: str = "k3",
+                    entropy_coef: float = 0.0, ignore_index: int = -100) -> tuple[Tensor, dict]:
+    """The PPO/GRPO objective of the policy head, from hidden states: sum_t w_t (pol_t + kl_coef k_t -
+    entropy_coef H_t) (module docstring), gradients formed in the forward (3 GEMMs).
+
+    hidden: [N, H] packed tokens or [B, T, H] (float32/bf16/fp16); weight [V, H], bias [V] or None (same dtype);
+    labels hidden.shape[:-1] int64; old_logp, advantages, weights (the loss weights of loss_weights: they carry the
+    aggregation), ref_logp (with kl_coef): float tensors of labels' shape. A token with weight 0 or label
+    ignore_index is masked. Returns (loss float32 scalar, differentiable w.r.t. hidden, weight, bias; stats: dict of
+    float32 scalars PPO_STATS, plain means over the kept tokens (ratio_max a max), 0 when there are none; "kl" is 0
+    without ref_logp).
+    """
+    temperature = _checks.positive_number(temperature, "temperature")
+    ignore_index = _checks.integer(ignore_index, "ignore_index")
+    _check_inputs(hidden, weight, labels, bias, ignore_index)
+    for x, name in ((old_logp, "old_logp"), (advantages, "advantages"), (weights, "weights")):
+        _check_vector(x, name, labels)
+    if ref_logp is not None:
+        _check_vector(ref_logp, "ref_logp", labels)
+    clip_low = _checks.positive_number(clip_low, "clip_low")
+    clip_high = clip_low if clip_high is None else _checks.positive_number(clip_high, "clip_high")
+    if dual_clip is not None:
+        dual_clip = float(dual_clip)
+        if not dual_clip > 1.0:
+            raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    kl_kind = _checks.choice(kl_kind, "kl_kind", KL_KINDS)
+    kl_coef, entropy_coef = float(kl_coef), float(entropy_coef)
+    if kl_coef != 0.0 and ref_logp is None:
+        raise ValueError("kl_coef != 0 needs ref_logp")
+    backend = _backend.select("linear_ppo_loss", LINEAR_LOGPROBS_BACKENDS, hidden.device)
+    rows_2d = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    rows = chunk_rows(rows_2d.shape[0], weight.shape[0], hidden.device)
+    loss, stats, *_ = linear_ppo_loss_op(
+        rows_2d, weight, bias, labels.reshape(-1).contiguous(), _flat(old_logp), _flat(advantages), _flat(weights),
+        _flat(ref_logp), temperature, ignore_index, clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef,
+        rows, *_needs(hidden, weight, bias), backend)
+    return loss, dict(zip(PPO_STATS, stats.unbind()))
+
+
+def linear_dpo_loss_ref(hidden, weight, labels, ref_chosen_logp, ref_rejected_logp, *, beta=0.1,
+                        loss_type="sigmoid", label_smoothing=0.0, nll_coef=0.0, bias=None, temperature=1.0,
+                        ignore_index=-100) -> Tensor:
+    """The obvious computation (full logits, autograd): the loss only."""
+    logits = hidden @ weight.T + (bias if bias is not None else 0)
+    logp = logprobs_ref(logits, labels, temperature, ignore_index)
+    pairs = hidden.shape[0] // 2
+    seq_logp = logp.sum(-1)
+    chosen_lr, rejected_lr = seq_logp[:pairs] - ref_chosen_logp.float(), seq_logp[pairs:] - ref_rejected_logp.float()
+    pair_loss = _dpo_pair_terms(chosen_lr, rejected_lr, beta, loss_type, label_smoothing)[0]
+    n_chosen = (labels[:pairs] != ignore_index).sum().clamp_min(1)
+    return pair_loss.mean() + nll_coef * -seq_logp[:pairs].sum() / n_chosen
+
+
+def dpo_pairs_per_chunk(pairs: int, seq: int, vocab: int, device: torch.device) -> int:
+    """Pairs per chunk: the chunk's 2 * pairs * seq rows of float32 logits within the chunk budget (>= 1 pair)."""
+    budget_rows = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"]) // (4 * vocab)
+    return _balanced(pairs, budget_rows // max(1, 2 * seq), 1)
+
+
+def linear_dpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, ref_chosen_logp: Tensor,
+                    ref_rejected_logp: Tensor, *, beta: float = 0.1, loss_type: str = "sigmoid",
+                    label_smoothing: float = 0.0, nll_coef: float = 0.0, bias: Optional[Tensor] = None,
+                    temperature: float = 1.0, ignore_index: int = -100) -> tuple[Tensor, dict]:
+    """The DPO family of pairwise losses from hidden states (formulas: docs/formulas.md, section DPO), gradients
+    formed in the forward (3 GEMMs), chunks of whole pairs.
+
+    Layout: hidden [2P, T, H] with rows 0..P-1 the chosen responses and rows P..2P-1 the rejected ones (pair i is
+    rows i and P + i); labels [2P, T] int64 (ignore_index on prompt and padding positions); ref_chosen_logp,
+    ref_rejected_logp [P]: the reference model's sequence log-probs (sums over the response tokens).
+    loss_type: "sigmoid" (DPO, label smoothing = conservative DPO), "robust" (robust DPO), "ipo", "hinge" (SLiC).
+    nll_coef: weight of the RPO term, the mean NLL over all chosen response tokens.
+    Returns (loss float32 scalar; stats: chosen_rewards, rejected_rewards, margins, accuracy (means over pairs),
+    nll (mean chosen-token NLL)).
+    """
+    temperature = _checks.positive_number(temperature, "temperature")
+    ignore_index = _checks.integer(ignore_index, "ignore_index")
+    _check_inputs(hidden, weight, labels, bias, ignore_index)
+    if hidden.dim() != 3 or hidden.shape[0] % 2 != 0:
+        raise ValueError(f"hidden must be [2P, T, H] (chosen rows then rejected rows), got {tuple(hidden.shape)}")
+    pairs = hidden.shape[0] // 2
+    for x, name in ((ref_chosen_logp, "ref_chosen_logp"), (ref_rejected_logp, "ref_rejected_logp")):
+        _checks.float_tensor(x, name)
+        _checks.same_shape(x, name, (pairs,), "[P], P = hidden.shape[0] // 2")
+        _checks.same_device(x, name, hidden, "hidden")
+    beta = _checks.positive_number(beta, "beta")
+    loss_type = _checks.choice(loss_type, "loss_type", DPO_LOSS_TYPES)
+    label_smoothing = float(label_smoothing)
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    nll_coef = float(nll_coef)
+    backend = _backend.select("linear_dpo_loss", LINEAR_LOGPROBS_BACKENDS, hidden.device)
+    per_chunk = dpo_pairs_per_chunk(pairs, hidden.shape[1], weight.shape[0], hidden.device)
+    loss, stats, *_ = linear_dpo_loss_op(
+        hidden.contiguous(), weight, bias, labels.contiguous(), _flat(ref_chosen_logp), _flat(ref_rejected_logp),
+        temperature, ignore_index, beta, loss_type, label_smoothing, nll_coef, per_chunk,
+        *_needs(hidden, weight, bias), backend)
+    return loss, dict(zip(DPO_STATS, stats.unbind()))

@@ -1,0 +1,236 @@
+"""rlhf_fast.linear_ppo_loss against a float64 reference of the PPO objective written here from the formulas, the
+same-dtype reference linear_ppo_loss_ref (tolerance rule of the log-prob ops), and the unfused composite
+linear -> logprobs_and_entropy -> per-token objective -> sum(w * l)."""
+
+import contextlib
+import importlib
+
+import pytest
+import torch
+from test_linear_logprobs import make_inputs
+
+import rlhf_fast
+from _testing import assert_within_ref_error, device_backends
+
+ll = importlib.import_module("rlhf_fast.ops.linear_losses")
+lce = importlib.import_module("rlhf_fast.ops.linear_cross_entropy")
+BACKENDS = device_backends(ll.LINEAR_LOGPROBS_BACKENDS)
+
+
+@pytest.fixture
+def chunk_of(monkeypatch):
+    def set_rows(rows, vocab):
+        for device in ("cpu", "cuda"):
+            monkeypatch.setitem(lce.CHUNK_BYTES, device, 4 * rows * vocab)
+    return set_rows
+
+
+def side_inputs(labels, seed=1, zero_weights=(3,)):
+    g = torch.Generator().manual_seed(seed)
+    shape = labels.shape
+    old = (-torch.rand(shape, generator=g) * 6).to(labels.device)  # log-probs near a random policy's
+    adv = torch.randn(shape, generator=g).to(labels.device)
+    ref = (-torch.rand(shape, generator=g) * 6).to(labels.device)
+    w = torch.rand(shape, generator=g).to(labels.device)
+    if labels.numel() > max(zero_weights):
+        w.view(-1)[list(zero_weights)] = 0.0
+        # masked tokens carry NaN: they must not reach the loss or a gradient
+        old.view(-1)[list(zero_weights)] = float("nan")
+        adv.view(-1)[1] = float("nan")  # the ignored label of make_inputs
+    return old, adv, ref, w
+
+
+def objective64(logp, ent, old, adv, ref, w, keep, *, clip_low, clip_high, dual_clip, kl_coef, kl_kind,
+                entropy_coef):
+    """The PPO objective from the formulas, float64, on given per-token log-probs and entropies."""
+    z = lambda x: torch.where(keep, x.double(), 0.0)  # noqa: E731
+    logp, ent, old, adv = z(logp), z(ent), z(old), z(adv)
+    clip_high = clip_low if clip_high is None else clip_high
+    ratio = torch.exp(torch.clamp(logp - old, -20, 20))
+    pol = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high))
+    if dual_clip is not None:
+        pol = torch.where(adv < 0, torch.minimum(pol, -adv * dual_clip), pol)
+    tok = pol - entropy_coef * ent
+    if ref is not None:
+        d = z(ref) - logp
+        k = {"k1": -d, "k2": 0.5 * d ** 2, "abs": d.abs(),
+             "k3": (torch.exp(d.clamp(-20, 20)) - d.clamp(-20, 20) - 1).clamp(-10, 10)}[kl_kind]
+        tok = tok + kl_coef * k
+    return torch.where(keep, z(w) * tok, 0.0).sum()
+
+
+def exact(hidden, weight, bias, labels, old, adv, ref, w, temperature, ignore_index, **kw):
+    zz = (hidden.double() @ weight.double().T + (bias.double() if bias is not None else 0)) / temperature
+    logp_all = torch.log_softmax(zz, -1)
+    keep = (labels != ignore_index) & (w != 0)
+    logp = logp_all.gather(-1, torch.where(labels != ignore_index, labels, 0).unsqueeze(-1)).squeeze(-1)
+    ent = -(logp_all.exp() * logp_all).sum(-1)
+    return objective64(logp, ent, old, adv, ref, w, keep, **kw)
+
+
+def loss_and_grads(fn, inputs, upstream=1.3):
+    leaves = [x.detach().clone().requires_grad_() if x is not None else None for x in inputs[:3]]
+    loss = fn(*leaves)
+    loss = loss[0] if isinstance(loss, tuple) else loss
+    return [loss, *torch.autograd.grad(loss * upstream, [x for x in leaves if x is not None])]
+
+
+KW = [
+    dict(clip_low=0.2, clip_high=None, dual_clip=None, kl_coef=0.0, kl_kind="k3", entropy_coef=0.0),
+    dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, kl_coef=0.1, kl_kind="k3", entropy_coef=0.01),
+    dict(clip_low=0.1, clip_high=0.3, dual_clip=None, kl_coef=0.05, kl_kind="k2", entropy_coef=0.02),
+]
+
+
+def check(inputs, kw, *, temperature=1.0, ignore_index=-100, backend=None, seed=1):
+    hidden, weight, bias, labels = inputs
+    old, adv, ref, w = side_inputs(labels, seed)
+    ref = ref if kw["kl_coef"] else None
+    args = (labels, old, adv, w)
+
+    def ours(h, wt, b):
+        return rlhf_fast.linear_ppo_loss(h, wt, *args, bias=b, temperature=temperature, ref_logp=ref,
+                                         ignore_index=ignore_index, **kw)
+
+    with rlhf_fast.use_backend(backend) if backend else contextlib.nullcontext():
+        out = loss_and_grads(ours, inputs)
+    same = loss_and_grads(lambda h, wt, b: ll.linear_ppo_loss_ref(h, wt, *args, bias=b, temperature=temperature,
+                                                                  ref_logp=ref, ignore_index=ignore_index, **kw),
+                          inputs)
+    ex = loss_and_grads(lambda h, wt, b: exact(h, wt, b, labels, old, adv, ref, w, temperature, ignore_index, **kw),
+                        inputs)
+    for name, o, r, e in zip(["loss", "grad_hidden", "grad_weight", "grad_bias"], out, same, ex):
+        assert o.shape == e.shape, name
+        assert o.dtype == (torch.float32 if name == "loss" else hidden.dtype), name
+        assert_within_ref_error(o, r, e, name=name)
+    return out
+
+
+@pytest.mark.parametrize("device, backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kw", KW, ids=["plain", "dual-kl3-ent", "asym-kl2-ent"])
+def test_matches_reference(device, backend, dtype, kw, chunk_of):
+    chunk_of(8, 101)  # 37 tokens in chunks of 8 rows (the last one 5)
+    assert lce.chunk_rows(37, 101, torch.device(device)) == 8
+    check(make_inputs((37,), 24, 101, dtype, device=device), kw, temperature=0.7, backend=backend)
+
+
+@pytest.mark.parametrize("shape", [(1,), (3, 5)], ids=["N=1", "3d"])
+def test_shapes_fp16_no_bias(shape, chunk_of):
+    chunk_of(4, 53)
+    check(make_inputs(shape, 16, 53, torch.float16, bias=False, ignore_index=7), KW[1], ignore_index=7,
+          temperature=1.5)
+
+
+def test_matches_unfused_composite():
+    """linear -> logprobs_and_entropy -> per-token objective -> sum(w * l), with autograd."""
+    hidden, weight, bias, labels = make_inputs((2, 9), 16, 64, torch.float32)
+    old, adv, ref, w = side_inputs(labels)
+    kw = KW[1]
+
+    def composite(h, wt, b):
+        logits = torch.nn.functional.linear(h, wt, b)
+        logp, ent = rlhf_fast.logprobs_and_entropy(logits, labels)
+        keep = (labels != -100) & (w != 0)
+        return objective64(logp, ent, old, adv, ref, w, keep, **kw).float()
+
+    ours = loss_and_grads(lambda h, wt, b: rlhf_fast.linear_ppo_loss(h, wt, labels, old, adv, w, bias=b,
+                                                                     ref_logp=ref, **kw), (hidden, weight, bias))
+    theirs = loss_and_grads(composite, (hidden, weight, bias))
+    for o, t in zip(ours, theirs):
+        torch.testing.assert_close(o, t, rtol=1e-4, atol=1e-5)
+
+
+def test_stats_are_plain_means_over_kept_tokens():
+    hidden, weight, bias, labels = make_inputs((40,), 8, 30, torch.float32)
+    old, adv, ref, w = side_inputs(labels)
+    logp, ent = rlhf_fast.linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True)
+    noise = torch.randn(40, generator=torch.Generator().manual_seed(5)) * 0.3
+    old = torch.where(torch.isnan(old), old, logp + noise)  # ratios around 1, some clipped
+    _, stats = rlhf_fast.linear_ppo_loss(hidden, weight, labels, old, adv, w, bias=bias, ref_logp=ref,
+                                         kl_coef=0.1, dual_clip=2.0)
+    keep = (labels != -100) & (w != 0)
+    lr = (logp - old)[keep]
+    ratio = lr.exp()
+    a = adv[keep]
+    expect = {
+        "clip_frac": ((-a * ratio.clamp(0.8, 1.2)) > (-a * ratio)).float().mean(),
+        "approx_kl": (lr.exp() - lr - 1).clamp(max=10).mean(), "ratio_mean": ratio.mean(), "ratio_max": ratio.max(),
+        "kl": (torch.exp(ref[keep] - logp[keep]) - (ref[keep] - logp[keep]) - 1).clamp(max=10).mean(),
+        "entropy": ent[keep].mean(), "log_ratio_mean": lr.mean(),
+        "dual_clip_frac": ((a < 0) & (torch.maximum(-a * ratio, -a * ratio.clamp(0.8, 1.2)) > -a * 2.0))
+        .float().mean(),
+    }
+    assert set(stats) == set(ll.PPO_STATS)
+    for name, value in expect.items():
+        torch.testing.assert_close(stats[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert 0 < stats["clip_frac"] < 1
+
+
+def test_all_masked_and_empty():
+    hidden, weight, _, labels = make_inputs((6,), 8, 20, torch.float32)
+    old, adv, _, w = side_inputs(labels)
+    h, wt = hidden.requires_grad_(), weight.requires_grad_()
+    loss, stats = rlhf_fast.linear_ppo_loss(h, wt, labels, old, adv, torch.zeros(6))
+    assert loss.item() == 0 and all(v.item() == 0 for v in stats.values())
+    gh, gw = torch.autograd.grad(loss, (h, wt))
+    assert torch.all(gh == 0) and torch.all(gw == 0)
+    empty = torch.zeros(0, 8, requires_grad=True)
+    e = torch.zeros(0)
+    loss, _ = rlhf_fast.linear_ppo_loss(empty, wt, torch.zeros(0, dtype=torch.long), e, e, e)
+    loss.backward()
+    assert loss.item() == 0 and empty.grad.shape == empty.shape and torch.all(wt.grad == 0)
+
+
+@pytest.mark.parametrize("device, backend", BACKENDS)
+def test_opcheck(device, backend):
+    hidden, weight, bias, labels = make_inputs((9,), 8, 33, torch.float32, device=device)
+    old, adv, ref, w = (torch.nan_to_num(x) for x in side_inputs(labels))
+    for x in (hidden, weight, bias):
+        x.requires_grad_()
+    torch.library.opcheck(ll.linear_ppo_loss_op, (hidden, weight, bias, labels, old, adv, w, ref, 0.9, -100, 0.2,
+                                                  0.28, 3.0, 0.1, "k3", 0.01, 4, True, True, True, backend))
+    torch.library.opcheck(ll.linear_ppo_loss_op, (hidden, weight, None, labels, old, adv, w, None, 1.0, -100, 0.2,
+                                                  0.2, None, 0.0, "k3", 0.0, 9, False, True, False, backend))
+
+
+def test_torch_compile_fullgraph():
+    hidden, weight, bias, labels = make_inputs((2, 5), 8, 40, torch.float32)
+    old, adv, ref, w = side_inputs(labels, zero_weights=(4,))
+
+    def f(h, wt, b):
+        loss, stats = rlhf_fast.linear_ppo_loss(h, wt, labels, old, adv, w, bias=b, ref_logp=ref, kl_coef=0.1,
+                                                entropy_coef=0.01, temperature=0.8)
+        return loss * 3, stats["clip_frac"]
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    leaves, leaves_e = ([x.clone().requires_grad_() for x in (hidden, weight, bias)] for _ in range(2))
+    (out, frac), (out_e, frac_e) = compiled(*leaves), f(*leaves_e)
+    torch.testing.assert_close(out, out_e)
+    torch.testing.assert_close(frac, frac_e)
+    for a, b in zip(torch.autograd.grad(out, leaves), torch.autograd.grad(out_e, leaves_e)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("case, error, match", [
+    ("old_shape", ValueError, "old_logp must have shape"),
+    ("weights_int", TypeError, "weights must be float"),
+    ("kl_no_ref", ValueError, "kl_coef != 0 needs ref_logp"),
+    ("kl_kind", ValueError, "kl_kind"),
+    ("dual", ValueError, "dual_clip must be > 1"),
+])
+def test_bad_input(case, error, match):
+    hidden, weight, _, _ = make_inputs((4,), 4, 10, torch.float32)
+    labels, old, adv, w, kwargs = torch.tensor([0, 1, 2, 3]), torch.zeros(4), torch.zeros(4), torch.ones(4), {}
+    if case == "old_shape":
+        old = torch.zeros(5)
+    elif case == "weights_int":
+        w = torch.ones(4, dtype=torch.long)
+    elif case == "kl_no_ref":
+        kwargs["kl_coef"] = 0.1
+    elif case == "kl_kind":
+        kwargs["kl_kind"] = "k4"
+    elif case == "dual":
+        kwargs["dual_clip"] = 0.5
+    with pytest.raises(error, match=match):
+        rlhf_fast.linear_ppo_loss(hidden, weight, labels, old, adv, w, **kwargs)
