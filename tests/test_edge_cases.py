@@ -30,3 +30,46 @@ def test_sample_keeps_the_argmax(device, backend, temperature, min_p, scale):
     assert torch.equal(tokens, logits.argmax(-1))
     assert filtered.abs().max() <= 1e-6
     assert logp.isfinite().all() and (logp <= 0).all()
+
+
+VIEWS = {  # name -> (shape of a base tensor, a view of it that PyTorch accepts, with strides kernels may not expect)
+    "transposed [N, 1]": ((1, 5), lambda b: b.t()),
+    "expanded [0, V]": ((1, 7), lambda b: b.expand(0, 7)),
+    "zero-stride [0, V]": ((0, 1), lambda b: b.expand(0, 7)),
+    "step-sliced [0, V]": ((0, 14), lambda b: b[:, ::2]),
+    "step-sliced [3, V]": ((3, 14), lambda b: b[:, ::2]),
+    "expanded rows [4, V]": ((1, 7), lambda b: b.expand(4, 7)),
+    "expanded columns [3, V]": ((3, 1), lambda b: b.expand(3, 7)),
+}
+CPU_LOGIT_BACKENDS = [p for p in device_backends(("torch", "cpp", "triton")) if p.values[0] == "cpu"]
+
+
+@pytest.mark.parametrize("device,backend", CPU_LOGIT_BACKENDS)
+@pytest.mark.parametrize("view", VIEWS)
+def test_logit_ops_accept_every_view(device, backend, view):
+    """Every op that reads logits (or hidden states) gives on a view what it gives on a contiguous copy, values and
+    gradients; the cpp backend once raised "logits must be 2-D with unit stride in the last dimension" on these."""
+    shape, make = VIEWS[view]
+    base = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    weight = torch.randn(5, make(base).shape[1], generator=torch.Generator().manual_seed(3))
+
+    def run(contiguous):
+        leaf = base.clone().requires_grad_()
+        x = make(leaf)
+        x = x.contiguous().clone() if contiguous else x
+        labels = torch.zeros(x.shape[0], dtype=torch.long)
+        with rlhf_fast.use_backend(backend):
+            outs = [rlhf_fast.logprobs(x, labels), rlhf_fast.entropy(x, temperature=0.7),
+                    rlhf_fast.kl_divergence(x, x.detach().flip(0), temperature=1.3),
+                    rlhf_fast.linear_logprobs(x, weight, labels), rlhf_fast.linear_cross_entropy(x, weight, labels)]
+            tokens, logp = rlhf_fast.sample(x, temperature=0.9, generator=torch.Generator().manual_seed(0))
+        sum(o.sum() for o in outs).backward()
+        return outs, tokens, logp, leaf.grad
+
+    view_outs, view_tokens, view_logp, view_grad = run(False)
+    copy_outs, copy_tokens, copy_logp, copy_grad = run(True)
+    for a, b in zip(view_outs, copy_outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert torch.equal(view_tokens, copy_tokens)
+    torch.testing.assert_close(view_logp, copy_logp)
+    torch.testing.assert_close(view_grad, copy_grad, rtol=1e-5, atol=1e-6)

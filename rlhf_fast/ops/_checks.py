@@ -1,4 +1,5 @@
-"""Input validation shared by every op: a clear TypeError/ValueError naming the argument, before any kernel runs."""
+"""Input validation shared by every op: a clear TypeError/ValueError naming the argument, before any kernel runs;
+and the one normalisation of a [..., D] input to the 2-D layout the kernels read."""
 
 from __future__ import annotations
 
@@ -81,3 +82,13 @@ def choice(x, name: str, options) -> str:
     if x not in options:
         raise ValueError(f"{name} must be one of {tuple(options)}, got {x!r}")
     return x
+
+
+def rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> [N, D] with stride 1 in D (a view when possible), for the kernels, whatever view PyTorch accepts:
+    a size-1 or empty dimension may carry any stride (a transposed [N, 1], an expanded or step-sliced [0, D]), and
+    ``contiguous()`` keeps such a stride, so those are copied with fresh strides (cheap: at most N elements)."""
+    out = x.reshape(-1, x.shape[-1])
+    if out.stride(1) != 1:
+        out = out.clone(memory_format=torch.contiguous_format)
+    return out

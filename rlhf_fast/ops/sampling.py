@@ -194,9 +194,7 @@ def sample(
             raise ValueError(f"generator is on {generator.device} but logits are on {logits.device}")
     uniforms = torch.rand(logits.shape[0], generator=generator, device=logits.device, dtype=torch.float32)
     backend = _backend.select("sample", SAMPLE_BACKENDS, logits.device)
-    rows = logits.detach()
-    if rows.stride(1) != 1 and rows.shape[1] > 1:
-        rows = rows.contiguous()
+    rows = _checks.rows(logits.detach())
     tokens, logprobs, filtered = sample_op(rows, uniforms, *params, backend)
     if logits.device.type == "cpu" and not torch.compiler.is_compiling() and logprobs.numel() > 0:
         _check_finite(logprobs)
