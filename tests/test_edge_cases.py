@@ -73,3 +73,23 @@ def test_logit_ops_accept_every_view(device, backend, view):
     assert torch.equal(view_tokens, copy_tokens)
     torch.testing.assert_close(view_logp, copy_logp)
     torch.testing.assert_close(view_grad, copy_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e-45, 1e39, 1e300])
+def test_temperature_must_be_a_float32_with_a_finite_reciprocal(temperature):
+    """Temperatures whose float32 value or reciprocal overflow once passed validation and gave NaN."""
+    logits = torch.randn(3, 5)
+    labels = torch.zeros(3, dtype=torch.long)
+    weight = torch.randn(5, 5)
+    for call in (lambda: rlhf_fast.logprobs(logits, labels, temperature=temperature),
+                 lambda: rlhf_fast.entropy(logits, temperature=temperature),
+                 lambda: rlhf_fast.logprobs_and_entropy(logits, labels, temperature=temperature),
+                 lambda: rlhf_fast.kl_divergence(logits, logits, temperature=temperature),
+                 lambda: rlhf_fast.linear_logprobs(logits, weight, labels, temperature=temperature),
+                 lambda: rlhf_fast.linear_cross_entropy(logits, weight, labels, temperature=temperature),
+                 lambda: rlhf_fast.sample(logits, temperature=temperature),
+                 lambda: rlhf_fast.sample(logits, temperature=torch.full((3,), temperature, dtype=torch.float64))):
+        with pytest.raises(ValueError, match="temperature"):
+            call()
+    rlhf_fast.logprobs(logits, labels, temperature=3e-39)  # the smallest accepted ones still work
+    assert rlhf_fast.sample(logits, temperature=3e-39)[1].isfinite().all()

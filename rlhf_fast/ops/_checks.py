@@ -78,6 +78,20 @@ def positive_number(x, name: str) -> float:
     return float(x)
 
 
+# The kernels scale by 1 / temperature in float32: both must be finite there (and a nonzero temperature nonzero).
+MIN_TEMPERATURE = float(1.0 / torch.finfo(torch.float32).max)  # 1 / T overflows float32 below this
+MAX_TEMPERATURE = float(torch.finfo(torch.float32).max)
+
+
+def temperature(x, name: str = "temperature") -> float:
+    """A temperature > 0 whose float32 value and reciprocal are finite (else the kernels compute NaN)."""
+    x = positive_number(x, name)
+    if not MIN_TEMPERATURE <= x <= MAX_TEMPERATURE:
+        raise ValueError(f"{name} must be in [{MIN_TEMPERATURE:.4g}, {MAX_TEMPERATURE:.4g}] (its reciprocal and "
+                         f"itself must be finite float32 numbers), got {x}")
+    return x
+
+
 def choice(x, name: str, options) -> str:
     if x not in options:
         raise ValueError(f"{name} must be one of {tuple(options)}, got {x!r}")

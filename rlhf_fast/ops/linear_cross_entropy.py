@@ -142,7 +142,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, weig
     reduction "mean": sum_n w_n * -logp_n / sum_n w_n over the tokens not ignored (0 when there are none); "sum":
     the numerator alone. Returns a float32 scalar, differentiable w.r.t. hidden, weight and bias (not weights).
     """
-    temperature = _checks.positive_number(temperature, "temperature")
+    temperature = _checks.temperature(temperature)
     ignore_index = _checks.integer(ignore_index, "ignore_index")
     _check_inputs(hidden, weight, labels, bias, ignore_index)
     if reduction not in ("mean", "sum"):

@@ -119,8 +119,10 @@ def _(logits, uniforms, temperature, top_k, top_p, min_p, backend):
 
 # name -> (integer?, allowed range as text, test on a Python number / on a tensor)
 _PARAMS = {
-    "temperature": (False, "a finite number >= 0", lambda x: x >= 0 and math.isfinite(x),
-                    lambda t: t.isfinite() & (t >= 0)),
+    "temperature": (False, f"0 or in [{_checks.MIN_TEMPERATURE:.4g}, {_checks.MAX_TEMPERATURE:.4g}] (1 / temperature "
+                    "must be a finite float32)",
+                    lambda x: x == 0 or _checks.MIN_TEMPERATURE <= x <= _checks.MAX_TEMPERATURE,
+                    lambda t: (t == 0) | ((t >= _checks.MIN_TEMPERATURE) & (t <= _checks.MAX_TEMPERATURE))),
     "top_k": (True, "an integer >= 0", lambda x: x >= 0, lambda t: t >= 0),
     "top_p": (False, "in (0, 1]", lambda x: 0 < x <= 1, lambda t: (t > 0) & (t <= 1)),
     "min_p": (False, "in [0, 1]", lambda x: 0 <= x <= 1, lambda t: (t >= 0) & (t <= 1)),

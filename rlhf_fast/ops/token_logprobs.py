@@ -310,7 +310,7 @@ kl_penalty_op.register_autograd(_kl_penalty_grad, setup_context=_kl_penalty_setu
 
 def _logprobs_entropy(logits, labels, temperature, ignore_index, compute_entropy, op_name):
     _checks.logits(logits)
-    temperature = _checks.positive_number(temperature, "temperature")
+    temperature = _checks.temperature(temperature)
     ignore_index = _checks.integer(ignore_index, "ignore_index")
     if labels is not None:
         _checks.labels(labels, "labels", logits, ignore_index)
@@ -356,7 +356,7 @@ def kl_divergence(logits: Tensor, ref_logits: Tensor, *, temperature: float = 1.
     _checks.same_device(ref_logits, "ref_logits", logits, "logits")
     if ref_logits.dtype != logits.dtype:
         raise TypeError(f"ref_logits must have the dtype of logits ({logits.dtype}), got {ref_logits.dtype}")
-    temperature = _checks.positive_number(temperature, "temperature")
+    temperature = _checks.temperature(temperature)
     backend = _backend.select("kl_divergence", KL_BACKENDS, logits.device)
     kl, _, _ = kl_divergence_op(_checks.rows(logits), _checks.rows(ref_logits.detach()), temperature, backend)
     return kl.view(logits.shape[:-1])
