@@ -93,3 +93,13 @@ def test_temperature_must_be_a_float32_with_a_finite_reciprocal(temperature):
             call()
     rlhf_fast.logprobs(logits, labels, temperature=3e-39)  # the smallest accepted ones still work
     assert rlhf_fast.sample(logits, temperature=3e-39)[1].isfinite().all()
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_linear_cross_entropy_rejects_bad_weights(bad):
+    """Negative or NaN per-token weights once gave a loss of 1.2e38 or NaN without an error."""
+    hidden, weight = torch.randn(4, 3), torch.randn(6, 3)
+    labels = torch.tensor([0, 5, 2, 1])
+    weights = torch.tensor([1.0, 0.5, bad, 2.0])
+    with pytest.raises(ValueError, match=r"weights\[2\]"):
+        rlhf_fast.linear_cross_entropy(hidden, weight, labels, weights=weights)

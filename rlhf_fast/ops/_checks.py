@@ -64,6 +64,17 @@ def labels(y, name: str, logits_: torch.Tensor, ignore_index: int) -> torch.Tens
     return y
 
 
+def non_negative(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Every value finite and >= 0. Reading the values runs eagerly on CPU tensors only (no host synchronisation on
+    CUDA or under torch.compile)."""
+    if x.device.type == "cpu" and not torch.compiler.is_compiling() and x.numel() > 0:
+        bad = ~(x.isfinite() & (x >= 0))
+        if bool(bad.any()):
+            index = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"{name}{list(index)} = {float(x[index])} must be finite and >= 0")
+    return x
+
+
 def integer(x, name: str) -> int:
     if isinstance(x, bool) or not isinstance(x, int):
         raise TypeError(f"{name} must be an int, got {type(x).__name__}")

@@ -154,6 +154,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, weig
         _checks.float_tensor(weights, "weights")
         _checks.same_shape(weights, "weights", labels.shape, "labels.shape")
         _checks.same_device(weights, "weights", hidden, "hidden")
+        _checks.non_negative(weights, "weights")
         w = torch.where(keep, weights.detach().float(), 0.0)
     coef = w / w.sum().clamp_min(torch.finfo(torch.float32).tiny) if reduction == "mean" else w
     backend = _backend.select("linear_cross_entropy", LINEAR_LOGPROBS_BACKENDS, hidden.device)
