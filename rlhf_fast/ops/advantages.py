@@ -1,6 +1,6 @@
 """Advantage estimation: masked GAE, discounted returns, masked mean/variance/whitening, group advantages.
 
-Formulas (../shared/FORMULAS.md). ``mask[b, t] = 1`` marks the tokens the policy generated. Positions with mask 0
+Formulas (docs/formulas.md). ``mask[b, t] = 1`` marks the tokens the policy generated. Positions with mask 0
 are skipped: the recurrences carry their state across them unchanged, and their outputs are 0. GAE over [B, T],
 per sequence, with gamma and lam scalars or per-sequence:
 

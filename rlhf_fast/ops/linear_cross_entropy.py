@@ -1,7 +1,7 @@
 """Weighted cross-entropy (negative log-likelihood) from hidden states: the SFT loss with the gradients formed in the
 forward, three GEMMs in all, never materializing the [N, V] logits.
 
-Formulas (../shared/FORMULAS.md), z = (hidden @ weight.T + bias) / temperature over the vocabulary V:
+Formulas (docs/formulas.md), z = (hidden @ weight.T + bias) / temperature over the vocabulary V:
   loss = sum_n c_n * -logp[n],  logp[n] = z[n, y_n] - logsumexp(z[n])
   c_n  = w_n / sum_{kept m} w_m   (reduction="mean"; w = 1 without ``weights``)   or   w_n   (reduction="sum")
   and c_n = 0 where y_n == ignore_index.

@@ -1,6 +1,6 @@
 """Log-probs (and entropy) of labels under softmax(hidden @ weight.T + bias), never materializing the [N, V] logits.
 
-Formulas (../shared/FORMULAS.md) with z = (hidden @ weight.T + bias) / temperature over the vocabulary V:
+Formulas (docs/formulas.md) with z = (hidden @ weight.T + bias) / temperature over the vocabulary V:
   logp[n]    = z[n, y_n] - logsumexp(z[n])            (0 where y_n == ignore_index, with no gradient)
   entropy[n] = logsumexp(z[n]) - sum_v softmax(z[n])_v z[n, v]
 

@@ -1,7 +1,7 @@
 """Batched sampling from logits with temperature, top-k, top-p and min-p, without sorting the vocabulary, returning the
 sampled token together with its log-prob (the behaviour log-prob PPO needs, so nothing has to recompute it).
 
-Semantics (../shared/FORMULAS.md, "Sampling"), per row of logits [B, V], with p = softmax(logits / temperature):
+Semantics (docs/formulas.md, "Sampling"), per row of logits [B, V], with p = softmax(logits / temperature):
   top-k keeps the k largest p (every tie of the k-th value); top-p then keeps, of the renormalised result, the smallest
   set in descending order whose mass reaches top_p (every tie at the boundary); min-p then keeps p_v >= min_p * max p.
   top_k = 0, top_p = 1 and min_p = 0 disable a filter; temperature = 0 is greedy (argmax, ties -> the lowest id).
@@ -48,7 +48,7 @@ Number = Union[int, float]
 
 def kept_mask_ref(probs: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) -> Tensor:
     """probs [B, V] (rows of a softmax); top_k int [B], top_p, min_p float [B] -> bool [B, V]: the tokens kept by
-    top-k, then top-p on the renormalised result, then min-p (FORMULAS.md), ties at each threshold all kept."""
+    top-k, then top-p on the renormalised result, then min-p (docs/formulas.md), ties at each threshold all kept."""
     B, V = probs.shape
     sorted_p = probs.sort(dim=-1, descending=True).values
     k = torch.where((top_k > 0) & (top_k < V), top_k, V).clamp(min=1)

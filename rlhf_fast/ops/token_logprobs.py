@@ -1,6 +1,6 @@
 """Log-probs of chosen tokens, entropy and KL, computed from logits without [N, V] float32 temporaries.
 
-Formulas (../shared/FORMULAS.md), with z = logits / temperature over the last dimension V:
+Formulas (docs/formulas.md), with z = logits / temperature over the last dimension V:
   logp[t]    = z[t, y_t] - logsumexp(z[t])            (0 where y_t == ignore_index, with no gradient)
   entropy[t] = logsumexp(z[t]) - sum_v softmax(z[t])_v z[t, v]
   KL[t]      = sum_v p_v (log p_v - log q_v)          p from logits, q from ref_logits, same temperature
