@@ -103,3 +103,22 @@ def test_linear_cross_entropy_rejects_bad_weights(bad):
     weights = torch.tensor([1.0, 0.5, bad, 2.0])
     with pytest.raises(ValueError, match=r"weights\[2\]"):
         rlhf_fast.linear_cross_entropy(hidden, weight, labels, weights=weights)
+
+
+@pytest.mark.parametrize("device,backend", CPU_LOGIT_BACKENDS)
+@pytest.mark.parametrize("temperature", [1e-3, 1e-6])
+def test_kl_divergence_gradient_at_small_temperature(device, backend, temperature):
+    """d KL / d logits against float64 autograd at a small temperature, where p and q are near one-hot: the cpp
+    backward once cancelled z - w + (lse_q - lse_p) (each ~ 1 / T) and gave |grad| up to 0.98 (T = 1e-3) or 1e6."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(16, 33, generator=g)
+    ref_logits = logits + 1e-3 * torch.randn(16, 33, generator=g)
+    x = logits.clone().requires_grad_()
+    with rlhf_fast.use_backend(backend):
+        rlhf_fast.kl_divergence(x, ref_logits, temperature=temperature).sum().backward()
+    x64 = logits.double().requires_grad_()
+    logp = torch.log_softmax(x64 / temperature, -1)
+    logq = torch.log_softmax(ref_logits.double() / temperature, -1)
+    (logp.exp() * (logp - logq)).sum().backward()
+    scale = x64.grad.abs().max().item()
+    assert (x.grad.double() - x64.grad).abs().max().item() <= 1e-3 * max(1.0, scale)
