@@ -1,4 +1,4 @@
-"""Triton kernels for log-probs of labels, entropy and exact KL from logits (formulas: ../shared/FORMULAS.md).
+"""Triton kernels for log-probs of labels, entropy and exact KL from logits (formulas: docs/formulas.md).
 
 One program per row of logits [N, V] (unit stride in V, any row stride); each loops over the vocabulary in BLOCK_V
 blocks with an online softmax, so the forward reads the logits once and the backward reads them once and writes

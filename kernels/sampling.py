@@ -3,7 +3,7 @@
 A program owns ROWS rows of logits [B, V] (unit stride in V, any row stride, 0 included): one row for large
 vocabularies, several for small ones, so short rows still fill a tile (and the CPU interpreter runs fast enough for
 tests). Every pass loops over the row in BLOCK_V blocks and recomputes e = exp(z - max z), z = logits / T, in float32
-(no [B, V] temporary):
+(no [B, V] temporary), as exp((x - max x) / T), so the max's e is exactly 1:
   1. max and its first index (the greedy answer), 2. S = sum e,
   3. top-k / top-p thresholds by a multi-pivot bisection over the bit patterns of non-negative floats (ordered like the
      values): each pass evaluates NUM_PIVOTS pivots at once (count or mass of e >= pivot), which narrows the interval
@@ -43,7 +43,7 @@ def _mass(base, row_ok, V, inv_t, m, tau, ROWS: tl.constexpr, BLOCK_V: tl.conste
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         x = tl.load(base[:, None] + cols[None, :], mask=row_ok[:, None] & (cols < V)[None, :], other=float("-inf"))
-        e = tl.exp(x.to(tl.float32) * inv_t[:, None] - m[:, None])  # 0 outside the rows
+        e = tl.exp((x.to(tl.float32) - m[:, None]) * inv_t[:, None])  # 0 outside the rows
         total += tl.sum(tl.where(e >= tau[:, None], e, 0.0), axis=1)
     return total
 
@@ -64,7 +64,7 @@ def _bisect(base, row_ok, V, inv_t, m, target, lo, hi, USE_MASS: tl.constexpr, R
         for start in range(0, V, BLOCK_V):
             cols = start + offs
             x = tl.load(base[:, None] + cols[None, :], mask=row_ok[:, None] & (cols < V)[None, :], other=float("-inf"))
-            e = tl.exp(x.to(tl.float32) * inv_t[:, None] - m[:, None])  # 0 outside the rows
+            e = tl.exp((x.to(tl.float32) - m[:, None]) * inv_t[:, None])  # 0 outside the rows
             ge = e[:, :, None] >= pf[:, None, :]  # [ROWS, BLOCK_V, NP]
             if USE_MASS:
                 f += tl.sum(tl.where(ge, e[:, :, None], 0.0), axis=1)
@@ -110,10 +110,11 @@ def _sample_kernel(
         mx = tl.maximum(mx, block_max)
     greedy = ~(temperature > 0)
     inv_t = 1.0 / tl.where(greedy, 1.0, temperature)
-    m = mx * inv_t
-    valid = row_ok & (n_nan == 0) & (tl.abs(m) < float("inf"))  # rows with a distribution
+    valid = row_ok & (n_nan == 0) & (tl.abs(mx) < float("inf"))  # rows with a distribution
     sampled = valid & ~greedy
-    m = tl.where(valid, m, 0.0)
+    # e = exp((x - m) * inv_t), m the row's max logit: subtracting before scaling makes the max's e exactly 1
+    # (whatever the rounding of x * inv_t or its fusion into an FMA) and cannot overflow at a small temperature
+    m = tl.where(valid, mx, 0.0)
 
     # 2-3. S and the thresholds
     zero = tl.zeros([ROWS], tl.float32)
@@ -144,7 +145,7 @@ def _sample_kernel(
         for start in range(0, V, BLOCK_V):
             cols = start + offs
             x = tl.load(base[:, None] + cols[None, :], mask=row_ok[:, None] & (cols < V)[None, :], other=float("-inf"))
-            e = tl.exp(x.to(tl.float32) * inv_t[:, None] - m[:, None])
+            e = tl.exp((x.to(tl.float32) - m[:, None]) * inv_t[:, None])
             w = tl.where(e >= tau[:, None], e, 0.0)
             hit = ((cum[:, None] + tl.cumsum(w, axis=1)) > target[:, None]) & (w > 0)
             first = tl.min(tl.where(hit, cols[None, :], V), axis=1)
@@ -153,7 +154,7 @@ def _sample_kernel(
             cum += tl.sum(w, axis=1)
     token = tl.where(token < 0, last, token)  # not found: rounding put the target past the end
     token = tl.where(sampled & (token >= 0), token, arg)
-    z = tl.load(base + token, mask=row_ok, other=0.0).to(tl.float32) * inv_t - m
+    z = (tl.load(base + token, mask=row_ok, other=0.0).to(tl.float32) - m) * inv_t
     nan = float("nan")
     greedy_lp = tl.where(valid, 0.0, nan)
     tl.store(tokens_ptr + rows, token.to(tl.int64), mask=row_ok)

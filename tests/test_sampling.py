@@ -58,7 +58,7 @@ def run(device, backend, logits, seed=0, **params):
 
 
 def exact_probs(row, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
-    """The truncated, renormalised distribution of FORMULAS.md in float64 (from the reference's kept set)."""
+    """The truncated, renormalised distribution of docs/formulas.md in float64 (from the reference's kept set)."""
     p = torch.softmax(row.double() / temperature, dim=-1)[None]
     f64 = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
     keep = S.kept_mask_ref(p, torch.tensor([top_k]), f64(top_p), f64(min_p))[0]

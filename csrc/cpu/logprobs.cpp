@@ -205,7 +205,8 @@ void kl_div_fwd_kernel(const at::Tensor& logits, const at::Tensor& ref, float in
   });
 }
 
-// grad_z_j = g p_j ((z_j - lse_p) - (w_j - lse_q) - KL); grad_x = grad_z / T.
+// grad_z_j = g p_j ((z_j - lse_p) - (w_j - lse_q) - KL); grad_x = grad_z / T. Each log-prob is formed before the
+// difference: z - w + (lse_q - lse_p) would cancel catastrophically at a small temperature (z, w ~ 1 / T).
 template <typename T>
 void kl_div_bwd_kernel(const float* grad_kl, const at::Tensor& logits, const at::Tensor& ref, const float* lse_p,
                        const float* lse_q, const float* kl, float inv_t, T* grad) {
@@ -218,16 +219,16 @@ void kl_div_bwd_kernel(const float* grad_kl, const at::Tensor& logits, const at:
       const T* x = p_data + r * logits.stride(0);
       const T* xr = q_data + r * ref.stride(0);
       T* gx = grad + r * vocab;
-      const float g = grad_kl[r] * inv_t, shift = -lse_p[r] + lse_q[r] - kl[r];
+      const float g = grad_kl[r] * inv_t;
       const auto element = [&](float z, float w) {
-        const float p = std::exp(z - lse_p[r]);
-        return p == 0.f ? 0.f : g * p * (z - w + shift);
+        const float lp = z - lse_p[r], p = std::exp(lp);
+        return p == 0.f ? 0.f : g * p * (lp - (w - lse_q[r]) - kl[r]);
       };
-      const Vec vinv(inv_t), vlse(lse_p[r]), vg(g), vshift(shift), zero(0.f);
+      const Vec vinv(inv_t), vlse(lse_p[r]), vlse_q(lse_q[r]), vkl(kl[r]), vg(g), zero(0.f);
       const auto vec_element = [&](int64_t j) {
         const Vec z = load_float(x + j) * vinv, w = load_float(xr + j) * vinv;
-        const Vec p = (z - vlse).exp_u20();
-        return Vec::blendv(vg * p * (z - w + vshift), zero, p == zero);
+        const Vec lp = z - vlse, p = lp.exp_u20();
+        return Vec::blendv(vg * p * (lp - (w - vlse_q) - vkl), zero, p == zero);
       };
       int64_t j = 0;
       for (; j + 2 * W <= vocab; j += 2 * W) store_float2(gx + j, vec_element(j), vec_element(j + W));

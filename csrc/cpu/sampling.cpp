@@ -207,13 +207,15 @@ float row_max_and_kth(const T* x, int64_t vocab, int64_t k, float* buf, float& k
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
 }
 
-// e = exp(z - m) of z = x * inv_t, exactly as the passes compute it (so thresholds compare equal to row values).
-// exp_u20 gives 0 below ln(FLT_MIN), -inf included, and exactly 1 at 0.
-inline Vec exp_shifted(const Vec& z, const Vec& vm) { return (z - vm).exp_u20(); }
+// e = exp((x - mx) * inv_t) = exp(z - max z), z = x / T, exactly as the passes compute it (so thresholds compare equal
+// to row values). Subtracting the max before scaling makes the max's e exactly 1 (x - mx = 0) whatever the rounding
+// of x * inv_t (or its fusion into an FMA), and never overflows for a small temperature. exp_u20 gives 0 below
+// ln(FLT_MIN), -inf included, and exactly 1 at 0.
+inline Vec exp_shifted(const Vec& x, const Vec& vmx, const Vec& vinv) { return ((x - vmx) * vinv).exp_u20(); }
 
-inline float exp_shifted(float z, float m) {
+inline float exp_shifted(float x, float mx, float inv_t) {
   alignas(64) float out[W];
-  exp_shifted(Vec(z), Vec(m)).store(out);
+  exp_shifted(Vec(x), Vec(mx), Vec(inv_t)).store(out);
   return out[0];
 }
 
@@ -226,8 +228,8 @@ struct ExpPass {
 // The pass computing e. With tau0 > 0: appends the e >= tau0 and their indices to cand / index (zero-padded to a
 // multiple of W). Otherwise: stores every e in `e` (zero-padded) and the sum of each block of kDrawBlock in block_mass.
 template <typename T>
-ExpPass exp_pass(const T* x, int64_t vocab, float inv_t, float m, float tau_k, float tau0, Scratch& s) {
-  const Vec vinv(inv_t), vm(m), vk(tau_k), v0(tau0);
+ExpPass exp_pass(const T* x, int64_t vocab, float inv_t, float mx, float tau_k, float tau0, Scratch& s) {
+  const Vec vinv(inv_t), vmx(mx), vk(tau_k), v0(tau0);
   Vec vs(0.f), vmk(0.f), vblock(0.f);
   ExpPass out;
   float* cand = s.cand.get();
@@ -236,7 +238,7 @@ ExpPass exp_pass(const T* x, int64_t vocab, float inv_t, float m, float tau_k, f
     return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
   };
   for (int64_t i = 0; i < vocab; i += W) {
-    const Vec ev = exp_shifted(load_row(x, i, vocab) * vinv, vm);  // 0 past the end
+    const Vec ev = exp_shifted(load_row(x, i, vocab), vmx, vinv);  // 0 past the end
     vs = vs + ev;
     vmk = vmk + ((ev >= vk) & ev);
     if (tau0 > 0.f) {
@@ -337,16 +339,15 @@ RowResult sample_row(const T* x, int64_t vocab, const RowParams& p, Scratch& s) 
   const bool use_k = p.top_k > 0 && p.top_k < vocab;
   float kth = kNegInf;
   const float mx = use_k ? row_max_and_kth(x, vocab, p.top_k, s.e.get(), kth) : row_max(x, vocab);
-  const float inv_t = 1.f / p.temperature;
-  const float m = mx * inv_t;
-  if (!std::isfinite(m)) return {0, nan, nan};  // NaN, +inf, or no finite logit: no distribution
+  const float inv_t = 1.f / p.temperature;  // finite: validated in Python
+  if (!std::isfinite(mx)) return {0, nan, nan};  // NaN, +inf, or no finite logit: no distribution
 
-  const float e_max = exp_shifted(0.f, 0.f);  // the e of the max
-  const float tau_k = use_k ? exp_shifted(kth * inv_t, m) : 0.f;
+  const float e_max = exp_shifted(mx, mx, inv_t);  // the e of the max: exp_u20(0), as the passes compute it
+  const float tau_k = use_k ? exp_shifted(kth, mx, inv_t) : 0.f;
   const float tau_m = p.min_p > 0.f ? std::min(p.min_p, 1.f) * e_max : 0.f;
   const float tau0 = std::max(tau_k, tau_m);
   const bool candidates = tau0 > 0.f;
-  const ExpPass pass = exp_pass(x, vocab, inv_t, m, tau_k, tau0, s);
+  const ExpPass pass = exp_pass(x, vocab, inv_t, mx, tau_k, tau0, s);
 
   float tau_p = 0.f;
   if (p.top_p < 1.f) {  // NaN is rejected in Python
@@ -365,7 +366,7 @@ RowResult sample_row(const T* x, int64_t vocab, const RowParams& p, Scratch& s) 
   int64_t token = candidates ? draw_candidates(s.cand.get(), s.index.get(), pass.n_cand, tau, u, kept_mass)
                              : draw_blocks(s.e.get(), vocab, tau, u, s.block_mass.get(), kept_mass);
   if (token < 0) token = 0;
-  const float z = static_cast<float>(x[token]) * inv_t - m;
+  const float z = (static_cast<float>(x[token]) - mx) * inv_t;
   return {token, z - static_cast<float>(std::log(pass.total)), z - static_cast<float>(std::log(kept_mass))};
 }
 

@@ -1,5 +1,5 @@
 // CUDA launchers of masked GAE and discounted returns on raw device pointers (no torch types: the binding in
-// csrc/bindings/cuda_advantages.cpp adapts tensors). Semantics: rlhf_fast/ops/advantages.py and FORMULAS.md.
+// csrc/bindings/cuda_advantages.cpp adapts tensors). Semantics: rlhf_fast/ops/advantages.py and docs/formulas.md.
 //
 // Inputs are [n_rows, n_steps] with element strides (any layout). gamma_seq / lam_seq are float32 [n_rows] per-
 // sequence factors, or nullptr to use the scalars. Outputs are contiguous float32 [n_rows, n_steps]. Arithmetic is

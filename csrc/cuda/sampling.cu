@@ -77,16 +77,18 @@ struct Shared {
 };
 
 template <typename T>
-__device__ __forceinline__ float exp_at(const T* x, int64_t i, float inv_t, float m) {
-  return __expf(to_float(x[i]) * inv_t - m);
+// e = exp((x - mx) * inv_t): subtracting the max before scaling makes the max's e exactly 1 (whatever the rounding
+// of x * inv_t or its contraction into an FMA) and cannot overflow at a small temperature.
+__device__ __forceinline__ float exp_at(const T* x, int64_t i, float inv_t, float mx) {
+  return __expf((to_float(x[i]) - mx) * inv_t);
 }
 
 // Sum over the row of e (or of e >= tau), broadcast to every thread.
 template <typename T, int kThreads>
-__device__ float kept_mass(const T* x, int64_t vocab, float inv_t, float m, float tau, Shared<kThreads>& sh) {
+__device__ float kept_mass(const T* x, int64_t vocab, float inv_t, float mx, float tau, Shared<kThreads>& sh) {
   float local = 0.f;
   for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
-    const float e = exp_at(x, i, inv_t, m);
+    const float e = exp_at(x, i, inv_t, mx);
     local += e >= tau ? e : 0.f;
   }
   const float total = cub::BlockReduce<float, kThreads>(sh.tmp.sum).Sum(local);
@@ -101,7 +103,7 @@ __device__ float kept_mass(const T* x, int64_t vocab, float inv_t, float m, floa
 // Requires f(lo) >= target. Each pass evaluates kPivots increasing pivots in (lo, hi]; f does not increase with the
 // pivot, so the pivots that pass form a prefix and the interval shrinks about kPivots-fold.
 template <bool kMass, typename T, int kThreads>
-__device__ float bisect(const T* x, int64_t vocab, float inv_t, float m, float target, unsigned lo, unsigned hi,
+__device__ float bisect(const T* x, int64_t vocab, float inv_t, float mx, float target, unsigned lo, unsigned hi,
                         Shared<kThreads>& sh) {
   while (lo < hi) {
     unsigned piv[kPivots];
@@ -114,7 +116,7 @@ __device__ float bisect(const T* x, int64_t vocab, float inv_t, float m, float t
       local.f[j] = 0.f;
     }
     for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
-      const float e = exp_at(x, i, inv_t, m);
+      const float e = exp_at(x, i, inv_t, mx);
 #pragma unroll
       for (int j = 0; j < kPivots; ++j) local.f[j] += e >= pf[j] ? (kMass ? e : 1.f) : 0.f;
     }
@@ -178,8 +180,7 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
   const float inv_t = 1.f / temp;
-  const float m = mx * inv_t;
-  if (!finite(m)) {
+  if (!finite(mx)) {
     if (threadIdx.x == 0) {
       tokens[row] = argmax;
       logp[row] = filtered_logp[row] = NAN;
@@ -188,21 +189,21 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   // 2-3. S and the thresholds
-  const float total = kept_mass(x, vocab, inv_t, m, 0.f, sh);
+  const float total = kept_mass(x, vocab, inv_t, mx, 0.f, sh);
   const int64_t k = top_k[row];
   float tau_k = 0.f;
-  if (k > 0 && k < vocab) tau_k = bisect<false>(x, vocab, inv_t, m, static_cast<float>(k), 0u, kOneBits, sh);
+  if (k > 0 && k < vocab) tau_k = bisect<false>(x, vocab, inv_t, mx, static_cast<float>(k), 0u, kOneBits, sh);
   const float p = top_p[row];
   float tau_p = 0.f;
   if (p < 1.f) {
-    const float target = fmaxf(p, 0.f) * kept_mass(x, vocab, inv_t, m, tau_k, sh);
-    tau_p = bisect<true>(x, vocab, inv_t, m, target, __float_as_uint(tau_k), kOneBits, sh);
+    const float target = fmaxf(p, 0.f) * kept_mass(x, vocab, inv_t, mx, tau_k, sh);
+    tau_p = bisect<true>(x, vocab, inv_t, mx, target, __float_as_uint(tau_k), kOneBits, sh);
   }
   const float mp = min_p[row];
   const float tau = fminf(fmaxf(fmaxf(tau_k, tau_p), mp > 0.f ? mp : 0.f), 1.f);  // the max (e = 1) is kept
 
   // 4. inverse CDF
-  const float kept = kept_mass(x, vocab, inv_t, m, tau, sh);
+  const float kept = kept_mass(x, vocab, inv_t, mx, tau, sh);
   const float target = fminf(fmaxf(uniforms[row], 0.f), 0.99999994f) * kept;
   float cum = 0.f;
   int64_t last = -1;
@@ -214,7 +215,7 @@ __global__ void __launch_bounds__(kThreads)
     float local = 0.f;
 #pragma unroll
     for (int j = 0; j < kItems; ++j) {
-      const float e = first_i + j < vocab ? exp_at(x, first_i + j, inv_t, m) : 0.f;
+      const float e = first_i + j < vocab ? exp_at(x, first_i + j, inv_t, mx) : 0.f;
       w[j] = e >= tau && e > 0.f ? e : 0.f;
       local += w[j];
       if (w[j] > 0.f) last = first_i + j;
@@ -241,7 +242,7 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) {
     int64_t token = found >= 0 ? found : last_kept;  // not found: rounding put the target past the end
     if (token < 0) token = argmax;
-    const float z = to_float(x[token]) * inv_t - m;
+    const float z = (to_float(x[token]) - mx) * inv_t;
     tokens[row] = token;
     logp[row] = z - logf(total);
     filtered_logp[row] = z - logf(kept);

@@ -1,4 +1,5 @@
-"""Input validation shared by every op: a clear TypeError/ValueError naming the argument, before any kernel runs."""
+"""Input validation shared by every op: a clear TypeError/ValueError naming the argument, before any kernel runs;
+and the one normalisation of a [..., D] input to the 2-D layout the kernels read."""
 
 from __future__ import annotations
 
@@ -63,6 +64,17 @@ def labels(y, name: str, logits_: torch.Tensor, ignore_index: int) -> torch.Tens
     return y
 
 
+def non_negative(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Every value finite and >= 0. Reading the values runs eagerly on CPU tensors only (no host synchronisation on
+    CUDA or under torch.compile)."""
+    if x.device.type == "cpu" and not torch.compiler.is_compiling() and x.numel() > 0:
+        bad = ~(x.isfinite() & (x >= 0))
+        if bool(bad.any()):
+            index = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"{name}{list(index)} = {float(x[index])} must be finite and >= 0")
+    return x
+
+
 def integer(x, name: str) -> int:
     if isinstance(x, bool) or not isinstance(x, int):
         raise TypeError(f"{name} must be an int, got {type(x).__name__}")
@@ -77,7 +89,31 @@ def positive_number(x, name: str) -> float:
     return float(x)
 
 
+# The kernels scale by 1 / temperature in float32: both must be finite there (and a nonzero temperature nonzero).
+MIN_TEMPERATURE = float(1.0 / torch.finfo(torch.float32).max)  # 1 / T overflows float32 below this
+MAX_TEMPERATURE = float(torch.finfo(torch.float32).max)
+
+
+def temperature(x, name: str = "temperature") -> float:
+    """A temperature > 0 whose float32 value and reciprocal are finite (else the kernels compute NaN)."""
+    x = positive_number(x, name)
+    if not MIN_TEMPERATURE <= x <= MAX_TEMPERATURE:
+        raise ValueError(f"{name} must be in [{MIN_TEMPERATURE:.4g}, {MAX_TEMPERATURE:.4g}] (its reciprocal and "
+                         f"itself must be finite float32 numbers), got {x}")
+    return x
+
+
 def choice(x, name: str, options) -> str:
     if x not in options:
         raise ValueError(f"{name} must be one of {tuple(options)}, got {x!r}")
     return x
+
+
+def rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> [N, D] with stride 1 in D (a view when possible), for the kernels, whatever view PyTorch accepts:
+    a size-1 or empty dimension may carry any stride (a transposed [N, 1], an expanded or step-sliced [0, D]), and
+    ``contiguous()`` keeps such a stride, so those are copied with fresh strides (cheap: at most N elements)."""
+    out = x.reshape(-1, x.shape[-1])
+    if out.stride(1) != 1:
+        out = out.clone(memory_format=torch.contiguous_format)
+    return out

@@ -1,7 +1,7 @@
 """Weighted cross-entropy (negative log-likelihood) from hidden states: the SFT loss with the gradients formed in the
 forward, three GEMMs in all, never materializing the [N, V] logits.
 
-Formulas (../shared/FORMULAS.md), z = (hidden @ weight.T + bias) / temperature over the vocabulary V:
+Formulas (docs/formulas.md), z = (hidden @ weight.T + bias) / temperature over the vocabulary V:
   loss = sum_n c_n * -logp[n],  logp[n] = z[n, y_n] - logsumexp(z[n])
   c_n  = w_n / sum_{kept m} w_m   (reduction="mean"; w = 1 without ``weights``)   or   w_n   (reduction="sum")
   and c_n = 0 where y_n == ignore_index.
@@ -142,7 +142,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, weig
     reduction "mean": sum_n w_n * -logp_n / sum_n w_n over the tokens not ignored (0 when there are none); "sum":
     the numerator alone. Returns a float32 scalar, differentiable w.r.t. hidden, weight and bias (not weights).
     """
-    temperature = _checks.positive_number(temperature, "temperature")
+    temperature = _checks.temperature(temperature)
     ignore_index = _checks.integer(ignore_index, "ignore_index")
     _check_inputs(hidden, weight, labels, bias, ignore_index)
     if reduction not in ("mean", "sum"):
@@ -154,6 +154,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, weig
         _checks.float_tensor(weights, "weights")
         _checks.same_shape(weights, "weights", labels.shape, "labels.shape")
         _checks.same_device(weights, "weights", hidden, "hidden")
+        _checks.non_negative(weights, "weights")
         w = torch.where(keep, weights.detach().float(), 0.0)
     coef = w / w.sum().clamp_min(torch.finfo(torch.float32).tiny) if reduction == "mean" else w
     backend = _backend.select("linear_cross_entropy", LINEAR_LOGPROBS_BACKENDS, hidden.device)

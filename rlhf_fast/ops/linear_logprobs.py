@@ -1,6 +1,6 @@
 """Log-probs (and entropy) of labels under softmax(hidden @ weight.T + bias), never materializing the [N, V] logits.
 
-Formulas (../shared/FORMULAS.md) with z = (hidden @ weight.T + bias) / temperature over the vocabulary V:
+Formulas (docs/formulas.md) with z = (hidden @ weight.T + bias) / temperature over the vocabulary V:
   logp[n]    = z[n, y_n] - logsumexp(z[n])            (0 where y_n == ignore_index, with no gradient)
   entropy[n] = logsumexp(z[n]) - sum_v softmax(z[n])_v z[n, v]
 
@@ -386,7 +386,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opt
     Differentiable w.r.t. hidden, weight and bias. The GEMMs run in the input dtype; log-prob math, the entropy and
     the grad_weight/grad_bias accumulation are float32.
     """
-    temperature = _checks.positive_number(temperature, "temperature")
+    temperature = _checks.temperature(temperature)
     ignore_index = _checks.integer(ignore_index, "ignore_index")
     _check_inputs(hidden, weight, labels, bias, ignore_index)
     if not isinstance(return_entropy, bool):

@@ -1,7 +1,7 @@
 """Batched sampling from logits with temperature, top-k, top-p and min-p, without sorting the vocabulary, returning the
 sampled token together with its log-prob (the behaviour log-prob PPO needs, so nothing has to recompute it).
 
-Semantics (../shared/FORMULAS.md, "Sampling"), per row of logits [B, V], with p = softmax(logits / temperature):
+Semantics (docs/formulas.md, "Sampling"), per row of logits [B, V], with p = softmax(logits / temperature):
   top-k keeps the k largest p (every tie of the k-th value); top-p then keeps, of the renormalised result, the smallest
   set in descending order whose mass reaches top_p (every tie at the boundary); min-p then keeps p_v >= min_p * max p.
   top_k = 0, top_p = 1 and min_p = 0 disable a filter; temperature = 0 is greedy (argmax, ties -> the lowest id).
@@ -48,7 +48,7 @@ Number = Union[int, float]
 
 def kept_mask_ref(probs: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) -> Tensor:
     """probs [B, V] (rows of a softmax); top_k int [B], top_p, min_p float [B] -> bool [B, V]: the tokens kept by
-    top-k, then top-p on the renormalised result, then min-p (FORMULAS.md), ties at each threshold all kept."""
+    top-k, then top-p on the renormalised result, then min-p (docs/formulas.md), ties at each threshold all kept."""
     B, V = probs.shape
     sorted_p = probs.sort(dim=-1, descending=True).values
     k = torch.where((top_k > 0) & (top_k < V), top_k, V).clamp(min=1)
@@ -119,8 +119,10 @@ def _(logits, uniforms, temperature, top_k, top_p, min_p, backend):
 
 # name -> (integer?, allowed range as text, test on a Python number / on a tensor)
 _PARAMS = {
-    "temperature": (False, "a finite number >= 0", lambda x: x >= 0 and math.isfinite(x),
-                    lambda t: t.isfinite() & (t >= 0)),
+    "temperature": (False, f"0 or in [{_checks.MIN_TEMPERATURE:.4g}, {_checks.MAX_TEMPERATURE:.4g}] (1 / temperature "
+                    "must be a finite float32)",
+                    lambda x: x == 0 or _checks.MIN_TEMPERATURE <= x <= _checks.MAX_TEMPERATURE,
+                    lambda t: (t == 0) | ((t >= _checks.MIN_TEMPERATURE) & (t <= _checks.MAX_TEMPERATURE))),
     "top_k": (True, "an integer >= 0", lambda x: x >= 0, lambda t: t >= 0),
     "top_p": (False, "in (0, 1]", lambda x: 0 < x <= 1, lambda t: (t > 0) & (t <= 1)),
     "min_p": (False, "in [0, 1]", lambda x: 0 <= x <= 1, lambda t: (t >= 0) & (t <= 1)),
@@ -194,9 +196,7 @@ def sample(
             raise ValueError(f"generator is on {generator.device} but logits are on {logits.device}")
     uniforms = torch.rand(logits.shape[0], generator=generator, device=logits.device, dtype=torch.float32)
     backend = _backend.select("sample", SAMPLE_BACKENDS, logits.device)
-    rows = logits.detach()
-    if rows.stride(1) != 1 and rows.shape[1] > 1:
-        rows = rows.contiguous()
+    rows = _checks.rows(logits.detach())
     tokens, logprobs, filtered = sample_op(rows, uniforms, *params, backend)
     if logits.device.type == "cpu" and not torch.compiler.is_compiling() and logprobs.numel() > 0:
         _check_finite(logprobs)

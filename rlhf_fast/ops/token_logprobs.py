@@ -1,6 +1,6 @@
 """Log-probs of chosen tokens, entropy and KL, computed from logits without [N, V] float32 temporaries.
 
-Formulas (../shared/FORMULAS.md), with z = logits / temperature over the last dimension V:
+Formulas (docs/formulas.md), with z = logits / temperature over the last dimension V:
   logp[t]    = z[t, y_t] - logsumexp(z[t])            (0 where y_t == ignore_index, with no gradient)
   entropy[t] = logsumexp(z[t]) - sum_v softmax(z[t])_v z[t, v]
   KL[t]      = sum_v p_v (log p_v - log q_v)          p from logits, q from ref_logits, same temperature
@@ -308,20 +308,14 @@ kl_penalty_op.register_autograd(_kl_penalty_grad, setup_context=_kl_penalty_setu
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _as_rows(x: Tensor) -> Tensor:
-    """[..., V] -> [N, V] with unit stride in V (a view when possible)."""
-    rows = x.reshape(-1, x.shape[-1])
-    return rows if rows.stride(1) == 1 or rows.shape[1] == 1 else rows.contiguous()
-
-
 def _logprobs_entropy(logits, labels, temperature, ignore_index, compute_entropy, op_name):
     _checks.logits(logits)
-    temperature = _checks.positive_number(temperature, "temperature")
+    temperature = _checks.temperature(temperature)
     ignore_index = _checks.integer(ignore_index, "ignore_index")
     if labels is not None:
         _checks.labels(labels, "labels", logits, ignore_index)
     backend = _backend.select(op_name, LOGPROBS_BACKENDS, logits.device)
-    rows = _as_rows(logits)
+    rows = _checks.rows(logits)
     flat_labels = labels.reshape(-1).contiguous() if labels is not None else None
     logp, ent, _ = logprobs_entropy_op(rows, flat_labels, temperature, ignore_index, compute_entropy, backend)
     batch_shape = logits.shape[:-1]
@@ -362,9 +356,9 @@ def kl_divergence(logits: Tensor, ref_logits: Tensor, *, temperature: float = 1.
     _checks.same_device(ref_logits, "ref_logits", logits, "logits")
     if ref_logits.dtype != logits.dtype:
         raise TypeError(f"ref_logits must have the dtype of logits ({logits.dtype}), got {ref_logits.dtype}")
-    temperature = _checks.positive_number(temperature, "temperature")
+    temperature = _checks.temperature(temperature)
     backend = _backend.select("kl_divergence", KL_BACKENDS, logits.device)
-    kl, _, _ = kl_divergence_op(_as_rows(logits), _as_rows(ref_logits.detach()), temperature, backend)
+    kl, _, _ = kl_divergence_op(_checks.rows(logits), _checks.rows(ref_logits.detach()), temperature, backend)
     return kl.view(logits.shape[:-1])
 
 
