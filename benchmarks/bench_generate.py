@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import device_name, peak_extra_mib, sync  # noqa: E402
 
 import rlhf_fast  # noqa: E402
-from rlhf_fast.models.tiny import build_tiny_model, build_tokenizer  # noqa: E402
+from rlhf_fast.data.embedded import build_tokenizer  # noqa: E402
+from rlhf_fast.models import build_tiny_model  # noqa: E402
 
 
 def llama_b(device, vocab=32000, hidden=512, layers=8):

@@ -1,6 +1,6 @@
 // GAE and discounted returns on the CPU: sequences run in parallel (at::parallel_for over B), each one a single
 // fp32 pass from t = T-1 down to 0 (the recurrence is serial in t). Positions with mask 0 are skipped: the next
-// value and the running advantage carry over them unchanged, and their outputs are 0 (FORMULAS.md, "GAE").
+// value and the running advantage carry over them unchanged, and their outputs are 0 (docs/formulas.md, "GAE").
 #include "advantages.h"
 
 #include <ATen/ATen.h>

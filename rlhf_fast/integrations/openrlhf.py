@@ -5,12 +5,12 @@ Swap the import and keep the trainer::
     # from openrlhf.models.utils import log_probs_from_logits, compute_approx_kl, masked_mean
     from rlhf_fast.integrations.openrlhf import log_probs_from_logits, compute_approx_kl, masked_mean
 
-Semantics follow OpenRLHF (``openrlhf/models/utils.py``, 2025), not FORMULAS.md, where they differ:
-  - ``compute_approx_kl`` clamps every estimator's result to [-10, 10] (OpenRLHF does; FORMULAS.md clamps k3 only).
+Semantics follow OpenRLHF (``openrlhf/models/utils.py``, 2025), not docs/formulas.md, where they differ:
+  - ``compute_approx_kl`` clamps every estimator's result to [-10, 10] (OpenRLHF does; docs/formulas.md clamps k3 only).
   - ``log_probs_from_logits`` returns float32 whatever the logits dtype (OpenRLHF returns float32 on its flash-attn
     path and the logits dtype on its fallback path) and does NOT divide ``logits`` in place by the temperature
     (OpenRLHF does, as a memory trick; the values returned are the same).
-  - ``PolicyLoss`` clamps log(ratio) to [-20, 20] before exp (FORMULAS.md; OpenRLHF does not clamp): the two differ
+  - ``PolicyLoss`` clamps log(ratio) to [-20, 20] before exp (docs/formulas.md; OpenRLHF does not clamp): the two differ
     only where the new and old log-probs are more than 20 nats apart.
   - ``PolicyLoss`` / ``ValueLoss`` keep the v0.8.5 signatures (``forward(..., action_mask)``, PolicyLoss returns
     ``(loss, clip_ratio)``) with HEAD's aggregation: ``token_level_loss=False`` averages over the sequences with at

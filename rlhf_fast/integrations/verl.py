@@ -10,8 +10,8 @@ From ``verl/trainer/ppo/core_algos.py``: ``kl_penalty``, ``agg_loss``, ``compute
 ``compute_policy_loss`` (vanilla PPO with dual clip), ``compute_value_loss``. From ``verl/utils/torch_functional.py``:
 ``logprobs_from_logits``, ``entropy_from_logits``, ``masked_mean``, ``masked_var``, ``masked_whiten``.
 
-Semantics follow veRL, not FORMULAS.md, where they differ (each function's docstring says how):
-  - GAE: at positions outside ``response_mask`` the advantage is the carried running value (FORMULAS.md: 0),
+Semantics follow veRL, not docs/formulas.md, where they differ (each function's docstring says how):
+  - GAE: at positions outside ``response_mask`` the advantage is the carried running value (docs/formulas.md: 0),
     returns are ``advantages + values`` before whitening and unmasked, and the advantages come back whitened over
     the mask (at every position, not multiplied by the mask).
   - agg_loss (veRL >= 0.6.1, as at v0.7/HEAD): the ``seq-mean-*`` modes average over the sequences with at least
@@ -20,7 +20,7 @@ Semantics follow veRL, not FORMULAS.md, where they differ (each function's docst
     in token-mean, where it divides 0 by 0).
   - masked_mean: veRL's ``masked_sum / (mask.sum() + 1e-8)``: values outside the mask (NaN included) are ignored and
     an empty mask gives 0.
-  - the PPO ``ppo_kl`` diagnostic is the k1 mean ``mean_mask(old_logp - logp)`` (FORMULAS.md: k3).
+  - the PPO ``ppo_kl`` diagnostic is the k1 mean ``mean_mask(old_logp - logp)`` (docs/formulas.md: k3).
   - ``logprobs_from_logits`` returns float32 (veRL: float32 on its flash-attn path, the logits dtype otherwise).
 Tensors of a dtype the fused kernels do not take (float64) go through the plain PyTorch formula.
 """
@@ -179,7 +179,7 @@ def compute_gae_advantage_return(token_level_rewards: Tensor, values: Tensor, re
                                  ) -> tuple[Tensor, Tensor]:
     """GAE over the masked response, veRL semantics: returns (advantages, returns), both [B, T] float32, no grad.
 
-    The recursion is FORMULAS.md's (positions outside ``response_mask`` are skipped, the next value and the running
+    The recursion is docs/formulas.md's (positions outside ``response_mask`` are skipped, the next value and the running
     advantage carried across them; rlhf_fast.ops.gae). As in veRL, a masked-out position holds the carried running
     advantage (that of the next response token, 0 after the last one), ``returns = advantages + values`` there too,
     and the advantages are then whitened over the mask (``masked_whiten``) at every position.

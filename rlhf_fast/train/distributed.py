@@ -177,7 +177,7 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 
 def masked_whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
     """``(x - mean) / sqrt(var + eps)`` with the mean and unbiased variance of the masked entries of ALL ranks (the
-    FORMULAS.md whitening of the concatenated batch). One process: ``rlhf_fast.masked_whiten`` (the fused op).
+    docs/formulas.md whitening of the concatenated batch). One process: ``rlhf_fast.masked_whiten`` (the fused op).
     x: [B, T] float; mask: [B, T] -> float32 [B, T]."""
     if not is_distributed():
         import rlhf_fast

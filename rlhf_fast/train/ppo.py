@@ -159,16 +159,15 @@ class PPOTrainer(common.Trainer):
         cfg, tok = self.cfg, self.tokenizer
         batch = prompt_batch(tok, rows, cfg.max_prompt_len)
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        if self.group:
-            ids, mask = ids.repeat_interleave(cfg.group_size, 0), mask.repeat_interleave(cfg.group_size, 0)
+        samples = cfg.group_size if self.group else 1  # each prompt prefilled once, its cache shared by G rows
         self.policy.eval()
         with common.autocast(self.device):
             out = self.policy.local(generate, ids, mask, max_new_tokens=cfg.max_new_tokens,
                                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                                    generator=self.generator)
+                                    generator=self.generator, num_samples=samples)
         self.policy.train()
-        return out, mask
+        return out, mask.repeat_interleave(samples, 0)
 
     @torch.no_grad()
     def score(self, out, prompt_mask) -> tuple[TokenBatch, dict]:
