@@ -90,7 +90,13 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--fsdp", action="store_true",
                        help="under torchrun: shard parameters, gradients and optimizer state with FSDP2 (else DDP)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (OmegaConf dotlist)")
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    # key=value overrides may also follow the flags (e.g. appended after --out)
+    unknown = [a for a in rest if "=" not in a or a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if rest:
+        args.overrides = [*getattr(args, 'overrides', []), *rest]
     if args.command == "info":
         print(info())
     else:

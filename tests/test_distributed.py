@@ -28,7 +28,7 @@ from rlhf_fast.data.embedded import save_tiny_default
 from rlhf_fast.models import ScalarHeadModel, load_causal_lm
 from rlhf_fast.ops import AGG_MODES
 from rlhf_fast.train import common, distributed
-from rlhf_fast.train.checkpoint import load_checkpoint
+from rlhf_fast.train.checkpoint import Checkpoint, load_checkpoint
 from rlhf_fast.train.ppo import PPOConfig, PPOTrainer
 from rlhf_fast.train.rm import RMConfig, train_rm
 from rlhf_fast.train.sft import SFTConfig, train_sft
@@ -217,7 +217,7 @@ def test_dcp_checkpoint_from_two_fsdp_ranks_resumes_on_one(models, launched, tmp
     saved = weights(os.path.join(src, "model"))
     model = distributed.wrap(load_causal_lm(base))
     opt = torch.optim.AdamW(model.parameters())
-    state = distributed.Checkpoint(src, "dcp").load({"model": model}, {"optimizer": (model, opt)})
+    state = Checkpoint(src, "dcp").load({"model": model}, {"optimizer": (model, opt)})
     steps = state["step"]
     assert steps == 3 and state["world_size"] == 2
     for k, v in model.module.state_dict().items():

@@ -327,7 +327,8 @@ def test_ppo_step_packed_equals_padded(pipeline, tmp_path, agg):
 
     torch.testing.assert_close(packed_loss(), padded_loss().float(), rtol=1e-5, atol=1e-6)
     for g, g_ref in zip(grads_of(policy, packed_loss()), grads_of(policy, padded_loss())):
-        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)  # fp32: the issue's 1e-5
+        scale = g_ref.abs().max().clamp(min=1e-6)  # fp32 1e-5 relative to the tensor's scale: the attention sums
+        torch.testing.assert_close(g / scale, g_ref / scale, rtol=0, atol=1e-5)  # run in another order
 
 
 def test_grpo_group_advantages_without_critic(pipeline, tmp_path):
@@ -386,3 +387,15 @@ def test_resume_after_sigkill_matches_uninterrupted_run(pipeline, tmp_path):
     b = common.read_metrics(os.path.join(killed, "metrics.jsonl"))
     drop = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]  # noqa: E731
     assert len(a) == 4 and drop(a) == drop(b)
+
+
+def test_cli_overrides_may_follow_the_flags(monkeypatch):
+    """key=value overrides appended after --out (as one extends the README's lines) are taken, not refused."""
+    from rlhf_fast import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_train", lambda args: seen.append((args.out, args.overrides)))
+    cli.main(["ppo", "lr=1e-4", "--out", "runs/x", "iterations=3"])
+    assert seen == [("runs/x", ["lr=1e-4", "iterations=3"])]
+    with pytest.raises(SystemExit):
+        cli.main(["ppo", "--out", "runs/x", "--no-such-flag"])

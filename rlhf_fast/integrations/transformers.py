@@ -5,9 +5,9 @@
     logp = model.rlhf_logprobs(input_ids, attention_mask)             # [B, T] float32, position t scores token t+1
     logp, entropy = model.rlhf_logprobs(input_ids, attention_mask, labels, return_entropy=True)
 
-``patch_causal_lm`` adds one method, ``model.rlhf_logprobs``; ``forward`` and everything else are untouched. The method
-is ``rlhf_fast.models.sequence_logprobs(model, ...)``: it runs the decoder to its last hidden states, keeps the
-scored positions only, and sends them with the lm_head weight through ``rlhf_fast.ops.linear_logprobs``, which
+``patch_causal_lm`` adds one method, ``model.rlhf_logprobs``; ``forward`` and everything else are untouched. It takes
+the padded batches of the host trainer (``rlhf_fast.models.sequence_logprobs`` is its packed counterpart): it runs the
+decoder to its last hidden states exactly as ``forward`` does, keeps the scored positions only, and sends them with the lm_head weight through ``rlhf_fast.ops.linear_logprobs``, which
 computes the logits chunk by chunk and keeps none of them (forward or backward).
 
 Supported families (their logits are exactly ``lm_head(hidden)``): Llama, Mistral, Qwen2, GPT-2. Other
@@ -59,13 +59,46 @@ def _rlhf_logprobs(self, input_ids: Tensor, attention_mask: Optional[Tensor] = N
     ``log_softmax(model(input_ids, attention_mask).logits / temperature).gather(-1, labels)`` there; with
     ``return_entropy=True`` the tuple (logp, entropy). Differentiable w.r.t. every parameter.
     """
-    from ..models import sequence_logprobs, shift_labels  # noqa: PLC0415
+    from ..ops import _checks, linear_logprobs  # noqa: PLC0415
 
-    _decoder_and_head(self)
+    decoder, head = _decoder_and_head(self)
+    _checks.tensor(input_ids, "input_ids")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+    if attention_mask is not None:
+        _checks.same_shape(attention_mask, "attention_mask", input_ids.shape, "the shape of input_ids")
     if labels is None:
         labels = shift_labels(input_ids, attention_mask, ignore_index)
-    return sequence_logprobs(self, input_ids, attention_mask, labels, temperature=temperature,
-                             ignore_index=ignore_index, return_entropy=return_entropy)
+    _checks.same_shape(labels, "labels", input_ids.shape, "the shape of input_ids")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"labels must be int64 (torch.long), got {labels.dtype}")
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    weight, bias = head.weight, head.bias
+    if torch.is_autocast_enabled(hidden.device.type):  # what nn.Linear would compute in
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+    scored = labels != ignore_index
+    if attention_mask is not None:
+        scored &= attention_mask.to(torch.bool)
+    index = scored.reshape(-1).nonzero().squeeze(1)  # the only positions sent to the head
+    flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index).to(weight.dtype)
+    out = linear_logprobs(flat, weight, labels.reshape(-1).index_select(0, index), bias=bias,
+                          temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy)
+
+    def scatter(values: Tensor) -> Tensor:
+        return values.new_zeros(labels.numel()).index_copy(0, index, values).view(labels.shape)
+
+    return (scatter(out[0]), scatter(out[1])) if return_entropy else scatter(out)
+
+
+def shift_labels(input_ids: Tensor, attention_mask: Optional[Tensor] = None, ignore_index: int = -100) -> Tensor:
+    """Next-token labels aligned with positions: ``labels[:, t] = input_ids[:, t + 1]``, ``ignore_index`` at the last
+    position and wherever the next token is padding (attention_mask[:, t + 1] == 0)."""
+    labels = torch.full_like(input_ids, ignore_index)
+    labels[:, :-1] = input_ids[:, 1:]
+    if attention_mask is not None:
+        labels[:, :-1].masked_fill_(attention_mask[:, 1:] == 0, ignore_index)
+    return labels
 
 
 def patch_causal_lm(model):

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, ops
-from ..ops import token_logprobs as _tl
+from ..ops import _checks, token_logprobs as _tl
 
 __all__ = ["ChunkedLogProbFunction", "entropy_from_logits", "is_patched", "patch", "patched",
            "selective_log_softmax", "selective_log_softmax_and_entropy", "unpatch"]
@@ -85,7 +85,7 @@ def _check_temperature(temperature: float) -> None:
 def _lse(logits: Tensor, temperature: float) -> Tensor:
     """logsumexp(logits / temperature) over the last dim, float32 [...], differentiable, from the fused op."""
     backend = _backend.select("logprobs", _tl.LOGPROBS_BACKENDS, logits.device)
-    _, _, lse = _tl.logprobs_entropy_op(_tl._as_rows(logits), None, float(temperature), -100, False, backend)
+    _, _, lse = _tl.logprobs_entropy_op(_checks.rows(logits), None, float(temperature), -100, False, backend)
     return lse.view(logits.shape[:-1])
 
 
