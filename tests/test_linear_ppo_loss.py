@@ -234,3 +234,20 @@ def test_bad_input(case, error, match):
         kwargs["dual_clip"] = 0.5
     with pytest.raises(error, match=match):
         rlhf_fast.linear_ppo_loss(hidden, weight, labels, old, adv, w, **kwargs)
+
+
+def test_equals_ppo_objective_on_the_linear_logprobs():
+    """The fused loss is the project's one PPO objective: ``ppo_objective`` on ``linear_logprobs``' log-probs."""
+    g = torch.Generator().manual_seed(7)
+    N, H, V = 37, 16, 53
+    hidden, weight = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g) * 0.3
+    labels = torch.randint(0, V, (N,), generator=g)
+    old_logp, adv = -torch.rand(N, generator=g) * 4, torch.randn(N, generator=g)
+    ref_logp = old_logp + 0.1 * torch.randn(N, generator=g)
+    mask = torch.rand(N, generator=g) > 0.2
+    w = rlhf_fast.loss_weights(mask, "token-mean")
+    kw = dict(ref_logp=ref_logp, kl_coef=0.1, kl_kind="k3", entropy_coef=0.01, clip_low=0.2, clip_high=0.28)
+    loss, _ = rlhf_fast.linear_ppo_loss(hidden, weight, labels, old_logp, adv, w, **kw)
+    logp, ent = rlhf_fast.linear_logprobs(hidden, weight, labels, return_entropy=True)
+    ref, _ = rlhf_fast.ppo_objective(logp, old_logp, adv, w, entropy=ent, **kw)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)

@@ -30,6 +30,7 @@ from .. import _backend
 from . import _checks
 from .linear_cross_entropy import CHUNK_BYTES, chunk_rows
 from .linear_logprobs import LINEAR_LOGPROBS_BACKENDS, _balanced, _check_inputs, _gemm, _tile_logits
+from .ppo_loss import _kl_dlogp, _policy_terms
 from .token_logprobs import _logprobs_bwd, _logprobs_fwd, entropy_ref, kl_penalty_ref, logprobs_ref
 
 OP_BACKENDS = {"linear_ppo_loss": LINEAR_LOGPROBS_BACKENDS, "linear_dpo_loss": LINEAR_LOGPROBS_BACKENDS}
@@ -45,41 +46,17 @@ DPO_STATS = ("chosen_rewards", "rejected_rewards", "margins", "accuracy", "nll")
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _kl_terms(logp: Tensor, ref_logp: Tensor, kind: str) -> tuple[Tensor, Tensor]:
-    """(k, d k / d logp) of the sampled-token KL estimator, d = ref - logp (k3's clamps pass no gradient)."""
-    d = ref_logp - logp
-    if kind == "k1":
-        return -d, torch.ones_like(d)
-    if kind == "k2":
-        return 0.5 * d * d, -d
-    if kind == "abs":
-        return d.abs(), -torch.sign(d)
-    dc = d.clamp(-20.0, 20.0)
-    k3 = dc.exp() - dc - 1.0
-    return k3.clamp(-10.0, 10.0), torch.where((d.abs() <= 20.0) & (k3.abs() <= 10.0), 1.0 - dc.exp(), 0.0)
-
-
 def _ppo_terms(logp, entropy, old_logp, adv, ref_logp, clip_low, clip_high, dual_clip, kl_coef, kl_kind,
                entropy_coef):
-    """-> per-token (loss, d loss / d logp, d loss / d entropy, ratio, log_ratio, clipped, dual, kl)."""
-    log_ratio = logp - old_logp
-    ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
-    unclipped, clipped = -adv * ratio, -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    loss = torch.maximum(unclipped, clipped)
-    takes_ratio = (unclipped >= clipped) & (log_ratio.abs() <= 20.0)
-    dual = torch.zeros_like(takes_ratio)
-    if dual_clip is not None:
-        dual = (adv < 0) & (loss > -adv * dual_clip)
-        loss = torch.where(dual, -adv * dual_clip, loss)
-        takes_ratio = takes_ratio & ~dual
-    dlogp = torch.where(takes_ratio, unclipped, 0.0)
+    """-> per-token (loss, d loss / d logp, ratio, log_ratio, clipped, dual, kl): ppo_objective's terms."""
+    loss, dlogp, ratio, clipped, dual = _policy_terms(logp, old_logp, adv, clip_low, clip_high, dual_clip)
     kl = torch.zeros_like(loss)
     if ref_logp is not None:
-        kl, dkl = _kl_terms(logp, ref_logp, kl_kind)
+        kl = kl_penalty_ref(logp, ref_logp, kl_kind)
         loss = loss + kl_coef * kl
-        dlogp = dlogp + kl_coef * dkl
+        dlogp = dlogp + kl_coef * _kl_dlogp(logp, ref_logp, kl_kind)
     loss = loss - entropy_coef * entropy
-    return loss, dlogp, ratio, log_ratio, clipped > unclipped, dual, kl
+    return loss, dlogp, ratio, logp - old_logp, clipped, dual, kl
 
 
 def _linear_ppo_fwd(hidden, weight, bias, labels, old_logp, advantages, weights, ref_logp, temperature, ignore_index,

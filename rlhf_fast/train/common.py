@@ -278,6 +278,37 @@ class Trainer:
         return {}
 
 
+class EpochTrainer(Trainer):
+    """A trainer of one model over ``rows`` in global batches for ``cfg.epochs`` passes, with AdamW and the linear
+    warm-up / decay schedule (SFT, RM). A stage's ``setup()`` builds ``self.model`` and calls ``start(rows)``."""
+
+    def start(self, rows: list) -> None:
+        cfg = self.cfg
+        self.log_every, self.save_every = cfg.log_every, cfg.save_every
+        self.rows = rows
+        self.global_batch = cfg.batch_size * distributed.world_size()
+        self.steps_per_epoch = distributed.steps_per_epoch(len(rows), self.global_batch)
+        self.opt, self.sched = optimizer(cfg, self.model, self.total_steps())
+        self.model.train()
+
+    def step_rows(self) -> list:
+        """This rank's rows of the current step's global batch."""
+        idx = global_batch_indices(len(self.rows), self.step, self.steps_per_epoch, self.global_batch, self.cfg.seed)
+        return [self.rows[j] for j in distributed.shard(idx)]
+
+    def total_steps(self) -> int:
+        return self.cfg.epochs * self.steps_per_epoch
+
+    def checkpointed(self):
+        return {"model": self.model}, {"optimizer": (self.model, self.opt)}
+
+    def extra_state(self) -> dict:
+        return {"scheduler": self.sched.state_dict()}
+
+    def restore(self, state: dict) -> None:
+        self.sched.load_state_dict(state["scheduler"])
+
+
 def optimizer_step(loss, model, opt, grad_clip: float, sched=None) -> None:
     """Backward, gradient-norm clipping, one optimiser (and schedule) step."""
     opt.zero_grad(set_to_none=True)

@@ -73,12 +73,11 @@ def evaluate(model, tokenizer, rows, cfg, device) -> dict:
             "score_mean": mean, "score_std": (sq / max(tot["n"] - 1, 1)) ** 0.5}
 
 
-class RMTrainer(common.Trainer):
+class RMTrainer(common.EpochTrainer):
     name = "rm"
 
     def setup(self) -> None:
         cfg = self.cfg
-        self.log_every, self.save_every = cfg.log_every, cfg.save_every
         model_dir = common.base_model_dir(cfg)
         self.tokenizer = load_tokenizer(model_dir)
         if cfg.from_scratch:
@@ -89,31 +88,15 @@ class RMTrainer(common.Trainer):
         self.model = distributed.wrap(module if cfg.dropout else disable_dropout(module), fsdp=cfg.fsdp)
         rows = read_jsonl(cfg.data, "rm") if cfg.data else task.preference_pairs(cfg.num_pairs, cfg.seed)
         n_held = max(1, int(len(rows) * cfg.heldout_fraction))
-        self.rows, self.held = rows[:-n_held], rows[-n_held:]
-        self.global_batch = cfg.batch_size * distributed.world_size()
-        self.steps_per_epoch = distributed.steps_per_epoch(len(self.rows), self.global_batch)
-        self.opt, self.sched = common.optimizer(cfg, self.model, self.total_steps())
-        self.model.train()
-
-    def total_steps(self) -> int:
-        return self.cfg.epochs * self.steps_per_epoch
-
-    def checkpointed(self):
-        return {"model": self.model}, {"optimizer": (self.model, self.opt)}
-
-    def extra_state(self) -> dict:
-        return {"scheduler": self.sched.state_dict()}
-
-    def restore(self, state: dict) -> None:
-        self.sched.load_state_dict(state["scheduler"])
+        self.held = rows[-n_held:]
+        self.start(rows[:-n_held])
 
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
-        idx = distributed.shard(common.global_batch_indices(len(self.rows), self.step, self.steps_per_epoch,
-                                                            self.global_batch, cfg.seed))
-        batch = pair_batch(self.tokenizer, [self.rows[j] for j in idx], cfg.max_len).to(self.device)
+        rows = self.step_rows()
+        batch = pair_batch(self.tokenizer, rows, cfg.max_len).to(self.device)
         # the mean over the global batch's pairs: one weight per pair
-        weights = distributed.global_weights(torch.ones(len(idx), 1, device=self.device)).squeeze(1)
+        weights = distributed.global_weights(torch.ones(len(rows), 1, device=self.device)).squeeze(1)
         with common.autocast(self.device):
             loss, correct = self.model(bradley_terry, batch, weights)
         common.optimizer_step(loss, self.model, self.opt, cfg.grad_clip, self.sched)

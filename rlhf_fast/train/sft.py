@@ -37,39 +37,20 @@ def sft_loss(model, batch, weights=None):
     return sequence_cross_entropy(model, batch, weights=weights)
 
 
-class SFTTrainer(common.Trainer):
+class SFTTrainer(common.EpochTrainer):
     name = "sft"
 
     def setup(self) -> None:
         cfg = self.cfg
-        self.log_every, self.save_every = cfg.log_every, cfg.save_every
         model_dir = common.base_model_dir(cfg)
         self.tokenizer = load_tokenizer(model_dir)
         module = load_causal_lm(model_dir, self.device)
         self.model = distributed.wrap(module if cfg.dropout else disable_dropout(module), fsdp=cfg.fsdp)
-        self.rows = read_jsonl(cfg.data, "sft") if cfg.data else task.sft_examples(cfg.num_examples, cfg.seed)
-        self.global_batch = cfg.batch_size * distributed.world_size()
-        self.steps_per_epoch = distributed.steps_per_epoch(len(self.rows), self.global_batch)
-        self.opt, self.sched = common.optimizer(cfg, self.model, self.total_steps())
-        self.model.train()
-
-    def total_steps(self) -> int:
-        return self.cfg.epochs * self.steps_per_epoch
-
-    def checkpointed(self):
-        return {"model": self.model}, {"optimizer": (self.model, self.opt)}
-
-    def extra_state(self) -> dict:
-        return {"scheduler": self.sched.state_dict()}
-
-    def restore(self, state: dict) -> None:
-        self.sched.load_state_dict(state["scheduler"])
+        self.start(read_jsonl(cfg.data, "sft") if cfg.data else task.sft_examples(cfg.num_examples, cfg.seed))
 
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
-        idx = distributed.shard(common.global_batch_indices(len(self.rows), self.step, self.steps_per_epoch,
-                                                            self.global_batch, cfg.seed))
-        batch = sft_batch(self.tokenizer, [self.rows[j] for j in idx], cfg.max_len).to(self.device)
+        batch = sft_batch(self.tokenizer, self.step_rows(), cfg.max_len).to(self.device)
         weights = distributed.global_weights(batch.mask, "token-mean")  # the token-mean over the global batch
         with common.autocast(self.device):
             loss = self.model(sft_loss, batch, weights)
