@@ -19,7 +19,7 @@ import rlhf_fast
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from rlhf_fast.batch import TokenBatch
-from rlhf_fast.data import DataError, pair_batch, read_jsonl, sft_batch, task, write_jsonl
+from rlhf_fast.data import DataError, pair_batch, read_jsonl, sft_batch
 from rlhf_fast.data.embedded import build_tokenizer, save_tiny_default
 from rlhf_fast.models import ScalarHeadModel, load_causal_lm, load_tokenizer, sequence_logprobs
 from rlhf_fast.ops.ppo_loss import ppo_loss_from_logits_ref
