@@ -29,12 +29,12 @@ import tempfile
 import time
 
 
-def _models(tmp: str, vocab_size: int, max_positions: int = 64) -> tuple[str, str]:
+def _models(tmp: str, vocab_size: int) -> tuple[str, str]:
     from rlhf_fast.data.embedded import DEFAULT_VOCAB_SIZE, build_tokenizer
     from rlhf_fast.models import ScalarHeadModel, build_tiny_model
 
     tok = build_tokenizer(vocab_size or DEFAULT_VOCAB_SIZE)
-    build_tiny_model(tok, seed=0, max_positions=max_positions).save_pretrained(f"{tmp}/policy")
+    build_tiny_model(tok, seed=0).save_pretrained(f"{tmp}/policy")
     tok.save_pretrained(f"{tmp}/policy")
     ScalarHeadModel.from_pretrained(f"{tmp}/policy").save_pretrained(f"{tmp}/rm")
     return f"{tmp}/policy", f"{tmp}/rm"
@@ -123,7 +123,7 @@ def mixed_worker(args) -> dict:
     if args.layout == "padded":
         logprobs.decoder_hidden = value_head.decoder_hidden = padded_hidden
     with tempfile.TemporaryDirectory() as tmp:
-        policy, rm = _models(tmp, args.vocab_size, max_positions=512)
+        policy, rm = _models(tmp, args.vocab_size)
         cfg = PPOConfig(model=policy, reward_model=rm, out=f"{tmp}/out", batch_size=args.batch_size,
                         minibatch_size=args.batch_size // 4, epochs=1, max_new_tokens=128, eval_prompts=0,
                         progress=False, threads=args.threads)

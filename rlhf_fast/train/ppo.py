@@ -32,7 +32,6 @@ from .. import gae, generate, group_advantages, kl_penalty, ppo_objective, ppo_v
 from ..batch import TokenBatch
 from ..data import prompt_batch, read_jsonl, task
 from ..models import ScalarHeadModel, disable_dropout, load_causal_lm, load_tokenizer, sequence_logprobs
-from ..ops import AGG_MODES
 from . import common, distributed
 
 GROUP_MODES = ("grpo", "dr_grpo", "rloo")
@@ -44,41 +43,52 @@ class PPOConfig(common.RunConfig):
     reward_model: str = ""       # scalar-head model directory (from `rlhf-fast rm`)
     critic: str = ""             # "" = initialise the critic from the reward model
     algo: str = "ppo"            # ppo | grpo | dr_grpo | rloo
-    iterations: int = 60
+    iterations: int = 60         # rounds of rollout -> score -> learn
     batch_size: int = 64         # prompts per iteration and rank (under torchrun the global batch is world_size x this)
     group_size: int = 4          # samples per prompt (group modes only)
     minibatch_size: int = 32     # sequences per gradient step and rank
     epochs: int = 2              # passes over each rollout batch
-    max_new_tokens: int = 10
-    max_prompt_len: int = 256
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    lr: float = 3e-4
-    critic_lr: float = 1e-3
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_low: float = 0.2
-    clip_high: Optional[float] = None
-    dual_clip: Optional[float] = None
-    value_clip: float = 0.2
-    kl_coef: float = 0.05
+    max_new_tokens: int = 10     # longest response sampled
+    max_prompt_len: int = 256    # a longer prompt keeps its last tokens
+    temperature: float = 1.0     # of the sampler and of every log-prob
+    top_k: int = 0               # sampler filters: 0 = off
+    top_p: float = 1.0           # 1 = off
+    min_p: float = 0.0           # 0 = off
+    lr: float = 3e-4             # policy AdamW learning rate (decays linearly to 0 over the iterations)
+    critic_lr: float = 1e-3      # critic AdamW learning rate
+    gamma: float = 1.0           # GAE discount
+    lam: float = 0.95            # GAE lambda
+    clip_low: float = 0.2        # ratio clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: Optional[float] = None  # null = clip_low
+    dual_clip: Optional[float] = None  # > 1: bound of the loss for negative advantages (null = off)
+    value_clip: float = 0.2      # critic values clipped to old value +- value_clip
+    kl_coef: float = 0.05        # KL to the reference: in the reward (ppo) or in the loss (group modes)
     kl_kind: str = "k1"          # k1 | k2 | k3 | abs (k3 is the usual choice in group modes)
     adaptive_kl: bool = False    # Ziegler et al.: kl_coef *= 1 + clip(KL / kl_target - 1, -0.2, 0.2) * B / horizon
-    kl_target: float = 1.0
-    kl_horizon: int = 2000
-    reward_clip: Optional[float] = 5.0
-    entropy_coef: float = 0.0
-    grad_clip: float = 1.0
+    kl_target: float = 1.0       # adaptive_kl: the KL aimed at
+    kl_horizon: int = 2000       # adaptive_kl: its horizon in samples
+    reward_clip: Optional[float] = 5.0  # normalised RM score clipped to +- this (null = off)
+    entropy_coef: float = 0.0    # entropy bonus in the loss
+    grad_clip: float = 1.0       # gradient-norm clipping (policy and critic)
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm |
     #                               dr-grpo (docs/formulas.md), over the global minibatch
-    whiten_advantages: bool = True
+    whiten_advantages: bool = True  # ppo: advantages normalised over the global batch
     dropout: bool = False        # keep dropout in the policy and critic while training (off by default, as in TRL)
     shard_frozen: bool = False   # under torchrun: shard the reference and reward models with FSDP2 (else replicated)
     eval_prompts: int = 256      # synthetic task: prompts for the true score before/after (0 = skip)
     eval_every: int = 0          # also every this many iterations (0 = only before and after)
-    save_every: int = 5
+    save_every: int = 5          # checkpoint every this many iterations
+
+    def validate(self, prefix: str = "") -> None:
+        if self.algo not in ("ppo", *GROUP_MODES):
+            raise common.ConfigError(f"{prefix}algo={self.algo!r}: must be one of ppo, {', '.join(GROUP_MODES)}")
+        if self.algo in GROUP_MODES and self.group_size < 2:
+            raise common.ConfigError(f"{prefix}group_size={self.group_size}: algo={self.algo} needs groups of 2 or "
+                                     "more samples (a group of one has advantage 0: nothing to learn)")
+        if not prefix and not (self.model and self.reward_model):
+            raise common.ConfigError("ppo needs --model (the SFT policy directory) and reward_model= (from "
+                                     "`rlhf-fast rm`)")
+        super().validate(prefix)
 
 
 def values_of(critic: ScalarHeadModel, batch: TokenBatch) -> torch.Tensor:
@@ -96,12 +106,6 @@ class PPOTrainer(common.Trainer):
 
     def setup(self) -> None:
         cfg = self.cfg
-        if cfg.algo not in ("ppo", *GROUP_MODES):
-            raise ValueError(f"algo must be ppo, grpo, dr_grpo or rloo, got {cfg.algo!r}")
-        if cfg.loss_agg not in AGG_MODES:
-            raise ValueError(f"loss_agg must be one of {AGG_MODES}, got {cfg.loss_agg!r}")
-        if not cfg.model or not cfg.reward_model:
-            raise ValueError("ppo needs model= (the SFT policy directory) and reward_model= (from `rlhf-fast rm`)")
         self.save_every = cfg.save_every
         device = self.device
         trainable = (lambda m: m) if cfg.dropout else disable_dropout
@@ -121,6 +125,7 @@ class PPOTrainer(common.Trainer):
         self.critic_opt = None if self.group else torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda it: 1.0 - it / cfg.iterations)
         self.rows = read_jsonl(cfg.data, "ppo") if cfg.data else task.prompts(20_000, cfg.seed)
+        common.check_rows(len(self.rows), cfg.batch_size, "prompts")
         self.kl_coef = cfg.kl_coef
         self.initial_true_score = None
 
