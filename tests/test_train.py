@@ -279,7 +279,7 @@ def test_first_on_policy_minibatch_has_ratio_one(tmp_path, kind):
     clipping, on models with dropout and with absolute positions (GPT-2)."""
     policy, rm = tiny_policy_and_rm(str(tmp_path), kind)
     cfg = PPOConfig(model=policy, reward_model=rm, out=str(tmp_path / "ppo"), iterations=1, epochs=1, batch_size=64,
-                    minibatch_size=64, max_new_tokens=8, eval_prompts=0, progress=False)
+                    minibatch_size=64, max_new_tokens=8, max_prompt_len=32, eval_prompts=0, progress=False)
     trainer = PPOTrainer(cfg)
     stats = trainer.learn(trainer.score(*trainer.rollout(trainer.prompts(0)))[0])
     assert stats["approx_kl"] < 1e-6 and stats["clip_frac"] == 0.0

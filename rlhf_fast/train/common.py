@@ -380,9 +380,8 @@ def check_rows(n_rows: int, batch_size: int, what: str) -> None:
                                                 if n_rows else "nothing to train on"))
     if n_rows < batch_size * world and distributed.is_main():
         ranks = f" x {world} ranks" if world > 1 else ""
-        warnings.warn(f"{n_rows} {what}, fewer than one batch (batch_size={batch_size}{ranks}): every step uses "
-                      f"all of them; lower batch_size to {max(1, n_rows // world)} or less to take several steps "
-                      "per epoch")
+        warnings.warn(f"{n_rows} {what}, fewer than one batch (batch_size={batch_size}{ranks}): every step trains "
+                      "on all of them, one step per epoch; lower batch_size for several steps per epoch")
 
 
 def check_warmup(warmup: int, total: int) -> None:
@@ -391,7 +390,8 @@ def check_warmup(warmup: int, total: int) -> None:
     peak = max(schedule(s) for s in range(min(warmup, total))) if warmup else 1.0
     if peak < 0.5 and distributed.is_main():
         warnings.warn(f"warmup_steps={warmup} but the run has {total} optimizer steps: the learning rate peaks at "
-                      f"{peak:.0%} of lr; set warmup_steps={total // 10} (a tenth of the steps) or more epochs")
+                      f"{peak:.0%} of lr; set warmup_steps to about a tenth of the steps (warmup_steps={total // 10}) or "
+                      "train longer")
 
 
 class Trainer:
