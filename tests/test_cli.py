@@ -65,6 +65,7 @@ def assert_one_line_error(code, err, *needles):
     (["sft", "device=gpu"], ["device='gpu'"]),
     (["rm", "heldout_fraction=1.0"], ["heldout_fraction=1.0", "(0, 1)"]),
     (["pipeline", "ppo.temperature=0"], ["ppo.temperature=0.0", "> 0"]),
+    (["pipeline", "ppo.temperature=1e-39"], ["ppo.temperature=1e-39", "reciprocal"]),
     (["pipeline", "ppo.loss_agg=mean"], ["ppo.loss_agg='mean'", "token-mean"]),
     (["pipeline", "ppo.algo=grpo", "ppo.group_size=1"], ["ppo.group_size=1", "grpo"]),
     (["pipeline", "ppo.kl_kind=k4"], ["ppo.kl_kind='k4'", "k3"]),
@@ -83,6 +84,13 @@ def test_config_errors_are_one_line_with_exit_status_2(tmp_path, capsys, argv, n
     code, _, err = run_cli(argv + ["--out", out], capsys)
     assert_one_line_error(code, err, *needles)
     assert not os.path.exists(out)  # refused before anything was written
+
+
+def test_out_must_be_a_directory(tmp_path, capsys):
+    path = tmp_path / "a-file"
+    path.write_text("")
+    code, _, err = run_cli(["sft", "--out", str(path)], capsys)
+    assert_one_line_error(code, err, f"out='{path}': must be a directory")
 
 
 def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):

@@ -69,7 +69,9 @@ RULES = {
                     _rule(1, integer=True)),
     **dict.fromkeys(("warmup_steps", "threads", "eval_every", "eval_prompts", "top_k"), _rule(0, integer=True)),
     "max_len": _rule(2, integer=True),  # a prompt token and a target
-    **dict.fromkeys(("lr", "critic_lr", "temperature", "kl_target"), _rule(0, lo_open=True)),
+    **dict.fromkeys(("lr", "critic_lr", "kl_target"), _rule(0, lo_open=True)),
+    "temperature": (lambda v: math.isfinite(v) and v > 0 and 1 / v < torch.finfo(torch.float32).max,
+                    "a finite number > 0 whose reciprocal is finite in float32"),
     "grad_clip": (lambda v: v > 0, "a number > 0 (inf: no clipping)"),
     **dict.fromkeys(("weight_decay", "kl_coef", "entropy_coef", "clip_low", "value_clip"), _rule(0)),
     "clip_high": _rule(0, optional=True),
@@ -78,6 +80,7 @@ RULES = {
     **dict.fromkeys(("gamma", "lam", "min_p"), _rule(0, 1)),
     "top_p": _rule(0, 1, lo_open=True),
     "heldout_fraction": _rule(0, 1, lo_open=True, hi_open=True),
+    "out": (lambda v: bool(v) and not os.path.isfile(v), "a directory (not an existing file)"),
     "device": (lambda v: v in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", v) is not None,
                "auto, cpu, cuda or cuda:N"),
     "backend": _choice(None, *BACKENDS),
@@ -424,6 +427,8 @@ class Trainer:
         if resume:
             remove_stale_temporaries(cfg.out)
             state = self.checkpoint.load(*self.checkpointed(), self.generator, seed=cfg.seed)
+            if state is None:  # a sharded checkpoint whose first save never completed
+                warnings.warn(f"--resume: no complete checkpoint in {cfg.out}, starting from the beginning")
         if state is not None:
             self.step, self.window = state["step"], state["window"]
             self.restore(state)
