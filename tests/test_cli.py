@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -34,6 +35,7 @@ TINY_SFT = ["num_examples=8", "batch_size=4", "epochs=1", "warmup_steps=0", "log
 
 def run_cli(argv, capsys) -> tuple[int, str, str]:
     """(exit status, stdout, stderr) of ``rlhf-fast argv`` run in this process."""
+    capsys.readouterr()  # what came before
     try:
         cli.main(argv)
         code = 0
@@ -189,10 +191,18 @@ def test_position_limit_is_checked_before_loading(tmp_path, capsys, monkeypatch)
     PPOConfig(model=policy, reward_model=rm, max_prompt_len=54, max_new_tokens=10).validate()
     SFTConfig(model=policy, max_len=64).validate()
     tiny = save_tiny_default(str(tmp_path / "tiny"))
-    PPOConfig(model=tiny, reward_model=tiny, max_prompt_len=100).validate()
+    tiny_rm = str(tmp_path / "tiny-rm")
+    ScalarHeadModel.from_pretrained(tiny).save_pretrained(tiny_rm)
+    PPOConfig(model=tiny, reward_model=tiny_rm, max_prompt_len=100).validate()
     with pytest.raises(common.ConfigError, match=f"110 exceeds the 64 positions of reward_model='{rm}'"):
         PPOConfig(model=tiny, reward_model=rm, max_prompt_len=100).validate()
     PipelineConfig().validate()  # the embedded default fits every stage's defaults
+    broken = str(tmp_path / "broken")
+    shutil.copytree(policy, broken)
+    with open(os.path.join(broken, "config.json"), "w") as f:
+        f.write("{model_type: gpt2")
+    with pytest.raises(common.ConfigError, match="config.json is not valid JSON"):
+        SFTConfig(model=broken).validate()
 
 
 def test_model_directories_are_local_and_complete(tmp_path, capsys, monkeypatch):
@@ -214,6 +224,13 @@ def test_model_directories_are_local_and_complete(tmp_path, capsys, monkeypatch)
     monkeypatch.undo()
     with pytest.raises(FileNotFoundError, match="missing tokenizer files"):  # the library says so too
         load_tokenizer(str(empty))
+
+
+def test_reward_model_must_be_one(tmp_path, capsys):
+    policy, _ = gpt2_dirs(str(tmp_path))
+    code, _, err = run_cli(["ppo", "--model", policy, f"reward_model={policy}", "max_prompt_len=32", "--out",
+                            str(tmp_path / "o")], capsys)
+    assert_one_line_error(code, err, f"reward_model='{policy}': no scalar_head.json", "rlhf-fast rm")
 
 
 def test_out_holding_a_run_is_refused_without_resume(tmp_path, capsys):

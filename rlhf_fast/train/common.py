@@ -135,13 +135,19 @@ def check_inputs(cfg: RunConfig) -> None:
                                 tokenizer=f.name == "model")
             except FileNotFoundError as exc:
                 raise ConfigError(f"{f.name}: {exc}") from None
+            if f.name == "reward_model" and not os.path.exists(os.path.join(value, "scalar_head.json")):
+                raise ConfigError(f"reward_model={value!r}: no scalar_head.json there; a reward model is the model/ "
+                                  "folder of `rlhf-fast rm`")
     stages = [cfg] + [getattr(cfg, f.name) for f in dataclasses.fields(cfg)
                       if isinstance(getattr(cfg, f.name), RunConfig)]
     for name in MODEL_FIELDS:
         path = getattr(cfg, name, None)
         if path is None or (not path and name != "model"):
             continue
-        limit, key = position_limit(path) if path else (TINY_MAX_POSITIONS, "max_position_embeddings")
+        try:
+            limit, key = position_limit(path) if path else (TINY_MAX_POSITIONS, "max_position_embeddings")
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {os.path.join(path, 'config.json')} is not valid JSON ({exc})") from None
         for stage in stages:
             need, fields = sequence_length(stage)
             if limit is not None and need is not None and need > limit:
