@@ -70,8 +70,12 @@ def field_comments(cls) -> dict[str, str]:
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
             continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):  # no source shipped: the fields are listed without comments
+            continue
         last = None
-        for line in inspect.getsource(klass).splitlines():
+        for line in source.splitlines():
             field = re.match(r"    (\w+)\s*:[^#]*(?:#\s*(.*))?$", line)
             more = re.match(r"\s+#\s*(.*)$", line)
             if field and field.group(1) in names:  # a stage's own default keeps the base's comment unless it has one

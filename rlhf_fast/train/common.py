@@ -158,7 +158,7 @@ def check_inputs(cfg: RunConfig) -> None:
 
 def sequence_length(cfg: RunConfig) -> tuple[Optional[int], str]:
     """The longest sequence a stage's config lets through (prompt + response), and the fields that give it."""
-    if hasattr(cfg, "max_prompt_len"):
+    if hasattr(cfg, "max_prompt_len") and hasattr(cfg, "max_new_tokens"):  # a stage that samples
         return cfg.max_prompt_len + cfg.max_new_tokens, "max_prompt_len + max_new_tokens"
     if hasattr(cfg, "max_len"):
         return cfg.max_len, "max_len"
