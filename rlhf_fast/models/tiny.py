@@ -11,7 +11,8 @@ MAX_POSITIONS = 512
 
 
 def build_tiny_model(tokenizer, *, hidden_size: int = 192, num_layers: int = 2, num_heads: int = 4,
-                     intermediate_size: int = 768, max_positions: int = MAX_POSITIONS, seed: int = 0) -> LlamaForCausalLM:
+                     intermediate_size: int = 768, max_positions: int = MAX_POSITIONS,
+                     seed: int = 0) -> LlamaForCausalLM:
     """A small Llama: 1.2 M parameters in the two layers, plus 2 x vocabulary x 192 in the untied embedding and head
     (4.3 M in all with the embedded tokenizer's 8192 words). Two wide layers rather than four narrow ones: on a CPU,
     per-layer Python overhead dominates at these sizes."""

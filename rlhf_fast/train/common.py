@@ -399,8 +399,8 @@ def check_warmup(warmup: int, total: int) -> None:
     peak = max(schedule(s) for s in range(min(warmup, total))) if warmup else 1.0
     if peak < 0.5 and distributed.is_main():
         warnings.warn(f"warmup_steps={warmup} but the run has {total} optimizer steps: the learning rate peaks at "
-                      f"{peak:.0%} of lr; set warmup_steps to about a tenth of the steps (warmup_steps={total // 10}) or "
-                      "train longer")
+                      f"{peak:.0%} of lr; set warmup_steps to about a tenth of the steps "
+                      f"(warmup_steps={total // 10}) or train longer")
 
 
 class Trainer:
