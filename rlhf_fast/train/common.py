@@ -5,8 +5,10 @@ true score."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
+import typing
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -47,8 +49,19 @@ def load_config(cls, path: Optional[str] = None, overrides: Optional[list[str]] 
         cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
     cfg = OmegaConf.merge(cfg, OmegaConf.create({k: v for k, v in fields.items() if v is not None}))
     if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([_bracket_list(cls, o) for o in overrides]))
     return OmegaConf.to_object(cfg)
+
+
+def _bracket_list(cls, override: str) -> str:
+    """``reward_fns=a:f,b:g`` -> ``reward_fns=[a:f,b:g]`` for a list field (dotted keys reach nested stages)."""
+    key, sep, value = override.partition("=")
+    kind = cls
+    for part in key.split("."):
+        kind = typing.get_type_hints(kind).get(part) if dataclasses.is_dataclass(kind) else None
+    if sep and typing.get_origin(kind) is list and not value.lstrip().startswith("["):
+        return f"{key}=[{value}]"
+    return override
 
 
 def save_config(cfg, out: str) -> None:

@@ -69,7 +69,7 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False) -> dict:
     rm = _stage(cfg.rm, cfg, "rm", model=sft_dir, data=cfg.rm_data)
     rm_summary = (resume and _done(rm.out)) or train_rm(rm, resume)
 
-    ppo = _stage(cfg.ppo, cfg, "ppo", model=sft_dir, reward_model=os.path.join(rm.out, "model"), data=cfg.ppo_data)
+    ppo = _stage(cfg.ppo, cfg, "ppo", model=sft_dir, reward_models=[os.path.join(rm.out, "model"), *cfg.ppo.reward_models], data=cfg.ppo_data)
     ppo_summary = (resume and _done(ppo.out)) or train_ppo(ppo, resume)
 
     summary = {"seed": cfg.seed, "sft": sft_summary, "rm": rm_summary, "ppo": ppo_summary}
