@@ -1,6 +1,6 @@
-"""Rewards of a rollout (several reward models, programmatic reward functions, their combination rules) and PPO-ptx:
-hand-computed combinations, the reward-function contract and its error reports, the mixed ptx objective, and short
-runs on the embedded default and on a user's checkpoint and JSONL."""
+"""Rewards of samples (several reward models, programmatic reward functions, their combination rules), PPO-ptx and
+rejection sampling: hand-computed combinations and selections, the reward-function contract and its error reports,
+the mixed ptx objective, and short runs (with resume) on the embedded default and on a user's checkpoint and JSONL."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from rlhf_fast import loss_weights, ppo_objective
-from rlhf_fast.data import task, write_jsonl
+from rlhf_fast.data import read_jsonl, task, write_jsonl
 from rlhf_fast.data.embedded import save_tiny_default
-from rlhf_fast.models import ScalarHeadModel, sequence_cross_entropy, sequence_logprobs
+from rlhf_fast.models import ScalarHeadModel, load_causal_lm, sequence_cross_entropy, sequence_logprobs
 from rlhf_fast.train import common, rewards
 from rlhf_fast.train.pipeline import PipelineConfig
 from rlhf_fast.train.ppo import PPOConfig, PPOTrainer
+from rlhf_fast.train.rs import RSConfig, RSTrainer, best_of, kept_row
 
 
 def test_weighted_rule_by_hand():
@@ -159,7 +160,7 @@ def test_a_failing_reward_fn_names_the_row(tiny, tmp_path):
 
 def test_ppo_needs_a_reward():
     with pytest.raises(ValueError, match="reward_models= .* and/or reward_fns="):
-        rewards.Rewards(PPOConfig(), torch.device("cpu"), lambda m: m)
+        rewards.Rewards(rewards.RewardConfig(), torch.device("cpu"), lambda m: m)
 
 
 def test_ptx_mixes_the_causal_lm_loss_into_the_step(tiny, tmp_path, monkeypatch):
@@ -206,3 +207,48 @@ def test_ptx_on_the_embedded_default_runs_and_resumes(tiny, tmp_path):
     assert [r["step"] for r in b] == [1, 2] and "ptx_loss" in a[-1]
     for key in ("ptx_loss", "policy_loss", "reward"):
         assert b[-1][key] == pytest.approx(a[-1][key], rel=1e-5, abs=1e-7)
+
+
+def test_best_of_k_by_hand():
+    scores = torch.tensor([0.1, 0.9, 0.3, 2.0, 2.0, -1.0])
+    index, best = best_of(scores, 3)
+    assert index.tolist() == [1, 3] and best.tolist() == pytest.approx([0.9, 2.0])  # ties: the first sample
+    assert kept_row({"prompt": "p", "id": 3}, "c", 0.5) == {"prompt": "p", "completion": "c", "reward": 0.5}
+    conv = [{"role": "user", "content": "q"}]
+    assert kept_row({"messages": conv}, "a", 1.0)["messages"] == [*conv, {"role": "assistant", "content": "a"}]
+
+
+def test_rejection_sampling_keeps_the_best_and_resumes(tiny, tmp_path):
+    """Two rounds with the task's rule as the reward: each round's kept sample is the best of K by that reward (so
+    its true score is the best of K), the policy trains on them, and a run stopped after round 0 and resumed ends
+    where an uninterrupted one does."""
+    policy, _, _ = tiny
+    kw = dict(model=policy, reward_fns=["rlhf_fast.data.task:reward"], rounds=2, prompts_per_round=16, num_samples=4,
+              batch_size=8, max_new_tokens=8, log_every=1, save_every=2, eval_prompts=0, progress=False)
+    summary = RSTrainer(RSConfig(out=str(tmp_path / "full"), **kw)).train()
+    kept = read_jsonl(str(tmp_path / "full" / "rounds" / "round_0.jsonl"), "sft")
+    assert len(kept) == 16 and all(r["reward"] == pytest.approx(task.true_score(r["prompt"], r["completion"]))
+                                   for r in kept)
+    rows = common.read_metrics(str(tmp_path / "full" / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and summary["steps"] == 4
+    assert rows[0]["reward_best"] >= rows[0]["reward_mean"] and rows[0]["true_score_best"] == rows[0]["reward_best"]
+    assert "reward_best" in rows[2] and "reward_best" not in rows[1]
+    load_causal_lm(str(tmp_path / "full" / "model"))
+
+    class Interrupted(Exception):
+        pass
+
+    class StopsAfterRoundZero(RSTrainer):  # killed after the checkpoint at step 2, before round 1 is sampled
+        def train_step(self):
+            if self.step == 2:
+                raise Interrupted
+            return super().train_step()
+
+    with pytest.raises(Interrupted):
+        StopsAfterRoundZero(RSConfig(out=str(tmp_path / "part"), **kw)).train()
+    RSTrainer(RSConfig(out=str(tmp_path / "part"), **kw), resume=True).train()
+    resumed = common.read_metrics(str(tmp_path / "part" / "metrics.jsonl"))
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(rows, resumed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b.get("reward_best") == a.get("reward_best")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -37,20 +37,14 @@ from ..models import ScalarHeadModel, disable_dropout, load_causal_lm, load_toke
     sequence_logprobs
 from ..ops import AGG_MODES
 from . import common, distributed
-from .rewards import Rewards
+from .rewards import RewardConfig, Rewards
 
 GROUP_MODES = ("grpo", "dr_grpo", "rloo")
 
 
 @dataclass
-class PPOConfig(common.RunConfig):
+class PPOConfig(RewardConfig, common.RunConfig):
     out: str = "runs/ppo"
-    reward_models: list[str] = field(default_factory=list)  # reward-model directories (from `rlhf-fast rm`)
-    reward_fns: list[str] = field(default_factory=list)     # programmatic rewards, module:function (TRL signature)
-    reward_weights: list[float] = field(default_factory=list)  # one per model then function ([] = 1 each)
-    reward_rule: str = "weighted"  # weighted | llama2 (safety score below safety_threshold, else helpfulness)
-    safety_threshold: float = 0.0  # llama2 rule: on the normalised safety score
-    safety_field: str = ""       # llama2 rule: JSONL field marking safety prompts (always the safety score)
     critic: str = ""             # "" = initialise the critic from the first reward model (else from the policy)
     algo: str = "ppo"            # ppo | grpo | dr_grpo | rloo
     iterations: int = 60
@@ -77,7 +71,6 @@ class PPOConfig(common.RunConfig):
     adaptive_kl: bool = False    # Ziegler et al.: kl_coef *= 1 + clip(KL / kl_target - 1, -0.2, 0.2) * B / horizon
     kl_target: float = 1.0
     kl_horizon: int = 2000
-    reward_clip: Optional[float] = 5.0
     entropy_coef: float = 0.0
     ptx_coef: float = 0.0        # PPO-ptx: weight of the causal-LM loss on SFT rows mixed into every minibatch
     ptx_data: str = ""           # SFT-format JSONL for PPO-ptx ("" = the embedded task's SFT data)

@@ -26,6 +26,7 @@ import importlib
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -34,6 +35,19 @@ from torch import Tensor
 from ..models import ScalarHeadModel
 
 RULES = ("weighted", "llama2")
+
+
+@dataclass
+class RewardConfig:
+    """The reward fields of the stages that score samples (ppo, rs)."""
+
+    reward_models: list[str] = field(default_factory=list)  # reward-model directories (from `rlhf-fast rm`)
+    reward_fns: list[str] = field(default_factory=list)     # programmatic rewards, module:function (TRL signature)
+    reward_weights: list[float] = field(default_factory=list)  # one per model then function ([] = 1 each)
+    reward_rule: str = "weighted"  # weighted | llama2 (the safety score below safety_threshold, else helpfulness)
+    safety_threshold: float = 0.0  # llama2 rule: on the normalised safety score
+    safety_field: str = ""         # llama2 rule: JSONL field marking safety prompts (they always get the safety score)
+    reward_clip: Optional[float] = 5.0  # clip each normalised reward-model score to +-reward_clip (None: no clip)
 
 
 class RewardError(RuntimeError):
@@ -152,9 +166,9 @@ def row_fields(rows: Sequence[dict]) -> dict[str, list]:
 class Rewards:
     """The sources of a PPO run, loaded once; ``__call__`` scores a rollout."""
 
-    def __init__(self, cfg, device: torch.device, wrap: Callable):
+    def __init__(self, cfg: RewardConfig, device: torch.device, wrap: Callable):
         if not cfg.reward_models and not cfg.reward_fns:
-            raise ValueError("ppo needs reward_models= (directories from `rlhf-fast rm`) and/or reward_fns= "
+            raise ValueError("scoring samples needs reward_models= (directories from `rlhf-fast rm`) and/or reward_fns= "
                              "(module:function)")
         self.cfg = cfg
         self.models = [wrap(ScalarHeadModel.from_pretrained(p, device).eval().requires_grad_(False))
