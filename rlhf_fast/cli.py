@@ -44,7 +44,8 @@ def info() -> str:
 TRAIN_COMMANDS = {
     "sft": "supervised fine-tuning on prompt/completion (or chat) JSONL",
     "rm": "reward model on prompt/chosen/rejected JSONL (Bradley-Terry)",
-    "ppo": "PPO / GRPO / RLOO against a reward model, prompts from JSONL",
+    "ppo": "PPO / GRPO / RLOO against reward models and/or reward functions, prompts from JSONL",
+    "rs": "rejection-sampling fine-tuning (Llama 2): best of K samples per prompt by reward, SFT on them, per round",
     "pipeline": "SFT -> RM -> PPO end to end (defaults: the embedded tiny model and task, offline, on CPU)",
 }
 
@@ -57,6 +58,8 @@ def _stage(command: str):
         from .train.sft import SFTConfig as cls, train_sft as run
     elif command == "rm":
         from .train.rm import RMConfig as cls, train_rm as run
+    elif command == "rs":
+        from .train.rs import RSConfig as cls, train_rs as run
     else:
         from .train.ppo import PPOConfig as cls, train_ppo as run
     return cls, run

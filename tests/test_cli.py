@@ -78,7 +78,8 @@ def assert_one_line_error(code, err, *needles):
     (["sft", "--data", "no-such.jsonl"], ["data='no-such.jsonl': no such file"]),
     (["pipeline", "rm_data=no-such.jsonl"], ["rm_data='no-such.jsonl': no such file"]),
     (["sft", "--config", "no-such.yaml"], ["--config no-such.yaml"]),
-    (["ppo"], ["--model", "reward_model="]),
+    (["ppo"], ["ppo needs --model"]),
+    (["ppo", "--model", "sft-dir"], ["reward_models=", "reward_fns="]),
     (["sft", "lr"], ["'lr'", "key=value"]),
 ])
 def test_config_errors_are_one_line_with_exit_status_2(tmp_path, capsys, argv, needles):
@@ -180,7 +181,7 @@ def test_position_limit_is_checked_before_loading(tmp_path, capsys, monkeypatch)
         raise AssertionError("a model was loaded before the configuration was checked")
 
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_loading)
-    code, _, err = run_cli(["ppo", "--model", policy, f"reward_model={rm}", "--out", str(tmp_path / "p")], capsys)
+    code, _, err = run_cli(["ppo", "--model", policy, f"reward_models={rm}", "--out", str(tmp_path / "p")], capsys)
     assert_one_line_error(code, err, "max_prompt_len + max_new_tokens = 266", "64 positions", "n_positions",
                           "lower max_prompt_len by 202")
     code, _, err = run_cli(["sft", "--model", policy, "--out", str(tmp_path / "s")], capsys)
@@ -188,14 +189,14 @@ def test_position_limit_is_checked_before_loading(tmp_path, capsys, monkeypatch)
     code, _, err = run_cli(["pipeline", "--model", policy, "--out", str(tmp_path / "pl")], capsys)
     assert_one_line_error(code, err, "max_len = 128", "64 positions")  # SFT's, found before SFT trains
     # within the limit the checks pass; the reward model's own limit counts too
-    PPOConfig(model=policy, reward_model=rm, max_prompt_len=54, max_new_tokens=10).validate()
+    PPOConfig(model=policy, reward_models=[rm], max_prompt_len=54, max_new_tokens=10).validate()
     SFTConfig(model=policy, max_len=64).validate()
     tiny = save_tiny_default(str(tmp_path / "tiny"))
     tiny_rm = str(tmp_path / "tiny-rm")
     ScalarHeadModel.from_pretrained(tiny).save_pretrained(tiny_rm)
-    PPOConfig(model=tiny, reward_model=tiny_rm, max_prompt_len=100).validate()
-    with pytest.raises(common.ConfigError, match=f"110 exceeds the 64 positions of reward_model='{rm}'"):
-        PPOConfig(model=tiny, reward_model=rm, max_prompt_len=100).validate()
+    PPOConfig(model=tiny, reward_models=[tiny_rm], max_prompt_len=100).validate()
+    with pytest.raises(common.ConfigError, match=f"110 exceeds the 64 positions of reward_models='{rm}'"):
+        PPOConfig(model=tiny, reward_models=[rm], max_prompt_len=100).validate()
     PipelineConfig().validate()  # the embedded default fits every stage's defaults
     broken = str(tmp_path / "broken")
     shutil.copytree(policy, broken)
@@ -228,9 +229,9 @@ def test_model_directories_are_local_and_complete(tmp_path, capsys, monkeypatch)
 
 def test_reward_model_must_be_one(tmp_path, capsys):
     policy, _ = gpt2_dirs(str(tmp_path))
-    code, _, err = run_cli(["ppo", "--model", policy, f"reward_model={policy}", "max_prompt_len=32", "--out",
+    code, _, err = run_cli(["ppo", "--model", policy, f"reward_models={policy}", "max_prompt_len=32", "--out",
                             str(tmp_path / "o")], capsys)
-    assert_one_line_error(code, err, f"reward_model='{policy}': no scalar_head.json", "rlhf-fast rm")
+    assert_one_line_error(code, err, f"reward_models: '{policy}' holds no scalar_head.json", "rlhf-fast rm")
 
 
 def test_out_holding_a_run_is_refused_without_resume(tmp_path, capsys):

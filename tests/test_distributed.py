@@ -152,7 +152,7 @@ def one_rank(stage: str, models, out: str) -> str:
         train_rm(W.config(RMConfig, W.RM, 1, model=base, out=path))
     else:
         W.run_ppo(W.SharedRolloutPPO, W.config(PPOConfig, W.PPO if stage == "ppo" else W.GRPO, 1, model=base,
-                                               reward_model=rm, out=path))
+                                               reward_models=[rm], out=path))
     return path
 
 
@@ -187,7 +187,7 @@ def test_kill_and_resume_two_ranks(models, launched):
     killed, full = os.path.join(launched, "ppo_killed"), os.path.join(launched, "ppo_full")
     assert load_checkpoint(os.path.join(killed, "checkpoint.pt"))["step"] == W.KILL_AT
     assert len(metrics(killed)) == W.KILL_AT
-    proc = torchrun(["-m", "rlhf_fast.cli", "ppo", "--model", base, "--out", killed, f"reward_model={rm}",
+    proc = torchrun(["-m", "rlhf_fast.cli", "ppo", "--model", base, "--out", killed, f"reward_models={rm}",
                      *(a for a in W.RESUME if a != "fsdp=true"), "--fsdp", "--resume"])
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert proc.stdout.splitlines().count("iterations: 4") == 1  # only rank 0 prints
@@ -203,7 +203,7 @@ def test_ddp_checkpoint_resumes_on_one_rank(models, launched, tmp_path):
     out = str(tmp_path / "ppo")
     os.makedirs(out)
     shutil.copy(os.path.join(src, "checkpoint.pt"), out)
-    cfg = W.config(PPOConfig, W.PPO, 1, model=base, reward_model=rm, out=out)
+    cfg = W.config(PPOConfig, W.PPO, 1, model=base, reward_models=[rm], out=out)
     trainer = PPOTrainer(cfg, resume=True)
     assert trainer.step == 2 and trainer.kl_coef == metrics(src)[-1]["kl_coef"]
     for model, saved in ((trainer.policy, load_causal_lm(os.path.join(src, "model"))),

@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shutil
+import typing
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -88,7 +89,12 @@ RULES = {
     "kl_kind": _choice(*KL_KINDS),
     "loss_agg": _choice(*AGG_MODES),
 }
-MODEL_FIELDS = ("model", "reward_model", "critic")  # local model directories ("" = the default)
+MODEL_FIELDS = ("model", "reward_models", "critic")  # local model directories ("" = the default; lists allowed)
+
+
+def _model_dirs(cfg, name: str) -> list[str]:
+    value = getattr(cfg, name, None)
+    return list(value) if isinstance(value, (list, tuple)) else [] if value is None else [value]
 
 
 @dataclass
@@ -129,20 +135,21 @@ def check_inputs(cfg: RunConfig) -> None:
         value = getattr(cfg, f.name)
         if (f.name == "data" or f.name.endswith("_data")) and value and not os.path.isfile(value):
             raise ConfigError(f"{f.name}={value!r}: no such file")
-        if f.name in MODEL_FIELDS and value:
+        for path in _model_dirs(cfg, f.name) if f.name in MODEL_FIELDS else []:
+            if not path:
+                continue
             try:
-                check_model_dir(value, weights=not (f.name == "model" and getattr(cfg, "from_scratch", False)),
+                check_model_dir(path, weights=not (f.name == "model" and getattr(cfg, "from_scratch", False)),
                                 tokenizer=f.name == "model")
             except FileNotFoundError as exc:
                 raise ConfigError(f"{f.name}: {exc}") from None
-            if f.name == "reward_model" and not os.path.exists(os.path.join(value, "scalar_head.json")):
-                raise ConfigError(f"reward_model={value!r}: no scalar_head.json there; a reward model is the model/ "
+            if f.name == "reward_models" and not os.path.exists(os.path.join(path, "scalar_head.json")):
+                raise ConfigError(f"reward_models: {path!r} holds no scalar_head.json; a reward model is the model/ "
                                   "folder of `rlhf-fast rm`")
     stages = [cfg] + [getattr(cfg, f.name) for f in dataclasses.fields(cfg)
                       if isinstance(getattr(cfg, f.name), RunConfig)]
-    for name in MODEL_FIELDS:
-        path = getattr(cfg, name, None)
-        if path is None or (not path and name != "model"):
+    for name, path in [(n, p) for n in MODEL_FIELDS for p in _model_dirs(cfg, n)]:
+        if not path and name != "model":
             continue
         try:
             limit, key = position_limit(path) if path else (TINY_MAX_POSITIONS, "max_position_embeddings")
@@ -182,7 +189,7 @@ def load_config(cls, path: Optional[str] = None, overrides: Optional[list[str]] 
                 raise ConfigError(f"--config {path}: not valid YAML ({' '.join(str(exc).split())})") from None
         cfg = OmegaConf.merge(cfg, OmegaConf.create({k: v for k, v in fields.items() if v is not None}))
         if overrides:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([_bracket_list(cls, o) for o in overrides]))
         return OmegaConf.to_object(cfg)
     except ConfigKeyError as exc:
         parent = exc.full_key.rpartition(".")[0] if exc.full_key else ""
@@ -195,6 +202,17 @@ def load_config(cls, path: Optional[str] = None, overrides: Optional[list[str]] 
         key = getattr(exc, "full_key", None)
         msg = (getattr(exc, "msg", None) or str(exc)).splitlines()[0]
         raise ConfigError(f"{key}: {msg}" if key else msg) from None
+
+
+def _bracket_list(cls, override: str) -> str:
+    """``reward_fns=a:f,b:g`` -> ``reward_fns=[a:f,b:g]`` for a list field (dotted keys reach nested stages)."""
+    key, sep, value = override.partition("=")
+    kind = cls
+    for part in key.split("."):
+        kind = typing.get_type_hints(kind).get(part) if dataclasses.is_dataclass(kind) else None
+    if sep and typing.get_origin(kind) is list and not value.lstrip().startswith("["):
+        return f"{key}=[{value}]"
+    return override
 
 
 def save_config(cfg, out: str) -> None:

@@ -92,7 +92,8 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False) -> dict:
     rm = _stage(cfg.rm, cfg, "rm", model=sft_dir, data=cfg.rm_data)
     rm_summary = run(train_rm, rm)
 
-    ppo = _stage(cfg.ppo, cfg, "ppo", model=sft_dir, reward_model=os.path.join(rm.out, "model"), data=cfg.ppo_data)
+    ppo = _stage(cfg.ppo, cfg, "ppo", model=sft_dir, data=cfg.ppo_data,
+                 reward_models=[os.path.join(rm.out, "model"), *cfg.ppo.reward_models])
     ppo_summary = run(train_ppo, ppo)
 
     summary = {"seed": cfg.seed, "sft": sft_summary, "rm": rm_summary, "ppo": ppo_summary}
