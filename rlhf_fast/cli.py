@@ -92,6 +92,10 @@ def field_comments(cls) -> dict[str, str]:
     return comments
 
 
+def default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
 def _value(v) -> str:
     if v is None:
         return "null"
@@ -108,7 +112,7 @@ def config_help(cls) -> str:
         if dataclasses.is_dataclass(f.default_factory):  # the pipeline's stages
             left, text = f"{f.name}.FIELD=...", f"the {f.name} stage's fields (rlhf-fast {f.name} --help)"
         else:
-            left, text = f"{f.name}={_value(f.default)}", comments.get(f.name, "")
+            left, text = f"{f.name}={_value(default(f))}", comments.get(f.name, "")
         lines.append(f"  {left:28s} {text}".rstrip() if len(left) <= 28 else f"  {left}\n  {'':28s} {text}")
     return "\n".join(lines)
 

@@ -139,7 +139,7 @@ def test_entry_point_prints_one_line(tmp_path):
     assert proc.stderr.strip() == "rlhf-fast rm: error: batch_size=0: must be an integer >= 1"
 
 
-@pytest.mark.parametrize("command", ["sft", "rm", "ppo", "pipeline"])
+@pytest.mark.parametrize("command", ["sft", "rm", "ppo", "rs", "pipeline"])
 def test_help_documents_every_field_with_its_default(capsys, command):
     code, out, _ = run_cli([command, "--help"], capsys)
     assert code == 0
@@ -151,7 +151,7 @@ def test_help_documents_every_field_with_its_default(capsys, command):
             continue
         line = next((ln for ln in out.splitlines() if ln.strip().startswith(f"{f.name}=")), None)
         assert line is not None, f.name
-        assert line.split()[0] == f"{f.name}={cli._value(f.default)}"
+        assert line.split()[0] == f"{f.name}={cli._value(cli.default(f))}"
         if comments.get(f.name):
             assert comments[f.name] in " ".join(out.split()), f.name
     assert "= the embedded tiny default" in out  # a base class's comment
