@@ -105,22 +105,50 @@ def test_linear_cross_entropy_rejects_bad_weights(bad):
         rlhf_fast.linear_cross_entropy(hidden, weight, labels, weights=weights)
 
 
-@pytest.mark.parametrize("device,backend", CPU_LOGIT_BACKENDS)
-@pytest.mark.parametrize("temperature", [1e-3, 1e-6])
-def test_kl_divergence_gradient_at_small_temperature(device, backend, temperature, request):
-    """d KL / d logits against float64 autograd at a small temperature, where p and q are near one-hot: the cpp
-    backward once cancelled z - w + (lse_q - lse_p) (each ~ 1 / T) and gave |grad| up to 0.98 (T = 1e-3) or 1e6."""
-    if backend == "cpp":  # known: the forward's KL and lse still cancel (sum p (z - w) - lse_p + lse_q), error ~0.2
-        request.node.add_marker(pytest.mark.xfail(strict=True, reason="cpp kl_divergence forward cancels at small T"))
-    g = torch.Generator().manual_seed(4)
-    logits = torch.randn(16, 33, generator=g)
-    ref_logits = logits + 1e-3 * torch.randn(16, 33, generator=g)
-    x = logits.clone().requires_grad_()
-    with rlhf_fast.use_backend(backend):
-        rlhf_fast.kl_divergence(x, ref_logits, temperature=temperature).sum().backward()
+def kl_and_grad_f64(logits, ref_logits, temperature):
     x64 = logits.double().requires_grad_()
     logp = torch.log_softmax(x64 / temperature, -1)
     logq = torch.log_softmax(ref_logits.double() / temperature, -1)
-    (logp.exp() * (logp - logq)).sum().backward()
-    scale = x64.grad.abs().max().item()
-    assert (x.grad.double() - x64.grad).abs().max().item() <= 1e-3 * max(1.0, scale)
+    kl = (logp.exp() * torch.where(logp.exp() > 0, logp - logq, 0.0)).sum(-1)
+    kl.sum().backward()
+    return kl.detach(), x64.grad
+
+
+@pytest.mark.parametrize("device,backend", CPU_LOGIT_BACKENDS)
+@pytest.mark.parametrize("temperature", [1e-3, 1e-6])
+@pytest.mark.parametrize("rows", ["near one-hot", "tied top two"])
+def test_kl_divergence_at_small_temperature(device, backend, temperature, rows):
+    """KL and d KL / d logits against float64 at a small temperature. The cpp kernels once formed KL = sum p (z - w)
+    - lse_p + lse_q and its gradient from z - lse_p and w - lse_q, each difference of two numbers ~ 1 / T: near one-hot
+    rows (exact gradient ~0) got |grad| up to 0.2 (T = 1e-3) or 1e5 (T = 1e-6). Rows whose top two logits are within
+    ~T of each other (p not one-hot, gradient ~1 / T) check that the relative error stays at float32 level."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(16, 33, generator=g)
+    if rows == "tied top two":
+        top = logits.argmax(-1)
+        logits[torch.arange(16), (top + 1) % 33] = logits[torch.arange(16), top] - 2 * temperature * torch.rand(16, generator=g)
+    ref_logits = logits + temperature * torch.randn(16, 33, generator=g)
+    x = logits.clone().requires_grad_()
+    with rlhf_fast.use_backend(backend):
+        kl = rlhf_fast.kl_divergence(x, ref_logits, temperature=temperature)
+    kl.sum().backward()
+    exact_kl, exact_grad = kl_and_grad_f64(logits, ref_logits, temperature)
+    assert (kl.double() - exact_kl).abs().max().item() <= 1e-5 * max(1.0, exact_kl.abs().max().item())
+    scale = exact_grad.abs().max().item()
+    assert (x.grad.double() - exact_grad).abs().max().item() <= 1e-5 * max(1.0, scale)
+
+
+@pytest.mark.parametrize("device,backend", CPU_LOGIT_BACKENDS)
+@pytest.mark.parametrize("temperature", [1.0, 1e-3, 1e-6])
+def test_one_token_vocabulary(device, backend, temperature):
+    """V = 1: the only token has log-prob 0, entropy 0, KL 0 and zero gradients, at any temperature. The cpp kernel
+    once gave log-probs up to 1.5e-4 and gradients up to 0.07 at T = 1e-3: the compiler fused the label's
+    x * (1 / T) - lse into an FMA, so z_y differed from the z the log-sum-exp was built from (now -ffp-contract=off)."""
+    logits = (3 * torch.randn(64, 1, generator=torch.Generator().manual_seed(5))).requires_grad_()
+    labels = torch.zeros(64, dtype=torch.long)
+    with rlhf_fast.use_backend(backend):
+        logp, ent = rlhf_fast.logprobs_and_entropy(logits, labels, temperature=temperature)
+        kl = rlhf_fast.kl_divergence(logits, 0.5 * logits.detach(), temperature=temperature)
+    (logp + ent + kl).sum().backward()
+    for name, out in (("logprobs", logp), ("entropy", ent), ("kl_divergence", kl), ("grad", logits.grad)):
+        assert torch.equal(out, torch.zeros_like(out)), f"{name}: {out.abs().max().item()}"
