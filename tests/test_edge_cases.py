@@ -77,16 +77,22 @@ def test_logit_ops_accept_every_view(device, backend, view):
 
 @pytest.mark.parametrize("temperature", [1e-39, 1e-45, 1e39, 1e300])
 def test_temperature_must_be_a_float32_with_a_finite_reciprocal(temperature):
-    """Temperatures whose float32 value or reciprocal overflow once passed validation and gave NaN."""
+    """Temperatures whose float32 value or reciprocal overflow once passed validation and gave NaN (linear_ppo_loss
+    and linear_dpo_loss still did after the first fix)."""
     logits = torch.randn(3, 5)
     labels = torch.zeros(3, dtype=torch.long)
     weight = torch.randn(5, 5)
+    zeros, ones = torch.zeros(3), torch.ones(3)
     for call in (lambda: rlhf_fast.logprobs(logits, labels, temperature=temperature),
                  lambda: rlhf_fast.entropy(logits, temperature=temperature),
                  lambda: rlhf_fast.logprobs_and_entropy(logits, labels, temperature=temperature),
                  lambda: rlhf_fast.kl_divergence(logits, logits, temperature=temperature),
                  lambda: rlhf_fast.linear_logprobs(logits, weight, labels, temperature=temperature),
                  lambda: rlhf_fast.linear_cross_entropy(logits, weight, labels, temperature=temperature),
+                 lambda: rlhf_fast.linear_ppo_loss(logits, weight, labels, zeros, zeros, ones, temperature=temperature),
+                 lambda: rlhf_fast.linear_dpo_loss(logits[:2, None], weight, labels[:2, None], zeros[:1], zeros[:1],
+                                                   temperature=temperature),
+                 lambda: rlhf_fast.ppo_loss_from_logits(logits, labels, zeros, zeros, ones, temperature=temperature),
                  lambda: rlhf_fast.sample(logits, temperature=temperature),
                  lambda: rlhf_fast.sample(logits, temperature=torch.full((3,), temperature, dtype=torch.float64))):
         with pytest.raises(ValueError, match="temperature"):
