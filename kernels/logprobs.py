@@ -141,7 +141,9 @@ def _kl_div_fwd_kernel(
         m_r = mr_new
     mean_d = t / s_z
     log_s_p = tl.log(s_z)
-    tl.store(kl_ptr + row, mean_d - log_s_p + tl.log(s_w))
+    kl = mean_d - log_s_p + tl.log(s_w)
+    mean_d = tl.where(kl != kl, kl, mean_d)  # NaN mean_d marks a NaN KL: its backward row is NaN
+    tl.store(kl_ptr + row, kl)
     tl.store(max_p_ptr + row, m_x)
     tl.store(max_q_ptr + row, m_r)
     tl.store(log_s_p_ptr + row, log_s_p)
@@ -170,7 +172,8 @@ def _kl_div_bwd_kernel(
         dz = (tl.load(base_x + cols, mask=mask, other=float("-inf")).to(tl.float32) - m_x) / temperature
         dw = (tl.load(base_r + cols, mask=mask, other=float("-inf")).to(tl.float32) - m_r) / temperature
         p = tl.exp(dz - log_s_p)
-        grad_z = g * p * tl.where(p > 0, (dz - dw) - mean_d, 0.0)  # NaN p (NaN row) stays NaN
+        grad_z = g * p * tl.where(p > 0, (dz - dw) - mean_d, 0.0)
+        grad_z = tl.where(mean_d != mean_d, float("nan"), grad_z)  # a NaN KL: a NaN row
         tl.store(out + cols, (grad_z / temperature).to(grad_ptr.dtype.element_ty), mask=mask)
 
 

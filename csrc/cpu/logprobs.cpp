@@ -130,6 +130,10 @@ void logprobs_bwd_kernel(const float* grad_logp, const float* grad_entropy, cons
     for (int64_t r = begin; r < end; ++r) {
       const T* x = data + r * stride;
       T* gx = grad + r * vocab;
+      if (!std::isfinite(lse[r])) {  // a row of -inf (or with +inf / NaN): NaN outputs, NaN gradient (as torch)
+        std::fill(gx, gx + vocab, static_cast<T>(std::numeric_limits<float>::quiet_NaN()));
+        continue;
+      }
       int64_t y = labels != nullptr ? labels[r] : ignore_index;
       const bool has_label = y != ignore_index && y >= 0 && y < vocab;
       const float g = has_label ? grad_logp[r] : 0.f;
@@ -221,13 +225,13 @@ void kl_div_fwd_kernel(const at::Tensor& logits, const at::Tensor& ref, float in
       max_p[r] = st.m_p;
       max_q[r] = st.m_q;
       log_s_p[r] = lsp;
-      mean_d[r] = a;
+      mean_d[r] = std::isnan(kl[r]) ? kl[r] : a;  // NaN marks a NaN KL for the backward (q alone may be NaN)
     }
   });
 }
 
 // grad_x_j = g p_j (d_j - a) / T, p_j = e^(dz_j - log s_p), d_j = dz_j - dw_j, in the forward's relative units (so
-// nothing large cancels at a small temperature); entries with p_j = 0 get 0.
+// nothing large cancels at a small temperature); entries with p_j = 0 get 0, rows with a NaN KL NaN.
 template <typename T>
 void kl_div_bwd_kernel(const float* grad_kl, const at::Tensor& logits, const at::Tensor& ref, const float* max_p,
                        const float* max_q, const float* log_s_p, const float* mean_d, float inv_t, T* grad) {
@@ -240,6 +244,10 @@ void kl_div_bwd_kernel(const float* grad_kl, const at::Tensor& logits, const at:
       const T* x = p_data + r * logits.stride(0);
       const T* xr = q_data + r * ref.stride(0);
       T* gx = grad + r * vocab;
+      if (std::isnan(mean_d[r])) {  // a NaN KL (NaN / +inf logits, or a row without a distribution): NaN gradient
+        std::fill(gx, gx + vocab, static_cast<T>(std::numeric_limits<float>::quiet_NaN()));
+        continue;
+      }
       const Vec vmp(max_p[r]), vmq(max_q[r]), vlsp(log_s_p[r]), va(mean_d[r]), vg(grad_kl[r] * inv_t), vinv(inv_t),
           zero(0.f);
       const auto vec_element = [&](const Vec& xv, const Vec& rv) {

@@ -86,6 +86,7 @@ def _zero_if_none(g: Optional[Tensor], like: Tensor) -> Tensor:
 def _logprobs_fwd_torch(logits, labels, temperature, ignore_index, compute_entropy):
     z = logits.float() / temperature
     lse = torch.logsumexp(z, dim=-1)
+    lse = torch.where(lse == float("inf"), float("nan"), lse)  # a +inf logit defines no distribution (as the kernels)
     entropy = entropy_ref(logits, temperature) if compute_entropy else torch.zeros_like(lse)
     if labels is None:
         return torch.zeros_like(lse), entropy, lse
@@ -121,14 +122,15 @@ def _kl_div_fwd_torch(logits, ref_logits, temperature):
     log_s_p, log_s_q = torch.logsumexp(dz, -1), torch.logsumexp(dw, -1)
     p = torch.exp(dz - log_s_p[:, None])
     mean_d = (p * torch.where(p > 0, dz - dw, 0.0)).sum(-1)
-    return mean_d - log_s_p + log_s_q, max_p, max_q, log_s_p, mean_d
+    kl = mean_d - log_s_p + log_s_q
+    return kl, max_p, max_q, log_s_p, torch.where(kl.isnan(), kl, mean_d)  # NaN mean_d: a NaN KL, NaN gradient
 
 
 def _kl_div_bwd_torch(grad_kl, logits, ref_logits, max_p, max_q, log_s_p, mean_d, temperature):
     dz = (logits.float() - max_p[:, None]) / temperature
     dw = (ref_logits.float() - max_q[:, None]) / temperature
     p = torch.exp(dz - log_s_p[:, None])
-    term = torch.where(p > 0, (dz - dw) - mean_d[:, None], 0.0)
+    term = torch.where((p > 0) | mean_d.isnan()[:, None], (dz - dw) - mean_d[:, None], 0.0)
     return (grad_kl[:, None] * p * term / temperature).to(logits.dtype)
 
 
