@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from _testing import device_backends
+from _testing import assert_within_ref_error, device_backends
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -265,6 +265,117 @@ def test_sample_token_in_kept_set(backend, data, temperature, top_k, top_p, min_
     assert logp.isfinite().all() and flp.isfinite().all() and (flp >= logp - 1e-4).all()
     # min-p: the token is within min_p of the max (up to the dtype's rounding of the logits)
     assert (picked >= logp_all.max(-1).values + math.log(max(min_p, 1e-30)) - 1e-3).all()
+
+
+def k_exact(logp, ref_logp, kind):
+    d = ref_logp - logp
+    if kind == "k1":
+        return -d
+    if kind == "k2":
+        return d * d / 2
+    if kind == "abs":
+        return d.abs()
+    dc = d.clamp(-20, 20)
+    return (dc.exp() - dc - 1).clamp(-10, 10)
+
+
+LINEAR_OPS = ("linear_logprobs", "linear_cross_entropy", "linear_ppo_loss", "linear_dpo_loss")
+
+
+@pytest.mark.parametrize("backend", CPU)
+@pytest.mark.parametrize("op", LINEAR_OPS)
+@FUZZ
+@given(b=st.integers(1, 3), t=st.integers(1, 4), h=st.sampled_from([1, 3, 8]), v=st.sampled_from([1, 2, 5, 33]),
+       dtype=st.sampled_from(DTYPES), with_bias=st.booleans(), temperature=st.sampled_from([1.0, 0.7, 0.05]),
+       scale=st.sampled_from([1.0, 4.0]), seed=st.integers(0, 2**31 - 1), packed=st.booleans(),
+       variant=st.integers(0, 3))
+def test_linear_ops(backend, op, b, t, h, v, dtype, with_bias, temperature, scale, seed, packed, variant):
+    """The fused hidden-state ops against float64 autograd of the plain formulas (full logits): value and gradients
+    w.r.t. hidden, weight and bias; labels with ignore_index holes, weights with zeros; [N, H] or [B, T, H]."""
+    if backend == "triton" and b * t * v > 200:
+        return
+    checked("linear_ops", f"{op}-{backend}")
+    g = torch.Generator().manual_seed(seed)
+    rows = 2 * b if op == "linear_dpo_loss" else b  # DPO: chosen rows then rejected rows
+    hid = (scale * torch.randn(rows, t, h, generator=g) / math.sqrt(h)).to(dtype)
+    wgt = torch.randn(v, h, generator=g).to(dtype)
+    bias = torch.randn(v, generator=g).to(dtype) if with_bias else None
+    labels = torch.randint(0, v, (rows, t), generator=g)
+    labels[torch.rand(rows, t, generator=g) < 0.25] = -100
+    if packed and op != "linear_dpo_loss":
+        hid, labels = hid.reshape(-1, h), labels.reshape(-1)
+    keep = labels != -100
+    weights = torch.where(torch.rand(labels.shape, generator=g) < 0.2, 0.0, torch.rand(labels.shape, generator=g))
+    leaves = [x.detach().clone().requires_grad_() for x in (hid, wgt, bias) if x is not None]
+    exact_leaves = [x.detach().double().requires_grad_() for x in (hid, wgt, bias) if x is not None]
+
+    def logp_of(hd, wt, bs, float64):
+        logits = hd @ wt.T + (bs if bs is not None else 0)
+        logits = logits.double() if float64 else logits.float()
+        logp_all = torch.log_softmax(logits / temperature, -1)
+        lp = torch.where(keep, logp_all.gather(-1, torch.where(keep, labels, 0)[..., None])[..., 0], 0.0)
+        p = logp_all.exp()
+        return lp, -(p * torch.where(p > 0, logp_all, 0.0)).sum(-1)
+
+    # the per-op inputs drawn once (from the exact log-probs, so that ratios and rewards are of realistic sizes)
+    lp64, ent64 = (x.detach() for x in logp_of(*exact_leaves, *([None] if bias is None else []), True))
+    old_logp = (lp64 + 0.3 * torch.randn(labels.shape, generator=g, dtype=torch.float64)).float()
+    adv = torch.randn(labels.shape, generator=g)
+    ref_logp = (lp64 + 0.5 * torch.randn(labels.shape, generator=g, dtype=torch.float64)).float()
+    kind = ("k1", "k2", "k3", "abs")[variant]
+    loss_type = ("sigmoid", "robust", "ipo", "hinge")[variant]
+    ref_c = (lp64[:b].sum(-1) + torch.randn(b, generator=g, dtype=torch.float64)).float() if rows == 2 * b else None
+    ref_r = (lp64[b:].sum(-1) + torch.randn(b, generator=g, dtype=torch.float64)).float() if rows == 2 * b else None
+
+    def run(hd, wt, bs, mode):
+        """mode "op": the fused op; "ref": the formulas on full logits in the input dtype (float32 math after the
+        GEMM); "exact": the same in float64."""
+        kw = dict(bias=bs, temperature=temperature)
+        f = torch.float64 if mode == "exact" else torch.float32
+        if mode != "op":
+            lp, ent = logp_of(hd, wt, bs, mode == "exact")
+        if op == "linear_logprobs":
+            if mode == "op":
+                lp, ent = rlhf_fast.linear_logprobs(hd, wt, labels, return_entropy=True, **kw)
+            return lp.sum() + 0.5 * ent.sum()
+        if op == "linear_cross_entropy":
+            if mode == "op":
+                return rlhf_fast.linear_cross_entropy(hd, wt, labels, weights=weights, **kw)
+            w = torch.where(keep, weights.to(f), 0.0)
+            return -(w * lp).sum() / w.sum().clamp_min(1e-38)
+        if op == "linear_ppo_loss":
+            extra = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0 if variant % 2 else None, kl_coef=0.1,
+                         entropy_coef=0.01 * variant)
+            if mode == "op":
+                return rlhf_fast.linear_ppo_loss(hd, wt, labels, old_logp, adv, weights, ref_logp=ref_logp,
+                                                 kl_kind=kind, **extra, **kw)[0]
+            pol = P._policy_tokens_ref(lp, old_logp.to(f), adv.to(f), 0.2, 0.28, extra["dual_clip"])[0]
+            tok = pol + 0.1 * k_exact(lp, ref_logp.to(f), kind) - extra["entropy_coef"] * ent
+            return torch.where(keep & (weights != 0), weights.to(f) * tok, 0.0).sum()
+        extra = dict(beta=0.3, loss_type=loss_type, label_smoothing=0.1 if loss_type in ("sigmoid", "robust") else 0.0,
+                     nll_coef=0.5)
+        if mode == "op":
+            return rlhf_fast.linear_dpo_loss(hd, wt, labels, ref_c, ref_r, **extra, **kw)[0]
+        seq = lp.sum(-1)
+        pair = LL._dpo_pair_terms(seq[:b] - ref_c.to(f), seq[b:] - ref_r.to(f), 0.3, loss_type,
+                                  extra["label_smoothing"])[0]
+        return pair.mean() + 0.5 * -seq[:b].sum() / keep[:b].sum().clamp_min(1)
+
+    split = lambda xs: (xs[0], xs[1], xs[2] if bias is not None else None)  # noqa: E731
+    ref_leaves = [x.detach().clone().requires_grad_() for x in leaves]
+    with rlhf_fast.use_backend(backend):
+        out = run(*split(leaves), "op")
+    out.backward()
+    ref = run(*split(ref_leaves), "ref")
+    ref.backward()
+    exact = run(*split(exact_leaves), "exact")
+    exact.backward()
+    # The GEMMs run in the input dtype: the op's error against float64 must stay within 3 times that of the plain
+    # formulas in the same dtype (plus a floor), values and every gradient.
+    floor = 1e-4 if dtype == torch.float32 else 2e-3
+    assert_within_ref_error(out, ref, exact, name=f"{op} value", factor=3.0, floor=floor)
+    for leaf, r, e, name in zip(leaves, ref_leaves, exact_leaves, ("hidden", "weight", "bias")):
+        assert_within_ref_error(leaf.grad, r.grad, e.grad, name=f"{op} grad {name}", factor=3.0, floor=floor)
 
 
 @pytest.mark.parametrize("backend", [b for b in CPU if b != "triton"] + (["triton"] if "triton" in CPU else []))
