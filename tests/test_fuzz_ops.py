@@ -28,8 +28,16 @@ from rlhf_fast.ops import ppo_loss as P
 COUNTS: collections.Counter = collections.Counter()
 
 
-def checked(name: str, backend: str) -> None:
-    COUNTS[f"{name}[{backend}]"] += 1
+TRITON_EXAMPLES = 15  # the Triton interpreter is slow: it checks the first 15 examples of each test only
+
+
+def checked(name: str, backend: str) -> bool:
+    """Counts an example as checked and returns True, or False (skip it) once a Triton test has had its share."""
+    key = f"{name}[{backend}]"
+    if "triton" in backend and COUNTS[key] >= TRITON_EXAMPLES:
+        return False
+    COUNTS[key] += 1
+    return True
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -48,7 +56,7 @@ def report_example_counts(request):
 
 CPU = [p.values[1] for p in device_backends(("torch", "cpp", "triton")) if p.values[0] == "cpu" and not p.marks]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-FUZZ = settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+FUZZ = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 
 @st.composite
@@ -130,7 +138,8 @@ def test_logprobs_entropy_kl(backend, data, temperature):
     x, labels, ignore_index = data
     if backend == "triton" and x.numel() > 120:
         return
-    checked("logprobs_entropy_kl", backend)
+    if not checked("logprobs_entropy_kl", backend):
+        return
     ref = x.flip(0)
     finite = x.double()[x.isfinite()]
     zs = finite.abs().max().item() / temperature if finite.numel() else 1.0
@@ -254,7 +263,8 @@ def test_sample_token_in_kept_set(backend, data, temperature, top_k, top_p, min_
     x, _, _ = data
     if x.shape[0] == 0 or (backend == "triton" and x.numel() > 120):
         return
-    checked("sample_token_in_kept_set", backend)
+    if not checked("sample_token_in_kept_set", backend):
+        return
     with rlhf_fast.use_backend(backend):
         tokens, logp, flp = rlhf_fast.sample(x, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                              generator=torch.Generator().manual_seed(0), return_filtered_logprobs=True)
@@ -294,7 +304,8 @@ def test_linear_ops(backend, op, b, t, h, v, dtype, with_bias, temperature, scal
     w.r.t. hidden, weight and bias; labels with ignore_index holes, weights with zeros; [N, H] or [B, T, H]."""
     if backend == "triton" and b * t * v > 200:
         return
-    checked("linear_ops", f"{op}-{backend}")
+    if not checked("linear_ops", f"{op}-{backend}"):
+        return
     g = torch.Generator().manual_seed(seed)
     rows = 2 * b if op == "linear_dpo_loss" else b  # DPO: chosen rows then rejected rows
     hid = (scale * torch.randn(rows, t, h, generator=g) / math.sqrt(h)).to(dtype)
@@ -371,8 +382,10 @@ def test_linear_ops(backend, op, b, t, h, v, dtype, with_bias, temperature, scal
     exact = run(*split(exact_leaves), "exact")
     exact.backward()
     # The GEMMs run in the input dtype: the op's error against float64 must stay within 3 times that of the plain
-    # formulas in the same dtype (plus a floor), values and every gradient.
-    floor = 1e-4 if dtype == torch.float32 else 2e-3
+    # formulas in the same dtype, plus a floor: 1e-4, or 4 roundings of the largest z = logits / T in the dtype (the
+    # op's GEMM rounds differently from the plain one, and the plain one may be lucky on a few tokens).
+    z_max = (exact_leaves[0].detach() @ exact_leaves[1].detach().T).abs().max().item() / temperature
+    floor = max(1e-4, 4 * torch.finfo(dtype).eps * z_max) if dtype != torch.float32 else 1e-4
     assert_within_ref_error(out, ref, exact, name=f"{op} value", factor=3.0, floor=floor)
     for leaf, r, e, name in zip(leaves, ref_leaves, exact_leaves, ("hidden", "weight", "bias")):
         assert_within_ref_error(leaf.grad, r.grad, e.grad, name=f"{op} grad {name}", factor=3.0, floor=floor)
@@ -384,7 +397,8 @@ def test_linear_ops(backend, op, b, t, h, v, dtype, with_bias, temperature, scal
        mask_kind=st.sampled_from(["ones", "zeros", "holes"]), gamma=st.sampled_from([1.0, 0.9]),
        lam=st.sampled_from([1.0, 0.95, 0.0]))
 def test_gae_and_returns(backend, b, t, seed, mask_kind, gamma, lam):
-    checked("gae_and_returns", backend)
+    if not checked("gae_and_returns", backend):
+        return
     g = torch.Generator().manual_seed(seed)
     rewards, values = torch.randn(b, t, generator=g), torch.randn(b, t, generator=g)
     mask = {"ones": torch.ones(b, t, dtype=torch.bool), "zeros": torch.zeros(b, t, dtype=torch.bool),

@@ -82,6 +82,10 @@ SoftmaxState row_softmax_state(const T* x, int64_t vocab, float inv_t, float* bu
     const int64_t n = std::min(kChunk, vocab - start);
     const float cmax = load_scaled(x + start, n, inv_t, buf);
     if (cmax == kNegInf) continue;  // contributes nothing
+    if (std::isnan(cmax)) {         // a NaN logit: the row has no distribution (exp_u20 need not propagate NaN)
+      st.m = cmax;
+      return st;
+    }
     st.rebase(cmax);
     accumulate<with_entropy>(st, buf, (n + Vec::size() - 1) / Vec::size() * Vec::size());
   }
@@ -100,9 +104,11 @@ void logprobs_fwd_kernel(const at::Tensor& logits, const int64_t* labels, float 
     for (int64_t r = begin; r < end; ++r) {
       const T* x = data + r * stride;
       const SoftmaxState st = row_softmax_state<T, with_entropy>(x, vocab, inv_t, buf);
-      const float row_lse = st.lse();
+      // A NaN or +inf logit defines no distribution: NaN, as torch.log_softmax (exp_u20 need not propagate NaN).
+      const bool no_distribution = !(st.m < std::numeric_limits<float>::infinity());
+      const float row_lse = no_distribution ? std::numeric_limits<float>::quiet_NaN() : st.lse();
       lse[r] = row_lse;
-      entropy[r] = with_entropy ? st.entropy() : 0.f;
+      entropy[r] = !with_entropy ? 0.f : no_distribution ? row_lse : st.entropy();
       float lp = 0.f;
       if (labels != nullptr) {
         const int64_t y = labels[r];
@@ -204,6 +210,10 @@ void kl_div_fwd_kernel(const at::Tensor& logits, const at::Tensor& ref, float in
         const int64_t n_padded = (n + Vec::size() - 1) / Vec::size() * Vec::size();
         const float xmax = load_scaled(x + start, n, 1.f, xbuf);  // raw logits (x * 1 is exact)
         const float rmax = load_scaled(xr + start, n, 1.f, rbuf);
+        if (std::isnan(xmax) || std::isnan(rmax)) {  // a NaN logit: no distribution (exp_u20 need not propagate NaN)
+          st.m_p = std::numeric_limits<float>::quiet_NaN();
+          break;
+        }
         st.rebase(xmax, rmax, inv_t);
         if (st.m_p == kNegInf && st.m_q == kNegInf) continue;  // nothing seen yet in either row
         // A max still -inf (nothing seen in that row yet) is used as 0, so that its -inf entries give e = 0, not NaN.
@@ -221,7 +231,9 @@ void kl_div_fwd_kernel(const at::Tensor& logits, const at::Tensor& ref, float in
         st.t += at::vec::vec_reduce_all<float>(std::plus<Vec>(), vt);
       }
       const float a = st.t / st.s_p, lsp = std::log(st.s_p);
-      kl[r] = a - lsp + std::log(st.s_q);
+      constexpr float kInf = std::numeric_limits<float>::infinity();
+      // a NaN or +inf logit in either row defines no distribution: NaN
+      kl[r] = !(st.m_p < kInf) || st.m_q == kInf ? std::numeric_limits<float>::quiet_NaN() : a - lsp + std::log(st.s_q);
       max_p[r] = st.m_p;
       max_q[r] = st.m_q;
       log_s_p[r] = lsp;

@@ -7,8 +7,11 @@ Formulas (docs/formulas.md), with z = logits / temperature over the last dimensi
   kl_penalty: sampled-token estimators of KL(pi || pi_ref) with d = ref_logp - logp:
     k1 = -d,  k2 = d^2 / 2,  k3 = exp(d) - d - 1 (d clamped to [-20, 20], result to [-10, 10]),  abs = |d|
 
-Every output is float32 whatever the logits dtype. NaN logits give NaN; a row that is entirely -inf gives NaN (as
-torch.log_softmax does); -inf entries elsewhere are fine and get zero gradient.
+Every output is float32 whatever the logits dtype. A row of logits holding a NaN or a +inf, or only -inf, gives NaN
+(as torch.log_softmax does; the log-prob stays 0 where the label is ignore_index) and a NaN gradient row; other rows
+are unaffected. -inf entries elsewhere are fine and get zero gradient (docs/formulas.md, "Labels, ignore_index and
+non-finite logits"). The KL is computed relative to the rows' raw maxima, precise at any temperature
+(docs/formulas.md, "How they are computed").
 
 Each op is a torch.library custom op in the ``rlhf_fast`` namespace with a fake (meta) implementation and an
 autograd formula; the backend (torch, cpp, cuda, triton) is chosen in Python before the op is called and passed
