@@ -1,6 +1,8 @@
 """Regression tests of the ops' edge cases found by fuzzing (issue 19): each failed before its fix. The
 property-based sweep over the same inputs is tests/test_fuzz_ops.py."""
 
+import math
+
 import pytest
 import torch
 from _testing import device_backends
@@ -158,3 +160,34 @@ def test_one_token_vocabulary(device, backend, temperature):
     (logp + ent + kl).sum().backward()
     for name, out in (("logprobs", logp), ("entropy", ent), ("kl_divergence", kl), ("grad", logits.grad)):
         assert torch.equal(out, torch.zeros_like(out)), f"{name}: {out.abs().max().item()}"
+
+
+@pytest.mark.parametrize("device,backend", CPU_LOGIT_BACKENDS)
+def test_non_finite_rows_give_nan_rows(device, backend):
+    """The contract of docs/formulas.md: a row with a NaN or a +inf logit, or only -inf, gives NaN log-prob, entropy and
+    KL (a NaN in ref_logits too) and a NaN gradient row; the other rows are exact. Before: cpp gave KL = +inf for a NaN
+    in ref_logits at T = 1e-3 (its exp does not propagate NaN), cpp and torch gave log-prob -inf for a +inf logit."""
+    g = torch.Generator().manual_seed(6)
+    x, ref = torch.randn(6, 9, generator=g), torch.randn(6, 9, generator=g)
+    x[1, 3], x[2, 0], x[3] = math.nan, math.inf, -math.inf
+    ref[4, 5] = math.nan
+    labels = torch.tensor([0, 2, 3, 4, 5, 6])
+    for temperature in (1.0, 1e-3):
+        leaves = [x.clone().requires_grad_() for _ in range(3)]
+        with rlhf_fast.use_backend(backend):
+            outs = [rlhf_fast.logprobs(leaves[0], labels, temperature=temperature),
+                    rlhf_fast.entropy(leaves[1], temperature=temperature),
+                    rlhf_fast.kl_divergence(leaves[2], ref, temperature=temperature)]
+        nan_rows = {0: [1, 2, 3], 1: [1, 2, 3], 2: [1, 2, 3, 4]}
+        for k, (out, leaf) in enumerate(zip(outs, leaves)):
+            out.sum().backward()
+            bad = torch.zeros(6, dtype=torch.bool)
+            bad[nan_rows[k]] = True
+            assert out[bad].isnan().all() and leaf.grad[bad].isnan().all(), (k, out, leaf.grad)
+            e = x[~bad].double().requires_grad_()
+            lp = torch.log_softmax(e / temperature, -1)
+            exact = [lp.gather(-1, labels[~bad][:, None])[:, 0], -(lp.exp() * lp).sum(-1),
+                     (lp.exp() * (lp - torch.log_softmax(ref[~bad].double() / temperature, -1))).sum(-1)][k]
+            exact.sum().backward()
+            torch.testing.assert_close(out[~bad].double(), exact.detach(), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(leaf.grad[~bad].double(), e.grad, rtol=1e-4, atol=1e-4 / temperature)
