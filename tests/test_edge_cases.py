@@ -9,6 +9,7 @@ from _testing import device_backends
 
 import rlhf_fast
 from rlhf_fast.ops import sampling as S
+from rlhf_fast.ops import token_logprobs as L
 
 SAMPLERS = device_backends(S.SAMPLE_BACKENDS)
 
@@ -122,7 +123,7 @@ def kl_and_grad_f64(logits, ref_logits, temperature):
     return kl.detach(), x64.grad
 
 
-@pytest.mark.parametrize("device,backend", CPU_LOGIT_BACKENDS)
+@pytest.mark.parametrize("device,backend", device_backends(L.KL_BACKENDS))
 @pytest.mark.parametrize("temperature", [1e-3, 1e-6])
 @pytest.mark.parametrize("rows", ["near one-hot", "tied top two"])
 def test_kl_divergence_at_small_temperature(device, backend, temperature, rows):
@@ -136,27 +137,36 @@ def test_kl_divergence_at_small_temperature(device, backend, temperature, rows):
         top = logits.argmax(-1)
         logits[torch.arange(16), (top + 1) % 33] = logits[torch.arange(16), top] - 2 * temperature * torch.rand(16, generator=g)
     ref_logits = logits + temperature * torch.randn(16, 33, generator=g)
-    x = logits.clone().requires_grad_()
+    x = logits.clone().to(device).requires_grad_()
     with rlhf_fast.use_backend(backend):
-        kl = rlhf_fast.kl_divergence(x, ref_logits, temperature=temperature)
+        kl = rlhf_fast.kl_divergence(x, ref_logits.to(device), temperature=temperature)
     kl.sum().backward()
     exact_kl, exact_grad = kl_and_grad_f64(logits, ref_logits, temperature)
+    kl, x = kl.cpu(), x.grad.cpu()
     assert (kl.double() - exact_kl).abs().max().item() <= 1e-5 * max(1.0, exact_kl.abs().max().item())
     scale = exact_grad.abs().max().item()
-    assert (x.grad.double() - exact_grad).abs().max().item() <= 1e-5 * max(1.0, scale)
+    assert (x.double() - exact_grad).abs().max().item() <= 1e-5 * max(1.0, scale)
 
 
-@pytest.mark.parametrize("device,backend", CPU_LOGIT_BACKENDS)
+CUDA_V1_XFAIL = pytest.mark.xfail(strict=True, reason=(
+    "known (issue 19, not fixed without a GPU): the CUDA backward forms lp2 = x k - lse log2(e) from the natural-log "
+    "lse, whose rounding round trip differs from the forward's max by ~1 ulp"))
+V1_BACKENDS = [pytest.param(*p.values, marks=[*p.marks, CUDA_V1_XFAIL], id=p.id) if p.values == ("cuda", "cuda")
+               else p for p in device_backends(L.LOGPROBS_BACKENDS)]
+
+
+@pytest.mark.parametrize("device,backend", V1_BACKENDS)
 @pytest.mark.parametrize("temperature", [1.0, 1e-3, 1e-6])
 def test_one_token_vocabulary(device, backend, temperature):
     """V = 1: the only token has log-prob 0, entropy 0, KL 0 and zero gradients, at any temperature. The cpp kernel
     once gave log-probs up to 1.5e-4 and gradients up to 0.07 at T = 1e-3: the compiler fused the label's
     x * (1 / T) - lse into an FMA, so z_y differed from the z the log-sum-exp was built from (now -ffp-contract=off)."""
-    logits = (3 * torch.randn(64, 1, generator=torch.Generator().manual_seed(5))).requires_grad_()
-    labels = torch.zeros(64, dtype=torch.long)
+    logits = (3 * torch.randn(64, 1, generator=torch.Generator().manual_seed(5))).to(device).requires_grad_()
+    labels = torch.zeros(64, dtype=torch.long, device=device)
     with rlhf_fast.use_backend(backend):
         logp, ent = rlhf_fast.logprobs_and_entropy(logits, labels, temperature=temperature)
-        kl = rlhf_fast.kl_divergence(logits, 0.5 * logits.detach(), temperature=temperature)
+        kl = (rlhf_fast.kl_divergence(logits, 0.5 * logits.detach(), temperature=temperature)
+              if backend in L.KL_BACKENDS else torch.zeros_like(logp))
     (logp + ent + kl).sum().backward()
     for name, out in (("logprobs", logp), ("entropy", ent), ("kl_divergence", kl), ("grad", logits.grad)):
         assert torch.equal(out, torch.zeros_like(out)), f"{name}: {out.abs().max().item()}"
