@@ -298,10 +298,11 @@ LINEAR_OPS = ("linear_logprobs", "linear_cross_entropy", "linear_ppo_loss", "lin
 @given(b=st.integers(1, 3), t=st.integers(1, 4), h=st.sampled_from([1, 3, 8]), v=st.sampled_from([1, 2, 5, 33]),
        dtype=st.sampled_from(DTYPES), with_bias=st.booleans(), temperature=st.sampled_from([1.0, 0.7, 0.05]),
        scale=st.sampled_from([1.0, 4.0]), seed=st.integers(0, 2**31 - 1), packed=st.booleans(),
-       variant=st.integers(0, 3))
-def test_linear_ops(backend, op, b, t, h, v, dtype, with_bias, temperature, scale, seed, packed, variant):
+       variant=st.integers(0, 3), strided=st.booleans())
+def test_linear_ops(backend, op, b, t, h, v, dtype, with_bias, temperature, scale, seed, packed, variant, strided):
     """The fused hidden-state ops against float64 autograd of the plain formulas (full logits): value and gradients
-    w.r.t. hidden, weight and bias; labels with ignore_index holes, weights with zeros; [N, H] or [B, T, H]."""
+    w.r.t. hidden, weight and bias; labels with ignore_index holes, weights with zeros; [N, H] or [B, T, H]; hidden
+    and weight contiguous or non-contiguous views (step-sliced hidden, column-major weight)."""
     if backend == "triton" and b * t * v > 200:
         return
     if not checked("linear_ops", f"{op}-{backend}"):
@@ -318,6 +319,10 @@ def test_linear_ops(backend, op, b, t, h, v, dtype, with_bias, temperature, scal
     keep = labels != -100
     weights = torch.where(torch.rand(labels.shape, generator=g) < 0.2, 0.0, torch.rand(labels.shape, generator=g))
     leaves = [x.detach().clone().requires_grad_() for x in (hid, wgt, bias) if x is not None]
+    views = [x for x in leaves]  # what the op is given: the leaves, or non-contiguous views of them
+    if strided:
+        views[0] = torch.stack([leaves[0], leaves[0]], -1).flatten(-2)[..., ::2]
+        views[1] = leaves[1].t().contiguous().t()
     exact_leaves = [x.detach().double().requires_grad_() for x in (hid, wgt, bias) if x is not None]
 
     def logp_of(hd, wt, bs, float64):
@@ -375,7 +380,7 @@ def test_linear_ops(backend, op, b, t, h, v, dtype, with_bias, temperature, scal
     split = lambda xs: (xs[0], xs[1], xs[2] if bias is not None else None)  # noqa: E731
     ref_leaves = [x.detach().clone().requires_grad_() for x in leaves]
     with rlhf_fast.use_backend(backend):
-        out = run(*split(leaves), "op")
+        out = run(*split(views), "op")
     out.backward()
     ref = run(*split(ref_leaves), "ref")
     ref.backward()

@@ -12,6 +12,8 @@ Randomness: one uniform u per row, ``torch.rand(B, generator=generator)`` on the
 v, in index order, whose running kept mass exceeds u times the kept mass (inverse CDF). Every backend follows this
 rule, so with the same generator state they return the same tokens, up to floating-point rounding when u falls within
 rounding distance of a boundary between two tokens. Nothing synchronises with the host, except the NaN check on CPU.
+Under ``torch.compile(fullgraph=True)`` a generator works too (the uniforms then come from the ``rlhf_fast::uniforms``
+op, below): the same draws as eager for the same generator state.
 
 Outputs: tokens int64 [B]; logprobs float32 [B] = log p[token] under the unfiltered temperature-scaled distribution
 (0 for greedy rows: the temperature -> 0 limit is a point mass on the argmax); optionally filtered_logprobs float32
