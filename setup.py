@@ -73,7 +73,10 @@ def _extensions():
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    cxx = ["-O3", "-std=c++17", "-fopenmp", *_isa_args()]
+    # -ffp-contract=off: the kernels compute z = x * (1 / T) in several places (a forward buffer, a label, the backward)
+    # and rely on getting the same float each time; a compiler fusing one of them into an FMA breaks that (V = 1 gave
+    # log-probs of 1e-4 instead of 0 at T = 1e-3). Explicit at::vec::fmadd calls are unaffected.
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", *_isa_args()]
     exts = [
         CppExtension(
             "rlhf_fast._C",

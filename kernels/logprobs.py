@@ -104,65 +104,76 @@ def _logprobs_bwd_kernel(
 
 @triton.jit
 def _kl_div_fwd_kernel(
-    logits_ptr, ref_ptr, kl_ptr, lse_p_ptr, lse_q_ptr,
+    logits_ptr, ref_ptr, kl_ptr, max_p_ptr, max_q_ptr, log_s_p_ptr, mean_d_ptr,
     V, row_stride, ref_row_stride, temperature,
     BLOCK_V: tl.constexpr,
 ):
+    # Relative to the raw row maxima m_x = max x, m_r = max x_ref (not scaled): dz = (x - m_x) / T, dw = (x_ref - m_r)
+    # / T, so that at a small temperature nothing ~1 / T is ever subtracted from anything else ~1 / T.
     row = tl.program_id(0).to(tl.int64)
-    base_z = logits_ptr + row * row_stride
-    base_w = ref_ptr + row * ref_row_stride
+    base_x = logits_ptr + row * row_stride
+    base_r = ref_ptr + row * ref_row_stride
     offs = tl.arange(0, BLOCK_V)
-    m_z = tl.full([], float("-inf"), tl.float32)
-    m_w = tl.full([], float("-inf"), tl.float32)
-    s_z = tl.zeros([], tl.float32)  # sum exp(z - safe(m_z))
-    s_w = tl.zeros([], tl.float32)  # sum exp(w - safe(m_w))
-    t = tl.zeros([], tl.float32)  # sum exp(z - safe(m_z)) * ((z - safe(m_z)) - (w - safe(m_w)))
+    m_x = tl.full([], float("-inf"), tl.float32)
+    m_r = tl.full([], float("-inf"), tl.float32)
+    s_z = tl.zeros([], tl.float32)  # sum exp(dz)
+    s_w = tl.zeros([], tl.float32)  # sum exp(dw)
+    t = tl.zeros([], tl.float32)  # sum exp(dz) * (dz - dw)
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         mask = cols < V
-        z = tl.load(base_z + cols, mask=mask, other=float("-inf")).to(tl.float32) / temperature
-        w = tl.load(base_w + cols, mask=mask, other=float("-inf")).to(tl.float32) / temperature
-        mz_new = tl.maximum(m_z, tl.max(z, axis=0))
-        mw_new = tl.maximum(m_w, tl.max(w, axis=0))
-        msz_new = _safe(mz_new)
-        msw_new = _safe(mw_new)
-        alpha_z = tl.exp(m_z - msz_new)
-        e_z = tl.exp(z - msz_new)
-        shift = (_safe(m_z) - msz_new) - (_safe(m_w) - msw_new)
-        t = alpha_z * (t + shift * s_z) + tl.sum(tl.where(e_z > 0, e_z * ((z - msz_new) - (w - msw_new)), 0.0), axis=0)
+        x = tl.load(base_x + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        r = tl.load(base_r + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        mx_new = tl.maximum(m_x, tl.max(x, axis=0))
+        mr_new = tl.maximum(m_r, tl.max(r, axis=0))
+        shift_z = (_safe(m_x) - _safe(mx_new)) / temperature  # how much dz of the entries seen so far moves
+        shift_w = (_safe(m_r) - _safe(mr_new)) / temperature
+        alpha_z = tl.where(s_z > 0, tl.exp(shift_z), 0.0)
+        dz = (x - _safe(mx_new)) / temperature
+        dw = (r - _safe(mr_new)) / temperature
+        e_z = tl.exp(dz)
+        # alpha_z = 0 (nothing seen yet, or the old mass vanishes at this temperature): the old t goes, NaN-free
+        t = tl.where(alpha_z > 0, alpha_z * (t + (shift_z - shift_w) * s_z), 0.0)
+        t += tl.sum(tl.where(e_z > 0, e_z * (dz - dw), 0.0), axis=0)
         s_z = alpha_z * s_z + tl.sum(e_z, axis=0)
-        s_w = tl.exp(m_w - msw_new) * s_w + tl.sum(tl.exp(w - msw_new), axis=0)
-        m_z = mz_new
-        m_w = mw_new
-    # KL = sum_v p_v ((z_v - m_z - log s_z) - (w_v - m_w - log s_w)), kept relative to the maxima for precision.
-    tl.store(kl_ptr + row, t / s_z - tl.log(s_z) + tl.log(s_w))
-    tl.store(lse_p_ptr + row, m_z + tl.log(s_z))
-    tl.store(lse_q_ptr + row, m_w + tl.log(s_w))
+        s_w = tl.where(s_w > 0, tl.exp(shift_w) * s_w, 0.0) + tl.sum(tl.exp(dw), axis=0)
+        m_x = mx_new
+        m_r = mr_new
+    mean_d = t / s_z
+    log_s_p = tl.log(s_z)
+    kl = mean_d - log_s_p + tl.log(s_w)
+    mean_d = tl.where(kl != kl, kl, mean_d)  # NaN mean_d marks a NaN KL: its backward row is NaN
+    tl.store(kl_ptr + row, kl)
+    tl.store(max_p_ptr + row, m_x)
+    tl.store(max_q_ptr + row, m_r)
+    tl.store(log_s_p_ptr + row, log_s_p)
+    tl.store(mean_d_ptr + row, mean_d)
 
 
 @triton.jit
 def _kl_div_bwd_kernel(
-    grad_kl_ptr, logits_ptr, ref_ptr, lse_p_ptr, lse_q_ptr, kl_ptr, grad_ptr,
+    grad_kl_ptr, logits_ptr, ref_ptr, max_p_ptr, max_q_ptr, log_s_p_ptr, mean_d_ptr, grad_ptr,
     V, row_stride, ref_row_stride, temperature,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    base_z = logits_ptr + row * row_stride
-    base_w = ref_ptr + row * ref_row_stride
+    base_x = logits_ptr + row * row_stride
+    base_r = ref_ptr + row * ref_row_stride
     out = grad_ptr + row * V
     offs = tl.arange(0, BLOCK_V)
     g = tl.load(grad_kl_ptr + row)
-    lse_p = tl.load(lse_p_ptr + row)
-    lse_q = tl.load(lse_q_ptr + row)
-    kl = tl.load(kl_ptr + row)
+    m_x = tl.load(max_p_ptr + row)
+    m_r = tl.load(max_q_ptr + row)
+    log_s_p = tl.load(log_s_p_ptr + row)
+    mean_d = tl.load(mean_d_ptr + row)
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         mask = cols < V
-        z = tl.load(base_z + cols, mask=mask, other=float("-inf")).to(tl.float32) / temperature
-        w = tl.load(base_w + cols, mask=mask, other=float("-inf")).to(tl.float32) / temperature
-        log_p = z - lse_p
-        p = tl.exp(log_p)
-        grad_z = g * p * tl.where(p > 0, log_p - (w - lse_q) - kl, 0.0)  # NaN p (NaN row) stays NaN
+        dz = (tl.load(base_x + cols, mask=mask, other=float("-inf")).to(tl.float32) - m_x) / temperature
+        dw = (tl.load(base_r + cols, mask=mask, other=float("-inf")).to(tl.float32) - m_r) / temperature
+        p = tl.exp(dz - log_s_p)
+        grad_z = g * p * tl.where(p > 0, (dz - dw) - mean_d, 0.0)
+        grad_z = tl.where(mean_d != mean_d, float("nan"), grad_z)  # a NaN KL: a NaN row
         tl.store(out + cols, (grad_z / temperature).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
@@ -203,23 +214,25 @@ def logprobs_bwd(grad_logp: Tensor, grad_entropy: Tensor, grad_lse: Tensor, logi
     return grad
 
 
-def kl_div_fwd(logits: Tensor, ref_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
-    """logits, ref_logits [N, V] (same dtype) -> (kl, lse_p, lse_q), float32 [N] each."""
+def kl_div_fwd(logits: Tensor, ref_logits: Tensor, temperature: float
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """logits, ref_logits [N, V] (same dtype) -> (kl, max_p, max_q, log_s_p, mean_d), float32 [N] each (the KL and
+    the state of its backward, see rlhf_fast.ops.token_logprobs.kl_divergence_op)."""
     N, V = logits.shape
-    kl, lse_p, lse_q = (torch.empty(N, dtype=torch.float32, device=logits.device) for _ in range(3))
+    out = tuple(torch.empty(N, dtype=torch.float32, device=logits.device) for _ in range(5))
     if N == 0:
-        return kl, lse_p, lse_q
+        return out
     block_v, num_warps = _launch_config(V)
     _kl_div_fwd_kernel[(N,)](
-        logits, ref_logits, kl, lse_p, lse_q,
+        logits, ref_logits, *out,
         V, logits.stride(0), ref_logits.stride(0), float(temperature),
         BLOCK_V=block_v, num_warps=num_warps,
     )
-    return kl, lse_p, lse_q
+    return out
 
 
-def kl_div_bwd(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor, lse_p: Tensor, lse_q: Tensor, kl: Tensor,
-               temperature: float) -> Tensor:
+def kl_div_bwd(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor, max_p: Tensor, max_q: Tensor, log_s_p: Tensor,
+               mean_d: Tensor, temperature: float) -> Tensor:
     """grad_kl float32 [N] -> grad_logits [N, V] in logits.dtype, contiguous (no gradient for ref_logits)."""
     N, V = logits.shape
     grad = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
@@ -227,7 +240,7 @@ def kl_div_bwd(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor, lse_p: Tenso
         return grad
     block_v, num_warps = _launch_config(V)
     _kl_div_bwd_kernel[(N,)](
-        grad_kl, logits, ref_logits, lse_p, lse_q, kl, grad,
+        grad_kl, logits, ref_logits, max_p, max_q, log_s_p, mean_d, grad,
         V, logits.stride(0), ref_logits.stride(0), float(temperature),
         BLOCK_V=block_v, num_warps=num_warps,
     )

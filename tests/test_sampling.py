@@ -411,6 +411,37 @@ def test_torch_compile_fullgraph(device, backend):
     assert all(torch.equal(o, e) for o, e in zip(out, expect))
 
 
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_torch_compile_fullgraph_with_a_generator(device):
+    """A compiled decode step can take a generator (issue 19: dynamo has no proxy for a torch.Generator, so
+    ``torch.rand(generator=g)`` inside ``sample`` was a graph break). Two steps per call and two calls: every draw is
+    the eager one for the same generator state, the generator advances, and a second generator gives its own draws."""
+    def step(logits, generator):
+        first = rlhf_fast.sample(logits, temperature=0.8, top_p=0.9, generator=generator)
+        return first, rlhf_fast.sample(logits, temperature=0.8, top_p=0.9, generator=generator)
+
+    logits = torch.randn(16, 80, generator=torch.Generator().manual_seed(0)).to(device)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for seed in (1, 2):  # a second generator object: a new graph, its own draws
+        g_compiled = torch.Generator(device=device).manual_seed(seed)
+        g_eager = torch.Generator(device=device).manual_seed(seed)
+        for _ in range(2):
+            got, expect = compiled(logits, g_compiled), step(logits, g_eager)
+            for o, e in zip((*got[0], *got[1]), (*expect[0], *expect[1])):
+                assert torch.equal(o, e)
+        assert torch.equal(g_compiled.get_state(), g_eager.get_state())
+    assert not torch.equal(got[0][0], got[1][0])  # the two draws of a step differ (not merged into one)
+
+
+def test_uniforms_op_opcheck():
+    """The uniforms op behind a generator under torch.compile: schema and fake tensor (it is random, so the checks
+    that compare two runs do not apply)."""
+    key = S._generator_key(torch.Generator().manual_seed(0))
+    torch.library.opcheck(S.uniforms_op, (torch.randn(5, 3), key), test_utils=("test_schema", "test_faketensor"))
+
+
 COMPILE_FOR_HOPPER = """
 from triton import compile
 from triton.backends.compiler import GPUTarget

@@ -10,9 +10,10 @@ TORCH_LIBRARY(rlhf_fast_C, m) {
         " -> (Tensor, Tensor, Tensor)");
   m.def("logprobs_bwd(Tensor grad_logp, Tensor grad_entropy, Tensor grad_lse, Tensor logits, Tensor? labels,"
         " Tensor lse, Tensor entropy, float temperature, int ignore_index) -> Tensor");
-  m.def("kl_div_fwd(Tensor logits, Tensor ref_logits, float temperature) -> (Tensor, Tensor, Tensor)");
-  m.def("kl_div_bwd(Tensor grad_kl, Tensor logits, Tensor ref_logits, Tensor lse_p, Tensor lse_q, Tensor kl,"
-        " float temperature) -> Tensor");
+  m.def("kl_div_fwd(Tensor logits, Tensor ref_logits, float temperature)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("kl_div_bwd(Tensor grad_kl, Tensor logits, Tensor ref_logits, Tensor max_p, Tensor max_q, Tensor log_s_p,"
+        " Tensor mean_d, float temperature) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_fast_C, CPU, m) {

@@ -82,6 +82,10 @@ SoftmaxState row_softmax_state(const T* x, int64_t vocab, float inv_t, float* bu
     const int64_t n = std::min(kChunk, vocab - start);
     const float cmax = load_scaled(x + start, n, inv_t, buf);
     if (cmax == kNegInf) continue;  // contributes nothing
+    if (std::isnan(cmax)) {         // a NaN logit: the row has no distribution (exp_u20 need not propagate NaN)
+      st.m = cmax;
+      return st;
+    }
     st.rebase(cmax);
     accumulate<with_entropy>(st, buf, (n + Vec::size() - 1) / Vec::size() * Vec::size());
   }
@@ -100,9 +104,11 @@ void logprobs_fwd_kernel(const at::Tensor& logits, const int64_t* labels, float 
     for (int64_t r = begin; r < end; ++r) {
       const T* x = data + r * stride;
       const SoftmaxState st = row_softmax_state<T, with_entropy>(x, vocab, inv_t, buf);
-      const float row_lse = st.lse();
+      // A NaN or +inf logit defines no distribution: NaN, as torch.log_softmax (exp_u20 need not propagate NaN).
+      const bool no_distribution = !(st.m < std::numeric_limits<float>::infinity());
+      const float row_lse = no_distribution ? std::numeric_limits<float>::quiet_NaN() : st.lse();
       lse[r] = row_lse;
-      entropy[r] = with_entropy ? st.entropy() : 0.f;
+      entropy[r] = !with_entropy ? 0.f : no_distribution ? row_lse : st.entropy();
       float lp = 0.f;
       if (labels != nullptr) {
         const int64_t y = labels[r];
@@ -130,6 +136,10 @@ void logprobs_bwd_kernel(const float* grad_logp, const float* grad_entropy, cons
     for (int64_t r = begin; r < end; ++r) {
       const T* x = data + r * stride;
       T* gx = grad + r * vocab;
+      if (!std::isfinite(lse[r])) {  // a row of -inf (or with +inf / NaN): NaN outputs, NaN gradient (as torch)
+        std::fill(gx, gx + vocab, static_cast<T>(std::numeric_limits<float>::quiet_NaN()));
+        continue;
+      }
       int64_t y = labels != nullptr ? labels[r] : ignore_index;
       const bool has_label = y != ignore_index && y >= 0 && y < vocab;
       const float g = has_label ? grad_logp[r] : 0.f;
@@ -155,61 +165,88 @@ void logprobs_bwd_kernel(const float* grad_logp, const float* grad_entropy, cons
   });
 }
 
-// KL(p||q) = sum p (z - w) - lse_p + lse_q, with sum p (z - w) = (sum e^(z-m) (z - w)) / s_p, one pass over both rows.
+// KL(p||q) in units relative to each row's raw max (m_p = max x, m_q = max x_ref, not scaled), so that no two large
+// log-sum-exps are ever subtracted (at a small temperature z = x / T and w = x_ref / T are ~1 / T):
+//   dz = (x - m_p) / T,  dw = (x_ref - m_q) / T,  s_p = sum e^dz,  s_q = sum e^dw,  a = sum p (dz - dw),
+//   KL = a - log s_p + log s_q.
+// x - m is exact near the max (Sterbenz), so p is as accurate as the logits allow, whatever the temperature; the
+// -inf entries of p (e^dz = 0) add nothing. One pass over both rows with an online max for each.
+struct KlState {
+  float m_p = kNegInf, m_q = kNegInf, s_p = 0.f, s_q = 0.f, t = 0.f;  // t = sum e^dz (dz - dw)
+
+  // Moves both reference points to the new maxima (each a no-op unless it grows).
+  void rebase(float new_p, float new_q, float inv_t) {
+    const bool grow_p = new_p > m_p, grow_q = new_q > m_q;
+    if (s_p > 0.f && (grow_p || grow_q)) {
+      // dz shifts by (m_p - new_p) / T and dw by (m_q - new_q) / T; with m_q = -inf, t is already +inf (p > 0 where q
+      // = 0) and stays so.
+      const float shift_p = grow_p ? (m_p - new_p) * inv_t : 0.f;
+      const float shift_q = grow_q ? (m_q - new_q) * inv_t : 0.f;
+      const float scale = std::exp(shift_p);
+      t = scale == 0.f ? 0.f : scale * (t + s_p * (shift_p - shift_q));  // scale 0: the old mass vanishes
+      s_p *= scale;
+    }
+    if (grow_q && s_q > 0.f) s_q *= std::exp((m_q - new_q) * inv_t);
+    if (grow_p) m_p = new_p;
+    if (grow_q) m_q = new_q;
+  }
+};
+
 template <typename T>
-void kl_div_fwd_kernel(const at::Tensor& logits, const at::Tensor& ref, float inv_t, float* kl, float* lse_p,
-                       float* lse_q) {
+void kl_div_fwd_kernel(const at::Tensor& logits, const at::Tensor& ref, float inv_t, float* kl, float* max_p,
+                       float* max_q, float* log_s_p, float* mean_d) {
   const int64_t n_rows = logits.size(0), vocab = logits.size(1);
   const T* p_data = logits.const_data_ptr<T>();
   const T* q_data = ref.const_data_ptr<T>();
   at::parallel_for(0, n_rows, rows_per_task(vocab), [&](int64_t begin, int64_t end) {
-    alignas(64) float zbuf[kChunk + Vec::size()];
-    alignas(64) float wbuf[kChunk + Vec::size()];
+    alignas(64) float xbuf[kChunk + Vec::size()];
+    alignas(64) float rbuf[kChunk + Vec::size()];
     for (int64_t r = begin; r < end; ++r) {
       const T* x = p_data + r * logits.stride(0);
       const T* xr = q_data + r * ref.stride(0);
-      SoftmaxState p, q;  // p.t holds sum e^(z-m)(z - w) instead of (z - m): rescaled the same way on rebase.
+      KlState st;
       for (int64_t start = 0; start < vocab; start += kChunk) {
         const int64_t n = std::min(kChunk, vocab - start);
         const int64_t n_padded = (n + Vec::size() - 1) / Vec::size() * Vec::size();
-        const float zmax = load_scaled(x + start, n, inv_t, zbuf);
-        const float wmax = load_scaled(xr + start, n, inv_t, wbuf);
-        if (wmax != kNegInf) {
-          q.rebase(wmax);
-          accumulate<false>(q, wbuf, n_padded);
+        const float xmax = load_scaled(x + start, n, 1.f, xbuf);  // raw logits (x * 1 is exact)
+        const float rmax = load_scaled(xr + start, n, 1.f, rbuf);
+        if (std::isnan(xmax) || std::isnan(rmax)) {  // a NaN logit: no distribution (exp_u20 need not propagate NaN)
+          st.m_p = std::numeric_limits<float>::quiet_NaN();
+          break;
         }
-        if (zmax == kNegInf) continue;
-        if (zmax > p.m) {
-          if (p.s > 0.f) {
-            const float scale = std::exp(p.m - zmax);
-            p.t *= scale;
-            p.s *= scale;
-          }
-          p.m = zmax;
-        }
-        const Vec vm(p.m), zero(0.f);
-        Vec vs(0.f), vt(0.f);
+        st.rebase(xmax, rmax, inv_t);
+        if (st.m_p == kNegInf && st.m_q == kNegInf) continue;  // nothing seen yet in either row
+        // A max still -inf (nothing seen in that row yet) is used as 0, so that its -inf entries give e = 0, not NaN.
+        const Vec vmp(st.m_p == kNegInf ? 0.f : st.m_p), vmq(st.m_q == kNegInf ? 0.f : st.m_q), vinv(inv_t), zero(0.f);
+        Vec vsp(0.f), vsq(0.f), vt(0.f);
         for (int64_t i = 0; i < n_padded; i += Vec::size()) {
-          const Vec z = Vec::loadu(zbuf + i), w = Vec::loadu(wbuf + i);
-          const Vec e = (z - vm).exp_u20();
-          vs = vs + e;
-          vt = at::vec::fmadd(e, Vec::blendv(z - w, zero, e == zero), vt);
+          const Vec dz = (Vec::loadu(xbuf + i) - vmp) * vinv, dw = (Vec::loadu(rbuf + i) - vmq) * vinv;
+          const Vec ep = dz.exp_u20();
+          vsp = vsp + ep;
+          vsq = vsq + dw.exp_u20();
+          vt = at::vec::fmadd(ep, Vec::blendv(dz - dw, zero, ep == zero), vt);
         }
-        p.s += at::vec::vec_reduce_all<float>(std::plus<Vec>(), vs);
-        p.t += at::vec::vec_reduce_all<float>(std::plus<Vec>(), vt);
+        st.s_p += at::vec::vec_reduce_all<float>(std::plus<Vec>(), vsp);
+        st.s_q += at::vec::vec_reduce_all<float>(std::plus<Vec>(), vsq);
+        st.t += at::vec::vec_reduce_all<float>(std::plus<Vec>(), vt);
       }
-      lse_p[r] = p.lse();
-      lse_q[r] = q.lse();
-      kl[r] = p.t / p.s - lse_p[r] + lse_q[r];
+      const float a = st.t / st.s_p, lsp = std::log(st.s_p);
+      constexpr float kInf = std::numeric_limits<float>::infinity();
+      // a NaN or +inf logit in either row defines no distribution: NaN
+      kl[r] = !(st.m_p < kInf) || st.m_q == kInf ? std::numeric_limits<float>::quiet_NaN() : a - lsp + std::log(st.s_q);
+      max_p[r] = st.m_p;
+      max_q[r] = st.m_q;
+      log_s_p[r] = lsp;
+      mean_d[r] = std::isnan(kl[r]) ? kl[r] : a;  // NaN marks a NaN KL for the backward (q alone may be NaN)
     }
   });
 }
 
-// grad_z_j = g p_j ((z_j - lse_p) - (w_j - lse_q) - KL); grad_x = grad_z / T. Each log-prob is formed before the
-// difference: z - w + (lse_q - lse_p) would cancel catastrophically at a small temperature (z, w ~ 1 / T).
+// grad_x_j = g p_j (d_j - a) / T, p_j = e^(dz_j - log s_p), d_j = dz_j - dw_j, in the forward's relative units (so
+// nothing large cancels at a small temperature); entries with p_j = 0 get 0, rows with a NaN KL NaN.
 template <typename T>
-void kl_div_bwd_kernel(const float* grad_kl, const at::Tensor& logits, const at::Tensor& ref, const float* lse_p,
-                       const float* lse_q, const float* kl, float inv_t, T* grad) {
+void kl_div_bwd_kernel(const float* grad_kl, const at::Tensor& logits, const at::Tensor& ref, const float* max_p,
+                       const float* max_q, const float* log_s_p, const float* mean_d, float inv_t, T* grad) {
   const int64_t n_rows = logits.size(0), vocab = logits.size(1);
   const T* p_data = logits.const_data_ptr<T>();
   const T* q_data = ref.const_data_ptr<T>();
@@ -219,21 +256,31 @@ void kl_div_bwd_kernel(const float* grad_kl, const at::Tensor& logits, const at:
       const T* x = p_data + r * logits.stride(0);
       const T* xr = q_data + r * ref.stride(0);
       T* gx = grad + r * vocab;
-      const float g = grad_kl[r] * inv_t;
-      const auto element = [&](float z, float w) {
-        const float lp = z - lse_p[r], p = std::exp(lp);
-        return p == 0.f ? 0.f : g * p * (lp - (w - lse_q[r]) - kl[r]);
-      };
-      const Vec vinv(inv_t), vlse(lse_p[r]), vlse_q(lse_q[r]), vkl(kl[r]), vg(g), zero(0.f);
-      const auto vec_element = [&](int64_t j) {
-        const Vec z = load_float(x + j) * vinv, w = load_float(xr + j) * vinv;
-        const Vec lp = z - vlse, p = lp.exp_u20();
-        return Vec::blendv(vg * p * (lp - (w - vlse_q) - vkl), zero, p == zero);
+      if (std::isnan(mean_d[r])) {  // a NaN KL (NaN / +inf logits, or a row without a distribution): NaN gradient
+        std::fill(gx, gx + vocab, static_cast<T>(std::numeric_limits<float>::quiet_NaN()));
+        continue;
+      }
+      const Vec vmp(max_p[r]), vmq(max_q[r]), vlsp(log_s_p[r]), va(mean_d[r]), vg(grad_kl[r] * inv_t), vinv(inv_t),
+          zero(0.f);
+      const auto vec_element = [&](const Vec& xv, const Vec& rv) {
+        const Vec dz = (xv - vmp) * vinv, dw = (rv - vmq) * vinv;
+        const Vec p = (dz - vlsp).exp_u20();
+        return Vec::blendv(vg * p * ((dz - dw) - va), zero, p == zero);
       };
       int64_t j = 0;
-      for (; j + 2 * W <= vocab; j += 2 * W) store_float2(gx + j, vec_element(j), vec_element(j + W));
-      for (; j < vocab; ++j) {
-        gx[j] = static_cast<T>(element(static_cast<float>(x[j]) * inv_t, static_cast<float>(xr[j]) * inv_t));
+      for (; j + 2 * W <= vocab; j += 2 * W) {
+        store_float2(gx + j, vec_element(load_float(x + j), load_float(xr + j)),
+                     vec_element(load_float(x + j + W), load_float(xr + j + W)));
+      }
+      if (j < vocab) {  // the tail, through a zero-padded buffer so that it rounds exactly as the vector body
+        alignas(64) float xt[2 * W], rt[2 * W], out[2 * W];
+        for (int64_t i = 0; i < 2 * W; ++i) {
+          xt[i] = j + i < vocab ? static_cast<float>(x[j + i]) : 0.f;
+          rt[i] = j + i < vocab ? static_cast<float>(xr[j + i]) : 0.f;
+        }
+        vec_element(Vec::loadu(xt), Vec::loadu(rt)).store(out);
+        vec_element(Vec::loadu(xt + W), Vec::loadu(rt + W)).store(out + W);
+        for (int64_t i = 0; j + i < vocab; ++i) gx[j + i] = static_cast<T>(out[i]);
       }
     }
   });
@@ -295,33 +342,39 @@ at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_
   return grad;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_fwd_cpu(const at::Tensor& logits, const at::Tensor& ref_logits,
-                                                             double temperature) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_div_fwd_cpu(const at::Tensor& logits,
+                                                                                     const at::Tensor& ref_logits,
+                                                                                     double temperature) {
   check_rows(logits, "logits");
   check_rows(ref_logits, "ref_logits");
   TORCH_CHECK(logits.sizes() == ref_logits.sizes() && logits.scalar_type() == ref_logits.scalar_type(),
               "logits and ref_logits must have the same shape and dtype");
-  at::Tensor kl = float_rows(logits), lse_p = float_rows(logits), lse_q = float_rows(logits);
+  at::Tensor kl = float_rows(logits), max_p = float_rows(logits), max_q = float_rows(logits),
+             log_s_p = float_rows(logits), mean_d = float_rows(logits);
   RLHF_FAST_DISPATCH_LOGITS(logits.scalar_type(), "kl_div_fwd_cpu", [&] {
     kl_div_fwd_kernel<scalar_t>(logits, ref_logits, static_cast<float>(1.0 / temperature), kl.data_ptr<float>(),
-                                lse_p.data_ptr<float>(), lse_q.data_ptr<float>());
+                                max_p.data_ptr<float>(), max_q.data_ptr<float>(), log_s_p.data_ptr<float>(),
+                                mean_d.data_ptr<float>());
   });
-  return {kl, lse_p, lse_q};
+  return {kl, max_p, max_q, log_s_p, mean_d};
 }
 
 at::Tensor kl_div_bwd_cpu(const at::Tensor& grad_kl, const at::Tensor& logits, const at::Tensor& ref_logits,
-                          const at::Tensor& lse_p, const at::Tensor& lse_q, const at::Tensor& kl, double temperature) {
+                          const at::Tensor& max_p, const at::Tensor& max_q, const at::Tensor& log_s_p,
+                          const at::Tensor& mean_d, double temperature) {
   check_rows(logits, "logits");
   check_rows(ref_logits, "ref_logits");
   const int64_t n = logits.size(0);
-  for (const auto& [t, name] : {std::pair{&grad_kl, "grad_kl"}, {&lse_p, "lse_p"}, {&lse_q, "lse_q"}, {&kl, "kl"}}) {
+  for (const auto& [t, name] : {std::pair{&grad_kl, "grad_kl"}, {&max_p, "max_p"}, {&max_q, "max_q"},
+                                {&log_s_p, "log_s_p"}, {&mean_d, "mean_d"}}) {
     check_vector(*t, n, at::kFloat, name);
   }
   at::Tensor grad = at::empty({n, logits.size(1)}, logits.options());
   RLHF_FAST_DISPATCH_LOGITS(logits.scalar_type(), "kl_div_bwd_cpu", [&] {
-    kl_div_bwd_kernel<scalar_t>(grad_kl.const_data_ptr<float>(), logits, ref_logits, lse_p.const_data_ptr<float>(),
-                                lse_q.const_data_ptr<float>(), kl.const_data_ptr<float>(),
-                                static_cast<float>(1.0 / temperature), grad.data_ptr<scalar_t>());
+    kl_div_bwd_kernel<scalar_t>(grad_kl.const_data_ptr<float>(), logits, ref_logits, max_p.const_data_ptr<float>(),
+                                max_q.const_data_ptr<float>(), log_s_p.const_data_ptr<float>(),
+                                mean_d.const_data_ptr<float>(), static_cast<float>(1.0 / temperature),
+                                grad.data_ptr<scalar_t>());
   });
   return grad;
 }

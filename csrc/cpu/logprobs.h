@@ -17,11 +17,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(const at::Tensor
 at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& grad_lse,
                             const at::Tensor& logits, const std::optional<at::Tensor>& labels, const at::Tensor& lse,
                             const at::Tensor& entropy, double temperature, int64_t ignore_index);
-// -> (kl, lse_p, lse_q), each float32 [N].
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_fwd_cpu(const at::Tensor& logits, const at::Tensor& ref_logits,
-                                                             double temperature);
+// -> (kl, max_p, max_q, log_s_p, mean_d), each float32 [N]: KL(p || q) and the state its backward needs (see
+// logprobs.cpp: the raw row maxima of logits and ref_logits, log sum e^((x - max_p) / T), and sum p (dz - dw)).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_div_fwd_cpu(const at::Tensor& logits,
+                                                                                     const at::Tensor& ref_logits,
+                                                                                     double temperature);
 // -> grad_logits [N, V] in the dtype of logits.
 at::Tensor kl_div_bwd_cpu(const at::Tensor& grad_kl, const at::Tensor& logits, const at::Tensor& ref_logits,
-                          const at::Tensor& lse_p, const at::Tensor& lse_q, const at::Tensor& kl, double temperature);
+                          const at::Tensor& max_p, const at::Tensor& max_q, const at::Tensor& log_s_p,
+                          const at::Tensor& mean_d, double temperature);
 
 }  // namespace rlhf_fast::cpu

@@ -317,7 +317,7 @@ def linear_ppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Te
     float32 scalars PPO_STATS, plain means over the kept tokens (ratio_max a max), 0 when there are none; "kl" is 0
     without ref_logp).
     """
-    temperature = _checks.positive_number(temperature, "temperature")
+    temperature = _checks.temperature(temperature)
     ignore_index = _checks.integer(ignore_index, "ignore_index")
     _check_inputs(hidden, weight, labels, bias, ignore_index)
     for x, name in ((old_logp, "old_logp"), (advantages, "advantages"), (weights, "weights")):
@@ -379,7 +379,7 @@ def linear_dpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, ref_chosen_l
     Returns (loss float32 scalar; stats: chosen_rewards, rejected_rewards, margins, accuracy (means over pairs),
     nll (mean chosen-token NLL)).
     """
-    temperature = _checks.positive_number(temperature, "temperature")
+    temperature = _checks.temperature(temperature)
     ignore_index = _checks.integer(ignore_index, "ignore_index")
     _check_inputs(hidden, weight, labels, bias, ignore_index)
     if hidden.dim() != 3 or hidden.shape[0] % 2 != 0:

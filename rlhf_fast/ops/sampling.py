@@ -12,6 +12,8 @@ Randomness: one uniform u per row, ``torch.rand(B, generator=generator)`` on the
 v, in index order, whose running kept mass exceeds u times the kept mass (inverse CDF). Every backend follows this
 rule, so with the same generator state they return the same tokens, up to floating-point rounding when u falls within
 rounding distance of a boundary between two tokens. Nothing synchronises with the host, except the NaN check on CPU.
+Under ``torch.compile(fullgraph=True)`` a generator works too (the uniforms then come from the ``rlhf_fast::uniforms``
+op, below): the same draws as eager for the same generator state.
 
 Outputs: tokens int64 [B]; logprobs float32 [B] = log p[token] under the unfiltered temperature-scaled distribution
 (0 for greedy rows: the temperature -> 0 limit is a point mass on the argmax); optionally filtered_logprobs float32
@@ -113,6 +115,40 @@ def _(logits, uniforms, temperature, top_k, top_p, min_p, backend):
             logits.new_empty(B, dtype=torch.float32))
 
 
+# The uniforms. torch.compile (dynamo) cannot put a torch.Generator into a graph (it has no proxy for one:
+# ``torch.rand(..., generator=g)`` is a graph break), so under compilation the draw goes through a custom op that takes
+# an int key instead: the key is computed, and the generator recorded under it, while dynamo traces (an
+# assume_constant_result function runs then, with the real object), and the compiled graph is guarded on that generator.
+# The record holds one strong reference per generator a graph was compiled for (so a key is never reused), bounded by
+# torch.compile's recompile limit. Eager calls never touch it.
+_TRACED_GENERATORS: dict[int, torch.Generator] = {}
+
+
+@torch.compiler.assume_constant_result
+def _generator_key(generator: torch.Generator) -> int:
+    _TRACED_GENERATORS[id(generator)] = generator
+    return id(generator)
+
+
+@torch.library.custom_op("rlhf_fast::uniforms", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def uniforms_op(like: Tensor, generator_key: int) -> Tensor:
+    """float32 [like.shape[0]] uniforms in [0, 1) from the generator recorded under ``generator_key``, on like's device
+    (the same numbers as ``torch.rand(like.shape[0], generator=generator)``)."""
+    return torch.rand(like.shape[0], generator=_TRACED_GENERATORS[generator_key], device=like.device,
+                      dtype=torch.float32)
+
+
+@uniforms_op.register_fake
+def _(like, generator_key):
+    return like.new_empty(like.shape[0], dtype=torch.float32)
+
+
+def _uniforms(logits: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    if generator is not None and torch.compiler.is_compiling():
+        return uniforms_op(logits, _generator_key(generator))
+    return torch.rand(logits.shape[0], generator=generator, device=logits.device, dtype=torch.float32)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Public API: validation, per-row parameters, the uniforms, backend choice.
 # ---------------------------------------------------------------------------------------------------------------
@@ -179,7 +215,8 @@ def sample(
 
     logits: [B, V] float32/bf16/fp16. temperature (>= 0; 0 = greedy), top_k (>= 0; 0 = off), top_p (in (0, 1]; 1 =
     off), min_p (in [0, 1]; 0 = off): each a Python number or a per-row [B] tensor, so rows may mix greedy and sampled.
-    generator: a torch.Generator on the logits' device, for reproducible draws.
+    generator: a torch.Generator on the logits' device, for reproducible draws (also inside
+    ``torch.compile(fullgraph=True)``: the same tokens as eager for the same generator state).
     -> (tokens int64 [B], logprobs float32 [B]), plus filtered_logprobs float32 [B] when
     ``return_filtered_logprobs``. logprobs are under the unfiltered temperature-scaled distribution (see the module
     docstring for greedy rows and NaN). Not differentiable.
@@ -194,7 +231,7 @@ def sample(
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         if generator.device.type != logits.device.type:
             raise ValueError(f"generator is on {generator.device} but logits are on {logits.device}")
-    uniforms = torch.rand(logits.shape[0], generator=generator, device=logits.device, dtype=torch.float32)
+    uniforms = _uniforms(logits, generator)
     backend = _backend.select("sample", SAMPLE_BACKENDS, logits.device)
     rows = _checks.rows(logits.detach())
     tokens, logprobs, filtered = sample_op(rows, uniforms, *params, backend)

@@ -7,8 +7,11 @@ Formulas (docs/formulas.md), with z = logits / temperature over the last dimensi
   kl_penalty: sampled-token estimators of KL(pi || pi_ref) with d = ref_logp - logp:
     k1 = -d,  k2 = d^2 / 2,  k3 = exp(d) - d - 1 (d clamped to [-20, 20], result to [-10, 10]),  abs = |d|
 
-Every output is float32 whatever the logits dtype. NaN logits give NaN; a row that is entirely -inf gives NaN (as
-torch.log_softmax does); -inf entries elsewhere are fine and get zero gradient.
+Every output is float32 whatever the logits dtype. A row of logits holding a NaN or a +inf, or only -inf, gives NaN
+(as torch.log_softmax does; the log-prob stays 0 where the label is ignore_index) and a NaN gradient row; other rows
+are unaffected. -inf entries elsewhere are fine and get zero gradient (docs/formulas.md, "Labels, ignore_index and
+non-finite logits"). The KL is computed relative to the rows' raw maxima, precise at any temperature
+(docs/formulas.md, "How they are computed").
 
 Each op is a torch.library custom op in the ``rlhf_fast`` namespace with a fake (meta) implementation and an
 autograd formula; the backend (torch, cpp, cuda, triton) is chosen in Python before the op is called and passed
@@ -86,6 +89,7 @@ def _zero_if_none(g: Optional[Tensor], like: Tensor) -> Tensor:
 def _logprobs_fwd_torch(logits, labels, temperature, ignore_index, compute_entropy):
     z = logits.float() / temperature
     lse = torch.logsumexp(z, dim=-1)
+    lse = torch.where(lse == float("inf"), float("nan"), lse)  # a +inf logit defines no distribution (as the kernels)
     entropy = entropy_ref(logits, temperature) if compute_entropy else torch.zeros_like(lse)
     if labels is None:
         return torch.zeros_like(lse), entropy, lse
@@ -112,16 +116,24 @@ def _logprobs_bwd_torch(grad_logp, grad_entropy, grad_lse, logits, labels, lse, 
 
 
 def _kl_div_fwd_torch(logits, ref_logits, temperature):
-    lse_p = torch.logsumexp(logits.float() / temperature, dim=-1)
-    lse_q = torch.logsumexp(ref_logits.float() / temperature, dim=-1)
-    return kl_divergence_ref(logits, ref_logits, temperature), lse_p, lse_q
+    # The kernels' formulation (docs/formulas.md, "KL at a small temperature"): everything relative to the raw row
+    # maxima, so that no two large log-sum-exps are subtracted.
+    x, xr = logits.float(), ref_logits.float()
+    max_p, max_q = x.amax(-1), xr.amax(-1)
+    dz = (x - max_p[:, None]) / temperature
+    dw = (xr - max_q[:, None]) / temperature
+    log_s_p, log_s_q = torch.logsumexp(dz, -1), torch.logsumexp(dw, -1)
+    p = torch.exp(dz - log_s_p[:, None])
+    mean_d = (p * torch.where(p > 0, dz - dw, 0.0)).sum(-1)
+    kl = mean_d - log_s_p + log_s_q
+    return kl, max_p, max_q, log_s_p, torch.where(kl.isnan(), kl, mean_d)  # NaN mean_d: a NaN KL, NaN gradient
 
 
-def _kl_div_bwd_torch(grad_kl, logits, ref_logits, lse_p, lse_q, kl, temperature):
-    z = logits.float() / temperature
-    w = ref_logits.float() / temperature
-    p = torch.exp(z - lse_p[:, None])
-    term = torch.where(p > 0, (z - lse_p[:, None]) - (w - lse_q[:, None]) - kl[:, None], 0.0)
+def _kl_div_bwd_torch(grad_kl, logits, ref_logits, max_p, max_q, log_s_p, mean_d, temperature):
+    dz = (logits.float() - max_p[:, None]) / temperature
+    dw = (ref_logits.float() - max_q[:, None]) / temperature
+    p = torch.exp(dz - log_s_p[:, None])
+    term = torch.where((p > 0) | mean_d.isnan()[:, None], (dz - dw) - mean_d[:, None], 0.0)
     return (grad_kl[:, None] * p * term / temperature).to(logits.dtype)
 
 
@@ -224,40 +236,41 @@ logprobs_entropy_op.register_autograd(_logprobs_entropy_grad, setup_context=_log
 
 @torch.library.custom_op("rlhf_fast::kl_divergence", mutates_args=())
 def kl_divergence_op(logits: Tensor, ref_logits: Tensor, temperature: float, backend: str
-                     ) -> tuple[Tensor, Tensor, Tensor]:
-    """logits, ref_logits [N, V] -> (kl, lse_p, lse_q), float32 [N] each."""
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """logits, ref_logits [N, V] -> (kl, max_p, max_q, log_s_p, mean_d), float32 [N] each: the KL and the state of
+    its backward (raw row maxima of logits and ref_logits, log sum_v exp((logits_v - max_p) / T), and
+    sum_v p_v (dz_v - dw_v) with dz = (logits - max_p) / T, dw = (ref_logits - max_q) / T)."""
     return _kl_div_fwd(backend, logits, ref_logits, temperature)
 
 
 @kl_divergence_op.register_fake
 def _(logits, ref_logits, temperature, backend):
-    return _row_vectors(logits, 3)
+    return _row_vectors(logits, 5)
 
 
 @torch.library.custom_op("rlhf_fast::kl_divergence_backward", mutates_args=())
-def kl_divergence_backward_op(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor, lse_p: Tensor, lse_q: Tensor,
-                              kl: Tensor, temperature: float, backend: str) -> Tensor:
-    return _kl_div_bwd(backend, grad_kl, logits, ref_logits, lse_p, lse_q, kl, temperature)
+def kl_divergence_backward_op(grad_kl: Tensor, logits: Tensor, ref_logits: Tensor, max_p: Tensor, max_q: Tensor,
+                              log_s_p: Tensor, mean_d: Tensor, temperature: float, backend: str) -> Tensor:
+    return _kl_div_bwd(backend, grad_kl, logits, ref_logits, max_p, max_q, log_s_p, mean_d, temperature)
 
 
 @kl_divergence_backward_op.register_fake
-def _(grad_kl, logits, ref_logits, lse_p, lse_q, kl, temperature, backend):
+def _(grad_kl, logits, ref_logits, max_p, max_q, log_s_p, mean_d, temperature, backend):
     return logits.new_empty(logits.shape)
 
 
 def _kl_divergence_setup(ctx, inputs, output):
     logits, ref_logits, temperature, backend = inputs
-    kl, lse_p, lse_q = output
-    ctx.save_for_backward(logits, ref_logits, lse_p, lse_q, kl)
+    ctx.save_for_backward(logits, ref_logits, *output[1:])
     ctx.args = (temperature, backend)
 
 
-def _kl_divergence_grad(ctx, grad_kl, grad_lse_p, grad_lse_q):
-    # The log-sum-exps are internal outputs (not returned by kl_divergence): only the KL carries a gradient.
-    logits, ref_logits, lse_p, lse_q, kl = ctx.saved_tensors
+def _kl_divergence_grad(ctx, grad_kl, *grad_state):
+    # The state outputs are internal (kl_divergence returns only the KL): only the KL carries a gradient.
+    logits, ref_logits, max_p, max_q, log_s_p, mean_d = ctx.saved_tensors
     temperature, backend = ctx.args
-    grad = kl_divergence_backward_op(_zero_if_none(grad_kl, kl), logits, ref_logits, lse_p, lse_q, kl,
-                                     temperature, backend)
+    grad = kl_divergence_backward_op(_zero_if_none(grad_kl, mean_d), logits, ref_logits, max_p, max_q, log_s_p,
+                                     mean_d, temperature, backend)
     return grad, None, None, None
 
 
@@ -358,7 +371,7 @@ def kl_divergence(logits: Tensor, ref_logits: Tensor, *, temperature: float = 1.
         raise TypeError(f"ref_logits must have the dtype of logits ({logits.dtype}), got {ref_logits.dtype}")
     temperature = _checks.temperature(temperature)
     backend = _backend.select("kl_divergence", KL_BACKENDS, logits.device)
-    kl, _, _ = kl_divergence_op(_checks.rows(logits), _checks.rows(ref_logits.detach()), temperature, backend)
+    kl = kl_divergence_op(_checks.rows(logits), _checks.rows(ref_logits.detach()), temperature, backend)[0]
     return kl.view(logits.shape[:-1])
 
 
