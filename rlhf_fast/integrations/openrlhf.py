@@ -9,10 +9,11 @@ Swap the import and keep the trainer::
 
 Versions: OpenRLHF 0.11 (v0.11.0 = HEAD of 2026-08-13; the signatures since v0.10.3) by default. ``PolicyLoss``
 takes a keyword-only ``version``: ``"0.11"``; ``"0.9"`` (v0.9.0 .. v0.10.2: the same 4-tuple and options, no
-global-batch arguments; ``ppo_kl`` of GSPO with the vLLM correction measured against the rollout log-probs);
-``"0.8"`` (v0.8.5: ``PolicyLoss(clip_eps_low, clip_eps_high, token_level_loss)`` returning ``(loss,
-clip_ratio)``). ``KTOLoss`` / ``VanillaKTOLoss`` are v0.9's (OpenRLHF removed them in v0.9.6). A warning is given
-(once, at import) when the installed openrlhf is outside 0.8.5 .. 0.11.x.
+global-batch arguments); ``"0.8"`` (v0.8.5: ``PolicyLoss(clip_eps_low, clip_eps_high, token_level_loss)``
+returning ``(loss, clip_ratio)``); so does ``compute_approx_kl`` (``"0.8"``: no [-10, 10] clamp). ``ppo_kl`` is the
+policy KL, masked mean of (old_log_probs - log_probs), at every version (OpenRLHF 0.9.x reported the rollout KL
+there in some configurations, fixed in 0.10.3). ``KTOLoss`` / ``VanillaKTOLoss`` are v0.9's (OpenRLHF removed them
+in v0.9.6). A warning is given (once, at import) when the installed openrlhf is outside 0.8.5 .. 0.11.x.
 
 Semantics follow OpenRLHF, not docs/formulas.md, where they differ:
   - ``compute_approx_kl`` clamps every estimator's result to [-10, 10] (OpenRLHF does; docs/formulas.md clamps k3 only).
@@ -74,18 +75,21 @@ def log_probs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1
     return ops.logprobs(logits, labels, temperature=temperature)
 
 
-def compute_approx_kl(log_probs: Tensor, log_probs_base: Tensor, kl_estimator: str = "k1") -> Tensor:
-    """Schulman's sampled KL estimators of KL(pi || pi_base), per token, float32, clamped to [-10, 10].
+def compute_approx_kl(log_probs: Tensor, log_probs_base: Tensor, kl_estimator: str = "k1", *,
+                      version: str = "0.11") -> Tensor:
+    """Schulman's sampled KL estimators of KL(pi || pi_base), per token, float32, clamped to [-10, 10] (``version=
+    "0.8"``: not clamped, as OpenRLHF 0.8.5).
 
     With ``r = log_probs - log_probs_base``: k1 = r; k2 = r^2 / 2; k3 = exp(-r) - 1 + r.
     log_probs, log_probs_base: same shape -> float32, differentiable w.r.t. both.
     """
     if kl_estimator not in ("k1", "k2", "k3"):
         raise ValueError(f"kl_estimator must be one of 'k1', 'k2', 'k3', got {kl_estimator!r}")
-    if log_probs.dtype not in _KERNEL_DTYPES or log_probs_base.dtype not in _KERNEL_DTYPES:
+    if _check_version(version) == "0.8" or log_probs.dtype not in _KERNEL_DTYPES \
+            or log_probs_base.dtype not in _KERNEL_DTYPES:
         r = log_probs.float() - log_probs_base.float()
         kl = {"k1": r, "k2": r * r / 2.0, "k3": torch.exp(-r) - 1.0 + r}[kl_estimator]
-        return kl.clamp(-10.0, 10.0)
+        return kl if version == "0.8" else kl.clamp(-10.0, 10.0)
     # rlhf_fast's k3 already clamps to [-10, 10]; its d-clamp to [-20, 20] changes no clamped value.
     kl = ops.kl_penalty(log_probs, log_probs_base, kind=kl_estimator)
     return kl if kl_estimator == "k3" else kl.clamp(-10.0, 10.0)
@@ -248,9 +252,7 @@ class PolicyLoss(torch.nn.Module):
             clip_ratio = masked_mean((surr2 < surr1).float(), mask)
             if self.version == "0.8":
                 return loss, clip_ratio
-            kl_base = rollout_log_probs if (vllm and self.version == "0.9" and self.policy_loss_type == "gspo") \
-                else old_log_probs
-            ppo_kl = masked_mean(kl_base.float() - log_probs.detach().float(), mask)
+            ppo_kl = masked_mean(old_log_probs.float() - log_probs.detach().float(), mask)
         return loss, clip_ratio, ppo_kl, vllm_kl
 
 
