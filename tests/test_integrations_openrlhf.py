@@ -308,3 +308,16 @@ def test_compute_approx_kl_version_08_unclamped():
     a, b = torch.tensor([30.0, -30.0]), torch.zeros(2)
     torch.testing.assert_close(orl.compute_approx_kl(a, b, "k2", version="0.8"), torch.tensor([450.0, 450.0]))
     torch.testing.assert_close(orl.compute_approx_kl(a, b, "k2"), torch.tensor([10.0, 10.0]))
+
+
+@pytest.mark.parametrize("installed,warns", [("0.8.4", True), ("0.8.5", False), ("0.9.10", False),
+                                             ("0.11.0", False), ("0.12.0", True)])
+def test_warns_for_uncovered_openrlhf(monkeypatch, installed, warns):
+    import importlib.metadata
+    import warnings
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: installed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        orl._warn_if_uncovered()
+    assert any("openrlhf" in str(w.message) for w in caught) == warns

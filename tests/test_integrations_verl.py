@@ -462,3 +462,16 @@ def test_remax_opo_gpg_compute_rewards():
     torch.testing.assert_close(adv[:, 0], torch.tensor([0.5, -0.5, 3.0]) * 1.5 / 2)
     scores, old, ref = torch.tensor([[1.0, 2.0]]), torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
     torch.testing.assert_close(verl.compute_rewards(scores, old, ref, 0.1), torch.tensor([[0.95, 2.1]]))
+
+
+@pytest.mark.parametrize("installed,warns", [("0.5.3", True), ("0.6.0", False), ("0.7.0", False),
+                                             ("0.8.0.dev", False), ("0.8.0", True), ("0.9.1", True)])
+def test_warns_for_uncovered_verl(monkeypatch, installed, warns):
+    import importlib.metadata
+    import warnings
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: installed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        verl._warn_if_uncovered()
+    assert any("verl" in str(w.message) for w in caught) == warns
