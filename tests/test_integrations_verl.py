@@ -248,3 +248,230 @@ def test_compiles_fullgraph():
               (old, lp, adv, m))]
     for fn, inputs in cases:
         torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="eager")(*inputs), fn(*inputs))
+
+
+# ---- policy-loss registry (veRL >= 0.6: compute_policy_loss_<name>(old, logp, adv, mask, mode, config, is_w)) -------
+
+class _Cfg(dict):
+    """A config as veRL passes it: attribute-less mapping with ``get`` (DictConfig-like)."""
+
+
+def _cfg(**kw):
+    base = {"clip_ratio": 0.2, "clip_ratio_low": None, "clip_ratio_high": 0.28, "clip_ratio_c": 3.0}
+    base.update(kw)
+    return _Cfg(base)
+
+
+def _registry_ref(name, old, lp, adv, m, mode, is_w, low=0.2, high=0.28, c=3.0, tau=(1.0, 1.05)):
+    """Plain-PyTorch per-token losses of each registered loss, aggregated as veRL >= 0.6.1 does."""
+    d = (lp - old).clamp(-20, 20)
+    r = d.exp()
+    if name == "vanilla":
+        return _policy_ref(old, lp, adv, m, low, high, c, mode)[0] if is_w is None else _agg(
+            torch.where(adv < 0, torch.min(-adv * c, torch.max(-adv * r, -adv * r.clamp(1 - low, 1 + high))),
+                        torch.max(-adv * r, -adv * r.clamp(1 - low, 1 + high))) * is_w, m, mode)
+    if name == "gspo":
+        seq = ((lp - old) * m).sum(-1) / m.sum(-1).clamp(min=1)
+        s = (lp - lp.detach() + seq.detach()[:, None]).clamp(max=10).exp()
+        loss = torch.max(-adv * s, -adv * s.clamp(1 - low, 1 + high))
+        mode = "seq-mean-token-mean"
+    elif name == "sapo":
+        t = torch.where(adv > 0, tau[0], tau[1])
+        loss = -torch.sigmoid(t * (r - 1)) * 4 / t * adv
+        mode = "seq-mean-token-mean"
+    elif name == "cispo":
+        loss = -r.clamp(1 - low, 1 + high).detach() * adv * lp
+    elif name == "gpg":
+        loss = -lp * adv
+    return _agg(loss if is_w is None else loss * is_w, m, mode)
+
+
+@pytest.mark.parametrize("name", ["vanilla", "gspo", "sapo", "cispo", "gpg"])
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("with_is", [False, True])
+def test_policy_loss_registry(name, mode, with_is):
+    gen, m = _batch(8)
+    old = torch.randn(4, 9, generator=gen) - 2
+    lp = (old + 0.4 * torch.randn(4, 9, generator=gen)).requires_grad_()
+    adv = torch.randn(4, 9, generator=gen)
+    is_w = torch.rand(4, 9, generator=gen) + 0.5 if with_is else None
+    loss, metrics = verl.get_policy_loss_fn(name)(old, lp, adv, m, mode, _cfg(), is_w)
+    lp_ref = lp.detach().clone().requires_grad_()
+    ref = _registry_ref(name, old, lp_ref, adv, m, mode, is_w)
+    torch.testing.assert_close(loss, ref.detach(), atol=1e-5, rtol=1e-5)
+    (g,) = torch.autograd.grad(loss, lp)
+    (g_ref,) = torch.autograd.grad(ref, lp_ref)
+    torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=1e-5)
+    expected_keys = set() if name == "gpg" else {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"}
+    assert set(metrics) == expected_keys and all(isinstance(v, float) for v in metrics.values())
+    if expected_keys:
+        assert metrics["actor/ppo_kl"] == pytest.approx(_masked_mean(old - lp.detach(), m).item(), abs=1e-6)
+
+
+def test_vanilla_metrics_global_batch_info_and_versions():
+    loss_mat_old = torch.zeros(2, 3)
+    lp = torch.log(torch.tensor([[1.5, 0.5, 1.0], [1.0, 1.0, 2.0]]))  # ratios
+    adv = torch.tensor([[1.0, -1.0, 1.0], [-1.0, 1.0, -2.0]])
+    m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    cfg = _cfg(clip_ratio_high=0.2)
+    # per-token losses on the 3 masked tokens: ratio 1.5, A=1 -> -1.2 (clipped); ratio .5, A=-1 -> .8 (clipped);
+    # ratio 1, A=-1 -> 1
+    loss, metrics = verl.compute_policy_loss_vanilla(loss_mat_old, lp, adv, m, "token-mean", cfg)
+    assert loss.item() == pytest.approx((-1.2 + 0.8 + 1.0) / 3)
+    assert metrics["actor/pg_clipfrac"] == pytest.approx(2 / 3)
+    # veRL 0.7: config.global_batch_info = {dp_size, batch_num_tokens, ...}: local sum / global tokens * dp_size
+    cfg_g = _cfg(clip_ratio_high=0.2, global_batch_info={"dp_size": 2, "batch_num_tokens": 12})
+    loss_g, _ = verl.compute_policy_loss_vanilla(loss_mat_old, lp, adv, m, "token-mean", cfg_g)
+    assert loss_g.item() == pytest.approx((-1.2 + 0.8 + 1.0) / 12 * 2)
+    assert verl.compute_policy_loss_vanilla(loss_mat_old, lp, adv, m, "token-mean", cfg_g,
+                                            version="0.6.1")[0].item() == pytest.approx(loss.item())  # ignored
+    # veRL 0.6.0: four tensors, and the seq-means divide by every row (an empty row counts)
+    out = verl.compute_policy_loss_vanilla(loss_mat_old, lp, adv, m.clone(), "seq-mean-token-sum", cfg,
+                                           version="0.6.0")
+    assert len(out) == 4 and out[1].item() == pytest.approx(2 / 3)
+    assert out[0].item() == pytest.approx(((-1.2 + 0.8) + 1.0) / 2)
+    m3 = torch.cat([m, torch.zeros(1, 3)])
+    old3, lp3, adv3 = (torch.cat([x, torch.zeros(1, 3)]) for x in (loss_mat_old, lp, adv))
+    assert verl.compute_policy_loss_vanilla(old3, lp3, adv3, m3, "seq-mean-token-sum", cfg, version="0.6.0"
+                                            )[0].item() == pytest.approx(0.6 / 3)
+    assert verl.compute_policy_loss_vanilla(old3, lp3, adv3, m3, "seq-mean-token-sum", cfg
+                                            )[0].item() == pytest.approx(0.6 / 2)  # >= 0.6.1: 2 non-empty rows
+    empty = verl.compute_policy_loss_vanilla(old3, lp3, adv3, torch.zeros_like(m3), "token-mean", cfg)[1]
+    assert empty == {"actor/pg_clipfrac": 0.0, "actor/ppo_kl": 0.0, "actor/pg_clipfrac_lower": 0.0}
+    with pytest.raises(ValueError, match="config"):
+        verl.compute_policy_loss_vanilla(old3, lp3, adv3, m3)
+    with pytest.raises(ValueError, match="version"):
+        verl.compute_policy_loss_vanilla(old3, lp3, adv3, m3, "token-mean", cfg, version="0.5")
+    with pytest.raises(ValueError, match="since veRL 0.7"):
+        verl.agg_loss(lp, m, "token-mean", dp_size=2, version="0.6.1")
+    with pytest.raises(ValueError, match="Unsupported loss mode"):
+        verl.get_policy_loss_fn("bypass_mode")
+
+
+def test_gspo_sequence_ratio_hand_computed():
+    # one row, 2 tokens, log-ratios 0.2 and 0.4 -> s = exp(0.3) ~ 1.35 > 1.28: clipped for A > 0
+    old = torch.zeros(1, 3)
+    lp = torch.tensor([[0.2, 0.4, 9.0]], requires_grad=True)
+    m = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, metrics = verl.compute_policy_loss_gspo(old, lp, torch.ones(1, 3), m, config=_cfg())
+    assert loss.item() == pytest.approx(-1.28)
+    assert metrics["actor/pg_clipfrac"] == 1.0
+    (g,) = torch.autograd.grad(loss, lp)
+    assert torch.equal(g, torch.zeros(1, 3))  # clipped: no gradient
+    loss_neg, _ = verl.compute_policy_loss_gspo(old, lp, -torch.ones(1, 3), m, config=_cfg())
+    (g,) = torch.autograd.grad(loss_neg, lp)  # A < 0: max(-A s, -A clip(s)) = s, d/dlogp_t = s / n_tokens
+    torch.testing.assert_close(g, torch.tensor([[1.0, 1.0, 0.0]]) * torch.exp(torch.tensor(0.3)) / 2)
+
+
+def test_clip_cov_kl_cov_geo_mean():
+    gen, m = _batch(9)
+    old = torch.randn(4, 9, generator=gen) - 2
+    lp = old + 0.3 * torch.randn(4, 9, generator=gen)
+    adv = torch.randn(4, 9, generator=gen)
+    # kl_cov: the unclipped -A r, plus coef |log r| on the top-k (by centred covariance) response tokens
+    cfg = _cfg(policy_loss={"kl_cov_ratio": 0.1, "ppo_kl_coef": 0.5})
+    loss, metrics = verl.compute_policy_loss_kl_cov(old, lp, adv, m, "token-mean", cfg)
+    sel = m.bool()
+    cov = (adv[sel] - adv[sel].mean()) * (lp[sel] - lp[sel].mean())
+    k = max(1, int(sel.sum() * 0.1))
+    per_tok = -adv[sel] * (lp - old)[sel].exp()
+    per_tok[cov.topk(k).indices] += 0.5 * (lp - old)[sel].abs()[cov.topk(k).indices]
+    assert loss.item() == pytest.approx(per_tok.mean().item(), abs=1e-6)
+    assert metrics == {"actor/ppo_kl": pytest.approx((lp - old)[sel].abs().mean().item(), abs=1e-6)}
+    # clip_cov with an interval that no covariance reaches: plain PPO-clip without ratio clamp or dual clip
+    cfg = _cfg(policy_loss={"clip_cov_ratio": 0.5, "clip_cov_lb": 1e6, "clip_cov_ub": 1e7})
+    loss, metrics = verl.compute_policy_loss_clip_cov(old, lp, adv, m, "token-mean", cfg)
+    r = (lp - old).exp()
+    assert loss.item() == pytest.approx(_masked_mean(torch.max(-adv * r, -adv * r.clamp(0.8, 1.28)), m).item(),
+                                        abs=1e-6)
+    assert metrics["actor/pg_clipfrac"] == 0.0
+    # ... and an interval that every covariance is in: max(1, int(0.5 * tokens)) of the unclipped tokens dropped
+    cfg = _cfg(policy_loss={"clip_cov_ratio": 0.5, "clip_cov_lb": -1e6, "clip_cov_ub": 1e6})
+    _, metrics = verl.compute_policy_loss_clip_cov(old, lp, adv, m, "token-mean", cfg)
+    unclipped = int((m.bool() & ~(-adv * r.clamp(0.8, 1.28) > -adv * r)).sum())
+    assert metrics["actor/pg_clipfrac"] == pytest.approx(min(int(0.5 * m.sum()), unclipped) / m.sum().item())
+    # geo_mean: mean over rows of -mean(A) * exp(mean of sign-wise clipped log-ratios)
+    adv_seq = torch.randn(4, 1, generator=gen).expand(4, 9)
+    loss, _ = verl.compute_policy_loss_geo_mean(old, lp, adv_seq, m, config=_cfg(clip_ratio_high=0.2))
+    d = lp - old
+    d_clip = torch.where(adv_seq > 0, d.clamp(max=0.2), d.clamp(min=-0.2))
+    n = m.sum(-1)
+    ref = (-adv_seq[:, 0] * torch.exp((d_clip * m).sum(-1) / n)).mean()
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-6)
+
+
+# ---- advantage estimators ----------------------------------------------------------------------------------------
+
+def test_index_based_grpo_rloo_hand_computed():
+    # groups by uid, unequal and shuffled: "a" = rows 0, 2, 3 (scores 1, 3, 5), "b" = rows 1, 4 (2, 6), "c" = row 5
+    scores = torch.tensor([1.0, 2.0, 3.0, 5.0, 6.0, 7.0])
+    m = torch.tensor([[1.0, 1.0, 0.0]] * 6)
+    r = torch.zeros(6, 3)
+    r[:, 1] = scores  # the outcome reward on the last response token
+    index = ["a", "b", "a", "a", "b", "c"]
+    mean_a, std_a, mean_b, std_b = 3.0, 2.0, 4.0, 8 ** 0.5
+    adv, ret = verl.compute_grpo_outcome_advantage(r, m, index)
+    want = torch.tensor([(1 - mean_a) / (std_a + 1e-6), (2 - mean_b) / (std_b + 1e-6), (3 - mean_a) / (std_a + 1e-6),
+                         (5 - mean_a) / (std_a + 1e-6), (6 - mean_b) / (std_b + 1e-6), 7 / (1 + 1e-6)])
+    torch.testing.assert_close(adv, want[:, None] * m)
+    assert torch.equal(adv, ret)
+    adv, _ = verl.compute_grpo_outcome_advantage(r, m, index, norm_adv_by_std_in_grpo=False)
+    torch.testing.assert_close(adv[:, 0], torch.tensor([-2.0, -2.0, 0.0, 2.0, 2.0, 7.0]))
+    adv_v, _ = verl.compute_grpo_vectorized_outcome_advantage(r, m, index)
+    torch.testing.assert_close(adv_v, want[:, None] * m)  # variances >= eps: the floor is inactive
+    # RLOO: s_i - mean of the others; the loop version keeps a lone score, the vectorized one gives it 0
+    rloo = torch.tensor([1 - 4.0, 2 - 6.0, 3 - 3.0, 5 - 2.0, 6 - 2.0, 7.0])
+    torch.testing.assert_close(verl.compute_rloo_outcome_advantage(r, m, index)[0][:, 0], rloo)
+    torch.testing.assert_close(verl.compute_rloo_vectorized_outcome_advantage(r, m, index)[0][:, 0],
+                               torch.cat([rloo[:5], torch.zeros(1)]))
+    ids = torch.tensor([0, 1, 0, 0, 1, 2])  # tensor labels work the same
+    torch.testing.assert_close(verl.compute_grpo_outcome_advantage(r, m, ids)[0], want[:, None] * m)
+
+
+def test_reinforce_pp_resets_at_mask_zeros():
+    r = torch.tensor([[1.0, 0.0, 5.0, 2.0, 0.0]])
+    m = torch.tensor([[1.0, 1.0, 0.0, 1.0, 1.0]])
+    _, returns = verl.compute_reinforce_plus_plus_outcome_advantage(r, m, config={"gamma": 0.5})
+    # right to left: t4 = 0, t3 = 2, t2 (masked) = 5 + 1 = 6 then reset, t1 = 0, t0 = 1
+    torch.testing.assert_close(returns, torch.tensor([[1.0, 0.0, 6.0, 2.0, 0.0]]))
+    adv, _ = verl.compute_reinforce_plus_plus_outcome_advantage(r, m, config={"gamma": 0.5})
+    torch.testing.assert_close(adv, verl.masked_whiten(returns, m) * m)
+    with pytest.raises(ValueError, match="gamma"):
+        verl.compute_reinforce_plus_plus_outcome_advantage(r, m)
+    # with baseline: group-centred outcome at every response token, whitened over the mask
+    rb = torch.tensor([[0.0, 1.0], [0.0, 3.0], [0.0, 4.0]])
+    mb = torch.ones(3, 2)
+    adv, _ = verl.compute_reinforce_plus_plus_baseline_outcome_advantage(rb, mb, ["x", "x", "y"])
+    centred = torch.tensor([-1.0, 1.0, 4.0])[:, None].expand(3, 2)
+    torch.testing.assert_close(adv, verl.masked_whiten(centred, mb))
+
+
+def test_remax_opo_gpg_compute_rewards():
+    r = torch.tensor([[0.0, 1.0, 2.0], [0.5, 0.0, 0.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    adv, ret = verl.compute_remax_outcome_advantage(r, torch.tensor([1.0, 0.25]), m)
+    torch.testing.assert_close(ret, torch.tensor([[3.0, 3.0, 2.0], [0.5, 0.0, 0.0]]))
+    torch.testing.assert_close(adv, torch.tensor([[2.0, 2.0, 1.0], [0.25, 0.0, 0.0]]))
+    # OPO: baseline = length-weighted group mean = (3 * 3 + 1 * 0.5) / 4
+    adv, _ = verl.compute_opo_outcome_advantage(r, m, ["g", "g"])
+    b = (3 * 3.0 + 1 * 0.5) / 4
+    torch.testing.assert_close(adv, torch.tensor([[3 - b] * 3, [0.5 - b, 0, 0]]))
+    # GPG: (s - mean) * B / (nonzero scores) / f_norm
+    adv, _ = verl.compute_gpg_outcome_advantage(torch.tensor([[1.0], [0.0], [3.0]]), torch.ones(3, 1), [0, 0, 1],
+                                                f_norm=2.0)
+    torch.testing.assert_close(adv[:, 0], torch.tensor([0.5, -0.5, 3.0]) * 1.5 / 2)
+    scores, old, ref = torch.tensor([[1.0, 2.0]]), torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
+    torch.testing.assert_close(verl.compute_rewards(scores, old, ref, 0.1), torch.tensor([[0.95, 2.1]]))
+
+
+@pytest.mark.parametrize("installed,warns", [("0.5.3", True), ("0.6.0", False), ("0.7.0", False),
+                                             ("0.8.0.dev", False), ("0.8.0", True), ("0.9.1", True)])
+def test_warns_for_uncovered_verl(monkeypatch, installed, warns):
+    import importlib.metadata
+    import warnings
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: installed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        verl._warn_if_uncovered()
+    assert any("verl" in str(w.message) for w in caught) == warns

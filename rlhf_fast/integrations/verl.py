@@ -1,34 +1,44 @@
-"""veRL-compatible functions: same names, signatures and return tuples as veRL's published functions.
+"""veRL-compatible functions: same names, signatures and return values as veRL's published functions.
 
 Swap the import and keep the trainer::
 
-    # from verl.trainer.ppo.core_algos import compute_gae_advantage_return, compute_policy_loss, ...
+    # from verl.trainer.ppo.core_algos import compute_gae_advantage_return, compute_policy_loss_vanilla, ...
     # from verl.utils.torch_functional import logprobs_from_logits, entropy_from_logits
-    from rlhf_fast.integrations.verl import compute_gae_advantage_return, compute_policy_loss, logprobs_from_logits
+    from rlhf_fast.integrations.verl import compute_gae_advantage_return, compute_policy_loss_vanilla, ...
 
-From ``verl/trainer/ppo/core_algos.py``: ``kl_penalty``, ``agg_loss``, ``compute_gae_advantage_return``,
-``compute_policy_loss`` (vanilla PPO with dual clip), ``compute_value_loss``. From ``verl/utils/torch_functional.py``:
-``logprobs_from_logits``, ``entropy_from_logits``, ``masked_mean``, ``masked_var``, ``masked_whiten``.
+Covered (docs/integrations.md): ``verl/utils/torch_functional.py``: ``logprobs_from_logits``, ``entropy_from_logits``,
+``masked_mean``, ``masked_var``, ``masked_whiten``. ``verl/trainer/ppo/core_algos.py``: ``kl_penalty``, ``agg_loss``,
+``compute_rewards``, the policy-loss registry (``compute_policy_loss_vanilla``, ``_gspo``, ``_sapo``, ``_cispo``,
+``_gpg``, ``_clip_cov``, ``_kl_cov``, ``_geo_mean``; ``POLICY_LOSSES`` / ``get_policy_loss_fn``), the deprecated
+``compute_policy_loss``, ``compute_value_loss``, and the advantage estimators ``compute_gae_advantage_return``,
+``compute_grpo_outcome_advantage`` (+ ``_vectorized_``), ``compute_rloo_outcome_advantage`` (+ ``_vectorized_``),
+``compute_reinforce_plus_plus_outcome_advantage``, ``compute_reinforce_plus_plus_baseline_outcome_advantage``,
+``compute_remax_outcome_advantage``, ``compute_opo_outcome_advantage``, ``compute_gpg_outcome_advantage``.
 
-Semantics follow veRL, not docs/formulas.md, where they differ (each function's docstring says how):
-  - GAE: at positions outside ``response_mask`` the advantage is the carried running value (docs/formulas.md: 0),
-    returns are ``advantages + values`` before whitening and unmasked, and the advantages come back whitened over
-    the mask (at every position, not multiplied by the mask).
-  - agg_loss (veRL >= 0.6.1, as at v0.7/HEAD): the ``seq-mean-*`` modes average over the sequences with at least
-    one token; ``dp_size``, ``batch_num_tokens``, ``global_batch_size``, ``loss_scale_factor`` as in veRL; the loss
-    is a sum of per-token weights (``rlhf_fast.loss_weights``) times the loss, so an empty batch gives 0 (veRL: NaN
-    in token-mean, where it divides 0 by 0).
-  - masked_mean: veRL's ``masked_sum / (mask.sum() + 1e-8)``: values outside the mask (NaN included) are ignored and
-    an empty mask gives 0.
-  - the PPO ``ppo_kl`` diagnostic is the k1 mean ``mean_mask(old_logp - logp)`` (docs/formulas.md: k3).
-  - ``logprobs_from_logits`` returns float32 (veRL: float32 on its flash-attn path, the logits dtype otherwise).
-Tensors of a dtype the fused kernels do not take (float64) go through the plain PyTorch formula.
+Versions: the semantics of veRL 0.7 (v0.7.0 and HEAD of 2026-01-29, 0.8.0.dev) by default; the functions whose
+behaviour changed take a keyword-only ``version``:
+  - ``"0.7"``: policy losses return ``(loss, metrics)`` (metrics: dict of Python floats, veRL's ``"actor/..."``
+    keys); they aggregate with ``config.global_batch_info`` (``dp_size``, ``batch_num_tokens``,
+    ``global_batch_size``, ``loss_scale_factor``); fully masked rows are left out of the seq-mean modes.
+  - ``"0.6.1"``: the same returns and row exclusion, no global-batch arguments.
+  - ``"0.6.0"``: policy losses return ``(pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower)`` (0-d tensors) and the
+    seq-mean modes divide by every row, empty ones included.
+A warning is given (once, at import) when the installed verl is outside 0.6.0 .. 0.8.0.dev.
+
+Semantics follow veRL, not docs/formulas.md, where they differ (each docstring says how). Every aggregated loss is
+``sum_t w_t l_t`` with per-token weights (``rlhf_fast.loss_weights``), so values outside the mask, NaN included,
+never count and a normaliser of 0 gives 0 (veRL: NaN where it divides 0 by 0). The vanilla PPO and GSPO losses run
+on the fused ``rlhf_fast.ppo_policy_loss``; the other policy losses and the estimators are thin formulas on the
+fused reductions (``rlhf_fast.group_advantages``, ``masked_whiten``). Tensors of a dtype the fused kernels do not
+take (float64) go through the plain PyTorch formula where one is given.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import warnings
+from collections.abc import Mapping
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -36,34 +46,51 @@ from torch import Tensor
 from .. import ops
 
 __all__ = [
-    "agg_loss", "compute_gae_advantage_return", "compute_policy_loss", "compute_value_loss", "entropy_from_logits",
+    "POLICY_LOSSES", "agg_loss", "compute_gae_advantage_return", "compute_gpg_outcome_advantage",
+    "compute_grpo_outcome_advantage", "compute_grpo_vectorized_outcome_advantage", "compute_opo_outcome_advantage",
+    "compute_policy_loss", "compute_policy_loss_cispo", "compute_policy_loss_clip_cov",
+    "compute_policy_loss_geo_mean", "compute_policy_loss_gpg", "compute_policy_loss_gspo",
+    "compute_policy_loss_kl_cov", "compute_policy_loss_sapo", "compute_policy_loss_vanilla",
+    "compute_reinforce_plus_plus_baseline_outcome_advantage", "compute_reinforce_plus_plus_outcome_advantage",
+    "compute_remax_outcome_advantage", "compute_rewards", "compute_rloo_outcome_advantage",
+    "compute_rloo_vectorized_outcome_advantage", "compute_value_loss", "entropy_from_logits", "get_policy_loss_fn",
     "kl_penalty", "logprobs_from_logits", "masked_mean", "masked_var", "masked_whiten",
 ]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+VERSIONS = ("0.7", "0.6.1", "0.6.0")
 _KL_KINDS = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
+_COVERED = ((0, 6, 0), (0, 8, 0))  # 0.6.0 .. 0.8.0.dev (HEAD of 2026-01-29)
 
-def _older_than(version: str, target: tuple[int, ...]) -> bool:
+
+def _version_tuple(version: str) -> tuple[int, ...]:
     parts = []
     for piece in version.split(".")[:3]:
         digits = "".join(c for c in piece if c.isdigit())
         parts.append(int(digits or 0))
-    return tuple(parts) < target
+    return tuple(parts + [0] * (3 - len(parts)))
 
 
 def _warn_if_uncovered() -> None:
-    """Warn once (at import) when the installed verl is a version these adapters do not target."""
+    """Warn once (at import) when the installed verl is a version these adapters do not cover."""
     try:
         v = importlib.metadata.version("verl")
     except importlib.metadata.PackageNotFoundError:
         return
-    if _older_than(v, (0, 6, 1)):
-        warnings.warn(f"rlhf_fast.integrations.verl targets verl >= 0.6.1; verl {v} is installed and may differ "
-                      "(docs/integrations.md)", stacklevel=2)
+    t = _version_tuple(v)
+    if not _COVERED[0] <= t <= _COVERED[1] or (t == _COVERED[1] and "dev" not in v):
+        warnings.warn(f"rlhf_fast.integrations.verl covers verl 0.6.0 .. 0.8.0.dev; verl {v} is installed and may "
+                      "differ (docs/integrations.md)", stacklevel=2)
 
 
 _warn_if_uncovered()
+
+
+def _check_version(version: str) -> str:
+    if version not in VERSIONS:
+        raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+    return version
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -148,31 +175,361 @@ def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
 
 
 def _verl_weights(loss_mask: Tensor, loss_agg_mode: str, dp_size: int = 1, batch_num_tokens=None,
-                  global_batch_size=None, loss_scale_factor=None) -> Tensor:
+                  global_batch_size=None, loss_scale_factor=None, version: str = "0.7") -> Tensor:
     """veRL's aggregation as per-token weights (sum_t w_t l_t is veRL's loss): D is this batch's normaliser of the
-    mode (rlhf_fast.loss_normalizer) or the global count veRL is given, divided by dp_size (not for sum-norm)."""
+    mode (rlhf_fast.loss_normalizer; "0.6.0": the seq-means count every row) or the global count veRL is given,
+    divided by dp_size (not for sum-norm)."""
     if loss_agg_mode not in AGG_MODES:
         raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode}")
+    _check_version(version)
     mask = loss_mask.float()
     if loss_agg_mode == "seq-mean-token-sum-norm":
         scale = mask.shape[-1] if loss_scale_factor is None else loss_scale_factor
         return ops.loss_weights(mask, loss_agg_mode, normalizer=torch.as_tensor(float(scale)))
     given = batch_num_tokens if loss_agg_mode == "token-mean" else global_batch_size
-    norm = ops.loss_normalizer(mask, loss_agg_mode) if given is None else torch.as_tensor(given, dtype=torch.float32)
+    if given is not None:
+        norm = torch.as_tensor(given, dtype=torch.float32)
+    elif version == "0.6.0" and loss_agg_mode != "token-mean":
+        norm = torch.tensor(float(mask.shape[0]))
+    else:
+        norm = ops.loss_normalizer(mask, loss_agg_mode)
     return ops.loss_weights(mask, loss_agg_mode, normalizer=norm.to(mask.device).float() / dp_size)
 
 
+def _weighted_sum(w: Tensor, loss_mat: Tensor) -> Tensor:
+    return torch.where(w != 0, w * loss_mat, 0.0).sum()
+
+
 def agg_loss(loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str, dp_size: int = 1, batch_num_tokens=None,
-             global_batch_size=None, loss_scale_factor=None) -> Tensor:
-    """Aggregate a per-token loss [B, T] over the mask into a scalar, veRL (>= 0.6.1) semantics.
+             global_batch_size=None, loss_scale_factor=None, *, version: str = "0.7") -> Tensor:
+    """Aggregate a per-token loss [B, T] over the mask into a scalar, veRL semantics.
 
     token-mean: sum(l*m) / N * dp_size (N = batch_num_tokens, default sum m); seq-mean-token-sum /
     seq-mean-token-mean: sum over non-empty rows of sum_t(l*m) (/ n_row) / G * dp_size (G = global_batch_size,
-    default the number of non-empty rows); seq-mean-token-sum-norm: sum(l*m) / (loss_scale_factor or T).
+    default the number of non-empty rows; version "0.6.0": of all rows); seq-mean-token-sum-norm:
+    sum(l*m) / (loss_scale_factor or T). The global-batch arguments exist since veRL 0.7 (``version="0.7"``).
     Values outside the mask (NaN too) do not count; a normaliser of 0 gives 0.
     """
-    w = _verl_weights(loss_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
-    return torch.where(w != 0, w * loss_mat, 0.0).sum()
+    if version != "0.7" and (dp_size != 1 or batch_num_tokens is not None or global_batch_size is not None
+                             or loss_scale_factor is not None):
+        raise ValueError(f"dp_size, batch_num_tokens, global_batch_size, loss_scale_factor exist since veRL 0.7, "
+                         f"not in version {version!r}")
+    w = _verl_weights(loss_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor,
+                      version)
+    return _weighted_sum(w, loss_mat)
+
+
+def compute_rewards(token_level_scores: Tensor, old_log_prob: Tensor, ref_log_prob: Tensor, kl_ratio) -> Tensor:
+    """Token rewards with the k1 KL penalty: ``token_level_scores - kl_ratio * (old_log_prob - ref_log_prob)``."""
+    return token_level_scores - (old_log_prob - ref_log_prob) * kl_ratio
+
+
+# ---- policy losses (veRL's registry) --------------------------------------------------------------------------------
+
+
+def _get(config: Any, name: str, default: Any = None) -> Any:
+    """``config.name`` for veRL's ActorConfig, an omegaconf DictConfig, a dict or any object; None -> default."""
+    if config is None:
+        return default
+    if isinstance(config, Mapping) or hasattr(config, "get"):
+        value = config.get(name, default)
+    else:
+        value = getattr(config, name, default)
+    return default if value is None else value
+
+
+def _clip_ratios(config: Any) -> tuple[float, float]:
+    clip = _get(config, "clip_ratio")
+    low, high = _get(config, "clip_ratio_low", clip), _get(config, "clip_ratio_high", clip)
+    if low is None or high is None:
+        raise ValueError("config must give clip_ratio (or both clip_ratio_low and clip_ratio_high)")
+    return float(low), float(high)
+
+
+def _require(config: Any, loss: str) -> None:
+    if config is None:
+        raise ValueError(f"compute_policy_loss_{loss} needs config (veRL's ActorConfig or a mapping with its fields)")
+
+
+def _weights(mask: Tensor, mode: str, config: Any, version: str, rollout_is_weights: Optional[Tensor]) -> Tensor:
+    info = dict(_get(config, "global_batch_info", None) or {}) if version == "0.7" else {}
+    w = _verl_weights(mask, mode, version=version, **info)
+    return w if rollout_is_weights is None else w * rollout_is_weights.detach().float()
+
+
+def _result(loss: Tensor, metrics: dict[str, Tensor], version: str):
+    """veRL's return value: (loss, {"actor/<name>": float}) since 0.6.1; 0.6.0: (loss, pg_clipfrac, ppo_kl,
+    pg_clipfrac_lower), the ones a loss does not compute 0."""
+    if _check_version(version) == "0.6.0":
+        zero = torch.zeros((), device=loss.device)
+        return (loss, *(metrics.get(k, zero) for k in ("pg_clipfrac", "ppo_kl", "pg_clipfrac_lower")))
+    return loss, {f"actor/{k}": float(v) for k, v in metrics.items()}
+
+
+def _log_ratio(log_prob: Tensor, old_log_prob: Tensor) -> Tensor:
+    return (log_prob.detach().float() - old_log_prob.float()).clamp(-20.0, 20.0)
+
+
+def _vanilla(old_log_prob, log_prob, advantages, response_mask, weights, low, high, clip_ratio_c):
+    """Dual-clip PPO on the fused op; the metrics veRL reports (masked means over response_mask)."""
+    if not clip_ratio_c > 1.0:
+        raise ValueError(f"clip_ratio_c must be > 1.0 for dual-clip PPO, got {clip_ratio_c}")
+    loss, _ = ops.ppo_policy_loss(log_prob, old_log_prob, advantages, weights, clip_low=low, clip_high=high,
+                                  dual_clip=float(clip_ratio_c))
+    with torch.no_grad():
+        log_ratio = _log_ratio(log_prob, old_log_prob)
+        ratio, adv = log_ratio.exp(), advantages.float()
+        unclipped, clipped = -adv * ratio, -adv * ratio.clamp(1 - low, 1 + high)
+        lower = (torch.maximum(unclipped, clipped) > -adv * clip_ratio_c) & (adv < 0)
+        metrics = {"pg_clipfrac": masked_mean((clipped > unclipped).float(), response_mask),
+                   "ppo_kl": masked_mean(-log_ratio, response_mask),
+                   "pg_clipfrac_lower": masked_mean(lower.float(), response_mask)}
+    return loss, metrics
+
+
+def compute_policy_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                        cliprange=None, cliprange_low=None, cliprange_high=None, clip_ratio_c: float = 3.0,
+                        loss_agg_mode: str = "token-mean") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """veRL's deprecated ``compute_policy_loss`` (explicit clip ranges, 4 tensors returned): vanilla dual-clip PPO.
+
+    Per token: ratio = exp(clamp(log_prob - old_log_prob, -20, 20)); l = max(-A ratio, -A clamp(ratio, 1 - low,
+    1 + high)), and where A < 0, min(l, -A clip_ratio_c); aggregated by ``agg_loss``. ``cliprange_low`` /
+    ``cliprange_high`` default to ``cliprange``; ``clip_ratio_c`` must be > 1 (veRL asserts it).
+    Returns (pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower), 0-d float32: pg_clipfrac = masked mean of
+    [-A clamp(ratio) > -A ratio]; ppo_kl = masked mean of the clamped (old_log_prob - log_prob);
+    pg_clipfrac_lower = masked mean of [A < 0 and the dual clip is active] (masked means: 0 for an empty mask).
+    Differentiable w.r.t. ``log_prob`` (advantages are constants, as in veRL's use).
+    """
+    low = cliprange if cliprange_low is None else cliprange_low
+    high = cliprange if cliprange_high is None else cliprange_high
+    if low is None or high is None:
+        raise ValueError("cliprange (or both cliprange_low and cliprange_high) must be given")
+    loss, m = _vanilla(old_log_prob, log_prob, advantages, response_mask, _verl_weights(response_mask, loss_agg_mode),
+                       float(low), float(high), clip_ratio_c)
+    return loss, m["pg_clipfrac"], m["ppo_kl"], m["pg_clipfrac_lower"]
+
+
+def compute_policy_loss_vanilla(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                                loss_agg_mode: str = "token-mean", config: Any = None,
+                                rollout_is_weights: Optional[Tensor] = None, *, version: str = "0.7"):
+    """veRL's registered "vanilla" loss: dual-clip PPO (see ``compute_policy_loss``) with the clip ratios from
+    ``config`` (``clip_ratio``, ``clip_ratio_low`` / ``clip_ratio_high`` defaulting to it, ``clip_ratio_c``, default
+    3.0), each token's loss times ``rollout_is_weights`` (constants) when given, aggregated by ``loss_agg_mode``
+    with ``config.global_batch_info``. Fused: one ``rlhf_fast.ppo_policy_loss`` call.
+    -> (pg_loss, {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"}) ("0.6.0": 4 tensors).
+    """
+    _require(config, "vanilla")
+    low, high = _clip_ratios(config)
+    w = _weights(response_mask, loss_agg_mode, config, version, rollout_is_weights)
+    loss, metrics = _vanilla(old_log_prob, log_prob, advantages, response_mask, w, low, high,
+                             _get(config, "clip_ratio_c", 3.0))
+    return _result(loss, metrics, version)
+
+
+def compute_policy_loss_gspo(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                             loss_agg_mode: str = "seq-mean-token-mean", config: Any = None,
+                             rollout_is_weights: Optional[Tensor] = None, *, version: str = "0.7"):
+    """GSPO (sequence-level ratio), veRL's "gspo": s_i = exp(mean over row i's tokens of (log_prob - old)), used per
+    token as sg[s_i] * pi / sg[pi] (log clamped to <= 10, no gradient above), PPO-clipped (no dual clip), times
+    ``rollout_is_weights``, always aggregated "seq-mean-token-mean" (``loss_agg_mode`` is ignored, as in veRL).
+    Fused: ``rlhf_fast.ppo_policy_loss`` with the old log-prob shifted so its ratio is the sequence ratio.
+    -> (pg_loss, {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower": 0.0}).
+    """
+    _require(config, "gspo")
+    low, high = _clip_ratios(config)
+    mask = response_mask.bool()
+    with torch.no_grad():
+        neg_kl = torch.where(mask, log_prob.float() - old_log_prob.float(), 0.0)
+        seq = neg_kl.sum(-1) / response_mask.sum(-1).clamp(min=1)
+        log_s = seq.clamp(max=10.0)[:, None].expand_as(neg_kl)
+    # log s_i,t = sg[log s_i] + log_prob - sg[log_prob]; veRL's clamp at 10 stops the gradient above it
+    lp = torch.where(seq[:, None] > 10.0, log_prob.detach(), log_prob).float()
+    log_st = lp - lp.detach() + log_s
+    w = _weights(response_mask, "seq-mean-token-mean", config, version, rollout_is_weights)
+    loss, _ = ops.ppo_policy_loss(log_st, torch.zeros_like(log_st), advantages, w, clip_low=low, clip_high=high)
+    with torch.no_grad():
+        ratio, adv = log_s.exp(), advantages.float()
+        clipfrac = masked_mean((-adv * ratio.clamp(1 - low, 1 + high) > -adv * ratio).float(), response_mask)
+        ppo_kl = masked_mean(old_log_prob.float() - log_prob.float(), response_mask)
+    return _result(loss, {"pg_clipfrac": clipfrac, "ppo_kl": ppo_kl, "pg_clipfrac_lower": torch.zeros(())}, version)
+
+
+def compute_policy_loss_sapo(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                             loss_agg_mode: str = "seq-mean-token-mean", config: Any = None,
+                             rollout_is_weights: Optional[Tensor] = None, *, version: str = "0.7"):
+    """SAPO (soft gate instead of the clip), veRL's "sapo": l = -A * (4 / tau) * sigmoid(tau (ratio - 1)) with
+    ratio = exp(clamp(log_prob - old, -20, 20)) and tau = ``config.tau_pos`` (default 1.0) where A > 0, else
+    ``config.tau_neg`` (default 1.05); times ``rollout_is_weights``; always "seq-mean-token-mean".
+    -> (pg_loss, {"actor/pg_clipfrac": 0.0, "actor/ppo_kl", "actor/pg_clipfrac_lower": 0.0}).
+    """
+    _require(config, "sapo")
+    adv = advantages.float()
+    tau = torch.where(adv > 0, float(_get(config, "tau_pos", 1.0)), float(_get(config, "tau_neg", 1.05)))
+    ratio = (log_prob.float() - old_log_prob.float()).clamp(-20.0, 20.0).exp()
+    pg = -torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau) * adv
+    loss = _weighted_sum(_weights(response_mask, "seq-mean-token-mean", config, version, rollout_is_weights), pg)
+    with torch.no_grad():
+        ppo_kl = masked_mean(-_log_ratio(log_prob, old_log_prob), response_mask)
+    zero = torch.zeros(())
+    return _result(loss, {"pg_clipfrac": zero, "ppo_kl": ppo_kl, "pg_clipfrac_lower": zero}, version)
+
+
+def compute_policy_loss_cispo(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                              loss_agg_mode: str = "token-mean", config: Any = None,
+                              rollout_is_weights: Optional[Tensor] = None, *, version: str = "0.7"):
+    """CISPO (clipped importance weight, REINFORCE-style gradient), veRL's "cispo":
+    l = -sg[clamp(ratio, 1 - low, 1 + high)] * A * log_prob with ratio = exp(clamp(log_prob - old, -20, 20)), times
+    ``rollout_is_weights``, aggregated by ``loss_agg_mode``. pg_clipfrac = masked mean of [the clamp is active].
+    -> (pg_loss, {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower": 0.0}).
+    """
+    _require(config, "cispo")
+    low, high = _clip_ratios(config)
+    with torch.no_grad():
+        log_ratio = _log_ratio(log_prob, old_log_prob)
+        ratio = log_ratio.exp()
+        coef = ratio.clamp(1 - low, 1 + high)
+        clipfrac = masked_mean((ratio != coef).float(), response_mask)
+        ppo_kl = masked_mean(-log_ratio, response_mask)
+    pg = -coef * advantages.float() * log_prob.float()
+    loss = _weighted_sum(_weights(response_mask, loss_agg_mode, config, version, rollout_is_weights), pg)
+    return _result(loss, {"pg_clipfrac": clipfrac, "ppo_kl": ppo_kl, "pg_clipfrac_lower": torch.zeros(())}, version)
+
+
+def compute_policy_loss_gpg(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                            loss_agg_mode: str = "token-mean", config: Any = None,
+                            rollout_is_weights: Optional[Tensor] = None, *, version: str = "0.7"):
+    """GPG (plain policy gradient), veRL's "gpg": l = -log_prob * A, times ``rollout_is_weights``, aggregated by
+    ``loss_agg_mode``. -> (pg_loss, {}) ("0.6.0": (pg_loss, 0, 0, 0))."""
+    _require(config, "gpg")
+    pg = -log_prob.float() * advantages.float()
+    return _result(_weighted_sum(_weights(response_mask, loss_agg_mode, config, version, rollout_is_weights), pg),
+                   {}, version)
+
+
+def compute_policy_loss_clip_cov(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                                 loss_agg_mode: str = "token-mean", config: Any = None,
+                                 rollout_is_weights: Optional[Tensor] = None, *, version: str = "0.7"):
+    """Clip-Cov, veRL's "clip_cov": PPO-clip (ratio unclamped, no dual clip) where a random subset of the tokens
+    whose centred covariance (A - mean A)(log_prob - mean log_prob) lies in (``clip_cov_lb``, ``clip_cov_ub``) and
+    that the clip did not already catch gets loss 0 (no gradient): at most max(1, int(``clip_cov_ratio`` * tokens))
+    of them, drawn with ``torch.randperm`` (the same draw as veRL's under the same seed). Settings from
+    ``config.policy_loss`` (defaults 0.0002, 1.0, 5.0). pg_clipfrac = the fraction of response tokens so dropped.
+    -> (pg_loss, {"actor/pg_clipfrac", "actor/ppo_kl"}).
+    """
+    _require(config, "clip_cov")
+    low, high = _clip_ratios(config)
+    pl = _get(config, "policy_loss")
+    ratio_keep = float(_get(pl, "clip_cov_ratio", 0.0002))
+    lb, ub = float(_get(pl, "clip_cov_lb", 1.0)), float(_get(pl, "clip_cov_ub", 5.0))
+    if not ratio_keep > 0:
+        raise ValueError(f"clip_cov_ratio must be > 0, got {ratio_keep}")
+    mask = response_mask > 0
+    adv = advantages.float()
+    log_ratio = log_prob.float() - old_log_prob.float()
+    ratio = log_ratio.exp()
+    unclipped, clipped = -adv * ratio, -adv * ratio.clamp(1 - low, 1 + high)
+    with torch.no_grad():
+        ppo_kl = masked_mean(-log_ratio, response_mask)
+        cov = (adv - masked_mean(adv, response_mask)) * (log_prob.float() - masked_mean(log_prob.float(),
+                                                                                         response_mask))
+        candidates = torch.nonzero(mask & ~(clipped > unclipped) & (cov > lb) & (cov < ub))
+        n_drop = max(int(ratio_keep * response_mask.sum().item()), 1)
+        if len(candidates) > 0:
+            candidates = candidates[torch.randperm(len(candidates))[:min(n_drop, len(candidates))]]
+        keep = torch.ones_like(adv)
+        keep[candidates[:, 0], candidates[:, 1]] = 0.0
+        clipfrac = masked_mean((keep == 0).float(), response_mask)
+    pg = torch.maximum(unclipped, clipped) * keep
+    loss = _weighted_sum(_weights(response_mask, loss_agg_mode, config, version, rollout_is_weights), pg)
+    return _result(loss, {"pg_clipfrac": clipfrac, "ppo_kl": ppo_kl}, version)
+
+
+def compute_policy_loss_kl_cov(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                               loss_agg_mode: str = "token-mean", config: Any = None,
+                               rollout_is_weights: Optional[Tensor] = None, *, version: str = "0.7"):
+    """KL-Cov, veRL's "kl_cov": the unclipped -A ratio, plus ``ppo_kl_coef`` * |log_prob - old| on the
+    max(1, int(``kl_cov_ratio`` * tokens)) response tokens of largest centred covariance (A - mean A)(log_prob -
+    mean log_prob) (``config.policy_loss``; defaults 0.0002 and 1.0). ppo_kl = masked mean of |log-ratio|.
+    -> (pg_loss, {"actor/ppo_kl"}).
+    """
+    _require(config, "kl_cov")
+    pl = _get(config, "policy_loss")
+    k_ratio, coef = float(_get(pl, "kl_cov_ratio", 0.0002)), float(_get(pl, "ppo_kl_coef", 1.0))
+    if not k_ratio > 0:
+        raise ValueError(f"kl_cov_ratio must be > 0, got {k_ratio}")
+    adv = advantages.float()
+    log_ratio = log_prob.float() - old_log_prob.float()
+    pg = -adv * log_ratio.exp()
+    with torch.no_grad():
+        ppo_kl = masked_mean(log_ratio.abs(), response_mask)
+        flat = torch.nonzero((response_mask > 0).reshape(-1), as_tuple=True)[0]
+        penalised = torch.zeros(adv.numel(), dtype=torch.bool, device=adv.device)
+        if flat.numel() > 0:
+            a, lp = adv.reshape(-1)[flat], log_prob.detach().float().reshape(-1)[flat]
+            cov = (a - a.mean()) * (lp - lp.mean())
+            top = torch.topk(cov, max(1, int(flat.numel() * k_ratio))).indices
+            penalised[flat[top]] = True
+    pg = torch.where(penalised.view_as(adv), pg + coef * log_ratio.abs(), pg)
+    loss = _weighted_sum(_weights(response_mask, loss_agg_mode, config, version, rollout_is_weights), pg)
+    return _result(loss, {"ppo_kl": ppo_kl}, version)
+
+
+def compute_policy_loss_geo_mean(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                                 loss_agg_mode: str = "token-mean", config: Any = None,
+                                 rollout_is_weights: Optional[Tensor] = None, *, version: str = "0.7"):
+    """GMPO (geometric-mean ratio), veRL's "geo_mean": per row, the token log-ratios d are clipped sign(A)-wise
+    (d' = sign(A) min(sign(A) d, sign(A) clamp(d, -low, high))), r_i = exp(mean_row d'), A_i = mean_row A, and the
+    loss is the plain mean over all rows of -A_i r_i (times the geometric mean of the row's ``rollout_is_weights``);
+    ``loss_agg_mode`` is not used (as in veRL). pg_clipfrac / pg_clipfrac_lower: masked means of [clamp active] with
+    A > 0 / A < 0. -> (pg_loss, {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"}).
+    """
+    _require(config, "geo_mean")
+    low, high = _clip_ratios(config)
+    m = response_mask.float()
+    adv = advantages.float()
+    d = torch.where(m != 0, log_prob.float() - old_log_prob.float(), 0.0)
+    sign = torch.sign(adv)
+    d_clamped = d.clamp(-low, high)
+    d_min = sign * torch.minimum(sign * d, sign * d_clamped)
+    n = m.sum(-1) + 1e-8
+    pg = -(adv * m).sum(-1) / n * torch.exp((d_min * m).sum(-1) / n)
+    if rollout_is_weights is not None:
+        pg = pg * torch.exp((torch.log(rollout_is_weights.detach().float() + 1e-10) * m).sum(-1) / n)
+    with torch.no_grad():
+        changed = (d != d_clamped).float()
+        metrics = {"pg_clipfrac": masked_mean(changed * (adv > 0), response_mask),
+                   "ppo_kl": masked_mean(-d, response_mask),
+                   "pg_clipfrac_lower": masked_mean(changed * (adv < 0), response_mask)}
+    return _result(pg.mean(), metrics, version)
+
+
+POLICY_LOSSES = {"vanilla": compute_policy_loss_vanilla, "gspo": compute_policy_loss_gspo,
+                 "sapo": compute_policy_loss_sapo, "cispo": compute_policy_loss_cispo,
+                 "gpg": compute_policy_loss_gpg, "clip_cov": compute_policy_loss_clip_cov,
+                 "kl_cov": compute_policy_loss_kl_cov, "geo_mean": compute_policy_loss_geo_mean}
+
+
+def get_policy_loss_fn(name: str):
+    """The loss registered under ``name`` (veRL's ``get_policy_loss_fn``; "bypass_mode" is not covered)."""
+    if name not in POLICY_LOSSES:
+        raise ValueError(f"Unsupported loss mode: {name}. Supported modes are: {list(POLICY_LOSSES)}")
+    return POLICY_LOSSES[name]
+
+
+def compute_value_loss(vpreds: Tensor, returns: Tensor, values: Tensor, response_mask: Tensor, cliprange_value: float,
+                       loss_agg_mode: str = "token-mean") -> tuple[Tensor, Tensor]:
+    """Clipped value loss, veRL's ``compute_value_loss``: note the argument order (vpreds, returns, old values).
+
+    0.5 * agg(max((vpreds - R)^2, (values + clamp(vpreds - values, -c, c) - R)^2)) -> (vf_loss, vf_clipfrac), 0-d
+    float32; vf_clipfrac = masked mean of [clipped term > unclipped term]. Differentiable w.r.t. ``vpreds``.
+    """
+    loss, _ = ops.ppo_value_loss(vpreds, values, returns, _verl_weights(response_mask, loss_agg_mode),
+                                 clip=float(cliprange_value))
+    with torch.no_grad():
+        v, old, ret = vpreds.float(), values.float(), returns.float()
+        clipped = (old + (v - old).clamp(-cliprange_value, cliprange_value) - ret) ** 2
+        vf_clipfrac = masked_mean((clipped > (v - ret) ** 2).float(), response_mask)
+    return loss, vf_clipfrac
 
 
 def compute_gae_advantage_return(token_level_rewards: Tensor, values: Tensor, response_mask: Tensor, gamma, lam
@@ -201,51 +558,164 @@ def _carry_backward(x: Tensor, mask: Tensor) -> Tensor:
     next_pos = torch.where(mask, pos, t).flip(-1).cummin(-1).values.flip(-1)
     return torch.nn.functional.pad(x, (0, 1)).gather(-1, next_pos)
 
+# ---- advantage estimators (outcome rewards: one score per response, the sum of its token rewards) -------------------
 
-def compute_policy_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
-                        cliprange=None, cliprange_low=None, cliprange_high=None, clip_ratio_c: float = 3.0,
-                        loss_agg_mode: str = "token-mean") -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Vanilla PPO-clip policy loss with dual clip, veRL's ``compute_policy_loss``.
 
-    Per token: ratio = exp(clamp(log_prob - old_log_prob, -20, 20)); l = max(-A ratio, -A clamp(ratio, 1 - low,
-    1 + high)), and where A < 0, min(l, -A clip_ratio_c); aggregated by ``agg_loss`` semantics. ``cliprange_low`` /
-    ``cliprange_high`` default to ``cliprange``; ``clip_ratio_c`` must be > 1 (veRL asserts it).
-    Returns (pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower), 0-d float32: pg_clipfrac = masked mean of
-    [-A clamp(ratio) > -A ratio]; ppo_kl = masked mean of the clamped (old_log_prob - log_prob);
-    pg_clipfrac_lower = masked mean of [A < 0 and the dual clip is active].
-    The loss is differentiable w.r.t. ``log_prob`` (advantages are treated as constants, as they are in veRL's use).
+def _group_ids(index, device) -> Tensor:
+    """veRL's ``index`` (numpy array or list of any hashable labels, e.g. uid strings, or a tensor) -> int64 [B]."""
+    if isinstance(index, Tensor):
+        return torch.unique(index.reshape(-1), return_inverse=True)[1].to(device=device, dtype=torch.int64)
+    ids: dict = {}
+    return torch.tensor([ids.setdefault(label, len(ids)) for label in list(index)], dtype=torch.int64, device=device)
+
+
+def _group_counts(ids: Tensor) -> Tensor:
+    return torch.bincount(ids)[ids]
+
+
+def _outcome(token_level_rewards: Tensor) -> Tensor:
+    scores = token_level_rewards.detach().sum(dim=-1)
+    return scores if scores.dtype in _KERNEL_DTYPES else scores.float()
+
+
+def compute_grpo_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor, index, epsilon: float = 1e-6,
+                                   norm_adv_by_std_in_grpo: bool = True, config: Any = None
+                                   ) -> tuple[Tensor, Tensor]:
+    """GRPO, veRL's "grpo": per group of ``index`` (labels of any kind; unequal, shuffled groups),
+    a = (s - mean) / (std + epsilon) with the unbiased std (``norm_adv_by_std_in_grpo=False``: s - mean, Dr. GRPO),
+    s = the row's summed token rewards; a group of one has mean 0 and std 1 (veRL's convention: a = s / (1 + eps),
+    or s). -> (advantages, advantages): float32 [B, T], a * response_mask. On ``rlhf_fast.group_advantages``.
     """
-    if not clip_ratio_c > 1.0:
-        raise ValueError(f"clip_ratio_c must be > 1.0 for dual-clip PPO, got {clip_ratio_c}")
-    low = cliprange if cliprange_low is None else cliprange_low
-    high = cliprange if cliprange_high is None else cliprange_high
-    if low is None or high is None:
-        raise ValueError("cliprange (or both cliprange_low and cliprange_high) must be given")
-    weights = _verl_weights(response_mask, loss_agg_mode)
-    loss, _ = ops.ppo_policy_loss(log_prob, old_log_prob, advantages, weights, clip_low=float(low),
-                                  clip_high=float(high), dual_clip=float(clip_ratio_c))
     with torch.no_grad():
-        log_ratio = (log_prob.float() - old_log_prob.float()).clamp(-20.0, 20.0)
-        ratio, adv = log_ratio.exp(), advantages.float()
-        unclipped, clipped = -adv * ratio, -adv * ratio.clamp(1 - low, 1 + high)
-        pg_clipfrac = masked_mean((clipped > unclipped).float(), response_mask)
-        ppo_kl = masked_mean(-log_ratio, response_mask)
-        lower = (torch.maximum(unclipped, clipped) > -adv * clip_ratio_c) & (adv < 0)
-        pg_clipfrac_lower = masked_mean(lower.float(), response_mask)
-    return loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower
+        scores = _outcome(token_level_rewards)
+        ids = _group_ids(index, scores.device)
+        adv = ops.group_advantages(scores, ids, mode="grpo" if norm_adv_by_std_in_grpo else "dr_grpo", eps=epsilon)
+        alone = scores.float() / (1.0 + epsilon) if norm_adv_by_std_in_grpo else scores.float()
+        adv = torch.where(_group_counts(ids) == 1, alone, adv)[:, None] * response_mask
+    return adv, adv
 
 
-def compute_value_loss(vpreds: Tensor, returns: Tensor, values: Tensor, response_mask: Tensor, cliprange_value: float,
-                       loss_agg_mode: str = "token-mean") -> tuple[Tensor, Tensor]:
-    """Clipped value loss, veRL's ``compute_value_loss``: note the argument order (vpreds, returns, old values).
+def compute_grpo_vectorized_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor, index,
+                                              epsilon: float = 1e-6, norm_adv_by_std_in_grpo: bool = True,
+                                              config: Any = None) -> tuple[Tensor, Tensor]:
+    """veRL's "grpo_vectorized": GRPO as ``compute_grpo_outcome_advantage`` except that the group std is floored,
+    std = sqrt(max(var, epsilon)) (veRL's ``group_mean_std``). -> (advantages, advantages), float32 [B, T]."""
+    with torch.no_grad():
+        scores = _outcome(token_level_rewards)
+        ids = _group_ids(index, scores.device)
+        centred = ops.group_advantages(scores, ids, mode="dr_grpo", eps=epsilon)
+        n = _group_counts(ids).float()
+        if norm_adv_by_std_in_grpo:
+            var = torch.zeros(int(ids.max()) + 1 if ids.numel() else 0, device=scores.device).index_add_(
+                0, ids, centred.square())[ids] / (n - 1).clamp(min=1)
+            centred = centred / (var.clamp(min=epsilon).sqrt() + epsilon)
+            alone = scores.float() / (1.0 + epsilon)
+        else:
+            alone = scores.float()
+        adv = torch.where(n == 1, alone, centred)[:, None] * response_mask
+    return adv, adv
 
-    0.5 * agg(max((vpreds - R)^2, (values + clamp(vpreds - values, -c, c) - R)^2)) -> (vf_loss, vf_clipfrac), 0-d
-    float32; vf_clipfrac = masked mean of [clipped term > unclipped term]. Differentiable w.r.t. ``vpreds``.
+
+def compute_rloo_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor, index, epsilon: float = 1e-6,
+                                   config: Any = None, **kwargs) -> tuple[Tensor, Tensor]:
+    """RLOO, veRL's "rloo": a_i = s_i - mean_{j != i} s_j within the group of ``index``; a group of one keeps its
+    score (a = s, veRL's loop). -> (advantages, advantages), float32 [B, T] (times response_mask)."""
+    with torch.no_grad():
+        scores = _outcome(token_level_rewards)
+        ids = _group_ids(index, scores.device)
+        adv = ops.group_advantages(scores, ids, mode="rloo", eps=epsilon)
+        adv = torch.where(_group_counts(ids) == 1, scores.float(), adv)[:, None] * response_mask
+    return adv, adv
+
+
+def compute_rloo_vectorized_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor, index,
+                                              epsilon: float = 1e-6, config: Any = None, **kwargs
+                                              ) -> tuple[Tensor, Tensor]:
+    """veRL's "rloo_vectorized": RLOO as ``compute_rloo_outcome_advantage`` except that a group of one gets 0."""
+    with torch.no_grad():
+        scores = _outcome(token_level_rewards)
+        adv = ops.group_advantages(scores, _group_ids(index, scores.device), mode="rloo", eps=epsilon)
+        adv = adv[:, None] * response_mask
+    return adv, adv
+
+
+def compute_opo_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor, index, epsilon: float = 1e-6,
+                                  config: Any = None, **kwargs) -> tuple[Tensor, Tensor]:
+    """OPO, veRL's "opo": a_i = s_i - b with b = the group's length-weighted mean score sum(len s) / sum(len) (len =
+    response tokens); a group of one has b = 0. -> (advantages, advantages), float32 [B, T]."""
+    with torch.no_grad():
+        scores = _outcome(token_level_rewards).float()
+        ids = _group_ids(index, scores.device)
+        length = response_mask.float().sum(-1)
+        g = int(ids.max()) + 1 if ids.numel() else 0
+        num = torch.zeros(g, device=scores.device).index_add_(0, ids, length * scores)[ids]
+        den = torch.zeros(g, device=scores.device).index_add_(0, ids, length)[ids]
+        base = torch.where(_group_counts(ids) == 1, 0.0, num / den)
+        adv = (scores - base)[:, None] * response_mask
+    return adv, adv
+
+
+def compute_gpg_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor, index, epsilon: float = 1e-6,
+                                  f_norm: float = 1.0, alpha: float = 1.0, config: Any = None, **kwargs
+                                  ) -> tuple[Tensor, Tensor]:
+    """GPG, veRL's "gpg": a = alpha' (s - group mean) / f_norm with alpha' = B / max(1, number of nonzero scores)
+    (veRL recomputes it; the ``alpha`` argument is unused, as in veRL); a group of one has mean 0.
+    -> (advantages, advantages), float32 [B, T]."""
+    with torch.no_grad():
+        scores = _outcome(token_level_rewards)
+        ids = _group_ids(index, scores.device)
+        scale = scores.shape[0] / torch.count_nonzero(scores).clamp(min=1).float()
+        centred = ops.group_advantages(scores, ids, mode="dr_grpo", eps=epsilon)
+        centred = torch.where(_group_counts(ids) == 1, scores.float(), centred)
+        adv = (scale * centred / f_norm)[:, None] * response_mask
+    return adv, adv
+
+
+def compute_reinforce_plus_plus_baseline_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor, index,
+                                                           epsilon: float = 1e-6, config: Any = None, **kwargs
+                                                           ) -> tuple[Tensor, Tensor]:
+    """REINFORCE++ with baseline, veRL's "reinforce_plus_plus_baseline": s - group mean (a group of one keeps s) at
+    every response token, whitened over response_mask (``masked_whiten``) and masked.
+    -> (advantages, advantages), float32 [B, T]."""
+    with torch.no_grad():
+        scores = _outcome(token_level_rewards)
+        ids = _group_ids(index, scores.device)
+        centred = ops.group_advantages(scores, ids, mode="dr_grpo", eps=epsilon)
+        centred = torch.where(_group_counts(ids) == 1, scores.float(), centred)
+        adv = centred[:, None] * response_mask
+        adv = masked_whiten(adv, response_mask) * response_mask
+    return adv, adv
+
+
+def compute_reinforce_plus_plus_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor,
+                                                  config: Any = None, **kwargs) -> tuple[Tensor, Tensor]:
+    """REINFORCE++, veRL's "reinforce_plus_plus": discounted returns with gamma = ``config.gamma`` that restart at
+    every mask zero: R[t] = r[t] + gamma R[t+1], then R[t] is not carried past a position t with mask 0 (so each run
+    of response tokens, e.g. one turn, is discounted on its own, and a masked position holds r[t] + gamma R[t+1]);
+    advantages = masked_whiten(R, response_mask) * response_mask.
+    -> (advantages, returns), float32 [B, T]; returns unmasked, as in veRL. (``rlhf_fast.discounted_returns``
+    carries R across mask zeros instead; docs/formulas.md.)
     """
-    loss, _ = ops.ppo_value_loss(vpreds, values, returns, _verl_weights(response_mask, loss_agg_mode),
-                                 clip=float(cliprange_value))
+    gamma = _get(config, "gamma")
+    if gamma is None:
+        raise ValueError("compute_reinforce_plus_plus_outcome_advantage needs config.gamma")
     with torch.no_grad():
-        v, old, ret = vpreds.float(), values.float(), returns.float()
-        clipped = (old + (v - old).clamp(-cliprange_value, cliprange_value) - ret) ** 2
-        vf_clipfrac = masked_mean((clipped > (v - ret) ** 2).float(), response_mask)
-    return loss, vf_clipfrac
+        rewards, keep = token_level_rewards.float(), response_mask.float()
+        returns = torch.zeros_like(rewards)
+        running = torch.zeros_like(rewards[:, 0])
+        for t in reversed(range(rewards.shape[1])):
+            running = rewards[:, t] + gamma * running
+            returns[:, t] = running
+            running = running * keep[:, t]
+        advantages = masked_whiten(returns, response_mask) * response_mask
+    return advantages, returns
+
+
+def compute_remax_outcome_advantage(token_level_rewards: Tensor, reward_baselines: Tensor, response_mask: Tensor,
+                                    config: Any = None, **kwargs) -> tuple[Tensor, Tensor]:
+    """ReMax, veRL's "remax": returns = the reward-to-go of the masked token rewards (undiscounted), advantages =
+    returns - reward_baselines[b] at the response tokens. -> (advantages, returns), [B, T]."""
+    with torch.no_grad():
+        returns = (token_level_rewards * response_mask).flip(-1).cumsum(-1).flip(-1)
+        advantages = returns - reward_baselines[:, None] * response_mask
+    return advantages, returns
