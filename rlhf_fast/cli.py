@@ -39,6 +39,7 @@ TRAIN_COMMANDS = {
     "sft": "supervised fine-tuning on prompt/completion (or chat) JSONL",
     "rm": "reward model on prompt/chosen/rejected JSONL (Bradley-Terry)",
     "ppo": "PPO / GRPO / RLOO against a reward model, prompts from JSONL",
+    "dpo": "DPO / IPO / SLiC / cDPO / rDPO / RPO / SimPO on prompt/chosen/rejected JSONL",
     "pipeline": "SFT -> RM -> PPO end to end (defaults: the embedded tiny model and task, offline, on CPU)",
 }
 
@@ -57,6 +58,8 @@ def _train(args) -> None:
         from .train.sft import SFTConfig as cls, train_sft as run
     elif args.command == "rm":
         from .train.rm import RMConfig as cls, train_rm as run
+    elif args.command == "dpo":
+        from .train.dpo import DPOConfig as cls, train_dpo as run
     else:
         from .train.ppo import PPOConfig as cls, train_ppo as run
     fields = {"model": args.model, "out": args.out, "backend": args.backend, "fsdp": args.fsdp or None}
