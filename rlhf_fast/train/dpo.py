@@ -226,8 +226,8 @@ class DPOTrainer(common.EpochTrainer):
             "logratio": st["logratio"].sum().item(), "tokens": st["tokens"].sum().item()})
         out = {"loss": sums["loss"], "rewards/chosen": sums["chosen"] / sums["pairs"],
                "rewards/rejected": sums["rejected"] / sums["pairs"],
-               "margins": (sums["chosen"] - sums["rejected"]) / sums["pairs"], "accuracy": sums["correct"] / sums["pairs"],
-               "nll": sums["nll"]}
+               "margins": (sums["chosen"] - sums["rejected"]) / sums["pairs"],
+               "accuracy": sums["correct"] / sums["pairs"], "nll": sums["nll"]}
         if cfg.uses_reference:
             out["kl"] = sums["logratio"] / max(sums["tokens"], 1.0)
         return out
