@@ -188,9 +188,12 @@ class DPOTrainer(common.EpochTrainer):
             if cached["key"] == key:
                 return cached["logps"]
         mine, out = distributed.shard(rows), []
+        # as many chunks on every rank (each one a collective under FSDP2), of at most 64 pairs
+        chunks = -(-len(distributed.shard(rows, 0)) // 64)
+        bounds = [len(mine) * c // chunks for c in range(chunks + 1)]
         self.model.eval()
-        for i in range(0, len(mine), 64):
-            batch = pair_batch(self.tokenizer, mine[i:i + 64], cfg.max_len).to(self.device)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            batch = pair_batch(self.tokenizer, mine[a:b], cfg.max_len).to(self.device)
             with common.autocast(self.device):
                 logps = self.model.local(_sequence_logp_sums, batch)
             out.append(torch.stack(logps.float().chunk(2), 1).cpu())
