@@ -30,8 +30,10 @@ SFT = ["num_examples=48", "batch_size=8", "epochs=1", "lr=2e-3", "warmup_steps=1
        "eval_prompts=0", "progress=false", "threads=1"]
 RM = ["num_pairs=40", "batch_size=8", "epochs=1", "lr=1e-3", "warmup_steps=1", "log_every=1", "eval_every=100",
       "save_every=100", "progress=false", "threads=1"]
+# a live reference: its log-probs are then the policy's at step 1 bit for bit, so the preference accuracy there is 0
+# on any world size (precomputed ones differ in the last bits, and [margin > 0] of a zero margin is then noise)
 DPO = ["num_pairs=40", "batch_size=8", "epochs=1", "lr=1e-3", "warmup_steps=1", "log_every=1", "save_every=100",
-       "rpo_alpha=0.5", "eval_prompts=0", "progress=false", "threads=1"]
+       "rpo_alpha=0.5", "ref_logps=live", "eval_prompts=0", "progress=false", "threads=1"]
 PPO = ["iterations=2", "batch_size=4", "minibatch_size=4", "epochs=2", "max_new_tokens=6", "eval_prompts=0",
        "lr=1e-3", "critic_lr=1e-3", "adaptive_kl=true", "kl_target=0.01", "progress=false", "threads=1"]
 GRPO = ["algo=grpo", "group_size=2", "iterations=2", "batch_size=2", "minibatch_size=4", "epochs=2", "kl_coef=0.05",
