@@ -215,6 +215,23 @@ def test_dpo_end_to_end_precomputed_equals_live_reference(base, tmp_path):
                 assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (i, k)
 
 
+def test_dpo_on_a_local_checkpoint_and_chat_jsonl(base, tmp_path):
+    """A user's JSONL: prompt/chosen/rejected rows and chat rows (the conversation so far, then the two replies);
+    a malformed row is reported with its line."""
+    from rlhf_fast.data import DataError, write_jsonl
+
+    rows = []
+    for i, p in enumerate(task.preference_pairs(24, seed=7)):
+        rows.append(p if i % 2 else {"messages": [{"role": "user", "content": p["prompt"]}], "chosen": p["chosen"],
+                                     "rejected": p["rejected"]})
+    write_jsonl(str(tmp_path / "pairs.jsonl"), rows)
+    summary, metrics = _run(base, tmp_path / "user", f"data={tmp_path / 'pairs.jsonl'}", "batch_size=8")
+    assert summary["steps"] == 3 and "true_score" not in summary and len(metrics) == 3
+    write_jsonl(str(tmp_path / "bad.jsonl"), rows[:2] + [{"messages": [], "chosen": "a", "rejected": "b"}])
+    with pytest.raises(DataError, match="bad.jsonl:3"):
+        _run(base, tmp_path / "bad", f"data={tmp_path / 'bad.jsonl'}")
+
+
 def test_dpo_simpo_and_reference_free_run(base, tmp_path):
     # the same 16 pairs at every step: their margin must grow
     _, rows = _run(base, tmp_path / "simpo", "simpo=true", "num_pairs=16", "epochs=4", "beta=2.0", "lr=1e-3",
