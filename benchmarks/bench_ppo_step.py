@@ -29,12 +29,12 @@ import tempfile
 import time
 
 
-def _models(tmp: str, vocab_size: int, max_positions: int = 64) -> tuple[str, str]:
+def _models(tmp: str, vocab_size: int) -> tuple[str, str]:
     from rlhf_fast.data.embedded import DEFAULT_VOCAB_SIZE, build_tokenizer
     from rlhf_fast.models import ScalarHeadModel, build_tiny_model
 
     tok = build_tokenizer(vocab_size or DEFAULT_VOCAB_SIZE)
-    build_tiny_model(tok, seed=0, max_positions=max_positions).save_pretrained(f"{tmp}/policy")
+    build_tiny_model(tok, seed=0).save_pretrained(f"{tmp}/policy")
     tok.save_pretrained(f"{tmp}/policy")
     ScalarHeadModel.from_pretrained(f"{tmp}/policy").save_pretrained(f"{tmp}/rm")
     return f"{tmp}/policy", f"{tmp}/rm"
@@ -56,7 +56,7 @@ def embedded_worker(args) -> dict:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         policy, rm = _models(tmp, args.vocab_size)
-        cfg = PPOConfig(model=policy, reward_model=rm, out=f"{tmp}/out", batch_size=args.batch_size,
+        cfg = PPOConfig(model=policy, reward_models=[rm], out=f"{tmp}/out", batch_size=args.batch_size,
                         max_new_tokens=args.max_new_tokens, eval_prompts=0, progress=False, threads=args.threads,
                         backend=None if args.backend == "auto" else args.backend)
         with rlhf_fast.use_backend(args.backend) if args.backend != "auto" else contextlib.nullcontext():
@@ -64,9 +64,9 @@ def embedded_worker(args) -> dict:
             times = {"generate": [], "score": [], "learn": [], "total": []}
             for it in range(args.iterations + 1):  # iteration 0 warms up
                 t0 = time.perf_counter()
-                out, prompt_mask = trainer.rollout(trainer.prompts(it))
+                rollout = trainer.rollout(trainer.prompts(it))
                 t1 = time.perf_counter()
-                batch, _ = trainer.score(out, prompt_mask)
+                batch, _ = trainer.score(*rollout)
                 t2 = time.perf_counter()
                 trainer.learn(batch)
                 t3 = time.perf_counter()
@@ -123,8 +123,8 @@ def mixed_worker(args) -> dict:
     if args.layout == "padded":
         logprobs.decoder_hidden = value_head.decoder_hidden = padded_hidden
     with tempfile.TemporaryDirectory() as tmp:
-        policy, rm = _models(tmp, args.vocab_size, max_positions=512)
-        cfg = PPOConfig(model=policy, reward_model=rm, out=f"{tmp}/out", batch_size=args.batch_size,
+        policy, rm = _models(tmp, args.vocab_size)
+        cfg = PPOConfig(model=policy, reward_models=[rm], out=f"{tmp}/out", batch_size=args.batch_size,
                         minibatch_size=args.batch_size // 4, epochs=1, max_new_tokens=128, eval_prompts=0,
                         progress=False, threads=args.threads)
         trainer = PPOTrainer(cfg)

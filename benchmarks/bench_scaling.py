@@ -66,7 +66,7 @@ def _sft_steps(args, device, path: str):
 def _ppo_steps(args, device, path: str):
     from rlhf_fast.train.ppo import PPOConfig, PPOTrainer
 
-    cfg = PPOConfig(model=f"{path}/policy", reward_model=f"{path}/rm", out=f"{path}/ppo", batch_size=args.batch,
+    cfg = PPOConfig(model=f"{path}/policy", reward_models=[f"{path}/rm"], out=f"{path}/ppo", batch_size=args.batch,
                     minibatch_size=args.batch // 2, max_new_tokens=args.max_new_tokens, eval_prompts=0,
                     progress=False, threads=args.threads, fsdp=args.mode == "fsdp", device=device.type)
     trainer = PPOTrainer(cfg)

@@ -72,12 +72,14 @@ class SharedRolloutPPO(PPOTrainer):
     def rollout(self, rows):
         own, self.generator = self.generator, torch.Generator(self.device).manual_seed(1000 + self.step)
         try:
-            res, prompt_mask = super().rollout(self.global_prompts(self.step))
+            res, prompt_mask, rows, texts = super().rollout(self.global_prompts(self.step))
         finally:
             self.generator = own
-        idx = torch.tensor(distributed.shard(range(res.sequences.shape[0])))
-        return SimpleNamespace(sequences=res.sequences[idx], response_mask=res.response_mask[idx],
-                               logprobs=res.logprobs[idx]), prompt_mask[idx]
+        own_seqs = distributed.shard(range(res.sequences.shape[0]))
+        idx = torch.tensor(own_seqs)
+        return (SimpleNamespace(sequences=res.sequences[idx], response_mask=res.response_mask[idx],
+                                logprobs=res.logprobs[idx]), prompt_mask[idx], [rows[i] for i in own_seqs],
+                [texts[i] for i in own_seqs])
 
 
 class KilledPPO(PPOTrainer):
@@ -154,12 +156,12 @@ def main(out: str, base: str, rm: str) -> None:
         train_sft(config(SFTConfig, SFT, WORLD, model=base, out=f"{out}/sft_{mode}", fsdp=fsdp))
         train_rm(config(RMConfig, RM, WORLD, model=base, out=f"{out}/rm_{mode}", fsdp=fsdp))
         train_dpo(config(DPOConfig, DPO, WORLD, model=base, out=f"{out}/dpo_{mode}", fsdp=fsdp))
-        run_ppo(SharedRolloutPPO, config(PPOConfig, PPO, WORLD, model=base, reward_model=rm,
+        run_ppo(SharedRolloutPPO, config(PPOConfig, PPO, WORLD, model=base, reward_models=[rm],
                                          out=f"{out}/ppo_{mode}", fsdp=fsdp, shard_frozen=fsdp))
-        run_ppo(SharedRolloutPPO, config(PPOConfig, GRPO, WORLD, model=base, reward_model=rm,
+        run_ppo(SharedRolloutPPO, config(PPOConfig, GRPO, WORLD, model=base, reward_models=[rm],
                                          out=f"{out}/grpo_{mode}", fsdp=fsdp))
     train_sft(config(SFTConfig, SFT, WORLD, model=base, out=f"{out}/sft_dcp", fsdp=True, checkpoint="dcp"))
-    resume = common.load_config(PPOConfig, None, RESUME, model=base, reward_model=rm, out=f"{out}/ppo_full")
+    resume = common.load_config(PPOConfig, None, RESUME, model=base, reward_models=[rm], out=f"{out}/ppo_full")
     run_ppo(PPOTrainer, resume)
     if distributed.is_main():
         open(os.path.join(out, "done"), "w").close()

@@ -175,9 +175,9 @@ def test_rpo_adds_the_chosen_token_nll(tmp_path):
 
 def test_config_refuses_bad_values():
     for bad in ({"loss_type": "kto"}, {"ref_logps": "never"}, {"beta": 0.0}, {"label_smoothing": 0.5},
-                {"simpo": True, "loss_type": "ipo"}):
-        with pytest.raises(ValueError, match=next(iter(bad)) if "simpo" not in bad else "simpo"):
-            DPOConfig(**bad)
+                {"rpo_alpha": -1.0}, {"simpo": True, "loss_type": "ipo"}):
+        with pytest.raises(common.ConfigError, match=f"{'loss_type' if 'simpo' in bad else next(iter(bad))}="):
+            DPOConfig(**bad).validate()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -250,9 +250,9 @@ def test_dpo_reference_cache_is_reused_and_keyed(base, tmp_path, monkeypatch):
     calls = []
     real = dpo._sequence_logp_sums
     monkeypatch.setattr(dpo, "_sequence_logp_sums", lambda *a: calls.append(1) or real(*a))
-    _run(base, out, "num_pairs=32")  # same rows, model and max_len: cached, no reference pass
+    _run(base, out, "num_pairs=32", "overwrite=true")  # same rows, model and max_len: cached, no reference pass
     assert calls == []
-    _run(base, out, "num_pairs=32", "max_len=16")  # another truncation: scored again
+    _run(base, out, "num_pairs=32", "max_len=16", "overwrite=true")  # another truncation: scored again
     assert calls
 
 

@@ -198,7 +198,7 @@ def test_pipeline_improves_true_score(pipeline):
 
 
 def _one_iteration(out, backend):
-    cfg = PPOConfig(model=os.path.join(out, "sft", "model"), reward_model=os.path.join(out, "rm", "model"),
+    cfg = PPOConfig(model=os.path.join(out, "sft", "model"), reward_models=[os.path.join(out, "rm", "model")],
                     out=os.path.join(out, f"ppo_{backend}"), iterations=1, batch_size=32, eval_prompts=0,
                     progress=False, backend=backend)
     with rlhf_fast.use_backend(backend):
@@ -278,8 +278,9 @@ def test_first_on_policy_minibatch_has_ratio_one(tmp_path, kind):
     """Eval-mode log-probs at the sampler's positions: one fully on-policy minibatch has approx_kl ~ 0 and no
     clipping, on models with dropout and with absolute positions (GPT-2)."""
     policy, rm = tiny_policy_and_rm(str(tmp_path), kind)
-    cfg = PPOConfig(model=policy, reward_model=rm, out=str(tmp_path / "ppo"), iterations=1, epochs=1, batch_size=64,
-                    minibatch_size=64, max_new_tokens=8, eval_prompts=0, progress=False)
+    cfg = PPOConfig(model=policy, reward_models=[rm], out=str(tmp_path / "ppo"), iterations=1, epochs=1,
+                    batch_size=64, minibatch_size=64, max_new_tokens=8, max_prompt_len=32, eval_prompts=0,
+                    progress=False)
     trainer = PPOTrainer(cfg)
     stats = trainer.learn(trainer.score(*trainer.rollout(trainer.prompts(0)))[0])
     assert stats["approx_kl"] < 1e-6 and stats["clip_frac"] == 0.0
@@ -298,7 +299,7 @@ def test_ppo_step_packed_equals_padded(pipeline, tmp_path, agg):
     """One minibatch's objective and gradients on the packed batch with loss weights equal the padded composite
     (the model's own logits on right-padded rows, the per-mode aggregation of the old [B, T] layout)."""
     out, _ = pipeline
-    cfg = PPOConfig(model=os.path.join(out, "sft", "model"), reward_model=os.path.join(out, "rm", "model"),
+    cfg = PPOConfig(model=os.path.join(out, "sft", "model"), reward_models=[os.path.join(out, "rm", "model")],
                     out=str(tmp_path / "ppo"), iterations=1, batch_size=8, eval_prompts=0, progress=False,
                     entropy_coef=0.01)
     trainer = PPOTrainer(cfg)
@@ -335,20 +336,22 @@ def test_ppo_step_packed_equals_padded(pipeline, tmp_path, agg):
 
 def test_grpo_group_advantages_without_critic(pipeline, tmp_path):
     out, _ = pipeline
-    cfg = PPOConfig(model=os.path.join(out, "sft", "model"), reward_model=os.path.join(out, "rm", "model"),
+    cfg = PPOConfig(model=os.path.join(out, "sft", "model"), reward_models=[os.path.join(out, "rm", "model")],
                     out=str(tmp_path / "grpo"), algo="grpo", iterations=2, batch_size=8, group_size=4,
                     minibatch_size=16, kl_kind="k3", eval_prompts=0, progress=False)
     trainer = PPOTrainer(cfg)
     assert trainer.critic is None
-    out_, prompt_mask = trainer.rollout(trainer.prompts(0))
-    batch, _ = trainer.score(out_, prompt_mask)
+    rollout = trainer.rollout(trainer.prompts(0))
+    out_, prompt_mask = rollout[:2]
+    batch, _ = trainer.score(*rollout)
     assert batch.num_seqs == 32 and batch.group_ids.tolist() == [g for g in range(8) for _ in range(4)]
     prompts = out_.sequences[:, :prompt_mask.shape[1]].view(8, 4, -1)
     assert torch.equal(prompts, prompts[:, :1].expand_as(prompts))  # G consecutive samples of each prompt
     # every response token of a sample carries its group-normalised score; nothing outside the response
     with torch.no_grad():
-        raw = trainer.reward_model.score(batch)
-    s = ((raw - trainer.score_mean) / trainer.score_std).clamp(-cfg.reward_clip, cfg.reward_clip).view(8, 4)
+        raw = trainer.rewards.models[0].score(batch)
+    mean, std = trainer.rewards.stats[0]
+    s = ((raw - mean) / std).clamp(-cfg.reward_clip, cfg.reward_clip).view(8, 4)
     expected = ((s - s.mean(1, keepdim=True)) / (s.std(1, keepdim=True) + 1e-6)).reshape(-1)
     torch.testing.assert_close(batch.advantages, expected[batch.seq_ids] * batch.mask, rtol=1e-4, atol=1e-4)
     assert batch.values is None and not batch.returns.any()
@@ -362,7 +365,7 @@ def test_grpo_group_advantages_without_critic(pipeline, tmp_path):
 
 def test_resume_after_sigkill_matches_uninterrupted_run(pipeline, tmp_path):
     out, _ = pipeline
-    overrides = [f"reward_model={os.path.join(out, 'rm', 'model')}", "iterations=4", "batch_size=16",
+    overrides = [f"reward_models={os.path.join(out, 'rm', 'model')}", "iterations=4", "batch_size=16",
                  "minibatch_size=8", "save_every=1", "eval_prompts=0", "progress=false", "threads=1"]
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     # all three runs as the CLI: an in-process run can differ in the last bits (this process's thread and library

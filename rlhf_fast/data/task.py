@@ -98,3 +98,9 @@ def preference_pairs(n: int, seed: int) -> list[dict]:
 def prompts(n: int, seed: int) -> list[dict]:
     rng = random.Random(f"prompt-{seed}")
     return [{"prompt": make_prompt(rng)} for _ in range(n)]
+
+
+def reward(prompts: list[str], completions: list[str], **fields) -> list[float]:
+    """The true score as a programmatic reward (``reward_fns=rlhf_fast.data.task:reward``): TRL's reward-function
+    signature, one float per completion."""
+    return [true_score(p, c) for p, c in zip(prompts, completions)]

@@ -5,23 +5,96 @@ true score."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 import os
+import re
+import shutil
+import typing
 import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 import rlhf_fast
 
 from .. import generate
-from ..data import prompt_batch, task
+from .._backend import BACKENDS
+from ..data import DataError, prompt_batch, task
 from ..data.embedded import save_tiny_default
+from ..models.loading import check_model_dir, position_limit
+from ..models.tiny import MAX_POSITIONS as TINY_MAX_POSITIONS
+from ..ops import AGG_MODES
+from ..ops.token_logprobs import KL_KINDS
 from . import distributed
 from .checkpoint import Checkpoint, atomic_write_text, remove_stale_temporaries, seed_everything
+
+
+class ConfigError(ValueError):
+    """A mistake in a stage's configuration: a field's value, a missing input file or model directory, an output
+    directory holding another run. The CLI prints the message as one line and exits with status 2 (as it does for
+    ``rlhf_fast.data.DataError``)."""
+
+
+def _rule(lo, hi=math.inf, *, lo_open=False, hi_open=False, optional=False, integer=False):
+    """-> (predicate, description) of a finite number in an interval (or None, when ``optional``)."""
+    def ok(v) -> bool:
+        if v is None:
+            return optional
+        return math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+    if integer:
+        what = f"an integer >= {lo}"
+    elif hi == math.inf:
+        what = f"a finite number {'>' if lo_open else '>='} {lo:g}"
+    else:
+        what = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    return ok, what + (" or null" if optional else "")
+
+
+def _choice(*options):
+    return (lambda v: v in options), "one of " + ", ".join("null" if o is None else str(o) for o in options)
+
+
+# What each field must be, by name, in every stage's config (a new stage's fields of these names are checked too;
+# the types themselves are OmegaConf's).
+RULES = {
+    **dict.fromkeys(("batch_size", "minibatch_size", "epochs", "iterations", "group_size", "log_every", "save_every",
+                     "max_new_tokens", "max_prompt_len", "num_examples", "num_pairs", "kl_horizon"),
+                    _rule(1, integer=True)),
+    **dict.fromkeys(("warmup_steps", "threads", "eval_every", "eval_prompts", "top_k"), _rule(0, integer=True)),
+    "max_len": _rule(2, integer=True),  # a prompt token and a target
+    **dict.fromkeys(("lr", "critic_lr", "kl_target"), _rule(0, lo_open=True)),
+    "temperature": (lambda v: math.isfinite(v) and v > 0 and 1 / v < torch.finfo(torch.float32).max,
+                    "a finite number > 0 whose reciprocal is finite in float32"),
+    "grad_clip": (lambda v: v > 0, "a number > 0 (inf: no clipping)"),
+    **dict.fromkeys(("weight_decay", "kl_coef", "entropy_coef", "clip_low", "value_clip"), _rule(0)),
+    "clip_high": _rule(0, optional=True),
+    "dual_clip": _rule(1, lo_open=True, optional=True),
+    "reward_clip": _rule(0, lo_open=True, optional=True),
+    **dict.fromkeys(("gamma", "lam", "min_p"), _rule(0, 1)),
+    "top_p": _rule(0, 1, lo_open=True),
+    "heldout_fraction": _rule(0, 1, lo_open=True, hi_open=True),
+    "out": (lambda v: bool(v) and not os.path.isfile(v), "a directory (not an existing file)"),
+    "device": (lambda v: v in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", v) is not None,
+               "auto, cpu, cuda or cuda:N"),
+    "backend": _choice(None, *BACKENDS),
+    "checkpoint": _choice("full", "dcp"),
+    "kl_kind": _choice(*KL_KINDS),
+    "loss_agg": _choice(*AGG_MODES),
+}
+MODEL_FIELDS = ("model", "reward_models", "critic")  # local model directories ("" = the default; lists allowed)
+
+
+def _model_dirs(cfg, name: str) -> list[str]:
+    value = getattr(cfg, name, None)
+    return list(value) if isinstance(value, (list, tuple)) else [] if value is None else [value]
 
 
 @dataclass
@@ -31,24 +104,115 @@ class RunConfig:
     model: str = ""            # local checkpoint directory; "" = the embedded tiny default
     data: str = ""             # local JSONL file; "" = the embedded synthetic task
     out: str = "runs/stage"    # output directory: checkpoint.pt, metrics.jsonl, tb/, model/
-    seed: int = 0
-    device: str = "auto"       # auto | cpu | cuda
-    backend: Optional[str] = None   # force an rlhf_fast backend (torch, cpp, cuda, triton); None = automatic
+    seed: int = 0              # every random stream (data order, sampling, initialisation) derives from it
+    device: str = "auto"       # auto | cpu | cuda (| cuda:N)
+    backend: Optional[str] = None   # force an rlhf_fast backend (torch, cpp, cuda, triton); null = automatic
     threads: int = 0           # torch intra-op threads on CPU; 0 = auto (1 for the embedded tiny model, else torch's)
     progress: bool = True      # tqdm progress bars (rank 0 only under torchrun)
     fsdp: bool = False         # under torchrun: shard parameters, gradients and optimizer state with FSDP2 (else DDP)
     checkpoint: str = "full"   # full: rank 0 writes one gathered checkpoint.pt | dcp: sharded torch.distributed.checkpoint
+    overwrite: bool = False    # replace a run already in `out` (else refused without --resume)
+
+    def validate(self, prefix: str = "") -> None:
+        """Raises ConfigError naming the field and its value: every field against ``RULES`` (nested stage configs
+        with their prefix, e.g. ``ppo.lr``), then, for a config run as such (no prefix), its inputs (files, model
+        directories, the models' position limit: ``check_inputs``). Stages add their own cross-field checks."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, RunConfig):
+                value.validate(f"{prefix}{f.name}.")
+            elif f.name in RULES and not RULES[f.name][0](value):
+                raise ConfigError(f"{prefix}{f.name}={value!r}: must be {RULES[f.name][1]}")
+        if not prefix:
+            check_inputs(self)
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """The data files exist (``data``, ``*_data``), the model directories are complete (``MODEL_FIELDS``), and the
+    longest sequence of the config (and of its nested stage configs, which run on its ``model``) fits every model's
+    positions: all checked before anything is loaded."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if (f.name == "data" or f.name.endswith("_data")) and value and not os.path.isfile(value):
+            raise ConfigError(f"{f.name}={value!r}: no such file")
+        for path in _model_dirs(cfg, f.name) if f.name in MODEL_FIELDS else []:
+            if not path:
+                continue
+            try:
+                check_model_dir(path, weights=not (f.name == "model" and getattr(cfg, "from_scratch", False)),
+                                tokenizer=f.name == "model")
+            except FileNotFoundError as exc:
+                raise ConfigError(f"{f.name}: {exc}") from None
+            if f.name == "reward_models" and not os.path.exists(os.path.join(path, "scalar_head.json")):
+                raise ConfigError(f"reward_models: {path!r} holds no scalar_head.json; a reward model is the model/ "
+                                  "folder of `rlhf-fast rm`")
+    stages = [cfg] + [getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                      if isinstance(getattr(cfg, f.name), RunConfig)]
+    for name, path in [(n, p) for n in MODEL_FIELDS for p in _model_dirs(cfg, n)]:
+        if not path and name != "model":
+            continue
+        try:
+            limit, key = position_limit(path) if path else (TINY_MAX_POSITIONS, "max_position_embeddings")
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {os.path.join(path, 'config.json')} is not valid JSON ({exc})") from None
+        for stage in stages:
+            need, fields = sequence_length(stage)
+            if limit is not None and need is not None and need > limit:
+                where = f"{name}={path!r}" if path else "the embedded default model"
+                raise ConfigError(f"{fields} = {need} exceeds the {limit} positions of {where} ({key} in its "
+                                  f"config.json): lower {fields.split(' + ')[0]} by {need - limit} or more")
+
+
+def sequence_length(cfg: RunConfig) -> tuple[Optional[int], str]:
+    """The longest sequence a stage's config lets through (prompt + response), and the fields that give it."""
+    if hasattr(cfg, "max_prompt_len") and hasattr(cfg, "max_new_tokens"):  # a stage that samples
+        return cfg.max_prompt_len + cfg.max_new_tokens, "max_prompt_len + max_new_tokens"
+    if hasattr(cfg, "max_len"):
+        return cfg.max_len, "max_len"
+    return None, ""
 
 
 def load_config(cls, path: Optional[str] = None, overrides: Optional[list[str]] = None, **fields):
-    """Dataclass defaults <- YAML file <- ``fields`` (e.g. --model/--out flags) <- dotlist overrides."""
-    cfg = OmegaConf.structured(cls)
-    if path:
-        cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-    cfg = OmegaConf.merge(cfg, OmegaConf.create({k: v for k, v in fields.items() if v is not None}))
-    if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    return OmegaConf.to_object(cfg)
+    """Dataclass defaults <- YAML file <- ``fields`` (e.g. --model/--out flags) <- dotlist overrides. An unknown
+    field, a value of the wrong type or an unreadable file raises ConfigError naming it (and the valid fields)."""
+    for item in overrides or ():
+        if "=" not in item:
+            raise ConfigError(f"{item!r}: overrides are key=value")
+    try:
+        cfg = OmegaConf.structured(cls)
+        if path:
+            try:
+                cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            except OSError as exc:
+                raise ConfigError(f"--config {path}: {exc.strerror or exc}") from None
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"--config {path}: not valid YAML ({' '.join(str(exc).split())})") from None
+        cfg = OmegaConf.merge(cfg, OmegaConf.create({k: v for k, v in fields.items() if v is not None}))
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([_bracket_list(cls, o) for o in overrides]))
+        return OmegaConf.to_object(cfg)
+    except ConfigKeyError as exc:
+        parent = exc.full_key.rpartition(".")[0] if exc.full_key else ""
+        names = [f.name for f in dataclasses.fields(exc.object_type)] if dataclasses.is_dataclass(
+            exc.object_type) else []
+        where = f"{parent}." if parent else ""
+        raise ConfigError(f"unknown field {exc.full_key!r}; valid fields{' of ' + parent if parent else ''}: "
+                          + ", ".join(where + n for n in names)) from None
+    except OmegaConfBaseException as exc:  # a value of the wrong type, a YAML that is not a mapping, ...
+        key = getattr(exc, "full_key", None)
+        msg = (getattr(exc, "msg", None) or str(exc)).splitlines()[0]
+        raise ConfigError(f"{key}: {msg}" if key else msg) from None
+
+
+def _bracket_list(cls, override: str) -> str:
+    """``reward_fns=a:f,b:g`` -> ``reward_fns=[a:f,b:g]`` for a list field (dotted keys reach nested stages)."""
+    key, sep, value = override.partition("=")
+    kind = cls
+    for part in key.split("."):
+        kind = typing.get_type_hints(kind).get(part) if dataclasses.is_dataclass(kind) else None
+    if sep and typing.get_origin(kind) is list and not value.lstrip().startswith("["):
+        return f"{key}=[{value}]"
+    return override
 
 
 def save_config(cfg, out: str) -> None:
@@ -78,10 +242,7 @@ def global_batch_indices(n_rows: int, step: int, steps_per_epoch: int, global_ba
 
 @contextlib.contextmanager
 def run_context(cfg: RunConfig):
-    """For the duration of a stage: its output folder (with config.yaml), threads, seeds and the requested op
-    backend."""
-    os.makedirs(cfg.out, exist_ok=True)
-    save_config(cfg, cfg.out)
+    """For the duration of a stage: threads, seeds and the requested op backend."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     elif resolve_device(cfg.device).type == "cpu" and _is_tiny(cfg.model):
@@ -187,6 +348,79 @@ def base_model_dir(cfg: RunConfig) -> str:
     return path
 
 
+# What a started or finished run leaves in its folder; ``overwrite=true`` removes these (and what the run writes beside
+# them) before a fresh run.
+RUN_MARKERS = ("checkpoint.pt", "checkpoint.dcp", "summary.json", "model")
+RUN_OUTPUTS = RUN_MARKERS + ("metrics.jsonl", "tb", "critic", "base")
+
+
+def existing_run(out: str) -> Optional[str]:
+    """The first file or folder of a started or finished run found in ``out`` (None: no run there)."""
+    for name in RUN_MARKERS:
+        if os.path.exists(os.path.join(out, name)):
+            return os.path.join(out, name)
+    return None
+
+
+def prepare_out(cfg: RunConfig, resume: bool) -> bool:
+    """Checks ``cfg.out`` against ``--resume`` before anything is written; -> whether to resume.
+
+    Without --resume a folder holding a run is refused (ConfigError), unless ``overwrite=true``, which removes that
+    run's files. With --resume: a checkpoint of the other format, or a finished run without a checkpoint, is refused;
+    a folder with no checkpoint yet (never started, or killed before its first checkpoint: nothing to lose) starts
+    from the beginning with a warning, so a launcher that always passes --resume works from the first launch on."""
+    found = existing_run(cfg.out)
+    own = "checkpoint.pt" if cfg.checkpoint == "full" else "checkpoint.dcp"
+    if not resume:
+        if found and not cfg.overwrite:
+            raise ConfigError(f"{cfg.out} already holds a run ({found} exists): add --resume to continue it, choose "
+                              "another --out, or set overwrite=true to replace it")
+        if found and distributed.is_main():
+            for name in RUN_OUTPUTS:
+                path = os.path.join(cfg.out, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
+        distributed.barrier()
+        return False
+    if os.path.exists(os.path.join(cfg.out, own)):
+        return True
+    other = "checkpoint.dcp" if own == "checkpoint.pt" else "checkpoint.pt"
+    if os.path.exists(os.path.join(cfg.out, other)):
+        raise ConfigError(f"--resume: {cfg.out} holds {other}, but checkpoint={cfg.checkpoint}: set "
+                          f"checkpoint={'dcp' if other == 'checkpoint.dcp' else 'full'} to resume it")
+    if found:
+        raise ConfigError(f"--resume: {cfg.out} holds a run ({found}) but no {own} to continue from; set "
+                          "overwrite=true without --resume to replace it")
+    if distributed.is_main():
+        warnings.warn(f"--resume: no checkpoint in {cfg.out} yet: starting from the beginning")
+    return False
+
+
+def check_rows(n_rows: int, batch_size: int, what: str) -> None:
+    """A DataError when some rank would get no row of a batch; a warning when the data is less than one global
+    batch (every step then trains on all of it, each row repeated as often as the steps)."""
+    world = distributed.world_size()
+    if n_rows < world:
+        raise DataError(f"{n_rows} {what}: " + (f"fewer than the {world} ranks, some rank would train on nothing"
+                                                if n_rows else "nothing to train on"))
+    if n_rows < batch_size * world and distributed.is_main():
+        ranks = f" x {world} ranks" if world > 1 else ""
+        warnings.warn(f"{n_rows} {what}, fewer than one batch (batch_size={batch_size}{ranks}): every step trains "
+                      "on all of them, one step per epoch; lower batch_size for several steps per epoch")
+
+
+def check_warmup(warmup: int, total: int) -> None:
+    """Warns when the warm-up is so long against the run that the learning rate never reaches half of lr."""
+    schedule = linear_schedule(warmup, total)
+    peak = max(schedule(s) for s in range(min(warmup, total))) if warmup else 1.0
+    if peak < 0.5 and distributed.is_main():
+        warnings.warn(f"warmup_steps={warmup} but the run has {total} optimizer steps: the learning rate peaks at "
+                      f"{peak:.0%} of lr; set warmup_steps to about a tenth of the steps "
+                      f"(warmup_steps={total // 10}) or train longer")
+
+
 class Trainer:
     """config -> data -> model -> loop -> checkpoint -> metrics, for every algorithm.
 
@@ -203,8 +437,11 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, resume: bool = False):
         self.cfg = cfg
-        os.makedirs(cfg.out, exist_ok=True)
+        cfg.validate()
         self.device = resolve_device(cfg.device)
+        resume = prepare_out(cfg, resume)
+        os.makedirs(cfg.out, exist_ok=True)
+        save_config(cfg, cfg.out)
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed + distributed.rank())
         self.setup()
         self.step = 0
@@ -214,8 +451,8 @@ class Trainer:
         if resume:
             remove_stale_temporaries(cfg.out)
             state = self.checkpoint.load(*self.checkpointed(), self.generator, seed=cfg.seed)
-            if state is None:
-                warnings.warn(f"--resume: no checkpoint in {cfg.out}, starting from the beginning")
+            if state is None:  # a sharded checkpoint whose first save never completed
+                warnings.warn(f"--resume: no complete checkpoint in {cfg.out}, starting from the beginning")
         if state is not None:
             self.step, self.window = state["step"], state["window"]
             self.restore(state)
@@ -287,7 +524,9 @@ class EpochTrainer(Trainer):
         self.log_every, self.save_every = cfg.log_every, cfg.save_every
         self.rows = rows
         self.global_batch = cfg.batch_size * distributed.world_size()
+        check_rows(len(rows), cfg.batch_size, f"{self.name} training rows")
         self.steps_per_epoch = distributed.steps_per_epoch(len(rows), self.global_batch)
+        check_warmup(cfg.warmup_steps, self.total_steps())
         self.opt, self.sched = optimizer(cfg, self.model, self.total_steps())
         self.model.train()
 

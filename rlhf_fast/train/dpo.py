@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -58,17 +59,25 @@ class DPOConfig(common.RunConfig):
     eval_prompts: int = 256      # synthetic task: prompts for the true score (0 = skip)
     max_new_tokens: int = 10
 
-    def __post_init__(self):
+    def validate(self, prefix: str = "") -> None:
+        def bad(field: str, must: str):
+            raise common.ConfigError(f"{prefix}{field}={getattr(self, field)!r}: must be {must}")
+
         if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+            bad("loss_type", "one of " + ", ".join(LOSS_TYPES))
         if self.ref_logps not in REF_LOGPS:
-            raise ValueError(f"ref_logps must be one of {REF_LOGPS}, got {self.ref_logps!r}")
-        if not self.beta > 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
+            bad("ref_logps", "one of " + ", ".join(REF_LOGPS))
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            bad("beta", "a finite number > 0")
         if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+            bad("label_smoothing", "in [0, 0.5)")
+        if not (math.isfinite(self.rpo_alpha) and self.rpo_alpha >= 0):
+            bad("rpo_alpha", "a finite number >= 0")
+        if not math.isfinite(self.simpo_gamma):
+            bad("simpo_gamma", "a finite number")
         if self.simpo and self.loss_type == "ipo":
-            raise ValueError("simpo=true takes loss_type sigmoid, robust or hinge (its margin is gamma), not ipo")
+            bad("loss_type", "sigmoid, robust or hinge with simpo=true (its margin is simpo_gamma)")
+        super().validate(prefix)
 
     @property
     def uses_reference(self) -> bool:
@@ -179,10 +188,10 @@ class DPOTrainer(common.EpochTrainer):
 
     def precomputed_ref_logps(self, rows: list[dict]) -> Tensor:
         """[len(rows), 2] float32 reference (chosen, rejected) sequence log-probs, from ``out/ref_logps.pt`` when it
-        holds those of these rows, model and max_len; else scored now (each rank its block) and saved there."""
+        holds those of these rows, model files and max_len; else scored now (each rank its block) and saved there."""
         cfg = self.cfg
         path = os.path.join(cfg.out, REF_CACHE)
-        key = {"model": os.path.abspath(self.model_dir), "max_len": cfg.max_len, "rows": _fingerprint(rows)}
+        key = {"model": _files_fingerprint(self.model_dir), "max_len": cfg.max_len, "rows": _fingerprint(rows)}
         if os.path.exists(path):
             cached = torch.load(path, map_location="cpu", weights_only=True)
             if cached["key"] == key:
@@ -259,6 +268,14 @@ class DPOTrainer(common.EpochTrainer):
 
 def _fingerprint(rows: list[dict]) -> str:
     return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+
+
+def _files_fingerprint(model_dir: str) -> list:
+    """The model directory and its files' names, sizes and modification times: a model retrained into the same
+    folder gets its reference log-probs scored again."""
+    path = os.path.abspath(model_dir)
+    return [path] + [[f, os.stat(os.path.join(path, f)).st_size, os.stat(os.path.join(path, f)).st_mtime_ns]
+                     for f in sorted(os.listdir(path)) if os.path.isfile(os.path.join(path, f))]
 
 
 def train_dpo(cfg: DPOConfig, resume: bool = False) -> dict:

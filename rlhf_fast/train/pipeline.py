@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -33,13 +34,21 @@ class PipelineConfig(common.RunConfig):
     algo: str = ""                   # dpo: SFT -> DPO; ppo | grpo | dr_grpo | rloo: SFT -> RM -> PPO with that
                                      # ppo.algo; "" = SFT -> RM -> PPO with ppo.algo as given
     sft_data: str = ""               # JSONL files; "" = the embedded synthetic task
-    rm_data: str = ""
-    ppo_data: str = ""
-    dpo_data: str = ""
+    rm_data: str = ""                # preference pairs
+    ppo_data: str = ""               # prompts
+    dpo_data: str = ""               # preference pairs (algo=dpo)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        if self.data:
+            raise common.ConfigError("pipeline: give the data files per stage as sft_data=, rm_data=, ppo_data= and "
+                                     "dpo_data=, not data= (or --data)")
+        if self.algo and self.algo != "dpo":
+            self.ppo.algo = self.algo  # checked with the ppo stage's fields
+        super().validate(prefix)
 
 
 STAGE_OWN = ("model", "data", "out")  # the RunConfig fields each stage gets from the pipeline's wiring
@@ -64,30 +73,45 @@ def _done(path: str) -> Optional[dict]:
     return None
 
 
+def _check_out(cfg: PipelineConfig, resume: bool) -> None:
+    """A pipeline folder holding a run (its summary or any stage's run) is refused without --resume, unless
+    ``overwrite=true`` (each stage then replaces its own run)."""
+    found = next(filter(None, (common.existing_run(os.path.join(cfg.out, d)) for d in ("", "sft", "rm", "ppo", "dpo"))),
+                 None)
+    if found and not resume and not cfg.overwrite:
+        raise common.ConfigError(f"{cfg.out} already holds a pipeline run ({found} exists): add --resume to continue "
+                                 "it, choose another --out, or set overwrite=true to replace it")
+    if resume and not found and distributed.is_main():
+        warnings.warn(f"--resume: nothing to resume in {cfg.out} yet: starting from the beginning")
+
+
 def run_pipeline(cfg: PipelineConfig, resume: bool = False) -> dict:
-    if cfg.data:
-        raise ValueError("pipeline: give the data files per stage as sft_data=, rm_data= and ppo_data=, not data=")
+    cfg.validate()  # every stage's fields, before the first stage trains
+    _check_out(cfg, resume)
     os.makedirs(cfg.out, exist_ok=True)
     common.save_config(cfg, cfg.out)
+
+    def run(train, stage):  # a stage not started yet (or killed before its first checkpoint) starts afresh
+        return (resume and _done(stage.out)) or train(stage, resume and common.existing_run(stage.out) is not None)
+
     sft = _stage(cfg.sft, cfg, "sft", model=cfg.model, data=cfg.sft_data)
-    sft_summary = (resume and _done(sft.out)) or train_sft(sft, resume)
+    sft_summary = run(train_sft, sft)
     sft_dir = os.path.join(sft.out, "model")
 
     if cfg.algo == "dpo":
         dpo = _stage(cfg.dpo, cfg, "dpo", model=sft_dir, data=cfg.dpo_data)
-        dpo_summary = (resume and _done(dpo.out)) or train_dpo(dpo, resume)
+        dpo_summary = run(train_dpo, dpo)
         summary = {"seed": cfg.seed, "algo": "dpo", "sft": sft_summary, "dpo": dpo_summary}
         if distributed.is_main():
             atomic_write_text(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=1))
             print(report(summary))
         return summary
-    if cfg.algo:
-        cfg.ppo.algo = cfg.algo
     rm = _stage(cfg.rm, cfg, "rm", model=sft_dir, data=cfg.rm_data)
-    rm_summary = (resume and _done(rm.out)) or train_rm(rm, resume)
+    rm_summary = run(train_rm, rm)
 
-    ppo = _stage(cfg.ppo, cfg, "ppo", model=sft_dir, reward_model=os.path.join(rm.out, "model"), data=cfg.ppo_data)
-    ppo_summary = (resume and _done(ppo.out)) or train_ppo(ppo, resume)
+    ppo = _stage(cfg.ppo, cfg, "ppo", model=sft_dir, data=cfg.ppo_data,
+                 reward_models=[os.path.join(rm.out, "model"), *cfg.ppo.reward_models])
+    ppo_summary = run(train_ppo, ppo)
 
     summary = {"seed": cfg.seed, "sft": sft_summary, "rm": rm_summary, "ppo": ppo_summary}
     if distributed.is_main():  # only rank 0 writes and prints
@@ -129,7 +153,8 @@ def report(summary: dict) -> str:
 
 
 def plot(out: str) -> Optional[str]:
-    """sft loss, RM held-out accuracy, PPO reward / KL / true score curves -> out/pipeline.png."""
+    """A panel for each curve the run has: SFT loss, RM accuracy, PPO reward / KL and, on the synthetic task, the true
+    score -> out/pipeline.png (None when no stage has logged anything)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,28 +164,40 @@ def plot(out: str) -> Optional[str]:
         path = os.path.join(out, stage, "metrics.jsonl")
         return common.read_metrics(path) if os.path.exists(path) else []
 
+    def line(ax, rows, key, *args, **kwargs):  # markers on short curves: a run of a few steps still shows
+        rows = [r for r in rows if key in r]
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], *args, marker="o" if len(rows) < 30 else None,
+                **kwargs)
+
     sft, rm, ppo = rows("sft"), rows("rm"), rows("ppo")
-    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
-    axes[0].plot([r["step"] for r in sft], [r["loss"] for r in sft])
-    axes[0].set(title="SFT loss (response tokens)", xlabel="step")
-    held = [r for r in rm if "heldout_accuracy" in r]
-    axes[1].plot([r["step"] for r in rm], [r["accuracy"] for r in rm], label="train")
-    axes[1].plot([r["step"] for r in held], [r["heldout_accuracy"] for r in held], "o-", label="held-out")
-    axes[1].set(title="RM pairwise accuracy", xlabel="step")
-    axes[1].legend()
-    it = [r["step"] for r in ppo]
-    axes[2].plot(it, [r["reward"] for r in ppo], label="RM reward (normalised)")
-    ax_kl = axes[2].twinx()
-    ax_kl.plot(it, [r["kl"] for r in ppo], color="tab:red", label="KL")
-    axes[2].set(title="PPO reward and KL (red)", xlabel="iteration")
-    if ppo and "true_score" in ppo[0]:
-        axes[3].plot(it, [r["true_score"] for r in ppo], label="PPO rollouts")
+    panels = [name for name, present in (("sft", sft), ("rm", rm), ("ppo", ppo),
+                                         ("true_score", any("true_score" in r for r in ppo))) if present]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+    ax = dict(zip(panels, axes[0]))
+    if sft:
+        line(ax["sft"], sft, "loss")
+        ax["sft"].set(title="SFT loss (response tokens)", xlabel="step")
+    if rm:
+        line(ax["rm"], rm, "accuracy", label="train")
+        line(ax["rm"], rm, "heldout_accuracy", label="held-out")
+        ax["rm"].set(title="RM pairwise accuracy", xlabel="step")
+        ax["rm"].legend()
+    if ppo:
+        line(ax["ppo"], ppo, "reward", label="RM reward (normalised)")
+        line(ax["ppo"].twinx(), ppo, "kl", color="tab:red", label="KL")
+        ax["ppo"].set(title="PPO reward and KL (red)", xlabel="iteration")
+    if "true_score" in ax:
+        line(ax["true_score"], ppo, "true_score", label="PPO rollouts")
         summary_path = os.path.join(out, "sft", "summary.json")
         if os.path.exists(summary_path):
             with open(summary_path) as f:
-                axes[3].axhline(json.load(f)["true_score"], color="gray", ls="--", label="SFT")
-        axes[3].set(title="true score (the rule)", xlabel="iteration", ylim=(0, 1))
-        axes[3].legend()
+                sft_score = json.load(f).get("true_score")
+            if sft_score is not None:
+                ax["true_score"].axhline(sft_score, color="gray", ls="--", label="SFT")
+        ax["true_score"].set(title="true score (the rule)", xlabel="iteration", ylim=(0, 1))
+        ax["true_score"].legend()
     fig.tight_layout()
     path = os.path.join(out, "pipeline.png")
     fig.savefig(path, dpi=100)

@@ -6,21 +6,23 @@ head; from the reward model unless ``critic`` names another directory). Dropout 
 
   1. generate  B prompts (x G samples in group modes) with rlhf_fast.generate -> a packed TokenBatch of prompt +
                response with the sampler's behaviour log-probs (same positions as every later forward).
-  2. score     reference log-probs, reward-model score at each sequence's last token (normalised with the RM's
-               held-out statistics, optionally clipped), critic values; per-token reward
+  2. score     reference log-probs, the reward of each sequence (``rlhf_fast.train.rewards``: reward models at the
+               last token, normalised with each one's held-out statistics and clipped, and/or programmatic
+               reward functions, combined by weights or Llama 2's safety rule), critic values; per-token reward
                r[t] = -kl_coef * k(logp, ref_logp)[t] (+ score on the last response token); GAE; whitening.
                Group modes: advantage = group_advantages(score, group ids) on every response token, no critic, and
                the KL goes into the loss instead (as GRPO does).
   3. learn     ``epochs`` passes over shuffled minibatches of sequences: per-token loss weights from ``loss_agg``
                (over the global minibatch), ``ppo_objective`` on the fused log-probs, ``ppo_value_loss`` for the
-               critic, gradient clipping.
+               critic, gradient clipping. PPO-ptx (InstructGPT): with ``ptx_coef > 0`` every minibatch also takes
+               ``ptx_coef`` x the causal-LM loss of a batch of SFT rows (``ptx_data``), in the same backward.
 
-    rlhf-fast ppo --model SFT_DIR reward_model=RM_DIR [--data prompts.jsonl] [--out DIR] [key=value ...]
+    rlhf-fast ppo --model SFT_DIR reward_models=RM_DIR[,RM_DIR2] [reward_fns=module:function] [--data prompts.jsonl]
+                  [--out DIR] [key=value ...]
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -30,60 +32,85 @@ import torch
 
 from .. import gae, generate, group_advantages, kl_penalty, ppo_objective, ppo_value_loss
 from ..batch import TokenBatch
-from ..data import prompt_batch, read_jsonl, task
-from ..models import ScalarHeadModel, disable_dropout, load_causal_lm, load_tokenizer, sequence_logprobs
-from ..ops import AGG_MODES
+from ..data import prompt_batch, read_jsonl, sft_batch, task
+from ..models import ScalarHeadModel, disable_dropout, load_causal_lm, load_tokenizer, sequence_cross_entropy, \
+    sequence_logprobs
 from . import common, distributed
+from .rewards import RewardConfig, Rewards
 
 GROUP_MODES = ("grpo", "dr_grpo", "rloo")
 
 
 @dataclass
-class PPOConfig(common.RunConfig):
+class PPOConfig(RewardConfig, common.RunConfig):
     out: str = "runs/ppo"
-    reward_model: str = ""       # scalar-head model directory (from `rlhf-fast rm`)
-    critic: str = ""             # "" = initialise the critic from the reward model
+    critic: str = ""             # "" = initialise the critic from the first reward model (else from the policy)
     algo: str = "ppo"            # ppo | grpo | dr_grpo | rloo
-    iterations: int = 60
+    iterations: int = 60         # rounds of rollout -> score -> learn
     batch_size: int = 64         # prompts per iteration and rank (under torchrun the global batch is world_size x this)
     group_size: int = 4          # samples per prompt (group modes only)
     minibatch_size: int = 32     # sequences per gradient step and rank
     epochs: int = 2              # passes over each rollout batch
-    max_new_tokens: int = 10
-    max_prompt_len: int = 256
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    lr: float = 3e-4
-    critic_lr: float = 1e-3
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_low: float = 0.2
-    clip_high: Optional[float] = None
-    dual_clip: Optional[float] = None
-    value_clip: float = 0.2
-    kl_coef: float = 0.05
+    max_new_tokens: int = 10     # longest response sampled
+    max_prompt_len: int = 256    # a longer prompt keeps its last tokens
+    temperature: float = 1.0     # of the sampler and of every log-prob
+    top_k: int = 0               # sampler filters: 0 = off
+    top_p: float = 1.0           # 1 = off
+    min_p: float = 0.0           # 0 = off
+    lr: float = 3e-4             # policy AdamW learning rate (decays linearly to 0 over the iterations)
+    critic_lr: float = 1e-3      # critic AdamW learning rate
+    gamma: float = 1.0           # GAE discount
+    lam: float = 0.95            # GAE lambda
+    clip_low: float = 0.2        # ratio clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: Optional[float] = None  # null = clip_low
+    dual_clip: Optional[float] = None  # > 1: bound of the loss for negative advantages (null = off)
+    value_clip: float = 0.2      # critic values clipped to old value +- value_clip
+    kl_coef: float = 0.05        # KL to the reference: in the reward (ppo) or in the loss (group modes)
     kl_kind: str = "k1"          # k1 | k2 | k3 | abs (k3 is the usual choice in group modes)
     adaptive_kl: bool = False    # Ziegler et al.: kl_coef *= 1 + clip(KL / kl_target - 1, -0.2, 0.2) * B / horizon
-    kl_target: float = 1.0
-    kl_horizon: int = 2000
-    reward_clip: Optional[float] = 5.0
-    entropy_coef: float = 0.0
-    grad_clip: float = 1.0
+    kl_target: float = 1.0       # adaptive_kl: the KL aimed at
+    kl_horizon: int = 2000       # adaptive_kl: its horizon in samples
+    entropy_coef: float = 0.0    # entropy bonus in the loss
+    ptx_coef: float = 0.0        # PPO-ptx: weight of the causal-LM loss on SFT rows mixed into every minibatch
+    ptx_data: str = ""           # SFT-format JSONL for PPO-ptx ("" = the embedded task's SFT data)
+    ptx_batch_size: int = 0      # SFT rows per minibatch and rank (0 = minibatch_size)
+    grad_clip: float = 1.0       # gradient-norm clipping (policy and critic)
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm |
     #                               dr-grpo (docs/formulas.md), over the global minibatch
-    whiten_advantages: bool = True
+    whiten_advantages: bool = True  # ppo: advantages normalised over the global batch
     dropout: bool = False        # keep dropout in the policy and critic while training (off by default, as in TRL)
     shard_frozen: bool = False   # under torchrun: shard the reference and reward models with FSDP2 (else replicated)
     eval_prompts: int = 256      # synthetic task: prompts for the true score before/after (0 = skip)
     eval_every: int = 0          # also every this many iterations (0 = only before and after)
-    save_every: int = 5
+    save_every: int = 5          # checkpoint every this many iterations
+
+    def validate(self, prefix: str = "") -> None:
+        if self.algo not in ("ppo", *GROUP_MODES):
+            raise common.ConfigError(f"{prefix}algo={self.algo!r}: must be one of ppo, {', '.join(GROUP_MODES)}")
+        if self.algo in GROUP_MODES and self.group_size < 2:
+            raise common.ConfigError(f"{prefix}group_size={self.group_size}: algo={self.algo} needs groups of 2 or "
+                                     "more samples (a group of one has advantage 0: nothing to learn)")
+        if not prefix and not self.model:
+            raise common.ConfigError("ppo needs --model (the SFT policy directory)")
+        if not prefix and not (self.reward_models or self.reward_fns):
+            raise common.ConfigError("ppo needs reward_models= (directories from `rlhf-fast rm`) and/or reward_fns= "
+                                     "(module:function)")
+        if self.ptx_coef > 0 and self.data and not self.ptx_data:
+            raise common.ConfigError(f"{prefix}ptx_coef={self.ptx_coef}: with your own --data PPO-ptx needs "
+                                     "ptx_data= (SFT-format JSONL)")
+        super().validate(prefix)
 
 
 def values_of(critic: ScalarHeadModel, batch: TokenBatch) -> torch.Tensor:
     """V(state before each target token) at its predicting position: float32 [N], 0 off the targets."""
     return critic(batch) * batch.mask
+
+
+def logprobs_and_lm_loss(model, batch: TokenBatch, temperature: float, ptx: TokenBatch, ptx_weights: torch.Tensor):
+    """PPO-ptx in one call of the model (one DDP/FSDP forward): (log-probs, entropy) of the PPO minibatch and the
+    causal-LM loss of the SFT rows ``ptx``."""
+    return (sequence_logprobs(model, batch, temperature=temperature, return_entropy=True),
+            sequence_cross_entropy(model, ptx, weights=ptx_weights))
 
 
 def explained_variance(values, returns, mask) -> float:
@@ -96,12 +123,6 @@ class PPOTrainer(common.Trainer):
 
     def setup(self) -> None:
         cfg = self.cfg
-        if cfg.algo not in ("ppo", *GROUP_MODES):
-            raise ValueError(f"algo must be ppo, grpo, dr_grpo or rloo, got {cfg.algo!r}")
-        if cfg.loss_agg not in AGG_MODES:
-            raise ValueError(f"loss_agg must be one of {AGG_MODES}, got {cfg.loss_agg!r}")
-        if not cfg.model or not cfg.reward_model:
-            raise ValueError("ppo needs model= (the SFT policy directory) and reward_model= (from `rlhf-fast rm`)")
         self.save_every = cfg.save_every
         device = self.device
         trainable = (lambda m: m) if cfg.dropout else disable_dropout
@@ -109,18 +130,19 @@ class PPOTrainer(common.Trainer):
         self.policy = distributed.wrap(trainable(load_causal_lm(cfg.model, device)), fsdp=cfg.fsdp)
         frozen = {"trainable": False, "shard_frozen": cfg.shard_frozen}
         self.ref = distributed.wrap(load_causal_lm(cfg.model, device).eval().requires_grad_(False), **frozen)
-        self.reward_model = distributed.wrap(
-            ScalarHeadModel.from_pretrained(cfg.reward_model, device).eval().requires_grad_(False), **frozen)
-        with open(os.path.join(cfg.reward_model, "scalar_head.json")) as f:
-            info = json.load(f)
-        self.score_mean, self.score_std = info.get("score_mean", 0.0), info.get("score_std", 1.0) or 1.0
+        self.rewards = Rewards(cfg, device, lambda m: distributed.wrap(m, **frozen))
         self.group = cfg.algo in GROUP_MODES
+        critic = cfg.critic or (cfg.reward_models[0] if cfg.reward_models else cfg.model)
         self.critic = None if self.group else distributed.wrap(
-            trainable(ScalarHeadModel.from_pretrained(cfg.critic or cfg.reward_model, device)), fsdp=cfg.fsdp)
+            trainable(ScalarHeadModel.from_pretrained(critic, device)), fsdp=cfg.fsdp)
         self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=0.0)
         self.critic_opt = None if self.group else torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda it: 1.0 - it / cfg.iterations)
         self.rows = read_jsonl(cfg.data, "ppo") if cfg.data else task.prompts(20_000, cfg.seed)
+        common.check_rows(len(self.rows), cfg.batch_size, "prompts")
+        self.ptx_rows = None
+        if cfg.ptx_coef > 0:
+            self.ptx_rows = read_jsonl(cfg.ptx_data, "sft") if cfg.ptx_data else task.sft_examples(4000, cfg.seed)
         self.kl_coef = cfg.kl_coef
         self.initial_true_score = None
 
@@ -155,7 +177,8 @@ class PPOTrainer(common.Trainer):
 
     @torch.no_grad()
     def rollout(self, rows: list[dict]) -> tuple:
-        """-> (GenerateOutput [B(*G) rows], the prompt mask [B(*G), P])."""
+        """-> (GenerateOutput [B(*G) rows], the prompt mask [B(*G), P], the data row of each sequence, the decoded
+        responses)."""
         cfg, tok = self.cfg, self.tokenizer
         batch = prompt_batch(tok, rows, cfg.max_prompt_len)
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
@@ -167,11 +190,13 @@ class PPOTrainer(common.Trainer):
                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                     generator=self.generator, num_samples=samples)
         self.policy.train()
-        return out, mask.repeat_interleave(samples, 0)
+        texts = common.decode_responses(tok, out.sequences, out.response_mask, mask.shape[1])
+        return out, mask.repeat_interleave(samples, 0), [r for r in rows for _ in range(samples)], texts
 
     @torch.no_grad()
-    def score(self, out, prompt_mask) -> tuple[TokenBatch, dict]:
-        """The rollout as a packed batch with reference log-probs, values, advantages and returns filled in."""
+    def score(self, out, prompt_mask, rows: list[dict], completions: list[str]) -> tuple[TokenBatch, dict]:
+        """The rollout (``rows``: one per sequence, ``completions``: the decoded responses) as a packed batch with
+        reference log-probs, scores, values, advantages and returns filled in."""
         cfg = self.cfg
         batch = TokenBatch.from_generation(out.sequences, prompt_mask, out.response_mask, out.logprobs)
         mask = batch.mask
@@ -179,14 +204,11 @@ class PPOTrainer(common.Trainer):
             batch.group_ids = torch.arange(batch.num_seqs, device=self.device) // cfg.group_size
         with common.autocast(self.device):
             batch.ref_logp = self.ref(sequence_logprobs, batch, temperature=cfg.temperature).float()
-            raw = self.reward_model(ScalarHeadModel.score, batch)
+            score, per_source = self.rewards(batch, rows, completions)
             if not self.group:
                 self.critic.eval()
                 batch.values = self.critic(values_of, batch).float()
                 self.critic.train()
-        score = (raw - self.score_mean) / self.score_std
-        if cfg.reward_clip is not None:
-            score = score.clamp(-cfg.reward_clip, cfg.reward_clip)
         batch.scores = score
         kl = kl_penalty(batch.old_logp, batch.ref_logp, kind=cfg.kl_kind) * mask  # [N]
         if self.group:
@@ -202,9 +224,19 @@ class PPOTrainer(common.Trainer):
                 adv = distributed.masked_whiten(adv, mask) * mask
             batch.advantages = adv
         stats = distributed.global_means(
-            {"rm_score": raw.sum().item(), "reward": score.sum().item(), "kl": kl.sum().item(),
-             "response_len": mask.sum().item()}, batch.num_seqs)
+            {"reward": score.sum().item(), "kl": kl.sum().item(), "response_len": mask.sum().item(),
+             **{k: v.sum().item() for k, v in per_source.items()}}, batch.num_seqs)
         return batch, stats
+
+    def ptx_minibatch(self, index: int) -> tuple[TokenBatch, torch.Tensor]:
+        """This rank's share of the ``index``-th PPO-ptx batch of SFT rows (a pure function of the index and seed) and
+        its token-mean weights over the global batch."""
+        cfg = self.cfg
+        n, size = len(self.ptx_rows), (cfg.ptx_batch_size or cfg.minibatch_size) * distributed.world_size()
+        rows = [self.ptx_rows[j] for j in common.global_batch_indices(n, index, max(1, n // size), size, cfg.seed + 1)]
+        ptx = sft_batch(self.tokenizer, distributed.shard(rows), cfg.max_prompt_len + cfg.max_new_tokens)
+        ptx = ptx.to(self.device)
+        return ptx, distributed.global_weights(ptx.mask, "token-mean")
 
     def learn(self, batch: TokenBatch) -> dict:
         cfg = self.cfg
@@ -213,7 +245,9 @@ class PPOTrainer(common.Trainer):
         # constant: the longest a response may be
         longest = distributed.reduce_floats({"n": int(batch.padded(batch.mask.long()).sum(1).max())}, "max")["n"]
         max_len = cfg.max_new_tokens if cfg.loss_agg == "dr-grpo" else int(longest)
-        names = ["policy_loss", "clip_frac", "approx_kl", "ratio_mean", "entropy", "value_loss", "value_clip_frac"]
+        names = ["policy_loss", "clip_frac", "approx_kl", "ratio_mean", "entropy", "value_loss", "value_clip_frac",
+                 "ptx_loss"]
+        minibatches = cfg.epochs * -(-S // cfg.minibatch_size)
         sums = torch.zeros(len(names), dtype=torch.float64, device=self.device)  # no host sync until the end
         tokens = torch.zeros((), dtype=torch.float64, device=self.device)
         steps = 0
@@ -223,15 +257,20 @@ class PPOTrainer(common.Trainer):
                 mb = batch.select(order[start:start + cfg.minibatch_size])
                 w = distributed.global_weights(mb.mask, cfg.loss_agg, seq_ids=mb.seq_ids, max_len=max_len)
                 with common.autocast(self.device):
-                    logp, entropy = self.policy(sequence_logprobs, mb, temperature=cfg.temperature,
-                                                return_entropy=True)
+                    if self.ptx_rows is None:
+                        logp, entropy = self.policy(sequence_logprobs, mb, temperature=cfg.temperature,
+                                                    return_entropy=True)
+                        ptx_loss = torch.zeros((), device=self.device)
+                    else:
+                        ptx, ptx_w = self.ptx_minibatch(self.step * minibatches + steps)
+                        (logp, entropy), ptx_loss = self.policy(logprobs_and_lm_loss, mb, cfg.temperature, ptx, ptx_w)
                     kl_in_loss = self.group and self.kl_coef > 0  # GRPO: KL to the reference in the loss
                     loss, st = ppo_objective(logp, mb.old_logp, mb.advantages, w, entropy=entropy,
                                              ref_logp=mb.ref_logp if kl_in_loss else None,
                                              kl_coef=self.kl_coef if kl_in_loss else 0.0, kl_kind=cfg.kl_kind,
                                              entropy_coef=cfg.entropy_coef, clip_low=cfg.clip_low,
                                              clip_high=cfg.clip_high, dual_clip=cfg.dual_clip)
-                common.optimizer_step(loss, self.policy, self.opt, cfg.grad_clip)
+                common.optimizer_step(loss + cfg.ptx_coef * ptx_loss, self.policy, self.opt, cfg.grad_clip)
                 n_tok = (w != 0).sum().double()
                 row = [loss.detach() / distributed.world_size(), st["clip_frac"] * n_tok,
                        st["approx_kl"] * n_tok, st["ratio_mean"] * n_tok, st["entropy"] * n_tok]
@@ -243,6 +282,7 @@ class PPOTrainer(common.Trainer):
                     row += [vloss.detach() / distributed.world_size(), vst["clip_frac"] * n_tok]
                 else:
                     row += [torch.zeros((), device=self.device)] * 2
+                row.append(ptx_loss.detach() / distributed.world_size())
                 sums += torch.stack([r.double() for r in row])
                 tokens += n_tok
                 steps += 1
@@ -250,10 +290,12 @@ class PPOTrainer(common.Trainer):
         total = distributed.reduce_floats({**dict(zip(names, sums.tolist())), "tokens": float(tokens)})
         out = {}
         for k in names:
-            per_step = k in ("policy_loss", "value_loss")  # global values: summed over ranks, mean over steps
+            per_step = k in ("policy_loss", "value_loss", "ptx_loss")  # global values: summed over ranks, mean over steps
             out[k] = total[k] / steps if per_step else total[k] / max(total["tokens"], 1.0)
         if self.group:
             del out["value_loss"], out["value_clip_frac"]
+        if self.ptx_rows is None:
+            del out["ptx_loss"]
         else:
             out["explained_variance"] = explained_variance(batch.values, batch.returns, batch.mask)
         return out
@@ -279,17 +321,15 @@ class PPOTrainer(common.Trainer):
             self.initial_true_score = self.true_score()
         rows = self.prompts(self.step)
         t0 = time.perf_counter()
-        out, prompt_mask = self.rollout(rows)
+        out, prompt_mask, rows, texts = self.rollout(rows)  # rows: one per sequence
         t1 = time.perf_counter()
-        batch, stats = self.score(out, prompt_mask)
+        batch, stats = self.score(out, prompt_mask, rows, texts)
         t2 = time.perf_counter()
         stats.update(self.learn(batch))
         t3 = time.perf_counter()
         if not cfg.data:
-            texts = common.decode_responses(self.tokenizer, out.sequences, out.response_mask, prompt_mask.shape[1])
-            prompts = [r["prompt"] for r in rows for _ in range(cfg.group_size if self.group else 1)]
             stats.update(distributed.global_means(
-                {"true_score": sum(task.true_score(p, t) for p, t in zip(prompts, texts))}, len(texts)))
+                {"true_score": sum(task.true_score(r["prompt"], t) for r, t in zip(rows, texts))}, len(texts)))
         self.update_kl_coef(stats["kl"], batch.num_seqs * distributed.world_size())
         if cfg.eval_every and (self.step + 1) % cfg.eval_every == 0 and self.step + 1 < cfg.iterations:
             stats["eval_true_score"] = self.true_score()

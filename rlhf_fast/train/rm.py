@@ -26,18 +26,18 @@ class RMConfig(common.RunConfig):
     out: str = "runs/rm"
     from_scratch: bool = False   # True: same architecture, fresh weights (de novo) instead of the --model weights
     num_pairs: int = 4000        # synthetic task only
-    heldout_fraction: float = 0.1
-    epochs: int = 2
+    heldout_fraction: float = 0.1  # the last pairs of the data, held out for the accuracy
+    epochs: int = 2              # passes over the training pairs
     batch_size: int = 32         # pairs per step and rank (under torchrun the global batch is world_size x this)
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    grad_clip: float = 1.0
-    max_len: int = 128
+    lr: float = 1e-3             # AdamW learning rate after the warm-up (then decays linearly to 0)
+    weight_decay: float = 0.0    # AdamW weight decay
+    warmup_steps: int = 10       # optimizer steps of linear learning-rate warm-up
+    grad_clip: float = 1.0       # gradient-norm clipping
+    max_len: int = 128           # tokens per sequence; a longer one loses prompt tokens from the left
     dropout: bool = False        # keep the model's dropout while training (off by default)
-    log_every: int = 10
-    eval_every: int = 50
-    save_every: int = 50
+    log_every: int = 10          # metrics.jsonl row (means over the window) every this many steps
+    eval_every: int = 50         # held-out evaluation every this many steps (0 = only at the end)
+    save_every: int = 50         # checkpoint every this many steps
 
 
 def bradley_terry(model: ScalarHeadModel, batch, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +111,7 @@ class RMTrainer(common.EpochTrainer):
         return distributed.reduce_floats({"loss": loss.item() / n, "accuracy": (weights * correct).sum().item() / n})
 
     def log_extra(self, row: dict) -> dict:
-        if self.step % self.cfg.eval_every == 0 or self.step == self.total_steps():
+        if (self.cfg.eval_every and self.step % self.cfg.eval_every == 0) or self.step == self.total_steps():
             ev = self.model.local(evaluate, self.tokenizer, self.held, self.cfg, self.device)
             return {"heldout_loss": ev["heldout_loss"], "heldout_accuracy": ev["heldout_accuracy"]}
         return {}

@@ -18,18 +18,18 @@ from . import common, distributed
 class SFTConfig(common.RunConfig):
     out: str = "runs/sft"
     num_examples: int = 4000     # synthetic task only
-    epochs: int = 2
+    epochs: int = 2              # passes over the data
     batch_size: int = 64         # per rank: under torchrun the global batch is world_size x batch_size
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 20
-    grad_clip: float = 1.0
-    max_len: int = 128
+    lr: float = 2e-3             # AdamW learning rate after the warm-up (then decays linearly to 0)
+    weight_decay: float = 0.0    # AdamW weight decay
+    warmup_steps: int = 20       # optimizer steps of linear learning-rate warm-up
+    grad_clip: float = 1.0       # gradient-norm clipping
+    max_len: int = 128           # tokens per sequence; a longer one loses prompt tokens from the left
     dropout: bool = False        # keep the model's dropout while training (off by default, as TRL does)
-    log_every: int = 10
+    log_every: int = 10          # metrics.jsonl row (means over the window) every this many steps
     save_every: int = 50         # checkpoint every this many steps
     eval_prompts: int = 256      # synthetic task: prompts for the true score (0 = skip)
-    max_new_tokens: int = 10
+    max_new_tokens: int = 10     # synthetic task: response length sampled for the true score
 
 
 def sft_loss(model, batch, weights=None):
