@@ -8,6 +8,11 @@ logits). Formulas: docs/formulas.md, section "DPO trainer".
 Reference log-probs: ``ref_logps=precompute`` scores every training pair once with the initial policy before the
 first step and caches them in ``out/ref_logps.pt`` (reused on --resume); ``ref_logps=live`` keeps a frozen
 reference model and scores each batch.
+
+Defaults (lr 5e-5, beta 0.5): on the embedded default after SFT (true score 0.699, seed 0), beta 0.1 with lr 5e-4
+or 1e-4 raised the preference accuracy but pushed both responses' log-probs down until the samples left the task
+(true score 0.44 and 0.07); beta 0.5 with lr 5e-5 gave 0.840 (seeds 1, 2: +0.12, +0.11; rpo_alpha=0.5 with beta
+0.3 and lr 2e-4: 0.921). benchmarks/results/2026-12-02-cpu-pipeline-dpo.txt.
 """
 
 from __future__ import annotations
@@ -35,28 +40,25 @@ REF_CACHE = "ref_logps.pt"
 class DPOConfig(common.RunConfig):
     out: str = "runs/dpo"
     num_pairs: int = 4000        # synthetic task only
-    epochs: int = 1
+    epochs: int = 1              # passes over the pairs
     batch_size: int = 32         # pairs per step and rank (under torchrun the global batch is world_size x this)
-    # lr and beta: on the embedded default after SFT (true score 0.699, seed 0), beta 0.1 with lr 5e-4 or 1e-4 raised
-    # the preference accuracy but pushed both responses' log-probs down until samples left the task (true score 0.44
-    # and 0.07); beta 0.5 with lr 5e-5 gave 0.840 (rpo_alpha=0.5, beta 0.3, lr 2e-4: 0.921)
-    lr: float = 5e-5
+    lr: float = 5e-5             # with beta: measured on the embedded default (module docstring)
     weight_decay: float = 0.0
     warmup_steps: int = 10
     grad_clip: float = 1.0
     max_len: int = 128
     dropout: bool = False        # keep the model's dropout while training (off by default, as in PPO)
-    beta: float = 0.5
+    beta: float = 0.5            # the KL strength: implicit reward = beta * (log pi - log pi_ref)
     loss_type: str = "sigmoid"   # sigmoid (DPO) | robust (rDPO) | ipo | hinge (SLiC)
     label_smoothing: float = 0.0  # epsilon of conservative DPO (sigmoid) and robust DPO, in [0, 0.5)
     rpo_alpha: float = 0.0       # weight of the NLL of the chosen responses (RPO); 0 = off
     reference_free: bool = False  # log-ratios against a uniform reference (ref log-probs 0)
     simpo: bool = False          # SimPO: reference-free, length-normalised log-probs, target margin simpo_gamma
-    simpo_gamma: float = 0.5
+    simpo_gamma: float = 0.5     # SimPO's target margin (simpo=true only)
     ref_logps: str = "precompute"  # precompute (once, cached in out/ref_logps.pt) | live (frozen reference model)
-    log_every: int = 10
-    save_every: int = 50
-    eval_prompts: int = 256      # synthetic task: prompts for the true score (0 = skip)
+    log_every: int = 10          # log the means of this many steps
+    save_every: int = 50         # checkpoint every this many steps
+    eval_prompts: int = 256      # synthetic task: prompts for the true score after training (0 = skip)
     max_new_tokens: int = 10
 
     def validate(self, prefix: str = "") -> None:
