@@ -9,7 +9,8 @@ timed.
 
 Method. Each (implementation, repetition) runs in its own fresh subprocess, the implementations interleaved
 within every repetition; a worker builds its trainer, runs one warm-up step (which also allocates AdamW's state),
-then ``--steps`` timed steps. Step time: the median over all timed steps of all repetitions. Memory: glibc is made
+then ``--steps`` timed steps. Step time: the median over all timed steps of all repetitions, in wall time and in
+process CPU time (all threads: on a machine shared with other jobs the CPU time is the steadier of the two). Memory: glibc is made
 to mmap every allocation of 64 KiB or more (MALLOC_MMAP_THRESHOLD_, fixed, so freed tensors go back to the OS) and
 trimmed before the timed steps; "step peak" is the peak resident set during the timed steps (VmHWM, reset through
 /proc/self/clear_refs) minus the resident set before them, i.e. what a step needs beyond the models, gradients'
@@ -122,13 +123,14 @@ def worker(args) -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _kib("VmRSS")
-    times = []
+    times, cpu = [], []
     for _ in range(args.steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
     hwm = _kib("VmHWM")
-    print(json.dumps({"times": times, "step_peak_mib": (hwm - before) / 1024, "peak_rss_mib": hwm / 1024,
+    print(json.dumps({"times": times, "cpu": cpu, "step_peak_mib": (hwm - before) / 1024, "peak_rss_mib": hwm / 1024,
                       "before_mib": before / 1024}))
 
 
@@ -168,11 +170,13 @@ def main() -> None:
     for name in IMPLS:
         runs = results[name]
         rows.append({"impl": name, "s/step": statistics.median(t for r in runs for t in r["times"]),
+                     "cpu s/step": statistics.median(t for r in runs for t in r["cpu"]),
                      "step peak MiB": statistics.median(r["step_peak_mib"] for r in runs),
                      "peak RSS MiB": statistics.median(r["peak_rss_mib"] for r in runs)})
     for row in rows:
         trl_row = rows[0] if "live" in row["impl"] else rows[2]
         row["x faster than trl"] = trl_row["s/step"] / row["s/step"]
+        row["x less cpu than trl"] = trl_row["cpu s/step"] / row["cpu s/step"]
         row["step peak / trl"] = row["step peak MiB"] / max(trl_row["step peak MiB"], 1e-9)
         row["peak RSS / trl"] = row["peak RSS MiB"] / trl_row["peak RSS MiB"]
     import torch
