@@ -10,11 +10,12 @@ timed.
 Method. Each (implementation, repetition) runs in its own fresh subprocess, the implementations interleaved
 within every repetition; a worker builds its trainer, runs one warm-up step (which also allocates AdamW's state),
 then ``--steps`` timed steps. Step time: the median over all timed steps of all repetitions, in wall time and in
-process CPU time (all threads: on a machine shared with other jobs the CPU time is the steadier of the two). Memory: glibc is made
-to mmap every allocation of 64 KiB or more (MALLOC_MMAP_THRESHOLD_, fixed, so freed tensors go back to the OS) and
-trimmed before the timed steps; "step peak" is the peak resident set during the timed steps (VmHWM, reset through
-/proc/self/clear_refs) minus the resident set before them, i.e. what a step needs beyond the models, gradients'
-storage and optimizer state; "peak RSS" is the process's whole peak over the timed steps. Both implementations
+process CPU time (all threads: on a machine shared with other jobs the CPU time is the steadier of the two).
+Memory: glibc is made to mmap every allocation of 64 KiB or more (MALLOC_MMAP_THRESHOLD_, fixed, so freed tensors
+go back to the OS) and trimmed before the timed steps; "step peak" is the peak resident set during the timed steps
+(VmHWM, reset through /proc/self/clear_refs) minus the resident set before them, i.e. what a step needs beyond the
+models and optimizer state (gradients are freed between steps, so they count); "peak RSS" is the process's whole
+peak over the timed steps. Both implementations
 run the lm_head without [B, T, V] logits (TRL 1.16's chunked fused head scores every padded position on CPU; ours
 scores the response tokens of packed sequences only).
 """

@@ -201,7 +201,7 @@ def test_dpo_end_to_end_precomputed_equals_live_reference(base, tmp_path):
     summary, pre = _run(base, tmp_path / "pre", "epochs=1")
     assert summary["steps"] == 6 and len(pre) == 6
     assert set(pre[0]) >= {"loss", "rewards/chosen", "rewards/rejected", "margins", "accuracy", "kl", "nll", "lr"}
-    # step 1: the policy is the reference, so every log-ratio is 0 (up to the rounding of packed sums) and the loss log 2
+    # step 1: the policy is the reference, so every log-ratio is 0 (up to the rounding of packed sums), the loss log 2
     assert pre[0]["loss"] == pytest.approx(math.log(2), abs=1e-5) and abs(pre[0]["margins"]) < 1e-5
     assert abs(pre[0]["kl"]) < 1e-6
     assert pre[-1]["margins"] > 0 and pre[-1]["loss"] < math.log(2)  # it learns the preferences it is shown
