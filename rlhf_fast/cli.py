@@ -46,6 +46,7 @@ TRAIN_COMMANDS = {
     "rm": "reward model on prompt/chosen/rejected JSONL (Bradley-Terry)",
     "ppo": "PPO / GRPO / RLOO against reward models and/or reward functions, prompts from JSONL",
     "rs": "rejection-sampling fine-tuning (Llama 2): best of K samples per prompt by reward, SFT on them, per round",
+    "dpo": "DPO / IPO / SLiC / cDPO / rDPO / RPO / SimPO on prompt/chosen/rejected JSONL",
     "pipeline": "SFT -> RM -> PPO end to end (defaults: the embedded tiny model and task, offline, on CPU)",
 }
 
@@ -60,6 +61,8 @@ def _stage(command: str):
         from .train.rm import RMConfig as cls, train_rm as run
     elif command == "rs":
         from .train.rs import RSConfig as cls, train_rs as run
+    elif command == "dpo":
+        from .train.dpo import DPOConfig as cls, train_dpo as run
     else:
         from .train.ppo import PPOConfig as cls, train_ppo as run
     return cls, run

@@ -4,7 +4,7 @@ shares with the single-process references.
     python -m torch.distributed.run --nproc-per-node 2 tests/_distributed_worker.py OUT BASE_MODEL_DIR RM_DIR
 
 Scenarios run one after the other in the same process group, each into OUT/<name>: the global reductions, SFT /
-RM / PPO / GRPO with DDP and with FSDP2, an SFT checkpoint in DCP format, an uninterrupted FSDP2 PPO run, and last
+RM / DPO / PPO / GRPO with DDP and with FSDP2, an SFT checkpoint in DCP format, an uninterrupted FSDP2 PPO run, and last
 the same run killed with SIGKILL in its third iteration (the test resumes it with ``rlhf-fast ppo --resume``).
 """
 
@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import torch
 
 from rlhf_fast.train import common, distributed
+from rlhf_fast.train.dpo import DPOConfig, train_dpo
 from rlhf_fast.train.ppo import PPOConfig, PPOTrainer
 from rlhf_fast.train.rm import RMConfig, train_rm
 from rlhf_fast.train.sft import SFTConfig, train_sft
@@ -29,6 +30,10 @@ SFT = ["num_examples=48", "batch_size=8", "epochs=1", "lr=2e-3", "warmup_steps=1
        "eval_prompts=0", "progress=false", "threads=1"]
 RM = ["num_pairs=40", "batch_size=8", "epochs=1", "lr=1e-3", "warmup_steps=1", "log_every=1", "eval_every=100",
       "save_every=100", "progress=false", "threads=1"]
+# a live reference: its log-probs are then the policy's at step 1 bit for bit, so the preference accuracy there is 0
+# on any world size (precomputed ones differ in the last bits, and [margin > 0] of a zero margin is then noise)
+DPO = ["num_pairs=40", "batch_size=8", "epochs=1", "lr=1e-3", "warmup_steps=1", "log_every=1", "save_every=100",
+       "rpo_alpha=0.5", "ref_logps=live", "eval_prompts=0", "progress=false", "threads=1"]
 PPO = ["iterations=2", "batch_size=4", "minibatch_size=4", "epochs=2", "max_new_tokens=6", "eval_prompts=0",
        "lr=1e-3", "critic_lr=1e-3", "adaptive_kl=true", "kl_target=0.01", "progress=false", "threads=1"]
 GRPO = ["algo=grpo", "group_size=2", "iterations=2", "batch_size=2", "minibatch_size=4", "epochs=2", "kl_coef=0.05",
@@ -150,6 +155,7 @@ def main(out: str, base: str, rm: str) -> None:
     for mode, fsdp in (("ddp", False), ("fsdp", True)):
         train_sft(config(SFTConfig, SFT, WORLD, model=base, out=f"{out}/sft_{mode}", fsdp=fsdp))
         train_rm(config(RMConfig, RM, WORLD, model=base, out=f"{out}/rm_{mode}", fsdp=fsdp))
+        train_dpo(config(DPOConfig, DPO, WORLD, model=base, out=f"{out}/dpo_{mode}", fsdp=fsdp))
         run_ppo(SharedRolloutPPO, config(PPOConfig, PPO, WORLD, model=base, reward_models=[rm],
                                          out=f"{out}/ppo_{mode}", fsdp=fsdp, shard_frozen=fsdp))
         run_ppo(SharedRolloutPPO, config(PPOConfig, GRPO, WORLD, model=base, reward_models=[rm],

@@ -139,7 +139,7 @@ def test_entry_point_prints_one_line(tmp_path):
     assert proc.stderr.strip() == "rlhf-fast rm: error: batch_size=0: must be an integer >= 1"
 
 
-@pytest.mark.parametrize("command", ["sft", "rm", "ppo", "rs", "pipeline"])
+@pytest.mark.parametrize("command", ["sft", "rm", "ppo", "rs", "dpo", "pipeline"])
 def test_help_documents_every_field_with_its_default(capsys, command):
     code, out, _ = run_cli([command, "--help"], capsys)
     assert code == 0

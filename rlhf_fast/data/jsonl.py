@@ -1,7 +1,8 @@
 """Users' data: JSONL files in the usual formats, one JSON object per line.
 
   SFT:  {"prompt": str, "completion": str}  or  {"messages": [{"role": ..., "content": ...}, ...]} (last = assistant)
-  RM:   {"prompt": str, "chosen": str, "rejected": str}
+  RM, DPO: {"prompt": str, "chosen": str, "rejected": str}  or  {"messages": [...], "chosen": str, "rejected": str}
+        (the conversation so far, then the two candidate assistant replies)
   PPO:  {"prompt": str}  or  {"messages": [...]} (the conversation so far)
 
 A malformed line raises ``DataError`` naming the file and the line number.
@@ -13,7 +14,7 @@ import json
 
 FORMATS = {
     "sft": "{'prompt': str, 'completion': str} or {'messages': [{'role', 'content'}, ...]}",
-    "rm": "{'prompt': str, 'chosen': str, 'rejected': str}",
+    "rm": "{'prompt': str, 'chosen': str, 'rejected': str} or {'messages': [...], 'chosen': str, 'rejected': str}",
     "ppo": "{'prompt': str} or {'messages': [...]}",
 }
 
@@ -35,7 +36,7 @@ def _valid(row, kind: str) -> bool:
         return strings("prompt", "completion") or (_messages(row.get("messages"))
                                                    and row["messages"][-1]["role"] == "assistant")
     if kind == "rm":
-        return strings("prompt", "chosen", "rejected")
+        return strings("chosen", "rejected") and (strings("prompt") or _messages(row.get("messages")))
     return strings("prompt") or _messages(row.get("messages"))
 
 

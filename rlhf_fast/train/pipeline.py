@@ -1,8 +1,10 @@
-"""SFT -> reward model -> PPO end to end (InstructGPT-style), on the embedded default or a user's model and data.
+"""SFT -> reward model -> PPO end to end (InstructGPT-style), or SFT -> DPO with ``algo=dpo``, on the embedded
+default or a user's model and data.
 
-    rlhf-fast pipeline [--config pipeline.yaml] [--out DIR] [sft.epochs=3 ppo.iterations=80 ...]
+    rlhf-fast pipeline [--config pipeline.yaml] [--out DIR] [algo=dpo] [sft.epochs=3 ppo.iterations=80 ...]
 
-Outputs under ``out``: sft/, rm/, ppo/ (each with metrics.jsonl, tb/, model/), summary.json and pipeline.png.
+Outputs under ``out``: sft/, rm/, ppo/ (dpo/ instead of rm/ and ppo/ with algo=dpo; each with metrics.jsonl, tb/,
+model/), summary.json and pipeline.png (PPO only).
 With --resume a finished stage is skipped and an interrupted one continues from its last checkpoint.
 """
 
@@ -17,6 +19,7 @@ from typing import Optional
 
 from . import common, distributed
 from .checkpoint import atomic_write_text
+from .dpo import DPOConfig, train_dpo
 from .ppo import PPOConfig, train_ppo
 from .rm import RMConfig, train_rm
 from .sft import SFTConfig, train_sft
@@ -28,17 +31,23 @@ class PipelineConfig(common.RunConfig):
     model, ``out`` the pipeline's folder (stages in out/sft, out/rm, out/ppo); data per stage."""
 
     out: str = "runs/pipeline"
+    algo: str = ""                   # dpo: SFT -> DPO; ppo | grpo | dr_grpo | rloo: SFT -> RM -> PPO with that
+                                     # ppo.algo; "" = SFT -> RM -> PPO with ppo.algo as given
     sft_data: str = ""               # JSONL files; "" = the embedded synthetic task
     rm_data: str = ""                # preference pairs
     ppo_data: str = ""               # prompts
+    dpo_data: str = ""               # preference pairs (algo=dpo)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
     def validate(self, prefix: str = "") -> None:
         if self.data:
-            raise common.ConfigError("pipeline: give the data files per stage as sft_data=, rm_data= and ppo_data=, "
-                                     "not data= (or --data)")
+            raise common.ConfigError("pipeline: give the data files per stage as sft_data=, rm_data=, ppo_data= and "
+                                     "dpo_data=, not data= (or --data)")
+        if self.algo and self.algo != "dpo":
+            self.ppo.algo = self.algo  # checked with the ppo stage's fields
         super().validate(prefix)
 
 
@@ -67,7 +76,7 @@ def _done(path: str) -> Optional[dict]:
 def _check_out(cfg: PipelineConfig, resume: bool) -> None:
     """A pipeline folder holding a run (its summary or any stage's run) is refused without --resume, unless
     ``overwrite=true`` (each stage then replaces its own run)."""
-    found = next(filter(None, (common.existing_run(os.path.join(cfg.out, d)) for d in ("", "sft", "rm", "ppo"))),
+    found = next(filter(None, (common.existing_run(os.path.join(cfg.out, d)) for d in ("", "sft", "rm", "ppo", "dpo"))),
                  None)
     if found and not resume and not cfg.overwrite:
         raise common.ConfigError(f"{cfg.out} already holds a pipeline run ({found} exists): add --resume to continue "
@@ -89,6 +98,14 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False) -> dict:
     sft_summary = run(train_sft, sft)
     sft_dir = os.path.join(sft.out, "model")
 
+    if cfg.algo == "dpo":
+        dpo = _stage(cfg.dpo, cfg, "dpo", model=sft_dir, data=cfg.dpo_data)
+        dpo_summary = run(train_dpo, dpo)
+        summary = {"seed": cfg.seed, "algo": "dpo", "sft": sft_summary, "dpo": dpo_summary}
+        if distributed.is_main():
+            atomic_write_text(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=1))
+            print(report(summary))
+        return summary
     rm = _stage(cfg.rm, cfg, "rm", model=sft_dir, data=cfg.rm_data)
     rm_summary = run(train_rm, rm)
 
@@ -105,12 +122,22 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False) -> dict:
 
 
 def report(summary: dict) -> str:
-    sft, rm, ppo = summary["sft"], summary["rm"], summary["ppo"]
+    sft = summary["sft"]
     lines = [f"RLHF pipeline (seed {summary['seed']})"]
     if "true_score" in sft:
         lines.append(f"  demonstrator (SFT data) true score   {sft['demonstrator_score']:.3f}")
         lines.append(f"  SFT policy true score (T=1 samples)  {sft['true_score']:.3f}")
     lines.append(f"  SFT final loss                       {sft['final_loss']:.3f}")
+    if summary.get("algo") == "dpo":
+        dpo = summary["dpo"]
+        kl = "n/a" if dpo["final_kl"] is None else f"{dpo['final_kl']:.3f}"
+        lines.append(f"  DPO after {dpo['steps']} steps: loss {dpo['final_loss']:.3f}, preference accuracy "
+                     f"{dpo['final_accuracy']:.3f}, KL {kl}")
+        if "true_score" in dpo and "true_score" in sft:
+            before, after = sft["true_score"], dpo["true_score"]
+            lines.append(f"  true score SFT -> DPO                {before:.3f} -> {after:.3f} ({after - before:+.3f})")
+        return "\n".join(lines)
+    rm, ppo = summary["rm"], summary["ppo"]
     lines.append(f"  RM held-out pairwise accuracy        {rm['heldout_accuracy']:.3f} ({rm['heldout_pairs']} pairs)")
     if "heldout_accuracy_vs_rule" in rm:
         lines.append(f"  RM accuracy vs the true rule         {rm['heldout_accuracy_vs_rule']:.3f}")

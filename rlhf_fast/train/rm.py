@@ -85,6 +85,13 @@ class RMTrainer(common.EpochTrainer):
             module = ScalarHeadModel(body).to(self.device)
         else:
             module = ScalarHeadModel.from_pretrained(model_dir, self.device)
+        # The Bradley-Terry loss is blind to the head's bias (r_c - r_r): frozen, it stays 0 rather than drifting
+        # with Adam-normalised rounding noise, so 🤗's bias-free ...ForSequenceClassification head scores the same
+        module.head.bias.requires_grad_(False)
+        # what 🤗's ...ForSequenceClassification finds the last token by; not EOS-as-pad: it would score the token
+        # before the final EOS (unset, that class refuses batches of more than one instead)
+        if module.config.pad_token_id is None and self.tokenizer.pad_token_id != self.tokenizer.eos_token_id:
+            module.config.pad_token_id = self.tokenizer.pad_token_id
         self.model = distributed.wrap(module if cfg.dropout else disable_dropout(module), fsdp=cfg.fsdp)
         rows = read_jsonl(cfg.data, "rm") if cfg.data else task.preference_pairs(cfg.num_pairs, cfg.seed)
         n_held = max(1, int(len(rows) * cfg.heldout_fraction))
