@@ -4,6 +4,8 @@ the mixed ptx objective, and short runs (with resume) on the embedded default an
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from rlhf_fast.data import read_jsonl, task, write_jsonl
 from rlhf_fast.data.embedded import save_tiny_default
 from rlhf_fast.models import ScalarHeadModel, load_causal_lm, sequence_cross_entropy, sequence_logprobs
 from rlhf_fast.train import common, rewards
-from rlhf_fast.train.pipeline import PipelineConfig
+from rlhf_fast.train.pipeline import PipelineConfig, run_pipeline
 from rlhf_fast.train.ppo import PPOConfig, PPOTrainer
 from rlhf_fast.train.rs import RSConfig, RSTrainer, best_of, kept_row
 
@@ -252,3 +254,26 @@ def test_rejection_sampling_keeps_the_best_and_resumes(tiny, tmp_path):
     for a, b in zip(rows, resumed):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b.get("reward_best") == a.get("reward_best")
+
+
+def test_pipeline_algos_share_sft_and_rm(tmp_path):
+    """algo=rs then algo=grpo into one folder with --resume: SFT and the RM train once, each algorithm gets its own
+    stage folder, trained from the SFT model against the pipeline's RM."""
+    out = tmp_path / "pipe"
+    short = [f"out={out}", "progress=false", "threads=1", "sft.num_examples=64", "sft.epochs=1", "sft.eval_prompts=16",
+             "rm.num_pairs=64", "rm.epochs=1", "rs.rounds=1", "rs.prompts_per_round=16", "rs.num_samples=2",
+             "rs.batch_size=16", "rs.eval_prompts=16", "ppo.iterations=1", "ppo.batch_size=4", "ppo.minibatch_size=8",
+             "ppo.eval_prompts=16"]
+    rs = run_pipeline(common.load_config(PipelineConfig, None, short + ["algo=rs"]))
+    sft_mtime = os.path.getmtime(out / "sft" / "model" / "model.safetensors")
+    grpo = run_pipeline(common.load_config(PipelineConfig, None, short + ["algo=grpo"]), resume=True)
+    assert os.path.getmtime(out / "sft" / "model" / "model.safetensors") == sft_mtime
+    assert rs["algo"] == "rs" and rs["rs"]["steps"] == 1 and 0.0 <= rs["rs"]["true_score"] <= 1.0
+    assert grpo["algo"] == "grpo" and grpo["grpo"]["iterations"] == 1 and grpo["sft"] == rs["sft"]
+    rm_dir = str(out / "rm" / "model")
+    for stage in ("rs", "grpo"):
+        cfg = (out / stage / "config.yaml").read_text()
+        assert f"model: {out / 'sft' / 'model'}" in cfg and rm_dir in cfg
+    assert "algo: grpo" in (out / "grpo" / "config.yaml").read_text()
+    with pytest.raises(common.ConfigError, match="algo='sac'"):
+        common.load_config(PipelineConfig, None, ["algo=sac"]).validate()

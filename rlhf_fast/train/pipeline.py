@@ -22,6 +22,7 @@ from .checkpoint import atomic_write_text
 from .dpo import DPOConfig, train_dpo
 from .ppo import PPOConfig, train_ppo
 from .rm import RMConfig, train_rm
+from .rs import RSConfig, train_rs
 from .sft import SFTConfig, train_sft
 
 
@@ -31,26 +32,31 @@ class PipelineConfig(common.RunConfig):
     model, ``out`` the pipeline's folder (stages in out/sft, out/rm, out/ppo); data per stage."""
 
     out: str = "runs/pipeline"
-    algo: str = ""                   # dpo: SFT -> DPO; ppo | grpo | dr_grpo | rloo: SFT -> RM -> PPO with that
-                                     # ppo.algo; "" = SFT -> RM -> PPO with ppo.algo as given
+    algo: str = ""                   # dpo: SFT -> DPO; rs: SFT -> RM -> rejection sampling; ppo | grpo | dr_grpo |
+                                     # rloo: SFT -> RM -> PPO with that ppo.algo, in out/<algo>; "" = SFT -> RM ->
+                                     # PPO with ppo.algo as given, in out/ppo
     sft_data: str = ""               # JSONL files; "" = the embedded synthetic task
     rm_data: str = ""                # preference pairs
-    ppo_data: str = ""               # prompts
+    ppo_data: str = ""               # prompts (also of algo=rs)
     dpo_data: str = ""               # preference pairs (algo=dpo)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    rs: RSConfig = field(default_factory=RSConfig)
 
     def validate(self, prefix: str = "") -> None:
         if self.data:
             raise common.ConfigError("pipeline: give the data files per stage as sft_data=, rm_data=, ppo_data= and "
                                      "dpo_data=, not data= (or --data)")
-        if self.algo and self.algo != "dpo":
-            self.ppo.algo = self.algo  # checked with the ppo stage's fields
+        if self.algo not in ("", *ALGOS):
+            raise common.ConfigError(f"{prefix}algo={self.algo!r}: must be one of {', '.join(ALGOS)} (or empty)")
+        if self.algo not in ("", "dpo", "rs"):
+            self.ppo.algo = self.algo
         super().validate(prefix)
 
 
+ALGOS = ("ppo", "grpo", "dr_grpo", "rloo", "dpo", "rs")
 STAGE_OWN = ("model", "data", "out")  # the RunConfig fields each stage gets from the pipeline's wiring
 
 
@@ -76,8 +82,7 @@ def _done(path: str) -> Optional[dict]:
 def _check_out(cfg: PipelineConfig, resume: bool) -> None:
     """A pipeline folder holding a run (its summary or any stage's run) is refused without --resume, unless
     ``overwrite=true`` (each stage then replaces its own run)."""
-    found = next(filter(None, (common.existing_run(os.path.join(cfg.out, d)) for d in ("", "sft", "rm", "ppo", "dpo"))),
-                 None)
+    found = next(filter(None, (common.existing_run(os.path.join(cfg.out, d)) for d in ("", "sft", "rm", *ALGOS))), None)
     if found and not resume and not cfg.overwrite:
         raise common.ConfigError(f"{cfg.out} already holds a pipeline run ({found} exists): add --resume to continue "
                                  "it, choose another --out, or set overwrite=true to replace it")
@@ -98,25 +103,19 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False) -> dict:
     sft_summary = run(train_sft, sft)
     sft_dir = os.path.join(sft.out, "model")
 
-    if cfg.algo == "dpo":
-        dpo = _stage(cfg.dpo, cfg, "dpo", model=sft_dir, data=cfg.dpo_data)
-        dpo_summary = run(train_dpo, dpo)
-        summary = {"seed": cfg.seed, "algo": "dpo", "sft": sft_summary, "dpo": dpo_summary}
-        if distributed.is_main():
-            atomic_write_text(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=1))
-            print(report(summary))
-        return summary
-    rm = _stage(cfg.rm, cfg, "rm", model=sft_dir, data=cfg.rm_data)
-    rm_summary = run(train_rm, rm)
-
-    ppo = _stage(cfg.ppo, cfg, "ppo", model=sft_dir, data=cfg.ppo_data,
-                 reward_models=[os.path.join(rm.out, "model"), *cfg.ppo.reward_models])
-    ppo_summary = run(train_ppo, ppo)
-
-    summary = {"seed": cfg.seed, "sft": sft_summary, "rm": rm_summary, "ppo": ppo_summary}
+    name = cfg.algo or "ppo"  # the aligning stage and its folder
+    summary = {"seed": cfg.seed, "algo": name, "sft": sft_summary}
+    if name == "dpo":
+        summary["dpo"] = run(train_dpo, _stage(cfg.dpo, cfg, "dpo", model=sft_dir, data=cfg.dpo_data))
+    else:
+        rm = _stage(cfg.rm, cfg, "rm", model=sft_dir, data=cfg.rm_data)
+        summary["rm"] = run(train_rm, rm)
+        stage, train = (cfg.rs, train_rs) if name == "rs" else (cfg.ppo, train_ppo)
+        summary[name] = run(train, _stage(stage, cfg, name, model=sft_dir, data=cfg.ppo_data,
+                                          reward_models=[os.path.join(rm.out, "model"), *stage.reward_models]))
     if distributed.is_main():  # only rank 0 writes and prints
         atomic_write_text(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=1))
-        summary["plot"] = plot(cfg.out)
+        summary["plot"] = plot(cfg.out, name) if name not in ("dpo", "rs") else None
         print(report(summary))
     return summary
 
@@ -128,19 +127,26 @@ def report(summary: dict) -> str:
         lines.append(f"  demonstrator (SFT data) true score   {sft['demonstrator_score']:.3f}")
         lines.append(f"  SFT policy true score (T=1 samples)  {sft['true_score']:.3f}")
     lines.append(f"  SFT final loss                       {sft['final_loss']:.3f}")
-    if summary.get("algo") == "dpo":
+    algo = summary["algo"]
+    if algo == "dpo":
         dpo = summary["dpo"]
         kl = "n/a" if dpo["final_kl"] is None else f"{dpo['final_kl']:.3f}"
         lines.append(f"  DPO after {dpo['steps']} steps: loss {dpo['final_loss']:.3f}, preference accuracy "
                      f"{dpo['final_accuracy']:.3f}, KL {kl}")
-        if "true_score" in dpo and "true_score" in sft:
-            before, after = sft["true_score"], dpo["true_score"]
-            lines.append(f"  true score SFT -> DPO                {before:.3f} -> {after:.3f} ({after - before:+.3f})")
+    rm = summary.get("rm")
+    if rm:
+        lines.append(f"  RM held-out pairwise accuracy        {rm['heldout_accuracy']:.3f} ({rm['heldout_pairs']} pairs)")
+        if "heldout_accuracy_vs_rule" in rm:
+            lines.append(f"  RM accuracy vs the true rule         {rm['heldout_accuracy_vs_rule']:.3f}")
+    if algo == "rs":
+        lines.append(f"  rejection sampling: {summary['rs']['steps']} SFT steps, final loss "
+                     f"{summary['rs']['final_loss']:.3f}")
+    if algo in ("dpo", "rs"):
+        if "true_score" in summary[algo] and "true_score" in sft:
+            before, after = sft["true_score"], summary[algo]["true_score"]
+            lines.append(f"  true score SFT -> {algo.upper():18s} {before:.3f} -> {after:.3f} ({after - before:+.3f})")
         return "\n".join(lines)
-    rm, ppo = summary["rm"], summary["ppo"]
-    lines.append(f"  RM held-out pairwise accuracy        {rm['heldout_accuracy']:.3f} ({rm['heldout_pairs']} pairs)")
-    if "heldout_accuracy_vs_rule" in rm:
-        lines.append(f"  RM accuracy vs the true rule         {rm['heldout_accuracy_vs_rule']:.3f}")
+    ppo = summary[algo]
     last = ppo.get("final", {})
     lines.append(f"  PPO after {ppo['iterations']} iterations: RM reward {last.get('reward', float('nan')):+.3f}, "
                  f"KL {last.get('kl', float('nan')):.3f}")
@@ -152,7 +158,7 @@ def report(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(out: str) -> Optional[str]:
+def plot(out: str, stage: str = "ppo") -> Optional[str]:
     """A panel for each curve the run has: SFT loss, RM accuracy, PPO reward / KL and, on the synthetic task, the true
     score -> out/pipeline.png (None when no stage has logged anything)."""
     import matplotlib
@@ -169,7 +175,7 @@ def plot(out: str) -> Optional[str]:
         ax.plot([r["step"] for r in rows], [r[key] for r in rows], *args, marker="o" if len(rows) < 30 else None,
                 **kwargs)
 
-    sft, rm, ppo = rows("sft"), rows("rm"), rows("ppo")
+    sft, rm, ppo = rows("sft"), rows("rm"), rows(stage)
     panels = [name for name, present in (("sft", sft), ("rm", rm), ("ppo", ppo),
                                          ("true_score", any("true_score" in r for r in ppo))) if present]
     if not panels:
