@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from rlhf_fast import loss_weights, ppo_objective
-from rlhf_fast.data import read_jsonl, task, write_jsonl
+from rlhf_fast.data import DataError, read_jsonl, task, write_jsonl
 from rlhf_fast.data.embedded import save_tiny_default
 from rlhf_fast.models import ScalarHeadModel, load_causal_lm, sequence_cross_entropy, sequence_logprobs
 from rlhf_fast.train import common, rewards
 from rlhf_fast.train.pipeline import PipelineConfig, run_pipeline
 from rlhf_fast.train.ppo import PPOConfig, PPOTrainer
+from rlhf_fast.train.rm import RMConfig, bradley_terry, train_rm
 from rlhf_fast.train.rs import RSConfig, RSTrainer, best_of, kept_row
 
 
@@ -277,3 +278,32 @@ def test_pipeline_algos_share_sft_and_rm(tmp_path):
     assert "algo: grpo" in (out / "grpo" / "config.yaml").read_text()
     with pytest.raises(common.ConfigError, match="algo='sac'"):
         common.load_config(PipelineConfig, None, ["algo=sac"]).validate()
+
+
+def test_rm_margin_term_by_hand_and_on_user_pairs(tiny, tmp_path):
+    """Llama 2's margin: -log sigmoid(r_c - r_r - m) per pair; a user's pairs with a margin field train, a row
+    without it is refused naming the row."""
+    policy, _, _ = tiny
+
+    class Fixed(torch.nn.Module):
+        def score(self, batch):
+            return torch.tensor([2.0, 0.5, 1.0, 1.0])  # chosen 2.0, 0.5; rejected 1.0, 1.0
+
+    w = torch.tensor([0.5, 0.5])
+    loss, correct = bradley_terry(Fixed(), None, w, torch.tensor([1.0, -0.25]))
+    expected = -(0.5 * torch.nn.functional.logsigmoid(torch.tensor(0.0))
+                 + 0.5 * torch.nn.functional.logsigmoid(torch.tensor(-0.25)))
+    assert loss.item() == pytest.approx(expected.item()) and correct.tolist() == [1.0, 0.0]
+    assert bradley_terry(Fixed(), None, w)[0].item() == pytest.approx(
+        -(0.5 * torch.nn.functional.logsigmoid(torch.tensor([1.0, -0.5]))).sum().item())
+
+    pairs = [{**p, "margin": float(i % 3)} for i, p in enumerate(task.preference_pairs(40, 0))]
+    data = str(tmp_path / "pairs.jsonl")
+    write_jsonl(data, pairs)
+    cfg = RMConfig(model=policy, data=data, margin_field="margin", out=str(tmp_path / "rm"), epochs=1, batch_size=8,
+                   warmup_steps=0, eval_every=0, progress=False)
+    summary = train_rm(cfg)
+    assert summary["heldout_pairs"] == 4 and os.path.exists(tmp_path / "rm" / "model" / "scalar_head.json")
+    write_jsonl(data, pairs[:5] + [{k: v for k, v in pairs[5].items() if k != "margin"}])
+    with pytest.raises(DataError, match="row 6 .* no numeric 'margin'"):
+        train_rm(RMConfig(model=policy, data=data, margin_field="margin", out=str(tmp_path / "rm2"), progress=False))

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel
 
-from ..data import pair_batch, read_jsonl, task
+from ..data import DataError, pair_batch, read_jsonl, task
 from ..models import ScalarHeadModel, disable_dropout, load_tokenizer
 from . import common, distributed
 from .checkpoint import atomic_write_text
@@ -38,13 +39,19 @@ class RMConfig(common.RunConfig):
     log_every: int = 10          # metrics.jsonl row (means over the window) every this many steps
     eval_every: int = 50         # held-out evaluation every this many steps (0 = only at the end)
     save_every: int = 50         # checkpoint every this many steps
+    margin_field: str = ""       # Llama 2's margin: a numeric JSONL field m per pair, loss -log sigmoid(r_c - r_r - m)
 
 
-def bradley_terry(model: ScalarHeadModel, batch, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def bradley_terry(model: ScalarHeadModel, batch, weights: torch.Tensor,
+                  margins: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A packed batch of B chosen then B rejected sequences, per-pair weights [B] -> (loss = sum w * -log
-    sigmoid(r_c - r_r), per-pair correctness [B] float32 = [r_c > r_r])."""
+    sigmoid(r_c - r_r - m), per-pair correctness [B] float32 = [r_c > r_r]); ``margins`` m [B] (Llama 2's margin
+    term: larger for more clearly preferred pairs), 0 when None."""
     r_chosen, r_rejected = model.score(batch).chunk(2)
-    return -(weights * F.logsigmoid(r_chosen - r_rejected)).sum(), (r_chosen > r_rejected).float()
+    diff = r_chosen - r_rejected
+    if margins is not None:
+        diff = diff - margins
+    return -(weights * F.logsigmoid(diff)).sum(), (r_chosen > r_rejected).float()
 
 
 @torch.no_grad()
@@ -94,6 +101,12 @@ class RMTrainer(common.EpochTrainer):
             module.config.pad_token_id = self.tokenizer.pad_token_id
         self.model = distributed.wrap(module if cfg.dropout else disable_dropout(module), fsdp=cfg.fsdp)
         rows = read_jsonl(cfg.data, "rm") if cfg.data else task.preference_pairs(cfg.num_pairs, cfg.seed)
+        if cfg.margin_field:
+            bad = next((i for i, r in enumerate(rows) if not isinstance(r.get(cfg.margin_field), (int, float))), None)
+            if bad is not None:
+                source = cfg.data or "the embedded pairs"
+                raise DataError(f"margin_field={cfg.margin_field!r}: row {bad + 1} of {source} has no numeric "
+                                f"{cfg.margin_field!r} ({str(rows[bad])[:120]})")
         n_held = max(1, int(len(rows) * cfg.heldout_fraction))
         self.held = rows[-n_held:]
         self.start(rows[:-n_held])
@@ -104,8 +117,11 @@ class RMTrainer(common.EpochTrainer):
         batch = pair_batch(self.tokenizer, rows, cfg.max_len).to(self.device)
         # the mean over the global batch's pairs: one weight per pair
         weights = distributed.global_weights(torch.ones(len(rows), 1, device=self.device)).squeeze(1)
+        margins = None
+        if cfg.margin_field:
+            margins = torch.tensor([float(r[cfg.margin_field]) for r in rows], device=self.device)
         with common.autocast(self.device):
-            loss, correct = self.model(bradley_terry, batch, weights)
+            loss, correct = self.model(bradley_terry, batch, weights, margins)
         common.optimizer_step(loss, self.model, self.opt, cfg.grad_clip, self.sched)
         n = distributed.world_size()
         return distributed.reduce_floats({"loss": loss.item() / n, "accuracy": (weights * correct).sum().item() / n})
