@@ -68,3 +68,24 @@ def compiles_for_hopper(script: str) -> None:
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.abspath(__file__)))
     assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
+
+
+def kill_after_checkpoint(args: list, out: str, step: int, env: dict) -> None:
+    """Starts the CLI ``args --out out`` and SIGKILLs it once its checkpoint has reached ``step`` (fails if the run
+    ends first)."""
+    import signal
+    import time
+
+    from rlhf_fast.train import checkpoint
+
+    proc = subprocess.Popen(args + ["--out", out], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = os.path.join(out, "checkpoint.pt")
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        state = checkpoint.load_checkpoint(ckpt) if os.path.exists(ckpt) else None
+        if state is not None and state["step"] >= step:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

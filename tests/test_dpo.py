@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from _testing import kill_after_checkpoint
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from rlhf_fast.batch import TokenBatch
@@ -263,18 +262,8 @@ def test_dpo_resume_after_sigkill_matches_uninterrupted_run(base, tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     subprocess.run(args + ["--out", full], check=True, env=env, capture_output=True)
 
-    proc = subprocess.Popen(args + ["--out", killed], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = os.path.join(killed, "checkpoint.pt")
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        state = checkpoint.load_checkpoint(ckpt) if os.path.exists(ckpt) else None
-        if state is not None and state["step"] >= 3:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert checkpoint.load_checkpoint(ckpt)["step"] < 16
+    kill_after_checkpoint(args, killed, 3, env)
+    assert checkpoint.load_checkpoint(os.path.join(killed, "checkpoint.pt"))["step"] < 16
     cache = os.path.join(killed, "ref_logps.pt")
     before = os.stat(cache).st_mtime_ns
     subprocess.run(args + ["--out", killed, "--resume"], check=True, env=env, capture_output=True)

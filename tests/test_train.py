@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from _testing import kill_after_checkpoint
 
 import rlhf_fast
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -374,18 +373,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(pipeline, tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     subprocess.run(args + ["--out", full], check=True, env=env, capture_output=True)
 
-    proc = subprocess.Popen(args + ["--out", killed], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = os.path.join(killed, "checkpoint.pt")
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        state = checkpoint.load_checkpoint(ckpt) if os.path.exists(ckpt) else None
-        if state is not None and state["step"] >= 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert checkpoint.load_checkpoint(ckpt)["step"] < 4
+    kill_after_checkpoint(args, killed, 2, env)
+    assert checkpoint.load_checkpoint(os.path.join(killed, "checkpoint.pt"))["step"] < 4
     subprocess.run(args + ["--out", killed, "--resume"], check=True, env=env, capture_output=True)
 
     a = common.read_metrics(os.path.join(full, "metrics.jsonl"))
