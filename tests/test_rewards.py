@@ -5,9 +5,12 @@ the mixed ptx objective, and short runs (with resume) on the embedded default an
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from _testing import kill_after_checkpoint
 
 from rlhf_fast import loss_weights, ppo_objective
 from rlhf_fast.data import DataError, read_jsonl, task, write_jsonl
@@ -307,3 +310,25 @@ def test_rm_margin_term_by_hand_and_on_user_pairs(tiny, tmp_path):
     write_jsonl(data, pairs[:5] + [{k: v for k, v in pairs[5].items() if k != "margin"}])
     with pytest.raises(DataError, match="row 6 .* no numeric 'margin'"):
         train_rm(RMConfig(model=policy, data=data, margin_field="margin", out=str(tmp_path / "rm2"), progress=False))
+
+
+def test_rs_resume_after_sigkill_on_user_data(tiny, tmp_path):
+    """The CLI on a local checkpoint and a prompts JSONL: killed inside round 1 and resumed, the metrics (and each
+    round's kept samples) equal an uninterrupted run's."""
+    policy, _, _ = tiny
+    data = str(tmp_path / "prompts.jsonl")
+    write_jsonl(data, task.prompts(16, 7))
+    args = [sys.executable, "-m", "rlhf_fast.cli", "rs", "--model", policy, "--data", data,
+            "reward_fns=rlhf_fast.data.task:reward", "rounds=2", "prompts_per_round=16", "num_samples=4",
+            "batch_size=4", "warmup_steps=0", "log_every=1", "save_every=1", "eval_prompts=0", "progress=false",
+            "threads=1"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    subprocess.run(args + ["--out", full], check=True, env=env, capture_output=True)
+    kill_after_checkpoint(args, killed, 5, env)
+    subprocess.run(args + ["--out", killed, "--resume"], check=True, env=env, capture_output=True)
+    assert common.read_metrics(os.path.join(killed, "metrics.jsonl")) == \
+        common.read_metrics(os.path.join(full, "metrics.jsonl"))
+    for r in (0, 1):
+        name = os.path.join("rounds", f"round_{r}.jsonl")
+        assert read_jsonl(os.path.join(killed, name), "sft") == read_jsonl(os.path.join(full, name), "sft")

@@ -18,7 +18,7 @@ import rlhf_fast
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from rlhf_fast.batch import TokenBatch
-from rlhf_fast.data import DataError, pair_batch, read_jsonl, sft_batch
+from rlhf_fast.data import DataError, pair_batch, read_jsonl, sft_batch, warn_truncation
 from rlhf_fast.data.embedded import build_tokenizer, save_tiny_default
 from rlhf_fast.models import ScalarHeadModel, load_causal_lm, load_tokenizer, sequence_logprobs
 from rlhf_fast.ops.ppo_loss import ppo_loss_from_logits_ref
@@ -140,6 +140,14 @@ def test_long_prompts_are_cut_from_the_left():
     batch = sft_batch(tok, rows, 6)
     assert batch.num_tokens == 6 and batch.mask.sum() == 4  # the 3 digits + EOS stay targets
     assert batch.input_ids[:2].tolist() == tok("6 7", add_special_tokens=False)["input_ids"]
+    # the trainers warn once with the counts: here the prompt is cut (BOS + 8 words + 4 response tokens > 6)
+    rows += [{"prompt": "+1 2 =", "completion": "2"}, {"prompt": "+1 2 =", "completion": "2 3 4 5 6 7"}]
+    with pytest.warns(UserWarning, match=r"2 of 3 rows are longer than max_len=6 tokens: their prompts lose tokens "
+                                         r"from the left, and 1 responses are cut at the end"):
+        assert warn_truncation(tok, rows, 6) == 2
+    pairs = [{"prompt": "+1 2 =", "chosen": "2", "rejected": "2 3 4 5"}]
+    with pytest.warns(UserWarning, match="1 of 1 rows"):
+        assert warn_truncation(tok, pairs, 6, ("chosen", "rejected")) == 1
 
 
 def test_bradley_terry_loss_and_accuracy():

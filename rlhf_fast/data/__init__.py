@@ -3,7 +3,7 @@ batches."""
 
 from . import task
 from .jsonl import DataError, read_jsonl, write_jsonl
-from .tokenize import IGNORE_INDEX, pair_batch, prompt_batch, sft_batch
+from .tokenize import IGNORE_INDEX, pair_batch, prompt_batch, sft_batch, warn_truncation
 
 __all__ = ["task", "DataError", "read_jsonl", "write_jsonl", "IGNORE_INDEX", "sft_batch", "pair_batch",
-           "prompt_batch"]
+           "prompt_batch", "warn_truncation"]

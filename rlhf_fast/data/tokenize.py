@@ -6,6 +6,9 @@ longer than ``max_len`` loses prompt tokens from the left, then response tokens 
 
 from __future__ import annotations
 
+import warnings
+from typing import Optional
+
 import torch
 
 from ..batch import IGNORE_INDEX, TokenBatch
@@ -52,6 +55,24 @@ def fit(prompt: list[int], response: list[int], max_len: int) -> tuple[list[int]
     room = max(1, max_len - len(response))
     prompt = prompt[-room:]
     return prompt, response[:max_len - len(prompt)]
+
+
+def warn_truncation(tokenizer, rows: list[dict], max_len: int, response_keys: Optional[tuple] = None) -> int:
+    """Warns once, with counts, when rows do not fit ``max_len`` (``fit`` then cuts their prompts from the left, and
+    their responses where the prompt alone cannot give enough room). The responses are ``completion_text(row)`` or
+    ``row[k]`` for each of ``response_keys`` (preference pairs). -> the number of rows cut."""
+    cut = cut_response = 0
+    for row in rows:
+        prompt = encode_prompt(tokenizer, prompt_text(tokenizer, row))
+        responses = [completion_text(row)] if response_keys is None else [row[k] for k in response_keys]
+        lens = [len(encode_response(tokenizer, r)) for r in responses]
+        cut += len(prompt) + max(lens) > max_len
+        cut_response += max(lens) > max_len - 1  # fit keeps one prompt token
+    if cut:
+        warnings.warn(f"{cut} of {len(rows)} rows are longer than max_len={max_len} tokens: their prompts lose tokens "
+                      f"from the left{f', and {cut_response} responses are cut at the end' if cut_response else ''}; "
+                      "raise max_len to keep them whole", stacklevel=2)
+    return cut
 
 
 def sft_batch(tokenizer, rows: list[dict], max_len: int) -> TokenBatch:

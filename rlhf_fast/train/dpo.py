@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..data import pair_batch, read_jsonl, task
+from ..data import pair_batch, read_jsonl, task, warn_truncation
 from ..models import disable_dropout, load_causal_lm, load_tokenizer, sequence_logprobs
 from . import common, distributed
 
@@ -179,6 +179,8 @@ class DPOTrainer(common.EpochTrainer):
         module = load_causal_lm(self.model_dir, self.device)
         self.model = distributed.wrap(module if cfg.dropout else disable_dropout(module), fsdp=cfg.fsdp)
         rows = read_jsonl(cfg.data, "rm") if cfg.data else task.preference_pairs(cfg.num_pairs, cfg.seed)
+        if distributed.is_main():
+            warn_truncation(self.tokenizer, rows, cfg.max_len, ("chosen", "rejected"))
         self.ref = None
         if cfg.uses_reference and cfg.ref_logps == "live":
             ref = disable_dropout(load_causal_lm(self.model_dir, self.device)).eval().requires_grad_(False)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel
 
-from ..data import DataError, pair_batch, read_jsonl, task
+from ..data import DataError, pair_batch, read_jsonl, task, warn_truncation
 from ..models import ScalarHeadModel, disable_dropout, load_tokenizer
 from . import common, distributed
 from .checkpoint import atomic_write_text
@@ -107,6 +107,8 @@ class RMTrainer(common.EpochTrainer):
                 source = cfg.data or "the embedded pairs"
                 raise DataError(f"margin_field={cfg.margin_field!r}: row {bad + 1} of {source} has no numeric "
                                 f"{cfg.margin_field!r} ({str(rows[bad])[:120]})")
+        if distributed.is_main():
+            warn_truncation(self.tokenizer, rows, cfg.max_len, ("chosen", "rejected"))
         n_held = max(1, int(len(rows) * cfg.heldout_fraction))
         self.held = rows[-n_held:]
         self.start(rows[:-n_held])

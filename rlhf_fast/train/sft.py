@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..data import read_jsonl, sft_batch, task
+from ..data import read_jsonl, sft_batch, task, warn_truncation
 from ..models import disable_dropout, load_causal_lm, load_tokenizer, sequence_cross_entropy
 from . import common, distributed
 
@@ -46,7 +46,10 @@ class SFTTrainer(common.EpochTrainer):
         self.tokenizer = load_tokenizer(model_dir)
         module = load_causal_lm(model_dir, self.device)
         self.model = distributed.wrap(module if cfg.dropout else disable_dropout(module), fsdp=cfg.fsdp)
-        self.start(read_jsonl(cfg.data, "sft") if cfg.data else task.sft_examples(cfg.num_examples, cfg.seed))
+        rows = read_jsonl(cfg.data, "sft") if cfg.data else task.sft_examples(cfg.num_examples, cfg.seed)
+        if distributed.is_main():
+            warn_truncation(self.tokenizer, rows, cfg.max_len)
+        self.start(rows)
 
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
