@@ -9,3 +9,6 @@ except ImportError:  # pragma: no cover
     _has_cuda = False
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Subprocesses (`python -m rlhf_fast.cli ...`, torchrun) import the installed package, never the source tree in the
+# working directory: after a non-editable install (CI) that tree has no compiled extension.
+os.environ["PYTHONSAFEPATH"] = "1"
