@@ -65,7 +65,7 @@ class PPOConfig(RewardConfig, common.RunConfig):
     clip_high: Optional[float] = None  # null = clip_low
     dual_clip: Optional[float] = None  # > 1: bound of the loss for negative advantages (null = off)
     value_clip: float = 0.2      # critic values clipped to old value +- value_clip
-    kl_coef: float = 0.05        # KL to the reference: in the reward (ppo) or in the loss (group modes)
+    kl_coef: float = 0.2         # KL to the reference: in the reward (ppo) or in the loss (group modes)
     kl_kind: str = "k1"          # k1 | k2 | k3 | abs (k3 is the usual choice in group modes)
     adaptive_kl: bool = False    # Ziegler et al.: kl_coef *= 1 + clip(KL / kl_target - 1, -0.2, 0.2) * B / horizon
     kl_target: float = 1.0       # adaptive_kl: the KL aimed at
