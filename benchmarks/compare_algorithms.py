@@ -110,8 +110,8 @@ def plot(results, algos, path: str) -> None:
                                       ("wall_s", "wall time of the stage (s)"))):
         for j, algo in enumerate(algos):
             values = [m[key] for (_, a, m) in results if a == algo]
-            axes[i].scatter([j] * len(values), values, alpha=0.7)
-            axes[i].bar(j, statistics.fmean(values), alpha=0.3)
+            axes[i].scatter([j] * len(values), values, color=f"C{j}", alpha=0.8)
+            axes[i].bar(j, statistics.fmean(values), color=f"C{j}", alpha=0.3)
         axes[i].set_xticks(range(len(algos)), algos)
         axes[i].set_title(title)
     fig.tight_layout()
