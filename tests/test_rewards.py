@@ -164,9 +164,16 @@ def test_a_failing_reward_fn_names_the_row(tiny, tmp_path):
         PPOTrainer(cfg).train()
 
 
-def test_ppo_needs_a_reward():
-    with pytest.raises(ValueError, match="reward_models= .* and/or reward_fns="):
-        rewards.Rewards(rewards.RewardConfig(), torch.device("cpu"), lambda m: m)
+def test_reward_config_is_checked_before_any_model_loads():
+    for cls, name in ((PPOConfig, "ppo"), (RSConfig, "rs")):
+        with pytest.raises(common.ConfigError, match=f"{name} needs reward_models= .* and/or reward_fns="):
+            cls(model="no-such-dir").validate()
+    with pytest.raises(common.ConfigError, match="cannot import 'nope'"):
+        PPOConfig(model="no-such-dir", reward_fns=["nope:f"]).validate()
+    with pytest.raises(common.ConfigError, match="needs exactly two reward_models"):
+        RSConfig(model="no-such-dir", reward_models=["a"], reward_rule="llama2").validate()
+    with pytest.raises(common.ConfigError, match=r"ppo.reward_weights needs one weight per reward model .* \(2\)"):
+        PipelineConfig(ppo=PPOConfig(reward_fns=["rlhf_fast.data.task:reward"], reward_weights=[1.0])).validate()
 
 
 def test_ptx_mixes_the_causal_lm_loss_into_the_step(tiny, tmp_path, monkeypatch):

@@ -92,9 +92,6 @@ class PPOConfig(RewardConfig, common.RunConfig):
                                      "more samples (a group of one has advantage 0: nothing to learn)")
         if not prefix and not self.model:
             raise common.ConfigError("ppo needs --model (the SFT policy directory)")
-        if not prefix and not (self.reward_models or self.reward_fns):
-            raise common.ConfigError("ppo needs reward_models= (directories from `rlhf-fast rm`) and/or reward_fns= "
-                                     "(module:function)")
         if self.ptx_coef > 0 and self.data and not self.ptx_data:
             raise common.ConfigError(f"{prefix}ptx_coef={self.ptx_coef}: with your own --data PPO-ptx needs "
                                      "ptx_data= (SFT-format JSONL)")

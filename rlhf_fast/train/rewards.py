@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ..models import ScalarHeadModel
+from .common import ConfigError
 
 RULES = ("weighted", "llama2")
 
@@ -49,6 +50,21 @@ class RewardConfig:
     safety_field: str = ""         # llama2 rule: JSONL field marking safety prompts (they always get the safety score)
     reward_clip: Optional[float] = 5.0  # clip each normalised reward-model score to +-reward_clip (None: no clip)
 
+    def validate(self, prefix: str = "") -> None:
+        """The sources and the rule, before any model loads (a pipeline's stage gets its reward model later)."""
+        if not prefix and not (self.reward_models or self.reward_fns):
+            raise ConfigError(f"{type(self).__name__.removesuffix('Config').lower()} needs reward_models= "
+                              "(directories from `rlhf-fast rm`) and/or reward_fns= (module:function)")
+        for spec in self.reward_fns:
+            load_reward_fn(spec)
+        n_models = len(self.reward_models) + (1 if prefix else 0)  # + the pipeline's reward model
+        try:
+            combine(torch.zeros(n_models + len(self.reward_fns), 1), n_models=n_models, rule=self.reward_rule,
+                    weights=self.reward_weights, safety_threshold=self.safety_threshold)
+        except ValueError as exc:
+            raise ConfigError(f"{prefix}{exc}") from None
+        super().validate(prefix)
+
 
 class RewardError(RuntimeError):
     """A reward function failed or returned something other than one finite float per completion."""
@@ -58,18 +74,18 @@ def load_reward_fn(spec: str) -> Callable:
     """``"package.module:function"`` -> the callable."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"reward_fns entries must look like 'module:function', got {spec!r}")
+        raise ConfigError(f"reward_fns entries must look like 'module:function', got {spec!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"reward_fns: cannot import {module_name!r} for {spec!r}: {exc}") from None
+        raise ConfigError(f"reward_fns: cannot import {module_name!r} for {spec!r}: {exc}") from None
     fn = module
     for part in attr.split("."):
         fn = getattr(fn, part, None)
         if fn is None:
-            raise ValueError(f"reward_fns: {module_name!r} has no attribute {attr!r}")
+            raise ConfigError(f"reward_fns: {module_name!r} has no attribute {attr!r}")
     if not callable(fn):
-        raise ValueError(f"reward_fns: {spec!r} is a {type(fn).__name__}, not a callable")
+        raise ConfigError(f"reward_fns: {spec!r} is a {type(fn).__name__}, not a callable")
     return fn
 
 
@@ -167,18 +183,12 @@ class Rewards:
     """The sources of a PPO run, loaded once; ``__call__`` scores a rollout."""
 
     def __init__(self, cfg: RewardConfig, device: torch.device, wrap: Callable):
-        if not cfg.reward_models and not cfg.reward_fns:
-            raise ValueError("scoring samples needs reward_models= (directories from `rlhf-fast rm`) and/or reward_fns= "
-                             "(module:function)")
         self.cfg = cfg
         self.models = [wrap(ScalarHeadModel.from_pretrained(p, device).eval().requires_grad_(False))
                        for p in cfg.reward_models]
         self.stats = [score_statistics(p) for p in cfg.reward_models]
         self.fns = [load_reward_fn(s) for s in cfg.reward_fns]
         self.names = source_names(cfg.reward_models, cfg.reward_fns)
-        # fail at start, not after the first rollout
-        combine(torch.zeros(len(self.names), 1), n_models=len(self.models), rule=cfg.reward_rule,
-                weights=cfg.reward_weights, safety_threshold=cfg.safety_threshold)
 
     @torch.no_grad()
     def __call__(self, batch, rows: Sequence[dict], completions: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
