@@ -175,7 +175,7 @@ class PPOTrainer(common.Trainer):
     @torch.no_grad()
     def rollout(self, rows: list[dict]) -> tuple:
         """-> (GenerateOutput [B(*G) rows], the prompt mask [B(*G), P], the data row of each sequence, the decoded
-        responses)."""
+        responses or None when nothing reads them)."""
         cfg, tok = self.cfg, self.tokenizer
         batch = prompt_batch(tok, rows, cfg.max_prompt_len)
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
@@ -187,7 +187,9 @@ class PPOTrainer(common.Trainer):
                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                     generator=self.generator, num_samples=samples)
         self.policy.train()
-        texts = common.decode_responses(tok, out.sequences, out.response_mask, mask.shape[1])
+        texts = None  # decoded (a host copy of every sequence) only for reward functions and the task's true score
+        if self.rewards.fns or not cfg.data:
+            texts = common.decode_responses(tok, out.sequences, out.response_mask, mask.shape[1])
         return out, mask.repeat_interleave(samples, 0), [r for r in rows for _ in range(samples)], texts
 
     @torch.no_grad()

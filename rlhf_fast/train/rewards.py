@@ -191,7 +191,8 @@ class Rewards:
         self.names = source_names(cfg.reward_models, cfg.reward_fns)
 
     @torch.no_grad()
-    def __call__(self, batch, rows: Sequence[dict], completions: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
+    def __call__(self, batch, rows: Sequence[dict],
+                 completions: Optional[Sequence[str]]) -> tuple[Tensor, dict[str, Tensor]]:
         """-> (combined reward [S], {"reward/<source>": its score [S], "rm_score/<source>": a model's raw score})."""
         cfg, device = self.cfg, batch.device
         scores, logged = [], {}
