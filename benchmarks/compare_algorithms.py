@@ -46,7 +46,7 @@ def evaluate(policy_dir: str, sft_dir: str, seed: int, prompts: int = 256, max_n
                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                    generator=torch.Generator().manual_seed(seed))
     texts = decode_responses(tok, out.sequences, out.response_mask, batch["input_ids"].shape[1])
-    packed = TokenBatch.from_generation(out.sequences, batch["attention_mask"], out.response_mask, out.logprobs)
+    packed = TokenBatch.from_generation(out.sequences, batch["attention_mask"], out.response_mask)
     diff = sequence_logprobs(policy, packed) - sequence_logprobs(sft, packed)
     kl = torch.zeros(packed.num_seqs).index_add_(0, packed.seq_ids, diff * packed.mask)
     return {"true_score": statistics.fmean(task.true_score(r["prompt"], t) for r, t in zip(rows, texts)),

@@ -12,7 +12,8 @@ Shapes (N tokens, S sequences)::
     cu_seqlens    [S + 1] int64  sequence s is tokens cu_seqlens[s] : cu_seqlens[s + 1]
     prompt_lens   [S] int64    tokens of each sequence's prompt (the rest is its response)
     labels        [N] int64    input_ids[t + 1] where that token is a target (a response token), else -100
-    old_logp, ref_logp, values, advantages, returns, weights   [N] float32 or None (rollouts)
+    old_logp, behaviour_logp, kept_threshold, is_weights,
+    ref_logp, values, advantages, returns, weights             [N] float32 or None (rollouts)
     scores, group_ids                                          [S] or None (rollouts)
 
 Under the hood the decoder runs on ``rows()``: the sequences laid first-fit into rows of ``row_len`` tokens with
@@ -30,7 +31,8 @@ import torch
 from torch import Tensor
 
 IGNORE_INDEX = -100
-PER_TOKEN = ("old_logp", "ref_logp", "values", "advantages", "returns", "weights")
+PER_TOKEN = ("old_logp", "behaviour_logp", "kept_threshold", "is_weights", "ref_logp", "values", "advantages",
+             "returns", "weights")
 PER_SEQUENCE = ("scores", "group_ids")
 
 
@@ -42,6 +44,9 @@ class TokenBatch:
     prompt_lens: Tensor
     labels: Tensor
     old_logp: Optional[Tensor] = None
+    behaviour_logp: Optional[Tensor] = None
+    kept_threshold: Optional[Tensor] = None
+    is_weights: Optional[Tensor] = None
     ref_logp: Optional[Tensor] = None
     values: Optional[Tensor] = None
     advantages: Optional[Tensor] = None
@@ -74,9 +79,10 @@ class TokenBatch:
 
     @classmethod
     def from_generation(cls, sequences: Tensor, prompt_mask: Tensor, response_mask: Tensor,
-                        logprobs: Optional[Tensor] = None) -> "TokenBatch":
-        """A rollout of ``rlhf_fast.generate`` (left-padded prompts [B, P] then responses [B, R]) -> packed, with the
-        sampler's behaviour log-probs as ``old_logp``. One host read (the sequence lengths)."""
+                        **per_token: Optional[Tensor]) -> "TokenBatch":
+        """A rollout of ``rlhf_fast.generate`` (left-padded prompts [B, P] then responses [B, R]) -> packed;
+        ``per_token``: [B, R] values of the response tokens by field name (e.g. ``old_logp=out.logprobs``), placed at
+        their predicting positions (None: left empty). One host read (the sequence lengths)."""
         B, P = prompt_mask.shape
         keep = torch.cat([prompt_mask.bool(), response_mask.bool()], 1)  # [B, P + R]
         # the label of position t is token t + 1 when that is a generated token
@@ -88,10 +94,15 @@ class TokenBatch:
         flat = keep.reshape(-1).nonzero().squeeze(1)
         position_ids = (keep.long().cumsum(1) - 1).reshape(-1)[flat]
         batch = cls(sequences.reshape(-1)[flat], position_ids, cu, prompt_mask.long().sum(1), labels.reshape(-1)[flat])
-        if logprobs is not None:
-            old = torch.zeros_like(sequences, dtype=torch.float32)
-            old[:, P - 1:-1] = torch.where(response_mask.bool(), logprobs.float(), 0.0)
-            batch.old_logp = old.reshape(-1)[flat]
+        def response_values(x: Tensor) -> Tensor:  # [B, R] response values at their predicting positions -> [N]
+            out = torch.zeros_like(sequences, dtype=torch.float32)
+            out[:, P - 1:-1] = torch.where(response_mask.bool(), x.float(), 0.0)
+            return out.reshape(-1)[flat]
+
+        for name, values in per_token.items():
+            if name not in PER_TOKEN:
+                raise TypeError(f"from_generation got {name!r}: not a per-token field {PER_TOKEN}")
+            setattr(batch, name, None if values is None else response_values(values))
         return batch
 
     # ------------------------------------------------------------------------------------------------ derived

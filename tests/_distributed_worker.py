@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import sys
-from types import SimpleNamespace
 
 import torch
 
@@ -72,14 +71,11 @@ class SharedRolloutPPO(PPOTrainer):
     def rollout(self, rows):
         own, self.generator = self.generator, torch.Generator(self.device).manual_seed(1000 + self.step)
         try:
-            res, prompt_mask, rows, texts = super().rollout(self.global_prompts(self.step))
+            batch, rows, texts = super().rollout(self.global_prompts(self.step))
         finally:
             self.generator = own
-        own_seqs = distributed.shard(range(res.sequences.shape[0]))
-        idx = torch.tensor(own_seqs)
-        return (SimpleNamespace(sequences=res.sequences[idx], response_mask=res.response_mask[idx],
-                                logprobs=res.logprobs[idx]), prompt_mask[idx], [rows[i] for i in own_seqs],
-                [texts[i] for i in own_seqs])
+        own_seqs = distributed.shard(range(batch.num_seqs))
+        return batch.select(own_seqs), [rows[i] for i in own_seqs], texts and [texts[i] for i in own_seqs]
 
 
 class KilledPPO(PPOTrainer):

@@ -8,8 +8,11 @@ import sys
 
 import pytest
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from rlhf_fast import _backend
+from rlhf_fast.data.embedded import build_tokenizer
+from rlhf_fast.models import ScalarHeadModel
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -89,3 +92,26 @@ def kill_after_checkpoint(args: list, out: str, step: int, env: dict) -> None:
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def tiny_policy_and_rm(root, kind: str) -> tuple[str, str]:
+    """A random-init policy of ``kind`` with the embedded task's words, saved with a reward model on its body."""
+    tok = build_tokenizer(0)
+    ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+               eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    if kind == "gpt2":  # dropout 0.1 in the embeddings, attention and residuals
+        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **ids))
+    elif kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.1,
+                                             **ids))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.1,
+                                             **ids))
+    policy, rm = os.path.join(root, f"{kind}-policy"), os.path.join(root, f"{kind}-rm")
+    model.save_pretrained(policy)
+    tok.save_pretrained(policy)
+    ScalarHeadModel.from_pretrained(policy).save_pretrained(rm)
+    return policy, rm

@@ -53,7 +53,8 @@ def test_from_generation_hand_computed():
     seq = torch.tensor([[0, 0, 1, 2, 10, 11, 0], [0, 3, 4, 5, 12, 0, 0]])
     prompt_mask = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]])
     response_mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    b = TokenBatch.from_generation(seq, prompt_mask, response_mask, torch.tensor([[-1.0, -2.0, 0.0], [-3.0, 0, 0]]))
+    b = TokenBatch.from_generation(seq, prompt_mask, response_mask,
+                                   old_logp=torch.tensor([[-1.0, -2.0, 0.0], [-3.0, 0, 0]]))
     assert b.input_ids.tolist() == [1, 2, 10, 11, 3, 4, 5, 12] and b.position_ids.tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
     assert b.labels.tolist() == [-100, 10, 11, -100, -100, -100, 12, -100]
     assert b.old_logp.tolist() == [0.0, -1.0, -2.0, 0.0, 0.0, 0.0, -3.0, 0.0] and b.prompt_lens.tolist() == [2, 3]
@@ -73,7 +74,7 @@ def test_sampler_logprobs_equal_the_training_forward(kind):
         mask[i, -n:] = 1
     out = rlhf_fast.generate(model, ids, mask, max_new_tokens=6, temperature=0.9, eos_token_id=5, pad_token_id=0,
                              generator=g)
-    batch = TokenBatch.from_generation(out.sequences, mask, out.response_mask, out.logprobs)
+    batch = TokenBatch.from_generation(out.sequences, mask, out.response_mask, old_logp=out.logprobs)
     with torch.no_grad():
         logp = sequence_logprobs(model, batch, temperature=0.9)
     assert batch.mask.sum() == out.response_mask.sum()

@@ -138,8 +138,8 @@ def test_two_reward_models_and_a_function_on_user_data(tiny, tmp_path):
                  out=str(tmp_path / "p"))
     trainer = PPOTrainer(cfg)
     assert trainer.rewards.names == ["rm.0", "rm.1", "_length_reward"]
-    out, prompt_mask, rows, texts = trainer.rollout(trainer.prompts(0))
-    batch, stats = trainer.score(out, prompt_mask, rows, texts)
+    batch, rows, texts = trainer.rollout(trainer.prompts(0))
+    batch, stats = trainer.score(batch, rows, texts)
     with torch.no_grad():
         raw = trainer.rewards.models[0].score(batch)
     mean, std = rewards.score_statistics(rm)

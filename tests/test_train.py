@@ -12,10 +12,9 @@ import sys
 
 import pytest
 import torch
-from _testing import kill_after_checkpoint
+from _testing import kill_after_checkpoint, tiny_policy_and_rm
 
 import rlhf_fast
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from rlhf_fast.batch import TokenBatch
 from rlhf_fast.data import DataError, pair_batch, read_jsonl, sft_batch, warn_truncation
@@ -257,29 +256,6 @@ def test_torn_metrics_line_is_dropped(tmp_path):
         common.read_metrics(str(path))
 
 
-def tiny_policy_and_rm(root, kind: str) -> tuple[str, str]:
-    """A random-init policy of ``kind`` with the embedded task's words, saved with a reward model on its body."""
-    tok = build_tokenizer(0)
-    ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-               eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    if kind == "gpt2":  # dropout 0.1 in the embeddings, attention and residuals
-        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **ids))
-    elif kind == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.1,
-                                             **ids))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.1,
-                                             **ids))
-    policy, rm = os.path.join(root, f"{kind}-policy"), os.path.join(root, f"{kind}-rm")
-    model.save_pretrained(policy)
-    tok.save_pretrained(policy)
-    ScalarHeadModel.from_pretrained(policy).save_pretrained(rm)
-    return policy, rm
-
-
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
 def test_first_on_policy_minibatch_has_ratio_one(tmp_path, kind):
     """Eval-mode log-probs at the sampler's positions: one fully on-policy minibatch has approx_kl ~ 0 and no
@@ -348,12 +324,10 @@ def test_grpo_group_advantages_without_critic(pipeline, tmp_path):
                     minibatch_size=16, kl_kind="k3", eval_prompts=0, progress=False)
     trainer = PPOTrainer(cfg)
     assert trainer.critic is None
-    rollout = trainer.rollout(trainer.prompts(0))
-    out_, prompt_mask = rollout[:2]
-    batch, _ = trainer.score(*rollout)
+    batch, _ = trainer.score(*trainer.rollout(trainer.prompts(0)))
     assert batch.num_seqs == 32 and batch.group_ids.tolist() == [g for g in range(8) for _ in range(4)]
-    prompts = out_.sequences[:, :prompt_mask.shape[1]].view(8, 4, -1)
-    assert torch.equal(prompts, prompts[:, :1].expand_as(prompts))  # G consecutive samples of each prompt
+    prompts = [batch.input_ids[c:c + p].tolist() for c, p in zip(batch.cu_seqlens.tolist(), batch.prompt_lens.tolist())]
+    assert all(prompts[i] == prompts[i - i % 4] for i in range(32))  # G consecutive samples of each prompt
     # every response token of a sample carries its group-normalised score; nothing outside the response
     with torch.no_grad():
         raw = trainer.rewards.models[0].score(batch)

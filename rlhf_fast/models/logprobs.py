@@ -9,6 +9,7 @@ on the same positions, with ``rlhf_fast.linear_cross_entropy``.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -58,10 +59,17 @@ def decoder_hidden(body: nn.Module, batch) -> Tensor:
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
 
 
-def _scored(caller: str, model: nn.Module, batch):
-    """-> (hidden [M, H], weight, bias, labels [M], index [M]) of the M positions whose label is a target."""
+HEAD_DTYPES = ("auto", "float32")
+
+
+def _scored(caller: str, model: nn.Module, batch, head_dtype: str = "auto"):
+    """-> (hidden [M, H], weight, bias, labels [M], index [M]) of the M positions whose label is a target, in the
+    dtype the lm_head computes in: under autocast its dtype (what nn.Linear would compute in), else the weight's;
+    ``head_dtype="float32"``: float32 whatever the model's dtype (an fp32 lm_head for bf16 models)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a transformers causal LM), got {type(model).__name__}")
+    if head_dtype not in HEAD_DTYPES:
+        raise ValueError(f"head_dtype must be one of {HEAD_DTYPES}, got {head_dtype!r}")
     problem = _unsupported_head(model)
     if problem is not None:
         raise ValueError(f"{caller} does not support {type(model).__name__}: {problem}; use the model's "
@@ -69,24 +77,53 @@ def _scored(caller: str, model: nn.Module, batch):
     hidden = decoder_hidden(model.get_decoder(), batch)
     head = model.get_output_embeddings()
     weight, bias = head.weight, head.bias
-    if torch.is_autocast_enabled(hidden.device.type):  # what nn.Linear would compute in
+    dtype = None
+    if head_dtype == "float32":
+        dtype = torch.float32
+    elif torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)
+    if dtype is not None:
         weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
     index = batch.mask.nonzero().squeeze(1)  # [M]: the only positions sent to the head (one host read)
     return hidden.index_select(0, index).to(weight.dtype), weight, bias, batch.labels.index_select(0, index), index
 
 
-def sequence_logprobs(model: nn.Module, batch, *, temperature: float = 1.0, return_entropy: bool = False):
+@contextlib.contextmanager
+def float32_head(model: nn.Module):
+    """Inside the block the model's lm_head computes in float32 (float32 logits, autocast or not), as
+    ``head_dtype="float32"`` does in ``sequence_logprobs``: the sampler then sees the trainer's head."""
+    head = model.get_output_embeddings()
+
+    def forward(x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            bias = None if head.bias is None else head.bias.float()
+            return torch.nn.functional.linear(x.float(), head.weight.float(), bias)
+
+    head.forward = forward
+    try:
+        yield model
+    finally:
+        del head.forward  # the class's forward again
+
+
+def sequence_logprobs(model: nn.Module, batch, *, temperature: float = 1.0, return_entropy: bool = False,
+                      kept_threshold: Optional[Tensor] = None, head_dtype: str = "auto"):
     """Log-prob of each target label of a packed ``TokenBatch`` under a causal LM: logp [N] float32, the log-prob
     of ``labels[t]`` (= ``input_ids[t + 1]``) at position t, 0 where ``labels == -100``; with ``return_entropy``
     the tuple (logp, entropy [N]).
 
     Equal to ``log_softmax(model(sequence).logits / temperature)`` of each sequence on its own, unpadded; the
-    [N, V] logits never exist (``rlhf_fast.linear_logprobs`` on the target positions only). Differentiable w.r.t.
-    the model parameters. Models whose head transforms the logits (softcapping, logit scaling) raise ValueError.
+    [N, V] logits never exist (``rlhf_fast.linear_logprobs`` on the target positions only). kept_threshold [N]
+    (the sampler's, aligned with the labels): log-probs renormalised over the kept set {v : logit_v >= threshold}
+    and the label (docs/formulas.md, "Kept-set log-probs"). head_dtype: "auto" (the model's or autocast's dtype) or
+    "float32". Differentiable w.r.t. the model parameters. Models whose head transforms the logits (softcapping,
+    logit scaling) raise ValueError.
     """
-    hidden, weight, bias, labels, index = _scored("sequence_logprobs", model, batch)
-    out = linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=return_entropy)
+    hidden, weight, bias, labels, index = _scored("sequence_logprobs", model, batch, head_dtype)
+    kept = None if kept_threshold is None else kept_threshold.index_select(0, index)
+    with torch.autocast(hidden.device.type, enabled=False):  # the inputs are in the head's dtype already
+        out = linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
+                              return_entropy=return_entropy, kept_threshold=kept)
 
     def scatter(values: Tensor) -> Tensor:
         return values.new_zeros(batch.num_tokens).index_copy(0, index, values)

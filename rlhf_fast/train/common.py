@@ -30,7 +30,8 @@ from ..data import DataError, prompt_batch, task
 from ..data.embedded import save_tiny_default
 from ..models.loading import check_model_dir, position_limit
 from ..models.tiny import MAX_POSITIONS as TINY_MAX_POSITIONS
-from ..ops import AGG_MODES
+from ..models.logprobs import HEAD_DTYPES
+from ..ops import AGG_MODES, IS_MODES
 from ..ops.token_logprobs import KL_KINDS
 from . import distributed
 from .checkpoint import Checkpoint, atomic_write_text, remove_stale_temporaries, seed_everything
@@ -88,6 +89,12 @@ RULES = {
     "checkpoint": _choice("full", "dcp"),
     "kl_kind": _choice(*KL_KINDS),
     "loss_agg": _choice(*AGG_MODES),
+    "logprob_support": _choice("full", "kept"),
+    "behaviour_logprobs": _choice("sampler", "recompute"),
+    "is_correction": _choice(*IS_MODES),
+    "head_dtype": _choice(*HEAD_DTYPES),
+    **dict.fromkeys(("is_cap", "icepop_high"), _rule(0, lo_open=True)),
+    "icepop_low": _rule(0),
 }
 MODEL_FIELDS = ("model", "reward_models", "critic")  # local model directories ("" = the default; lists allowed)
 
@@ -133,7 +140,7 @@ def check_inputs(cfg: RunConfig) -> None:
     positions: all checked before anything is loaded."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if (f.name == "data" or f.name.endswith("_data")) and value and not os.path.isfile(value):
+        if (f.name in ("data", "rollouts") or f.name.endswith("_data")) and value and not os.path.isfile(value):
             raise ConfigError(f"{f.name}={value!r}: no such file")
         for path in _model_dirs(cfg, f.name) if f.name in MODEL_FIELDS else []:
             if not path:

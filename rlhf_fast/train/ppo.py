@@ -5,8 +5,12 @@ head; from the reward model unless ``critic`` names another directory). Dropout 
 ``dropout=true``), so every log-prob that enters a ratio or a KL is the eval-mode computation. One iteration:
 
   1. generate  B prompts (x G samples in group modes) with rlhf_fast.generate -> a packed TokenBatch of prompt +
-               response with the sampler's behaviour log-probs (same positions as every later forward).
-  2. score     reference log-probs, the reward of each sequence (``rlhf_fast.train.rewards``: reward models at the
+               response with the sampler's behaviour log-probs (same positions as every later forward) and, with
+               ``logprob_support=kept``, its kept-set thresholds; or, with ``rollouts=PATH``, the next rollouts of
+               another engine (rlhf_fast.data.rollouts, docs/rollouts.md).
+  2. score     the ratio's old log-probs (the behaviour ones, or with ``behaviour_logprobs=recompute`` a forward of
+               the policy, the behaviour ones then entering ``is_correction``'s per-token weights), reference
+               log-probs, the reward of each sequence (``rlhf_fast.train.rewards``: reward models at the
                last token, normalised with each one's held-out statistics and clipped, and/or programmatic
                reward functions, combined by weights or Llama 2's safety rule), critic values; per-token reward
                r[t] = -kl_coef * k(logp, ref_logp)[t] (+ score on the last response token); GAE; whitening.
@@ -23,6 +27,7 @@ head; from the reward model unless ``critic`` names another directory). Dropout 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -30,11 +35,13 @@ from typing import Optional
 
 import torch
 
-from .. import gae, generate, group_advantages, kl_penalty, ppo_objective, ppo_value_loss
+from .. import gae, generate, group_advantages, kl_penalty, mismatch_metrics, ppo_objective, ppo_value_loss, \
+    rollout_correction
 from ..batch import TokenBatch
-from ..data import prompt_batch, read_jsonl, sft_batch, task
-from ..models import ScalarHeadModel, disable_dropout, load_causal_lm, load_tokenizer, sequence_cross_entropy, \
-    sequence_logprobs
+from ..data import DataError, prompt_batch, read_jsonl, sft_batch, task
+from ..data.rollouts import load_rollouts, rollout_batch
+from ..models import ScalarHeadModel, disable_dropout, float32_head, load_causal_lm, load_tokenizer, \
+    sequence_cross_entropy, sequence_logprobs
 from . import common, distributed
 from .rewards import RewardConfig, Rewards
 
@@ -57,6 +64,15 @@ class PPOConfig(RewardConfig, common.RunConfig):
     top_k: int = 0               # sampler filters: 0 = off
     top_p: float = 1.0           # 1 = off
     min_p: float = 0.0           # 0 = off
+    logprob_support: str = "full"  # full | kept: every policy log-prob over the sampler's kept set (top-k/p, min-p)
+    behaviour_logprobs: str = "sampler"  # sampler | recompute: the ratio's old log-probs are the sampler's, or a
+    #                              forward of the policy before learning (then is_correction weighs the gap)
+    is_correction: str = "none"  # none | tis | mis | icepop | seq_tis | seq_mis (docs/formulas.md); needs recompute
+    is_cap: float = 2.0          # tis, mis, seq_tis, seq_mis: the bound of the importance weight
+    icepop_low: float = 0.5      # icepop: tokens whose weight is outside [icepop_low, icepop_high] are masked
+    icepop_high: float = 5.0     # icepop: upper end of the band
+    head_dtype: str = "auto"     # auto | float32: the lm_head's dtype in every log-prob (float32 for bf16 models)
+    rollouts: str = ""           # JSONL/Parquet rollouts of another engine to train on instead of sampling
     lr: float = 3e-4             # policy AdamW learning rate (decays linearly to 0 over the iterations)
     critic_lr: float = 1e-3      # critic AdamW learning rate
     gamma: float = 1.0           # GAE discount
@@ -92,6 +108,16 @@ class PPOConfig(RewardConfig, common.RunConfig):
                                      "more samples (a group of one has advantage 0: nothing to learn)")
         if not prefix and not self.model:
             raise common.ConfigError("ppo needs --model (the SFT policy directory)")
+        if self.is_correction != "none" and self.behaviour_logprobs != "recompute":
+            raise common.ConfigError(f"{prefix}is_correction={self.is_correction}: needs behaviour_logprobs="
+                                     "recompute (its weights compare the policy's recomputed log-probs with the "
+                                     "behaviour ones)")
+        if self.icepop_low >= self.icepop_high:
+            raise common.ConfigError(f"{prefix}icepop_low={self.icepop_low}: must be below icepop_high="
+                                     f"{self.icepop_high}")
+        if self.rollouts and self.data:
+            raise common.ConfigError(f"{prefix}rollouts={self.rollouts!r}: trains on the rollouts' own prompts; "
+                                     "drop --data")
         if self.ptx_coef > 0 and self.data and not self.ptx_data:
             raise common.ConfigError(f"{prefix}ptx_coef={self.ptx_coef}: with your own --data PPO-ptx needs "
                                      "ptx_data= (SFT-format JSONL)")
@@ -103,10 +129,10 @@ def values_of(critic: ScalarHeadModel, batch: TokenBatch) -> torch.Tensor:
     return critic(batch) * batch.mask
 
 
-def logprobs_and_lm_loss(model, batch: TokenBatch, temperature: float, ptx: TokenBatch, ptx_weights: torch.Tensor):
-    """PPO-ptx in one call of the model (one DDP/FSDP forward): (log-probs, entropy) of the PPO minibatch and the
-    causal-LM loss of the SFT rows ``ptx``."""
-    return (sequence_logprobs(model, batch, temperature=temperature, return_entropy=True),
+def logprobs_and_lm_loss(model, batch: TokenBatch, ptx: TokenBatch, ptx_weights: torch.Tensor, **kwargs):
+    """PPO-ptx in one call of the model (one DDP/FSDP forward): (log-probs, entropy) of the PPO minibatch
+    (``sequence_logprobs`` with ``kwargs``) and the causal-LM loss of the SFT rows ``ptx``."""
+    return (sequence_logprobs(model, batch, return_entropy=True, **kwargs),
             sequence_cross_entropy(model, ptx, weights=ptx_weights))
 
 
@@ -135,13 +161,44 @@ class PPOTrainer(common.Trainer):
         self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=0.0)
         self.critic_opt = None if self.group else torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda it: 1.0 - it / cfg.iterations)
-        self.rows = read_jsonl(cfg.data, "ppo") if cfg.data else task.prompts(20_000, cfg.seed)
-        common.check_rows(len(self.rows), cfg.batch_size, "prompts")
+        self.samples = cfg.group_size if self.group else 1  # sequences per prompt
+        if cfg.rollouts:
+            self.rows = load_rollouts(cfg.rollouts)
+            self.check_rollout_fields()
+            common.check_rows(len(self.rows) // self.samples, cfg.batch_size, "rollout prompts")
+        else:
+            self.rows = read_jsonl(cfg.data, "ppo") if cfg.data else task.prompts(20_000, cfg.seed)
+            common.check_rows(len(self.rows), cfg.batch_size, "prompts")
         self.ptx_rows = None
         if cfg.ptx_coef > 0:
             self.ptx_rows = read_jsonl(cfg.ptx_data, "sft") if cfg.ptx_data else task.sft_examples(4000, cfg.seed)
         self.kl_coef = cfg.kl_coef
         self.initial_true_score = None
+
+    def check_rollout_fields(self) -> None:
+        cfg, row = self.cfg, self.rows[0]
+        missing = []
+        if cfg.logprob_support == "kept" and "kept_threshold" not in row:
+            missing.append("kept_threshold")
+        if cfg.behaviour_logprobs == "sampler" and self.old_logp_field not in row:
+            missing.append(self.old_logp_field)
+        if cfg.is_correction != "none" and not ({"kept_logprobs", "logprobs"} & set(row)):
+            missing.append("kept_logprobs or logprobs")
+        if missing:
+            raise DataError(f"{cfg.rollouts}: logprob_support={cfg.logprob_support}, behaviour_logprobs="
+                            f"{cfg.behaviour_logprobs}, is_correction={cfg.is_correction} need the per-token "
+                            f"field(s) {', '.join(missing)} (docs/rollouts.md)")
+
+    @property
+    def old_logp_field(self) -> str:
+        """The rollouts' field of the ratio's old log-probs (behaviour_logprobs=sampler)."""
+        return "kept_logprobs" if self.cfg.logprob_support == "kept" else "logprobs"
+
+    def logprobs(self, model, batch: TokenBatch, **kwargs):
+        """``sequence_logprobs`` of the policy (over the kept set with ``logprob_support=kept``) through ``model``'s
+        wrapper."""
+        return model(sequence_logprobs, batch, temperature=self.cfg.temperature, kept_threshold=batch.kept_threshold,
+                     head_dtype=self.cfg.head_dtype, **kwargs)
 
     def total_steps(self) -> int:
         return self.cfg.iterations
@@ -164,8 +221,13 @@ class PPOTrainer(common.Trainer):
     # ------------------------------------------------------------------------------------------------ phases
     def global_prompts(self, iteration: int) -> list[dict]:
         """The iteration's prompts over all ranks: the data position is the iteration number (epochs reshuffle by
-        seed)."""
+        seed). Rollouts: the next ``batch_size x samples`` rows per rank, in file order (groups stay whole), the
+        file read again from its start once used up."""
         n, size = len(self.rows), self.cfg.batch_size * distributed.world_size()
+        if self.cfg.rollouts:
+            size *= self.samples
+            block = iteration % max(1, n // size)
+            return self.rows[block * size:(block + 1) * size]
         return [self.rows[j] for j in common.global_batch_indices(n, iteration, max(1, n // size), size, self.cfg.seed)]
 
     def prompts(self, iteration: int) -> list[dict]:
@@ -173,42 +235,71 @@ class PPOTrainer(common.Trainer):
         return distributed.shard(self.global_prompts(iteration))
 
     @torch.no_grad()
-    def rollout(self, rows: list[dict]) -> tuple:
-        """-> (GenerateOutput [B(*G) rows], the prompt mask [B(*G), P], the data row of each sequence, the decoded
-        responses or None when nothing reads them)."""
+    def rollout(self, rows: list[dict]) -> tuple[TokenBatch, list[dict], Optional[list[str]]]:
+        """The rollout of ``rows`` (prompts to sample, or with ``rollouts=`` the file's rollouts) -> (the packed batch
+        with ``old_logp`` (the sampler's log-probs over the full softmax, or with ``logprob_support=kept`` over the
+        kept set, then with its ``kept_threshold``) and ``behaviour_logp`` (those of the distribution sampled from:
+        the kept set's), the data row of each sequence, the decoded responses or None when nothing reads them)."""
         cfg, tok = self.cfg, self.tokenizer
-        batch = prompt_batch(tok, rows, cfg.max_prompt_len)
-        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        samples = cfg.group_size if self.group else 1  # each prompt prefilled once, its cache shared by G rows
+        kept = cfg.logprob_support == "kept"
+        needs_text = bool(self.rewards.fns) or not (cfg.data or cfg.rollouts)  # reward functions, the true score
+        if cfg.rollouts:  # behaviour: the distribution sampled from, the kept set's when the file has it
+            has = lambda key: key if key in rows[0] else None  # noqa: E731
+            batch = rollout_batch(rows, self.device, old_logp=has(self.old_logp_field),
+                                  behaviour_logp=has("kept_logprobs") or has("logprobs"),
+                                  kept_threshold="kept_threshold" if kept else None)
+            texts = [tok.decode(r["response_ids"], skip_special_tokens=True) for r in rows] if needs_text else None
+            rows = [r if "prompt" in r or "messages" in r else {"prompt": tok.decode(r["prompt_ids"]), **r}
+                    for r in rows] if needs_text else rows
+            return batch, rows, texts
+        prompts = prompt_batch(tok, rows, cfg.max_prompt_len)
+        ids, mask = prompts["input_ids"].to(self.device), prompts["attention_mask"].to(self.device)
         self.policy.eval()
-        with common.autocast(self.device):
+        head = float32_head if cfg.head_dtype == "float32" else contextlib.nullcontext
+        with common.autocast(self.device), head(self.policy.module):  # each prompt prefilled once
             out = self.policy.local(generate, ids, mask, max_new_tokens=cfg.max_new_tokens,
                                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                                    generator=self.generator, num_samples=samples)
+                                    generator=self.generator, num_samples=self.samples)
         self.policy.train()
-        texts = None  # decoded (a host copy of every sequence) only for reward functions and the task's true score
-        if self.rewards.fns or not cfg.data:
+        prompt_mask = mask.repeat_interleave(self.samples, 0)
+        batch = TokenBatch.from_generation(out.sequences, prompt_mask, out.response_mask,
+                                           old_logp=out.filtered_logprobs if kept else out.logprobs,
+                                           behaviour_logp=out.filtered_logprobs,  # what the sampler drew from
+                                           kept_threshold=out.kept_threshold if kept else None)
+        texts = None  # decoded (a host copy of every sequence) only when something reads them
+        if needs_text:
             texts = common.decode_responses(tok, out.sequences, out.response_mask, mask.shape[1])
-        return out, mask.repeat_interleave(samples, 0), [r for r in rows for _ in range(samples)], texts
+        return batch, [r for r in rows for _ in range(self.samples)], texts
 
     @torch.no_grad()
-    def score(self, out, prompt_mask, rows: list[dict], completions: list[str]) -> tuple[TokenBatch, dict]:
-        """The rollout (``rows``: one per sequence, ``completions``: the decoded responses) as a packed batch with
-        reference log-probs, scores, values, advantages and returns filled in."""
+    def score(self, batch: TokenBatch, rows: list[dict], completions: Optional[list[str]]) -> tuple[TokenBatch, dict]:
+        """The rollout (``rows``: one per sequence, ``completions``: the decoded responses) with old log-probs,
+        correction weights, reference log-probs, scores, values, advantages and returns filled in."""
         cfg = self.cfg
-        batch = TokenBatch.from_generation(out.sequences, prompt_mask, out.response_mask, out.logprobs)
         mask = batch.mask
+        n_tok = float(mask.sum())
+        stats = {}
         if self.group:
             batch.group_ids = torch.arange(batch.num_seqs, device=self.device) // cfg.group_size
         with common.autocast(self.device):
-            batch.ref_logp = self.ref(sequence_logprobs, batch, temperature=cfg.temperature).float()
+            if cfg.behaviour_logprobs == "recompute":
+                self.policy.eval()
+                batch.old_logp = self.logprobs(self.policy, batch).float()
+                self.policy.train()
+            batch.ref_logp = self.ref(sequence_logprobs, batch, temperature=cfg.temperature,
+                                      head_dtype=cfg.head_dtype).float()
             score, per_source = self.rewards(batch, rows, completions)
             if not self.group:
                 self.critic.eval()
                 batch.values = self.critic(values_of, batch).float()
                 self.critic.train()
         batch.scores = score
+        if cfg.is_correction != "none":
+            batch.is_weights, is_stats = rollout_correction(
+                batch.old_logp, batch.behaviour_logp, mask, mode=cfg.is_correction, cap=cfg.is_cap,
+                low=cfg.icepop_low, high=cfg.icepop_high, seq_ids=batch.seq_ids)
+            stats.update(distributed.global_means({k: v.item() * n_tok for k, v in is_stats.items()}, n_tok))
         kl = kl_penalty(batch.old_logp, batch.ref_logp, kind=cfg.kl_kind) * mask  # [N]
         if self.group:
             batch.advantages = group_advantages(score, batch.group_ids, mode=cfg.algo)[batch.seq_ids] * mask
@@ -222,9 +313,9 @@ class PPOTrainer(common.Trainer):
             if cfg.whiten_advantages:  # statistics of the global batch
                 adv = distributed.masked_whiten(adv, mask) * mask
             batch.advantages = adv
-        stats = distributed.global_means(
-            {"reward": score.sum().item(), "kl": kl.sum().item(), "response_len": mask.sum().item(),
-             **{k: v.sum().item() for k, v in per_source.items()}}, batch.num_seqs)
+        stats.update(distributed.global_means(
+            {"reward": score.sum().item(), "kl": kl.sum().item(), "response_len": n_tok,
+             **{k: v.sum().item() for k, v in per_source.items()}}, batch.num_seqs))
         return batch, stats
 
     def ptx_minibatch(self, index: int) -> tuple[TokenBatch, torch.Tensor]:
@@ -248,6 +339,7 @@ class PPOTrainer(common.Trainer):
                  "ptx_loss"]
         minibatches = cfg.epochs * -(-S // cfg.minibatch_size)
         sums = torch.zeros(len(names), dtype=torch.float64, device=self.device)  # no host sync until the end
+        mismatch = {}
         tokens = torch.zeros((), dtype=torch.float64, device=self.device)
         steps = 0
         for _ in range(cfg.epochs):
@@ -255,22 +347,26 @@ class PPOTrainer(common.Trainer):
             for start in range(0, S, cfg.minibatch_size):
                 mb = batch.select(order[start:start + cfg.minibatch_size])
                 w = distributed.global_weights(mb.mask, cfg.loss_agg, seq_ids=mb.seq_ids, max_len=max_len)
+                w_policy = w if mb.is_weights is None else w * mb.is_weights  # rollout correction: per-token weights
                 with common.autocast(self.device):
                     if self.ptx_rows is None:
-                        logp, entropy = self.policy(sequence_logprobs, mb, temperature=cfg.temperature,
-                                                    return_entropy=True)
+                        logp, entropy = self.logprobs(self.policy, mb, return_entropy=True)
                         ptx_loss = torch.zeros((), device=self.device)
                     else:
                         ptx, ptx_w = self.ptx_minibatch(self.step * minibatches + steps)
-                        (logp, entropy), ptx_loss = self.policy(logprobs_and_lm_loss, mb, cfg.temperature, ptx, ptx_w)
+                        (logp, entropy), ptx_loss = self.policy(
+                            logprobs_and_lm_loss, mb, ptx, ptx_w, temperature=cfg.temperature,
+                            kept_threshold=mb.kept_threshold, head_dtype=cfg.head_dtype)
+                    if steps == 0 and mb.behaviour_logp is not None:  # before any update: behaviour vs trainer
+                        mismatch = mismatch_metrics(logp.detach(), mb.behaviour_logp, mb.mask)
                     kl_in_loss = self.group and self.kl_coef > 0  # GRPO: KL to the reference in the loss
-                    loss, st = ppo_objective(logp, mb.old_logp, mb.advantages, w, entropy=entropy,
+                    loss, st = ppo_objective(logp, mb.old_logp, mb.advantages, w_policy, entropy=entropy,
                                              ref_logp=mb.ref_logp if kl_in_loss else None,
                                              kl_coef=self.kl_coef if kl_in_loss else 0.0, kl_kind=cfg.kl_kind,
                                              entropy_coef=cfg.entropy_coef, clip_low=cfg.clip_low,
                                              clip_high=cfg.clip_high, dual_clip=cfg.dual_clip)
                 common.optimizer_step(loss + cfg.ptx_coef * ptx_loss, self.policy, self.opt, cfg.grad_clip)
-                n_tok = (w != 0).sum().double()
+                n_tok = (w_policy != 0).sum().double()
                 row = [loss.detach() / distributed.world_size(), st["clip_frac"] * n_tok,
                        st["approx_kl"] * n_tok, st["ratio_mean"] * n_tok, st["entropy"] * n_tok]
                 if not self.group:
@@ -291,6 +387,7 @@ class PPOTrainer(common.Trainer):
         for k in names:
             per_step = k in ("policy_loss", "value_loss", "ptx_loss")  # global values: summed over ranks, mean over steps
             out[k] = total[k] / steps if per_step else total[k] / max(total["tokens"], 1.0)
+        out.update(distributed.global_means({k: v.item() for k, v in mismatch.items()}, 1.0))
         if self.group:
             del out["value_loss"], out["value_clip_frac"]
         if self.ptx_rows is None:
@@ -306,7 +403,7 @@ class PPOTrainer(common.Trainer):
             self.kl_coef *= 1.0 + error * n / self.cfg.kl_horizon
 
     def true_score(self) -> Optional[float]:
-        if self.cfg.data or not self.cfg.eval_prompts:
+        if self.cfg.data or self.cfg.rollouts or not self.cfg.eval_prompts:
             return None
         return self.policy.local(common.sample_true_score, self.tokenizer,
                                  task.prompts(self.cfg.eval_prompts, seed=10_000 + self.cfg.seed),
@@ -318,15 +415,14 @@ class PPOTrainer(common.Trainer):
         cfg = self.cfg
         if self.step == 0 and self.initial_true_score is None:
             self.initial_true_score = self.true_score()
-        rows = self.prompts(self.step)
         t0 = time.perf_counter()
-        out, prompt_mask, rows, texts = self.rollout(rows)  # rows: one per sequence
+        batch, rows, texts = self.rollout(self.prompts(self.step))  # rows: one per sequence
         t1 = time.perf_counter()
-        batch, stats = self.score(out, prompt_mask, rows, texts)
+        batch, stats = self.score(batch, rows, texts)
         t2 = time.perf_counter()
         stats.update(self.learn(batch))
         t3 = time.perf_counter()
-        if not cfg.data:
+        if not (cfg.data or cfg.rollouts):
             stats.update(distributed.global_means(
                 {"true_score": sum(task.true_score(r["prompt"], t) for r, t in zip(rows, texts))}, len(texts)))
         self.update_kl_coef(stats["kl"], batch.num_seqs * distributed.world_size())

@@ -135,7 +135,7 @@ class RSTrainer(SFTTrainer):
             prompt_mask = mask.repeat_interleave(cfg.num_samples, 0)
             texts = common.decode_responses(tok, out.sequences, out.response_mask, ids.shape[1])
             seq_rows = [row for row in chunk for _ in range(cfg.num_samples)]
-            samples = TokenBatch.from_generation(out.sequences, prompt_mask, out.response_mask, out.logprobs)
+            samples = TokenBatch.from_generation(out.sequences, prompt_mask, out.response_mask)
             with common.autocast(self.device):
                 scores, _ = self.rewards(samples, seq_rows, texts)
             index, best = best_of(scores.float(), cfg.num_samples)
