@@ -237,7 +237,8 @@ def test_torch_compile_fullgraph(device, backend):
         lp, ent = rlhf_fast.logprobs_and_entropy(x, y, temperature=0.5)
         kl = rlhf_fast.kl_divergence(x, x.detach() * 0.5) if backend in L.KL_BACKENDS else 0.0
         pen = rlhf_fast.kl_penalty(lp, lp.detach() - 0.1, "k3")
-        return (lp + ent + kl + pen + rlhf_fast.logprobs(x, y) + rlhf_fast.entropy(x)).sum()
+        kept = rlhf_fast.logprobs(x, y, kept_threshold=x.detach().amax(-1) - 1.0)
+        return (lp + ent + kl + pen + rlhf_fast.logprobs(x, y) + rlhf_fast.entropy(x) + kept).sum()
 
     torch._dynamo.reset()
     with rlhf_fast.use_backend(backend):

@@ -202,7 +202,8 @@ void kept_row_grad(const T* x, int64_t vocab, float c, float gh, float ck, float
 // grad_z_j = g [j == y] + p_j (c - gH lp_j), lp_j = z_j - lse, c = gL - g - gH H; grad_x = grad_z / T.
 // (Written with lp_j rather than z_j so that large logits, e.g. 1e4, do not cancel catastrophically.)
 // -inf entries get 0. with_kept: logp = z_y - lse_kept, so the -g moves to the kept set:
-//   grad_z_j = g [j == y] + p_j (c - gH lp_j) + q_j ck,  c = gL - gH H,  ck = gK - g,  q_j = [j in K] e^(z_j - lse_kept);
+//   grad_z_j = g [j == y] + p_j (c - gH lp_j) + q_j ck,  c = gL - gH H,  ck = gK - g,
+//   q_j = [j in K] e^(z_j - lse_kept);
 // a row with threshold -inf keeps everything (q = p) and takes the plain formula with c = gL + gK - g - gH H; a row
 // with c = gH = 0 (log-probs alone) skips the p term (one exponential per entry, as without a threshold).
 template <typename T, bool with_kept>
@@ -427,7 +428,8 @@ at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_
       logprobs_bwd_kernel<scalar_t, decltype(with_kept)::value>(
           grad_logp.const_data_ptr<float>(), grad_entropy.const_data_ptr<float>(), grad_lse.const_data_ptr<float>(),
           kept ? grad_lse_kept->const_data_ptr<float>() : nullptr, logits,
-          labels ? labels->const_data_ptr<int64_t>() : nullptr, kept ? kept_threshold->const_data_ptr<float>() : nullptr,
+          labels ? labels->const_data_ptr<int64_t>() : nullptr,
+          kept ? kept_threshold->const_data_ptr<float>() : nullptr,
           lse.const_data_ptr<float>(), kept ? lse_kept->const_data_ptr<float>() : nullptr,
           entropy.const_data_ptr<float>(), static_cast<float>(1.0 / temperature), ignore_index,
           grad.data_ptr<scalar_t>());

@@ -341,7 +341,8 @@ def _(grad_logp, grad_entropy, grad_lse, grad_lse_kept, hidden, weight, bias, la
 
 
 def _linear_logprobs_setup(ctx, inputs, output):
-    hidden, weight, bias, labels, kept_threshold, temperature, ignore_index, compute_entropy, rows, cols, backend = inputs
+    hidden, weight, bias, labels, kept_threshold = inputs[:5]
+    temperature, ignore_index, compute_entropy, rows, cols, backend = inputs[5:]
     _, entropy, lse, lse_kept = output
     ctx.save_for_backward(hidden, weight, bias, labels, kept_threshold, lse, lse_kept, entropy)
     ctx.args = (temperature, ignore_index, compute_entropy, rows, cols, backend)

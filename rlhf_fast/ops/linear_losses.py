@@ -11,7 +11,8 @@ with its whole vocabulary, goes once through
 and backward only scales the saved gradients by the upstream scalar. Chunks: float32 logits within
 linear_cross_entropy.CHUNK_BYTES. The log-prob kernels run on the op's backend (cpp / cuda / triton / torch).
 
-PPO objective (docs/formulas.md), z = (hidden @ weight.T + bias) / temperature, logp_t and entropy H_t of z:
+PPO objective (docs/formulas.md), z = (hidden @ weight.T + bias) / temperature, logp_t and entropy H_t of z (with
+kept_threshold, logp_t is renormalised over the sampler's kept set, docs/formulas.md "Kept-set log-probs"):
   r_t = exp(clamp(logp_t - old_t, -20, 20));  pol_t = max(-A_t r_t, -A_t clamp(r_t, 1 - clip_low, 1 + clip_high));
   with dual clip c: where A_t < 0, pol_t = min(pol_t, -A_t c)
   loss = sum_t w_t (pol_t + kl_coef k(logp_t, ref_t) - entropy_coef H_t), over kept tokens (w_t != 0 and label
@@ -354,8 +355,8 @@ def linear_ppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Te
     rows = chunk_rows(rows_2d.shape[0], weight.shape[0], hidden.device)
     loss, stats, *_ = linear_ppo_loss_op(
         rows_2d, weight, bias, labels.reshape(-1).contiguous(), _flat(old_logp), _flat(advantages), _flat(weights),
-        _flat(ref_logp), kept_threshold, temperature, ignore_index, clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef,
-        rows, *_needs(hidden, weight, bias), backend)
+        _flat(ref_logp), kept_threshold, temperature, ignore_index, clip_low, clip_high, dual_clip, kl_coef, kl_kind,
+        entropy_coef, rows, *_needs(hidden, weight, bias), backend)
     return loss, dict(zip(PPO_STATS, stats.unbind()))
 
 

@@ -61,7 +61,8 @@ def kept_logprobs_ref(logits: Tensor, labels: Tensor, kept_threshold: Tensor, te
     x = logits if logits.dtype == torch.float64 else logits.float()
     keep = labels != ignore_index
     y = torch.where(keep, labels, 0)
-    kept = (x >= kept_threshold.to(x.dtype).unsqueeze(-1)) | (torch.arange(x.shape[-1], device=x.device) == y[..., None])
+    label_col = torch.arange(x.shape[-1], device=x.device) == y[..., None]
+    kept = (x >= kept_threshold.to(x.dtype).unsqueeze(-1)) | label_col
     kept = kept | ~keep[..., None]  # ignored rows (logp 0): any non-empty set, so that autograd sees no NaN
     z = x / temperature
     logp = z.gather(-1, y.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(torch.where(kept, z, float("-inf")), dim=-1)
@@ -380,7 +381,8 @@ def _kept_threshold(kept_threshold, labels) -> Optional[Tensor]:
         return None
     _checks.tensor(kept_threshold, "kept_threshold")
     if kept_threshold.dtype != torch.float32:
-        raise TypeError(f"kept_threshold must be float32 (the sampler's raw-logit threshold), got {kept_threshold.dtype}")
+        raise TypeError(f"kept_threshold must be float32 (the sampler's raw-logit threshold), "
+                        f"got {kept_threshold.dtype}")
     _checks.same_shape(kept_threshold, "kept_threshold", labels.shape, "labels.shape")
     _checks.same_device(kept_threshold, "kept_threshold", labels, "labels")
     if kept_threshold.device.type == "cpu" and not torch.compiler.is_compiling() and kept_threshold.numel() > 0:
