@@ -79,13 +79,20 @@ def _logprobs_fwd_kernel(
         x_label = tl.load(base + label, mask=in_range & (label != ignore_index), other=0.0).to(tl.float32)
         log_denominator = log_s
         if KEPT:
+            # the label below the threshold joins K (the union rule), log-added relative to m: the rest of K is
+            # empty or holds the row's max, so alone the label gives logp = 0 exactly, whatever its distance to m
             below = in_range & (label != ignore_index) & (x_label < threshold)
-            k += tl.where(below, tl.exp(x_label / temperature - _safe(m)), 0.0)
-            log_denominator = tl.where(lse != lse, lse, tl.log(k))  # no distribution (NaN lse): NaN
+            a = tl.log(k)
+            b = x_label / temperature - m
+            added = tl.where(a == float("-inf"), b, tl.maximum(a, b) + tl.log(1.0 + tl.exp(-tl.abs(a - b))))
+            log_denominator = tl.where(lse != lse, lse, tl.where(below, added, a))  # no distribution: NaN
         logp = tl.where(in_range, (x_label / temperature - m) - log_denominator, float("nan"))
         logp = tl.where(label == ignore_index, 0.0, logp)
     if KEPT:
-        tl.store(lse_kept_ptr + row, tl.where(lse != lse, lse, m + tl.log(k)))
+        if HAS_LABELS:
+            tl.store(lse_kept_ptr + row, m + log_denominator)
+        else:
+            tl.store(lse_kept_ptr + row, tl.where(lse != lse, lse, m + tl.log(k)))
     tl.store(logp_ptr + row, logp)
 
 

@@ -426,6 +426,23 @@ def test_kept_cases_by_hand(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
+def test_kept_label_far_below_the_max(device, backend):
+    """The union rule at a small temperature: a label thousands of nats below the row's max (its mass relative to
+    the max underflows float32) still counts; alone in the kept set it gives logp = 0 exactly."""
+    logits = torch.tensor([[1.5, -0.3], [10.0, -5.0]], device=device, requires_grad=True)
+    labels = torch.tensor([1, 1], device=device)
+    threshold = torch.tensor([5.0, 10.0], device=device)  # row 0: above every logit; row 1: keeps the max
+    with rlhf_fast.use_backend(backend):
+        lp = rlhf_fast.logprobs(logits, labels, temperature=1e-3, kept_threshold=threshold)
+    assert lp[0] == 0
+    torch.testing.assert_close(lp[1].double(), torch.tensor(-15000.0, dtype=torch.float64, device=device),
+                               rtol=1e-6, atol=0)
+    lp.sum().backward()
+    expected = torch.tensor([[0.0, 0.0], [-1000.0, 1000.0]], device=device)  # (onehot - q) / T
+    torch.testing.assert_close(logits.grad, expected, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_kept_threshold_neg_inf_is_plain_bit_for_bit(device, backend, dtype):
     logits, labels = make_inputs((3, 5), 1100, dtype, seed=11, device=device)

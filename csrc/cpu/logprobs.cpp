@@ -131,14 +131,23 @@ void logprobs_fwd_kernel(const at::Tensor& logits, const int64_t* labels, const 
       const int64_t y = labels != nullptr ? labels[r] : ignore_index;
       const bool has_label = y != ignore_index && y >= 0 && y < vocab;
       float denominator = row_lse;
-      if constexpr (with_kept) {
-        if (has_label && !(static_cast<float>(x[y]) >= thr)) st.k += std::exp(static_cast<float>(x[y]) * inv_t - st.m);
-        denominator = no_distribution ? row_lse : st.m + std::log(st.k);
-        lse_kept[r] = denominator;
-      }
       float lp = 0.f;
-      if (y != ignore_index) {
-        lp = has_label ? static_cast<float>(x[y]) * inv_t - denominator : std::numeric_limits<float>::quiet_NaN();
+      if (y != ignore_index && !has_label) lp = std::numeric_limits<float>::quiet_NaN();
+      if constexpr (with_kept) {
+        denominator = no_distribution ? row_lse : st.m + std::log(st.k);
+        if (has_label && !no_distribution && !(static_cast<float>(x[y]) >= thr)) {
+          // the label below the threshold joins K: log-add it in units relative to m. The rest of K is empty or
+          // holds the row's max (k >= 1); alone, the label gives logp = 0 exactly, whatever its distance to m.
+          const float a = std::log(st.k), b = static_cast<float>(x[y]) * inv_t - st.m;
+          const float rel = a == kNegInf ? b : std::max(a, b) + std::log1p(std::exp(-std::fabs(a - b)));
+          denominator = st.m + rel;
+          lp = b - rel;
+        } else if (has_label) {
+          lp = static_cast<float>(x[y]) * inv_t - denominator;
+        }
+        lse_kept[r] = denominator;
+      } else if (has_label) {
+        lp = static_cast<float>(x[y]) * inv_t - denominator;
       }
       logp[r] = lp;
     }

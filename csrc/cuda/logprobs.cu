@@ -214,9 +214,14 @@ __global__ void __launch_bounds__(kThreads)
   lse[row] = (st.m + log2s) * kLn2;
   entropy[row] = !kEntropy ? 0.f : st.s > 0.f ? (log2s - st.t / st.s) * kLn2 : NAN;
   float log2_denominator = log2s;
-  if constexpr (kKept) {  // the label is always kept (the union rule); a NaN row (s NaN) stays NaN
-    if (has_label && in_range && !(xy >= thr)) st.sk += ex2(fmaf(xy, k, -st.m));
+  if constexpr (kKept) {  // a NaN row (s NaN) stays NaN
     log2_denominator = st.s == st.s ? log2f(st.sk) : NAN;
+    if (has_label && in_range && !(xy >= thr)) {
+      // the label below the threshold joins K (the union rule), log-added in units relative to m: the rest of K is
+      // empty or holds the row's max, so alone the label gives logp = 0 exactly, whatever its distance to m.
+      const float a = log2_denominator, b = fmaf(xy, k, -st.m);
+      log2_denominator = a == -INFINITY ? b : fmaxf(a, b) + log2f(1.f + ex2(-fabsf(a - b)));
+    }
     lse_kept[row] = (st.m + log2_denominator) * kLn2;
   }
   // z_y - lse, taking u_y - m first (exactly ~0 for the argmax).
