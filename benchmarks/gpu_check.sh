@@ -5,7 +5,10 @@
 #   check.txt   versions, measured ceilings, test summary, benchmark tables
 #   logs.tar.gz build.log, tests.log, one JSON per benchmark
 #   so.tar.gz   the built extensions (carry them back as .gpu_build/ to skip the build next time)
-#   bash benchmarks/gpu_check.sh OUT_DIR [pytest -k expression] [benchmark names..., pipeline]
+#   bash benchmarks/gpu_check.sh OUT_DIR [pytest -k expression] [benchmark names..., kept, pipeline]
+# The kept-set log-probs (kept_threshold) are in both lists: their CUDA tests run under the default -k cuda, and
+# bench_logprobs prints the "kept-set vs plain" table first (target: kept / plain <= 1.10); for that alone:
+#   bash benchmarks/gpu_check.sh OUT_DIR kept kept
 # Budget: GPU_CHECK_BUDGET seconds (default 500); benchmarks that would run past it are skipped.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [pytest -k expr] [bench names]}
@@ -74,7 +77,11 @@ for name in $benches; do
   left=$((budget - SECONDS)); [ $left -gt 150 ] && left=150
   [ $left -lt 20 ] && { log "bench_$name: skipped (out of time)"; continue; }
   start=$SECONDS
-  if [ "$name" = pipeline ]; then  # the trainers on CUDA (bf16 autocast, fused ops): a shortened SFT -> RM -> PPO
+  if [ "$name" = kept ]; then  # the kept-set vs plain log-probs table alone
+    timeout $left python3 bench_logprobs.py --device cuda --reps 20 --kept-only --json "$logs/bench_kept.json" \
+      > "$logs/bench_$name.txt" 2>&1
+    rc=$?
+  elif [ "$name" = pipeline ]; then  # the trainers on CUDA (bf16 autocast, fused ops): a shortened SFT -> RM -> PPO
     (cd /tmp && timeout $left rlhf-fast pipeline --out /tmp/gpu_pipeline device=cuda progress=false \
       sft.num_examples=3000 sft.epochs=2 ppo.iterations=20 ppo.eval_prompts=192) > "$logs/bench_$name.txt" 2>&1
     rc=$?

@@ -35,19 +35,26 @@ def _safe(m):
 
 @triton.jit
 def _logprobs_fwd_kernel(
-    logits_ptr, labels_ptr, logp_ptr, entropy_ptr, lse_ptr,
+    logits_ptr, labels_ptr, threshold_ptr, logp_ptr, entropy_ptr, lse_ptr, lse_kept_ptr,
     V, row_stride, temperature, ignore_index,
-    HAS_LABELS: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_LABELS: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr, KEPT: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    # KEPT: one more sum, k = sum over raw logits >= threshold of exp(z - safe(m)), rescaled as s; the label is added
+    # at the end when it lies below the threshold; logp = z_y - lse_kept.
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * row_stride
     offs = tl.arange(0, BLOCK_V)
     m = tl.full([], float("-inf"), tl.float32)  # running max of z
     s = tl.zeros([], tl.float32)  # sum exp(z - safe(m))
     t = tl.zeros([], tl.float32)  # sum exp(z - safe(m)) * (z - safe(m))
+    k = tl.zeros([], tl.float32)  # sum over the kept entries of exp(z - safe(m))
+    threshold = float("-inf")
+    if KEPT:
+        threshold = tl.load(threshold_ptr + row)
     for start in range(0, V, BLOCK_V):
         cols = start + offs
-        z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32) / temperature
+        x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        z = x / temperature
         m_new = tl.maximum(m, tl.max(z, axis=0))
         ms_new = _safe(m_new)
         alpha = tl.exp(m - ms_new)  # the raw m: 0 while nothing was seen, even if ms_new is very negative
@@ -55,9 +62,12 @@ def _logprobs_fwd_kernel(
         if COMPUTE_ENTROPY:  # e > 0 drops -inf entries, whose e * (z - ms_new) would be 0 * -inf
             t = alpha * (t + (_safe(m) - ms_new) * s) + tl.sum(tl.where(e > 0, e * (z - ms_new), 0.0), axis=0)
         s = alpha * s + tl.sum(e, axis=0)
+        if KEPT:
+            k = alpha * k + tl.sum(tl.where(x >= threshold, e, 0.0), axis=0)
         m = m_new
     log_s = tl.log(s)
-    tl.store(lse_ptr + row, m + log_s)
+    lse = m + log_s
+    tl.store(lse_ptr + row, lse)
     if COMPUTE_ENTROPY:
         tl.store(entropy_ptr + row, log_s - t / s)
     else:
@@ -66,17 +76,32 @@ def _logprobs_fwd_kernel(
     if HAS_LABELS:
         label = tl.load(labels_ptr + row)
         in_range = (label >= 0) & (label < V)
-        z_label = tl.load(base + label, mask=in_range & (label != ignore_index), other=0.0).to(tl.float32)
-        logp = tl.where(in_range, (z_label / temperature - m) - log_s, float("nan"))
+        x_label = tl.load(base + label, mask=in_range & (label != ignore_index), other=0.0).to(tl.float32)
+        log_denominator = log_s
+        if KEPT:
+            # the label below the threshold joins K (the union rule), log-added relative to m: the rest of K is
+            # empty or holds the row's max, so alone the label gives logp = 0 exactly, whatever its distance to m
+            below = in_range & (label != ignore_index) & (x_label < threshold)
+            a = tl.log(k)
+            b = x_label / temperature - m
+            added = tl.where(a == float("-inf"), b, tl.maximum(a, b) + tl.log(1.0 + tl.exp(-tl.abs(a - b))))
+            log_denominator = tl.where(lse != lse, lse, tl.where(below, added, a))  # no distribution: NaN
+        logp = tl.where(in_range, (x_label / temperature - m) - log_denominator, float("nan"))
         logp = tl.where(label == ignore_index, 0.0, logp)
+    if KEPT:
+        if HAS_LABELS:
+            tl.store(lse_kept_ptr + row, m + log_denominator)
+        else:
+            tl.store(lse_kept_ptr + row, tl.where(lse != lse, lse, m + tl.log(k)))
     tl.store(logp_ptr + row, logp)
 
 
 @triton.jit
 def _logprobs_bwd_kernel(
-    grad_logp_ptr, grad_entropy_ptr, grad_lse_ptr, logits_ptr, labels_ptr, lse_ptr, entropy_ptr, grad_ptr,
+    grad_logp_ptr, grad_entropy_ptr, grad_lse_ptr, grad_lse_kept_ptr, logits_ptr, labels_ptr, threshold_ptr, lse_ptr,
+    lse_kept_ptr, entropy_ptr, grad_ptr,
     V, row_stride, temperature, ignore_index,
-    HAS_LABELS: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_LABELS: tl.constexpr, KEPT: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * row_stride
@@ -90,15 +115,33 @@ def _logprobs_bwd_kernel(
         label = tl.load(labels_ptr + row)
         has_label = (label != ignore_index) & (label >= 0) & (label < V)  # out-of-range labels: NaN logp, no grad
         g = tl.where(has_label, tl.load(grad_logp_ptr + row), 0.0)
+        label = tl.where(has_label, label, -1)  # the kept set's label, and where g goes
     # grad_z = p (c - gH lp) + g [col == label], lp = z - lse: written with lp, not z, so that large logits (1e4)
     # cancel exactly inside lp instead of catastrophically in c.
-    c = tl.load(grad_lse_ptr + row) - g - g_h * tl.load(entropy_ptr + row)
+    # KEPT: logp = z_y - lse_kept moves the -g onto q = [kept] exp(z - lse_kept): grad_z = p (gL - gH H - gH lp)
+    # + q (gK - g) + g [col == label]; a row with threshold -inf keeps everything (q = p) and takes the plain
+    # formula with gL + gK.
+    if KEPT:
+        threshold = tl.load(threshold_ptr + row)
+        lse_kept = tl.load(lse_kept_ptr + row)
+        g_k = tl.load(grad_lse_kept_ptr + row)
+        full = threshold == float("-inf")
+        c = tl.where(full, tl.load(grad_lse_ptr + row) + g_k - g, tl.load(grad_lse_ptr + row)) \
+            - g_h * tl.load(entropy_ptr + row)
+        c_k = tl.where(full, 0.0, g_k - g)
+    else:
+        c = tl.load(grad_lse_ptr + row) - g - g_h * tl.load(entropy_ptr + row)
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         mask = cols < V
-        lp = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32) / temperature - lse
+        x = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        lp = x / temperature - lse
         p = tl.exp(lp)
-        grad_z = p * (c - g_h * tl.where(p > 0, lp, 0.0)) + tl.where(cols == label, g, 0.0)
+        grad_z = p * (c - g_h * tl.where(p > 0, lp, 0.0))
+        if KEPT:
+            kept = (x >= threshold) | (cols == label)
+            grad_z += tl.where(kept & (x > float("-inf")), tl.exp(x / temperature - lse_kept) * c_k, 0.0)
+        grad_z += tl.where(cols == label, g, 0.0)
         tl.store(out + cols, (grad_z / temperature).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
@@ -182,34 +225,42 @@ def _kl_div_bwd_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def logprobs_fwd(logits: Tensor, labels: Optional[Tensor], temperature: float, ignore_index: int,
-                 compute_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """logits [N, V] float/bf16/fp16, labels int64 [N] or None -> (logp, entropy, lse), float32 [N] each."""
+def logprobs_fwd(logits: Tensor, labels: Optional[Tensor], kept_threshold: Optional[Tensor], temperature: float,
+                 ignore_index: int, compute_entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """logits [N, V] float/bf16/fp16, labels int64 [N] or None, kept_threshold float32 [N] or None
+    -> (logp, entropy, lse, lse_kept), float32 [N] each (lse_kept [0] without kept_threshold)."""
     N, V = logits.shape
     logp, entropy, lse = (torch.empty(N, dtype=torch.float32, device=logits.device) for _ in range(3))
+    lse_kept = torch.empty(N if kept_threshold is not None else 0, dtype=torch.float32, device=logits.device)
     if N == 0:
-        return logp, entropy, lse
+        return logp, entropy, lse, lse_kept
     block_v, num_warps = _launch_config(V)
     _logprobs_fwd_kernel[(N,)](
-        logits, logits if labels is None else labels, logp, entropy, lse,
+        logits, logits if labels is None else labels, lse if kept_threshold is None else kept_threshold,
+        logp, entropy, lse, lse if kept_threshold is None else lse_kept,
         V, logits.stride(0), float(temperature), int(ignore_index),
-        HAS_LABELS=labels is not None, COMPUTE_ENTROPY=bool(compute_entropy), BLOCK_V=block_v, num_warps=num_warps,
+        HAS_LABELS=labels is not None, COMPUTE_ENTROPY=bool(compute_entropy), KEPT=kept_threshold is not None,
+        BLOCK_V=block_v, num_warps=num_warps,
     )
-    return logp, entropy, lse
+    return logp, entropy, lse, lse_kept
 
 
-def logprobs_bwd(grad_logp: Tensor, grad_entropy: Tensor, grad_lse: Tensor, logits: Tensor, labels: Optional[Tensor],
-                 lse: Tensor, entropy: Tensor, temperature: float, ignore_index: int) -> Tensor:
-    """grad_* float32 [N] (zeros where unused) -> grad_logits [N, V] in logits.dtype, contiguous."""
+def logprobs_bwd(grad_logp: Tensor, grad_entropy: Tensor, grad_lse: Tensor, grad_lse_kept: Optional[Tensor],
+                 logits: Tensor, labels: Optional[Tensor], kept_threshold: Optional[Tensor], lse: Tensor,
+                 lse_kept: Optional[Tensor], entropy: Tensor, temperature: float, ignore_index: int) -> Tensor:
+    """grad_* float32 [N] (zeros where unused) -> grad_logits [N, V] in logits.dtype, contiguous.
+    grad_lse_kept, kept_threshold, lse_kept: all three or none."""
     N, V = logits.shape
     grad = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
     if N == 0:
         return grad
     block_v, num_warps = _launch_config(V)
+    kept = kept_threshold is not None
     _logprobs_bwd_kernel[(N,)](
-        grad_logp, grad_entropy, grad_lse, logits, logits if labels is None else labels, lse, entropy, grad,
+        grad_logp, grad_entropy, grad_lse, grad_lse_kept if kept else lse, logits, logits if labels is None else labels,
+        kept_threshold if kept else lse, lse, lse_kept if kept else lse, entropy, grad,
         V, logits.stride(0), float(temperature), int(ignore_index),
-        HAS_LABELS=labels is not None, BLOCK_V=block_v, num_warps=num_warps,
+        HAS_LABELS=labels is not None, KEPT=kept, BLOCK_V=block_v, num_warps=num_warps,
     )
     return grad
 

@@ -2,7 +2,7 @@
 deterministic and fast): odd/empty/one-element shapes, the three float dtypes, non-contiguous and expanded views,
 +-inf / NaN / +-1e4 logits, extreme temperatures, vocabularies up to 200k, labels at 0, V-1, ignore_index (also inside
 [0, V)) and out of range, masks all-zero / all-one / with holes, kl_penalty, the fused hidden-state (linear) ops, on
-the cpp, torch and (tiny shapes) triton backends. Regressions found this way live in test_edge_cases.py.
+the cpp, torch and (tiny shapes) triton backends; log-probs over a kept set (kept_threshold) too. Regressions found this way live in test_edge_cases.py.
 
 Each test counts the examples it checked (those not skipped as too large for the Triton interpreter); the counts are
 printed at the end of the module's run ("fuzz examples checked"), for the record of what the suite covers.
@@ -166,6 +166,54 @@ def test_logprobs_entropy_kl(backend, data, temperature):
             close(grad[rows], g[rows], x.dtype, f"grad {name}", zs / temperature)
     for fused, alone in ((lp2, outs["logprobs"][0]), (h2, outs["entropy"][0])):  # the fused op: the same numbers
         torch.testing.assert_close(fused, alone.detach(), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", CPU)
+@FUZZ
+@given(data=logit_rows(), temperature=st.sampled_from([1.0, 0.7, 1e-3, 50.0]),
+       where=st.sampled_from(["a logit", "the label's logit", "-inf", "above all", "mixed"]))
+def test_kept_logprobs(backend, data, temperature, where):
+    """logprobs with kept_threshold (the kept set {x >= m} plus the label) against the float64 sort-free reference,
+    values and gradients; rows without a distribution (NaN / +inf / only -inf) are NaN, as without a threshold."""
+    from rlhf_fast.ops.token_logprobs import kept_logprobs_ref
+
+    x, labels, ignore_index = data
+    if backend == "triton" and x.numel() > 120:
+        return
+    if not checked("kept_logprobs", backend):
+        return
+    n, v = x.shape
+    g = torch.Generator().manual_seed(n * 131 + v)
+    xf = x.float()
+    finite = torch.where(xf.isfinite(), xf, 0.0)
+    pick = finite.gather(1, torch.randint(0, v, (n, 1), generator=g)).squeeze(1)
+    label_logit = finite.gather(1, torch.where(labels == ignore_index, 0, labels)[:, None].clamp(0, v - 1))[:, 0]
+    choices = {"a logit": pick, "the label's logit": label_logit, "-inf": torch.full((n,), -math.inf),
+               "above all": finite.amax(-1) + 1.0 if n else torch.zeros(0)}
+    threshold = choices.get(where)
+    if threshold is None:  # each row one of the others
+        stacked = torch.stack(list(choices.values()), -1) if n else torch.zeros(0, 4)
+        threshold = stacked.gather(1, torch.randint(0, 4, (n, 1), generator=g)).squeeze(1)
+    keep = labels != ignore_index
+    no_distribution = xf.isnan().any(-1) | (xf == math.inf).any(-1) | (xf == -math.inf).all(-1)
+    e = x.double().requires_grad_()
+    exact = kept_logprobs_ref(e, labels, threshold, temperature, ignore_index)
+    exact = torch.where(no_distribution & keep, math.nan, exact)
+    leaf = x.detach().clone().requires_grad_()
+    with rlhf_fast.use_backend(backend):
+        out = rlhf_fast.logprobs(leaf, labels, temperature=temperature, ignore_index=ignore_index,
+                                 kept_threshold=threshold)
+        lp2, _ = rlhf_fast.logprobs_and_entropy(x, labels, temperature=temperature, ignore_index=ignore_index,
+                                                kept_threshold=threshold)
+    zs = finite.abs().max().item() / temperature if x.numel() else 1.0
+    close(out, exact, x.dtype, "kept logprobs", zs)
+    torch.testing.assert_close(lp2, out.detach(), rtol=0, atol=0, equal_nan=True)
+    if x.numel():
+        out.sum().backward()
+        rows = ~no_distribution  # the reference's gradient of a row without a distribution is not the contract's
+        grad = exact_grad(torch.where(no_distribution & keep, 0.0, exact), e)
+        close(leaf.grad[rows], grad[rows], x.dtype, "grad kept logprobs", zs / temperature)
+        assert leaf.grad[no_distribution & keep].isnan().all()
 
 
 @pytest.mark.parametrize("backend", [b for b in CPU if b != "triton"])

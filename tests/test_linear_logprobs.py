@@ -35,12 +35,14 @@ def make_inputs(shape, hidden_size, vocab, dtype, bias=True, ignore_index=-100, 
     return tuple(None if x is None else x.to(device) for x in (hidden, weight, b, labels))
 
 
-def exact(hidden, weight, bias, labels, temperature, ignore_index):
+def exact(hidden, weight, bias, labels, temperature, ignore_index, kept_threshold=None):
     """The same in float64 throughout: the ground truth of the tolerance rule."""
-    z = (hidden.double() @ weight.double().T + (bias.double() if bias is not None else 0)) / temperature
-    logp_all = torch.log_softmax(z, dim=-1)
+    x = hidden.double() @ weight.double().T + (bias.double() if bias is not None else 0)
+    logp_all = torch.log_softmax(x / temperature, dim=-1)
     keep = labels != ignore_index
     picked = logp_all.gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1)
+    if kept_threshold is not None:  # renormalised over the kept set (mask x >= m, plus the label)
+        picked = ll.kept_logprobs_ref(x, labels, kept_threshold, temperature, ignore_index)
     return torch.where(keep, picked, 0.0), -(logp_all.exp() * logp_all).sum(-1)
 
 
@@ -52,7 +54,7 @@ def values_and_grads(fn, inputs, grad_logp, grad_entropy):
     return [logp, ent, *torch.autograd.grad(loss, wanted)]
 
 
-def check_against_reference(inputs, temperature=1.0, ignore_index=-100, backend=None):
+def check_against_reference(inputs, temperature=1.0, ignore_index=-100, backend=None, kept_threshold=None):
     shape = inputs[3].shape
     g = torch.Generator().manual_seed(1)
     grad_logp = torch.randn(shape, generator=g).double().to(inputs[0].device)
@@ -60,14 +62,14 @@ def check_against_reference(inputs, temperature=1.0, ignore_index=-100, backend=
 
     def ours(h, w, b, y):
         return rlhf_fast.linear_logprobs(h, w, y, bias=b, temperature=temperature, ignore_index=ignore_index,
-                                         return_entropy=True)
+                                         return_entropy=True, kept_threshold=kept_threshold)
 
     with rlhf_fast.use_backend(backend) if backend else contextlib.nullcontext():
         out = values_and_grads(ours, inputs, grad_logp, grad_entropy)
-    ref = values_and_grads(lambda h, w, b, y: ll.linear_logprobs_ref(h, w, y, b, temperature, ignore_index), inputs, grad_logp,
-                           grad_entropy)
-    ex = values_and_grads(lambda h, w, b, y: exact(h, w, b, y, temperature, ignore_index), inputs, grad_logp,
-                          grad_entropy)
+    ref = values_and_grads(lambda h, w, b, y: ll.linear_logprobs_ref(h, w, y, b, temperature, ignore_index,
+                                                                     kept_threshold), inputs, grad_logp, grad_entropy)
+    ex = values_and_grads(lambda h, w, b, y: exact(h, w, b, y, temperature, ignore_index, kept_threshold), inputs,
+                          grad_logp, grad_entropy)
     names = ["logp", "entropy", "grad_hidden", "grad_weight", "grad_bias"]
     for name, o, r, e in zip(names, out, ref, ex):
         assert o.shape == e.shape, name
@@ -162,6 +164,60 @@ def test_tile_shape_bounded_by_budget(tiles_of):
     assert ll.tile_shape(10**6, 7, cpu)[1] == 7  # a small vocabulary keeps whole rows
 
 
+def robust_thresholds(inputs):
+    """Per-row kept thresholds halfway across the widest gap among the sorted float64 logits 3..30 (far from every
+    logit, so that the dtype's rounding of the logits cannot move a token across it); rows 1 mod 4 everything kept
+    (-inf), rows 3 mod 4 above every logit (only the label kept). Most random labels then lie below the threshold:
+    the union rule."""
+    hidden, weight, bias, _ = inputs
+    x = (hidden.double() @ weight.double().T + (bias.double() if bias is not None else 0)).reshape(-1, weight.shape[0])
+    top = x.sort(-1, descending=True).values[:, 3:31]
+    gaps = top[:, :-1] - top[:, 1:]
+    j = gaps.argmax(-1, keepdim=True)
+    threshold = ((top.gather(1, j) + top.gather(1, j + 1)) / 2).squeeze(1)
+    rows = torch.arange(x.shape[0], device=x.device)
+    threshold = torch.where(rows % 4 == 1, float("-inf"), threshold)
+    threshold = torch.where(rows % 4 == 3, x.amax(-1) + 1.0, threshold)
+    return threshold.float().reshape(inputs[3].shape)
+
+
+@pytest.mark.parametrize("device, backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("budget", [21 * 21, 37 * 101], ids=["2d-tiles", "one-tile"])
+def test_kept_matches_reference(device, backend, dtype, budget, tiles_of):
+    # lse_kept merged over column tiles; the label's tile adds it to its kept set
+    tiles_of(budget)
+    inputs = make_inputs((37,), 24, 101, dtype, device=device)
+    check_against_reference(inputs, temperature=0.7, backend=backend, kept_threshold=robust_thresholds(inputs))
+
+
+@pytest.mark.parametrize("device, backend", BACKENDS)
+def test_kept_threshold_neg_inf_is_plain_bit_for_bit(device, backend, tiles_of):
+    tiles_of(21 * 21)
+    hidden, weight, bias, labels = make_inputs((37,), 24, 101, torch.bfloat16, device=device)
+    g = torch.Generator().manual_seed(5)
+    g_lp, g_ent = (torch.randn(37, generator=g).to(device) for _ in range(2))
+    outs = []
+    for threshold in (None, torch.full((37,), float("-inf"), device=device)):
+        leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+        with rlhf_fast.use_backend(backend):
+            logp, ent = rlhf_fast.linear_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], temperature=0.9,
+                                                  return_entropy=True, kept_threshold=threshold)
+        outs.append([logp, ent, *torch.autograd.grad((logp * g_lp + ent * g_ent).sum(), leaves)])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_kept_threshold_validation():
+    hidden, weight, _, labels = make_inputs((2, 3), 4, 10, torch.float32)
+    with pytest.raises(TypeError, match="kept_threshold must be float32"):
+        rlhf_fast.linear_logprobs(hidden, weight, labels, kept_threshold=torch.zeros(2, 3, dtype=torch.float16))
+    with pytest.raises(ValueError, match="kept_threshold must have shape"):
+        rlhf_fast.linear_logprobs(hidden, weight, labels, kept_threshold=torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="kept_threshold.* is NaN"):
+        rlhf_fast.linear_logprobs(hidden, weight, labels, kept_threshold=torch.full((2, 3), float("nan")))
+
+
 class _LargestAllocation(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -180,9 +236,10 @@ def test_never_materializes_all_logits():
     hidden, weight, bias, labels = make_inputs((n,), hidden_size, vocab, torch.float32)
     zeros = torch.zeros(n)
     with _LargestAllocation() as mode:
-        _, entropy, lse = ll._linear_logprobs_fwd(hidden, weight, bias, labels, 1.0, -100, True, rows, cols, "cpp")
-        ll._linear_logprobs_bwd(torch.randn(n), zeros, zeros, hidden, weight, bias, labels, lse, entropy, 1.0, -100,
-                                rows, cols, True, True, True, "cpp")
+        _, entropy, lse, _ = ll._linear_logprobs_fwd(hidden, weight, bias, labels, None, 1.0, -100, True, rows, cols,
+                                                     "cpp")
+        ll._linear_logprobs_bwd(torch.randn(n), zeros, zeros, None, hidden, weight, bias, labels, None, lse, None,
+                                entropy, 1.0, -100, rows, cols, True, True, True, "cpp")
     assert mode.largest <= max(rows * cols, vocab * hidden_size, n * hidden_size) < n * vocab
 
 
@@ -192,14 +249,22 @@ def test_opcheck(device, backend):
     hidden.requires_grad_()
     weight.requires_grad_()
     bias.requires_grad_()
-    torch.library.opcheck(ll.linear_logprobs_op, (hidden, weight, bias, labels, 0.9, -100, True, 4, 10, backend))
-    torch.library.opcheck(ll.linear_logprobs_op, (hidden, weight, None, labels, 1.0, -100, False, 9, 33, backend))
-    _, entropy, lse = ll.linear_logprobs_op(hidden, weight, bias, labels, 0.9, -100, True, 4, 10, backend)
-    grads = [torch.randn(9, device=device) for _ in range(3)]
-    args = (*grads, hidden.detach(), weight.detach(), bias.detach(), labels, lse.detach(), entropy.detach(), 0.9,
-            -100, 4, 10)
+    thr = torch.full((9,), 0.5, device=device)
+    thr[0] = float("-inf")
+    torch.library.opcheck(ll.linear_logprobs_op, (hidden, weight, bias, labels, None, 0.9, -100, True, 4, 10, backend))
+    torch.library.opcheck(ll.linear_logprobs_op, (hidden, weight, None, labels, None, 1.0, -100, False, 9, 33, backend))
+    torch.library.opcheck(ll.linear_logprobs_op, (hidden, weight, bias, labels, thr, 0.9, -100, True, 4, 10, backend))
+    _, entropy, lse, _ = ll.linear_logprobs_op(hidden, weight, bias, labels, None, 0.9, -100, True, 4, 10, backend)
+    grads = [torch.randn(9, device=device) for _ in range(4)]
+    args = (*grads[:3], None, hidden.detach(), weight.detach(), bias.detach(), labels, None, lse.detach(), None,
+            entropy.detach(), 0.9, -100, 4, 10)
     torch.library.opcheck(ll.linear_logprobs_backward_op, (*args, True, True, True, backend))
     torch.library.opcheck(ll.linear_logprobs_backward_op, (*args, False, True, False, backend))
+    _, entropy, lse, lse_kept = ll.linear_logprobs_op(hidden, weight, bias, labels, thr, 0.9, -100, True, 4, 10,
+                                                      backend)
+    args = (*grads, hidden.detach(), weight.detach(), bias.detach(), labels, thr, lse.detach(), lse_kept.detach(),
+            entropy.detach(), 0.9, -100, 4, 10)
+    torch.library.opcheck(ll.linear_logprobs_backward_op, (*args, True, True, True, backend))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

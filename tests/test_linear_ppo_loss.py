@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 import torch
-from test_linear_logprobs import make_inputs
+from test_linear_logprobs import make_inputs, robust_thresholds
 
 import rlhf_fast
 from _testing import assert_within_ref_error, device_backends
@@ -59,11 +59,13 @@ def objective64(logp, ent, old, adv, ref, w, keep, *, clip_low, clip_high, dual_
     return torch.where(keep, z(w) * tok, 0.0).sum()
 
 
-def exact(hidden, weight, bias, labels, old, adv, ref, w, temperature, ignore_index, **kw):
-    zz = (hidden.double() @ weight.double().T + (bias.double() if bias is not None else 0)) / temperature
-    logp_all = torch.log_softmax(zz, -1)
+def exact(hidden, weight, bias, labels, old, adv, ref, w, temperature, ignore_index, kept_threshold=None, **kw):
+    x = hidden.double() @ weight.double().T + (bias.double() if bias is not None else 0)
+    logp_all = torch.log_softmax(x / temperature, -1)
     keep = (labels != ignore_index) & (w != 0)
     logp = logp_all.gather(-1, torch.where(labels != ignore_index, labels, 0).unsqueeze(-1)).squeeze(-1)
+    if kept_threshold is not None:  # the log-prob renormalised over the kept set (mask x >= m, plus the label)
+        logp = rlhf_fast.ops.token_logprobs.kept_logprobs_ref(x, labels, kept_threshold, temperature, ignore_index)
     ent = -(logp_all.exp() * logp_all).sum(-1)
     return objective64(logp, ent, old, adv, ref, w, keep, **kw)
 
@@ -82,7 +84,7 @@ KW = [
 ]
 
 
-def check(inputs, kw, *, temperature=1.0, ignore_index=-100, backend=None, seed=1):
+def check(inputs, kw, *, temperature=1.0, ignore_index=-100, backend=None, seed=1, kept_threshold=None):
     hidden, weight, bias, labels = inputs
     old, adv, ref, w = side_inputs(labels, seed)
     ref = ref if kw["kl_coef"] else None
@@ -90,15 +92,15 @@ def check(inputs, kw, *, temperature=1.0, ignore_index=-100, backend=None, seed=
 
     def ours(h, wt, b):
         return rlhf_fast.linear_ppo_loss(h, wt, *args, bias=b, temperature=temperature, ref_logp=ref,
-                                         ignore_index=ignore_index, **kw)
+                                         ignore_index=ignore_index, kept_threshold=kept_threshold, **kw)
 
     with rlhf_fast.use_backend(backend) if backend else contextlib.nullcontext():
         out = loss_and_grads(ours, inputs)
     same = loss_and_grads(lambda h, wt, b: ll.linear_ppo_loss_ref(h, wt, *args, bias=b, temperature=temperature,
-                                                                  ref_logp=ref, ignore_index=ignore_index, **kw),
-                          inputs)
-    ex = loss_and_grads(lambda h, wt, b: exact(h, wt, b, labels, old, adv, ref, w, temperature, ignore_index, **kw),
-                        inputs)
+                                                                  ref_logp=ref, ignore_index=ignore_index,
+                                                                  kept_threshold=kept_threshold, **kw), inputs)
+    ex = loss_and_grads(lambda h, wt, b: exact(h, wt, b, labels, old, adv, ref, w, temperature, ignore_index,
+                                               kept_threshold, **kw), inputs)
     for name, o, r, e in zip(["loss", "grad_hidden", "grad_weight", "grad_bias"], out, same, ex):
         assert o.shape == e.shape, name
         assert o.dtype == (torch.float32 if name == "loss" else hidden.dtype), name
@@ -188,10 +190,14 @@ def test_opcheck(device, backend):
     old, adv, ref, w = (torch.nan_to_num(x) for x in side_inputs(labels))
     for x in (hidden, weight, bias):
         x.requires_grad_()
-    torch.library.opcheck(ll.linear_ppo_loss_op, (hidden, weight, bias, labels, old, adv, w, ref, 0.9, -100, 0.2,
-                                                  0.28, 3.0, 0.1, "k3", 0.01, 4, True, True, True, backend))
-    torch.library.opcheck(ll.linear_ppo_loss_op, (hidden, weight, None, labels, old, adv, w, None, 1.0, -100, 0.2,
-                                                  0.2, None, 0.0, "k3", 0.0, 9, False, True, False, backend))
+    thr = torch.full((9,), 0.3, device=device)
+    thr[2] = float("-inf")
+    torch.library.opcheck(ll.linear_ppo_loss_op, (hidden, weight, bias, labels, old, adv, w, ref, None, 0.9, -100,
+                                                  0.2, 0.28, 3.0, 0.1, "k3", 0.01, 4, True, True, True, backend))
+    torch.library.opcheck(ll.linear_ppo_loss_op, (hidden, weight, None, labels, old, adv, w, None, None, 1.0, -100,
+                                                  0.2, 0.2, None, 0.0, "k3", 0.0, 9, False, True, False, backend))
+    torch.library.opcheck(ll.linear_ppo_loss_op, (hidden, weight, bias, labels, old, adv, w, ref, thr, 0.9, -100,
+                                                  0.2, 0.28, 3.0, 0.1, "k3", 0.01, 4, True, True, True, backend))
 
 
 def test_torch_compile_fullgraph():
@@ -251,3 +257,53 @@ def test_equals_ppo_objective_on_the_linear_logprobs():
     logp, ent = rlhf_fast.linear_logprobs(hidden, weight, labels, return_entropy=True)
     ref, _ = rlhf_fast.ppo_objective(logp, old_logp, adv, w, entropy=ent, **kw)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device, backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kept_matches_reference(device, backend, dtype, chunk_of):
+    chunk_of(8, 101)
+    inputs = make_inputs((37,), 24, 101, dtype, device=device)
+    check(inputs, KW[1], temperature=0.7, backend=backend, kept_threshold=robust_thresholds(inputs))
+
+
+@pytest.mark.parametrize("device, backend", BACKENDS)
+def test_kept_threshold_neg_inf_is_plain_bit_for_bit(device, backend, chunk_of):
+    chunk_of(8, 101)
+    inputs = make_inputs((37,), 24, 101, torch.bfloat16, device=device)
+    old, adv, ref, w = side_inputs(inputs[3])
+    outs = []
+    for threshold in (None, torch.full((37,), float("-inf"), device=device)):
+        with rlhf_fast.use_backend(backend):
+            outs.append(loss_and_grads(lambda h, wt, b: rlhf_fast.linear_ppo_loss(
+                h, wt, inputs[3], old, adv, w, bias=b, ref_logp=ref, kept_threshold=threshold, **KW[1]), inputs))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_kept_equals_ppo_objective_on_the_kept_logprobs():
+    """With kept_threshold the fused loss is ppo_objective on linear_logprobs(..., kept_threshold) and the full
+    entropy."""
+    hidden, weight, bias, labels = make_inputs((37,), 16, 53, torch.float32)
+    threshold = robust_thresholds((hidden, weight, bias, labels))
+    old, adv, ref, _ = (torch.nan_to_num(x) for x in side_inputs(labels))
+    w = rlhf_fast.loss_weights(labels != -100, "token-mean")
+    kw = dict(ref_logp=ref, kl_coef=0.1, kl_kind="k3", entropy_coef=0.01, clip_low=0.2, clip_high=0.28)
+    loss, stats = rlhf_fast.linear_ppo_loss(hidden, weight, labels, old, adv, w, bias=bias, kept_threshold=threshold,
+                                            **kw)
+    logp, ent = rlhf_fast.linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True,
+                                          kept_threshold=threshold)
+    expected, expected_stats = rlhf_fast.ppo_objective(logp, old, adv, w, entropy=ent, **kw)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats["entropy"], expected_stats["entropy"], rtol=1e-5, atol=1e-6)
+    plain, _ = rlhf_fast.linear_ppo_loss(hidden, weight, labels, old, adv, w, bias=bias, **kw)
+    assert not torch.allclose(loss, plain)  # the kept set changes the log-probs
+
+
+def test_kept_threshold_validation():
+    hidden, weight, _, labels = make_inputs((6,), 8, 20, torch.float32)
+    old, adv, _, w = side_inputs(labels)
+    with pytest.raises(TypeError, match="kept_threshold must be float32"):
+        rlhf_fast.linear_ppo_loss(hidden, weight, labels, old, adv, w, kept_threshold=torch.zeros(6).double())
+    with pytest.raises(ValueError, match="kept_threshold must have shape"):
+        rlhf_fast.linear_ppo_loss(hidden, weight, labels, old, adv, w, kept_threshold=torch.zeros(5))

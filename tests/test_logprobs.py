@@ -134,7 +134,7 @@ def test_out_of_range_label_inside_the_op_gives_nan(device, backend):
     # The public API rejects it on CPU; the kernels themselves (what runs on CUDA, unchecked) must not read past V.
     logits = torch.randn(3, 20, device=device)
     labels = torch.tensor([3, 20, -7], device=device)
-    logp, _, _ = L.logprobs_entropy_op(logits, labels, 1.0, -100, False, backend)
+    logp, _, _, _ = L.logprobs_entropy_op(logits, labels, None, 1.0, -100, False, backend)
     assert torch.isfinite(logp[0]) and torch.isnan(logp[1]) and torch.isnan(logp[2])
 
 
@@ -210,9 +210,15 @@ def test_kl_penalty_k3_hand_computed():
 def test_opcheck(device, backend):
     x = torch.randn(6, 33, device=device, requires_grad=True)
     y = torch.randint(0, 33, (6,), device=device)
-    torch.library.opcheck(L.logprobs_entropy_op, (x, y, 0.7, -100, True, backend))
-    torch.library.opcheck(L.logprobs_entropy_op, (x, None, 1.0, -100, True, backend))
-    torch.library.opcheck(L.logprobs_entropy_op, (x.detach().bfloat16().requires_grad_(), y, 1.0, -100, False, backend))
+    thr = x.detach().median(-1).values
+    thr[0] = float("-inf")
+    torch.library.opcheck(L.logprobs_entropy_op, (x, y, None, 0.7, -100, True, backend))
+    torch.library.opcheck(L.logprobs_entropy_op, (x, None, None, 1.0, -100, True, backend))
+    torch.library.opcheck(L.logprobs_entropy_op,
+                          (x.detach().bfloat16().requires_grad_(), y, None, 1.0, -100, False, backend))
+    torch.library.opcheck(L.logprobs_entropy_op, (x, y, thr, 0.7, -100, True, backend))
+    torch.library.opcheck(L.logprobs_entropy_op,
+                          (x.detach().bfloat16().requires_grad_(), y, thr, 1.0, -100, False, backend))
     if backend in L.KL_BACKENDS:
         torch.library.opcheck(L.kl_divergence_op, (x, torch.randn(6, 33, device=device), 0.7, backend))
 
@@ -231,7 +237,8 @@ def test_torch_compile_fullgraph(device, backend):
         lp, ent = rlhf_fast.logprobs_and_entropy(x, y, temperature=0.5)
         kl = rlhf_fast.kl_divergence(x, x.detach() * 0.5) if backend in L.KL_BACKENDS else 0.0
         pen = rlhf_fast.kl_penalty(lp, lp.detach() - 0.1, "k3")
-        return (lp + ent + kl + pen + rlhf_fast.logprobs(x, y) + rlhf_fast.entropy(x)).sum()
+        kept = rlhf_fast.logprobs(x, y, kept_threshold=x.detach().amax(-1) - 1.0)
+        return (lp + ent + kl + pen + rlhf_fast.logprobs(x, y) + rlhf_fast.entropy(x) + kept).sum()
 
     torch._dynamo.reset()
     with rlhf_fast.use_backend(backend):
@@ -318,6 +325,182 @@ def test_info_lists_backends_and_ops():
     assert "cpp" in out.stdout and "logprobs_and_entropy" in out.stdout and "torch " in out.stdout
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Kept-set log-probs (kept_threshold): renormalised over {v : logits_v >= m} plus the label; entropy stays full.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def eager_kept(logits, labels, threshold, temperature, ignore_index=-100):
+    """(kept logp, full entropy) by plain PyTorch in the dtype of ``logits``: the mask, then log_softmax over it."""
+    keep = labels != ignore_index
+    y = torch.where(keep, labels, 0)
+    kept = (logits >= threshold.to(logits.dtype)[..., None]) | (torch.arange(logits.shape[-1], device=logits.device)
+                                                                == y[..., None]) | ~keep[..., None]
+    z = logits / temperature
+    lp_kept = torch.log_softmax(torch.where(kept, z, float("-inf")), dim=-1)
+    logp = torch.where(keep, lp_kept.gather(-1, y.unsqueeze(-1)).squeeze(-1), 0.0)
+    return logp, eager(logits, labels, temperature, ignore_index)[1]
+
+
+def kept_inputs(shape, vocab, dtype, seed=0, device="cpu"):
+    """Logits, labels and thresholds covering the cases of the contract: a threshold at a random logit (several
+    logits tied exactly at it), everything kept (-inf), a label below the threshold (the union rule), a threshold
+    above every logit (only the label kept), ignored labels."""
+    logits, labels = make_inputs(shape, vocab, dtype, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    flat, flat_labels = logits.view(-1, vocab), labels.view(-1)
+    n = flat.shape[0]
+    pick = torch.randint(0, vocab, (n,), generator=gen)
+    threshold = flat.float().gather(1, pick[:, None]).squeeze(1)
+    if vocab >= 8:  # ties at the threshold: three more logits exactly equal to it
+        flat[:, torch.randint(0, vocab, (3,), generator=gen)] = threshold[:, None].to(dtype)
+        threshold = flat.float().gather(1, pick[:, None]).squeeze(1)
+    cases = torch.arange(n) % 4
+    threshold = torch.where(cases == 1, float("-inf"), threshold)
+    threshold = torch.where(cases == 3, flat.float().amax(-1) + 1.0, threshold)
+    below = (cases == 2) & (flat_labels >= 0)  # put the label strictly below its row's threshold
+    if below.any() and vocab > 1:
+        rows = below.nonzero().squeeze(1)
+        lowest = flat.float().amin(-1)
+        threshold[rows] = torch.maximum(threshold[rows], lowest[rows] + 0.5)
+        flat[rows, flat_labels[rows]] = (lowest[rows] - 1.0).to(dtype)
+    return logits.to(device), labels.to(device), threshold.view(shape).to(device)
+
+
+def check_kept_against_reference(backend, logits, labels, threshold, temperature, name):
+    gen = torch.Generator().manual_seed(2)
+    g_lp = torch.randn(labels.shape, generator=gen).to(logits.device)
+    g_ent = torch.randn(labels.shape, generator=gen).to(logits.device)
+
+    def run(fn, x):
+        x = x.detach().requires_grad_()
+        lp, ent = fn(x)
+        (lp.double() * g_lp.double() + ent.double() * g_ent.double()).sum().backward()
+        return lp.detach(), ent.detach(), x.grad
+
+    with rlhf_fast.use_backend(backend):
+        out = run(lambda x: rlhf_fast.logprobs_and_entropy(x, labels, temperature=temperature,
+                                                           kept_threshold=threshold), logits)
+    exact = run(lambda x: eager_kept(x, labels, threshold, temperature), logits.double())
+    lowp = run(lambda x: eager_kept(x, labels, threshold, temperature), logits)
+    for what, o, e, r in zip(("logp", "entropy", "grad"), out, exact, lowp):
+        assert o.dtype == (logits.dtype if what == "grad" else torch.float32)
+        assert_within_ref_error(o, r, e, name=f"{name} {what}")
+    # the sort-free float64 reference of the op (autograd for its gradient)
+    x64 = logits.double().requires_grad_()
+    ref = L.kept_logprobs_ref(x64, labels, threshold, temperature)
+    torch.testing.assert_close(ref, exact[0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab", [1, 9, 1000, 50257])
+def test_kept_logprobs_match_reference(device, backend, dtype, vocab):
+    if backend == "triton" and device == "cpu" and vocab > SMALL_FOR_TRITON:
+        pytest.skip("large vocabularies are too slow in the Triton interpreter (run on GPU by gpu_check.sh)")
+    shape = (3, 4) if vocab < 5000 else (4,)
+    logits, labels, threshold = kept_inputs(shape, vocab, dtype, device=device)
+    check_kept_against_reference(backend, logits, labels, threshold, 0.7, f"{backend} {dtype} V={vocab} kept")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_kept_cases_by_hand(device, backend):
+    """Ties at the threshold are all kept; a threshold above every logit keeps the label alone (logp 0, gradient
+    0); a label below the threshold joins the kept set; ignored labels give 0 and no gradient."""
+    logits = torch.tensor([[2.0, 1.0, 1.0, 1.0, -3.0],    # m = 1: ties {1, 2, 3} all kept with 0
+                           [2.0, 1.0, 0.5, 1.0, -3.0],    # m = 5: above everything, only the label
+                           [2.0, 1.0, 0.5, 1.0, -3.0],    # m = 1, label 4 below it: K = {0, 1, 3, 4}
+                           [2.0, 1.0, 0.5, 1.0, -3.0]], device=device, requires_grad=True)
+    labels = torch.tensor([1, 2, 4, -100], device=device)
+    threshold = torch.tensor([1.0, 5.0, 1.0, 1.0], device=device)
+    with rlhf_fast.use_backend(backend):
+        lp = rlhf_fast.logprobs(logits, labels, kept_threshold=threshold)
+    x = logits.detach().double()
+    expected = torch.stack([x[0, 1] - x[0, :4].logsumexp(0), torch.zeros((), dtype=torch.float64),
+                            x[2, 4] - x[2, [0, 1, 3, 4]].logsumexp(0), torch.zeros((), dtype=torch.float64)])
+    torch.testing.assert_close(lp.double(), expected, rtol=1e-6, atol=1e-6)
+    lp.sum().backward()
+    assert (logits.grad[1] == 0).all() and (logits.grad[3] == 0).all()
+    assert logits.grad[0, 4] == 0 and logits.grad[2, 2] == 0  # outside the kept set: no gradient
+    torch.testing.assert_close(logits.grad.sum(-1), torch.zeros(4, device=device), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_kept_label_far_below_the_max(device, backend):
+    """The union rule at a small temperature: a label thousands of nats below the row's max (its mass relative to
+    the max underflows float32) still counts; alone in the kept set it gives logp = 0 exactly."""
+    logits = torch.tensor([[1.5, -0.3], [10.0, -5.0]], device=device, requires_grad=True)
+    labels = torch.tensor([1, 1], device=device)
+    threshold = torch.tensor([5.0, 10.0], device=device)  # row 0: above every logit; row 1: keeps the max
+    with rlhf_fast.use_backend(backend):
+        lp = rlhf_fast.logprobs(logits, labels, temperature=1e-3, kept_threshold=threshold)
+    assert lp[0] == 0
+    torch.testing.assert_close(lp[1].double(), torch.tensor(-15000.0, dtype=torch.float64, device=device),
+                               rtol=1e-6, atol=0)
+    lp.sum().backward()
+    expected = torch.tensor([[0.0, 0.0], [-1000.0, 1000.0]], device=device)  # (onehot - q) / T
+    torch.testing.assert_close(logits.grad, expected, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kept_threshold_neg_inf_is_plain_bit_for_bit(device, backend, dtype):
+    logits, labels = make_inputs((3, 5), 1100, dtype, seed=11, device=device)
+    none = torch.full(labels.shape, float("-inf"), device=device)
+    gen = torch.Generator().manual_seed(3)
+    g_lp, g_ent = (torch.randn(labels.shape, generator=gen).to(device) for _ in range(2))
+    outs = []
+    for threshold in (None, none):
+        x = logits.clone().requires_grad_()
+        with rlhf_fast.use_backend(backend):
+            lp, ent = rlhf_fast.logprobs_and_entropy(x, labels, temperature=0.8, kept_threshold=threshold)
+        (lp * g_lp + ent * g_ent).sum().backward()
+        outs.append((lp, ent, x.grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_kept_threshold_is_the_samplers_kept_set(device, backend):
+    """For rows filtered by top-k / top-p / min-p (the sampler's sort-based reference kept_mask_ref), the threshold
+    m = min kept logit gives logp_kept = log(p_y / sum_kept p)."""
+    from rlhf_fast.ops.sampling import kept_mask_ref
+
+    gen = torch.Generator().manual_seed(4)
+    B, V, T = 6, 300, 0.9
+    logits = torch.randn(B, V, generator=gen) * 2
+    top_k = torch.tensor([0, 5, 40, 0, 0, 17])
+    top_p = torch.tensor([0.9, 1.0, 0.8, 1.0, 0.5, 0.95])
+    min_p = torch.tensor([0.0, 0.0, 0.0, 0.05, 0.0, 0.02])
+    probs = torch.softmax(logits.double() / T, -1)
+    kept = kept_mask_ref(probs, top_k, top_p, min_p)
+    threshold = torch.where(kept, logits, float("inf")).amin(-1)
+    labels = torch.multinomial(torch.where(kept, probs, 0.0), 1, generator=gen).squeeze(1)
+    labels[0] = torch.where(~kept[0], probs[0], -1.0).argmax()  # one label outside the kept set: the union rule
+    expected = torch.log(probs.gather(1, labels[:, None]).squeeze(1)
+                         / (torch.where(kept, probs, 0.0).sum(-1) + torch.where(kept.gather(1, labels[:, None]), 0.0,
+                                                                                probs.gather(1, labels[:, None]))
+                            .squeeze(1)))
+    with rlhf_fast.use_backend(backend):
+        lp = rlhf_fast.logprobs(logits.to(device), labels.to(device), temperature=T,
+                                kept_threshold=threshold.to(device))
+    torch.testing.assert_close(lp.cpu().double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_kept_threshold_validation():
+    logits, labels = torch.randn(2, 3, 10), torch.randint(0, 10, (2, 3))
+    with pytest.raises(TypeError, match="kept_threshold must be a torch.Tensor"):
+        rlhf_fast.logprobs(logits, labels, kept_threshold=0.5)
+    with pytest.raises(TypeError, match="kept_threshold must be float32"):
+        rlhf_fast.logprobs(logits, labels, kept_threshold=torch.zeros(2, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"kept_threshold must have shape \(2, 3\)"):
+        rlhf_fast.logprobs_and_entropy(logits, labels, kept_threshold=torch.zeros(6))
+    bad = torch.zeros(2, 3)
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"kept_threshold\[1, 2\] is NaN"):
+        rlhf_fast.logprobs(logits, labels, kept_threshold=bad)
+
+
 COMPILE_FOR_HOPPER = """
 from triton import compile
 from triton.backends.compiler import GPUTarget
@@ -327,11 +510,18 @@ from rlhf_fast.kernels.logprobs import (_kl_div_bwd_kernel, _kl_div_fwd_kernel, 
 
 scalars = dict(V="i32", row_stride="i32", temperature="fp32")
 kernels = [
-    (_logprobs_fwd_kernel, ["logits_ptr"], ["labels_ptr"], ["logp_ptr", "entropy_ptr", "lse_ptr"],
-     dict(ignore_index="i64"), dict(HAS_LABELS=True, COMPUTE_ENTROPY=True)),
+    (_logprobs_fwd_kernel, ["logits_ptr"], ["labels_ptr"],
+     ["threshold_ptr", "logp_ptr", "entropy_ptr", "lse_ptr", "lse_kept_ptr"], dict(ignore_index="i64"),
+     dict(HAS_LABELS=True, COMPUTE_ENTROPY=True, KEPT=False)),
+    (_logprobs_fwd_kernel, ["logits_ptr"], ["labels_ptr"],
+     ["threshold_ptr", "logp_ptr", "entropy_ptr", "lse_ptr", "lse_kept_ptr"], dict(ignore_index="i64"),
+     dict(HAS_LABELS=True, COMPUTE_ENTROPY=True, KEPT=True)),
     (_logprobs_bwd_kernel, ["logits_ptr", "grad_ptr"], ["labels_ptr"],
-     ["grad_logp_ptr", "grad_entropy_ptr", "grad_lse_ptr", "lse_ptr", "entropy_ptr"], dict(ignore_index="i64"),
-     dict(HAS_LABELS=True)),
+     ["grad_logp_ptr", "grad_entropy_ptr", "grad_lse_ptr", "grad_lse_kept_ptr", "threshold_ptr", "lse_ptr",
+      "lse_kept_ptr", "entropy_ptr"], dict(ignore_index="i64"), dict(HAS_LABELS=True, KEPT=False)),
+    (_logprobs_bwd_kernel, ["logits_ptr", "grad_ptr"], ["labels_ptr"],
+     ["grad_logp_ptr", "grad_entropy_ptr", "grad_lse_ptr", "grad_lse_kept_ptr", "threshold_ptr", "lse_ptr",
+      "lse_kept_ptr", "entropy_ptr"], dict(ignore_index="i64"), dict(HAS_LABELS=True, KEPT=True)),
     (_kl_div_fwd_kernel, ["logits_ptr", "ref_ptr"], [], ["kl_ptr", "max_p_ptr", "max_q_ptr", "log_s_p_ptr",
                                                          "mean_d_ptr"], dict(ref_row_stride="i32"), {}),
     (_kl_div_bwd_kernel, ["logits_ptr", "ref_ptr", "grad_ptr"], [],

@@ -6,10 +6,11 @@
 #include "../cpu/logprobs.h"
 
 TORCH_LIBRARY(rlhf_fast_C, m) {
-  m.def("logprobs_fwd(Tensor logits, Tensor? labels, float temperature, int ignore_index, bool compute_entropy)"
-        " -> (Tensor, Tensor, Tensor)");
-  m.def("logprobs_bwd(Tensor grad_logp, Tensor grad_entropy, Tensor grad_lse, Tensor logits, Tensor? labels,"
-        " Tensor lse, Tensor entropy, float temperature, int ignore_index) -> Tensor");
+  m.def("logprobs_fwd(Tensor logits, Tensor? labels, Tensor? kept_threshold, float temperature, int ignore_index,"
+        " bool compute_entropy) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("logprobs_bwd(Tensor grad_logp, Tensor grad_entropy, Tensor grad_lse, Tensor? grad_lse_kept, Tensor logits,"
+        " Tensor? labels, Tensor? kept_threshold, Tensor lse, Tensor? lse_kept, Tensor entropy, float temperature,"
+        " int ignore_index) -> Tensor");
   m.def("kl_div_fwd(Tensor logits, Tensor ref_logits, float temperature)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("kl_div_bwd(Tensor grad_kl, Tensor logits, Tensor ref_logits, Tensor max_p, Tensor max_q, Tensor log_s_p,"

@@ -1,7 +1,8 @@
 // Log-prob / entropy / KL over the vocabulary of each row of logits, on the CPU.
 //
 // One streaming pass per row: the row is converted to fp32 (and divided by the temperature) in chunks that stay
-// in L1, the chunk max updates an online log-sum-exp, and the same chunk feeds the entropy (or KL) sums. Rows run
+// in L1, the chunk max updates an online log-sum-exp, and the same chunk feeds the entropy (or KL) sums and, with a
+// kept threshold m, the kept sum (the entries with raw logit >= m, relative to the same running max). Rows run
 // in parallel with at::parallel_for; no [N, V] temporary is ever allocated.
 #include "logprobs.h"
 
@@ -11,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "vec_utils.h"
 
@@ -19,11 +21,13 @@ namespace {
 
 constexpr int64_t kChunk = 2048;  // fp32 elements per chunk: 8 KiB, resident in L1
 
-// Running softmax state of a row relative to its running max m: s = sum e^(z-m), t = sum e^(z-m) (z-m).
+// Running softmax state of a row relative to its running max m: s = sum e^(z-m), t = sum e^(z-m) (z-m), and the
+// kept sum k = sum_{x >= threshold} e^(z-m) (rescaled exactly as s: with everything kept, k == s bit for bit).
 struct SoftmaxState {
   float m = kNegInf;
   float s = 0.f;
   float t = 0.f;
+  float k = 0.f;
 
   // Moves the reference point to a new max (no-op unless it grows).
   void rebase(float new_max) {
@@ -32,6 +36,7 @@ struct SoftmaxState {
       const float scale = std::exp(m - new_max);
       t = scale * (t + (m - new_max) * s);
       s *= scale;
+      k *= scale;
     }
     m = new_max;
   }
@@ -40,98 +45,183 @@ struct SoftmaxState {
 };
 
 // Copies x[0, n) * inv_t into buf as fp32, pads buf with -inf to a multiple of Vec::size(); returns the max.
+// raw (if not null) receives the unscaled fp32 logits, padded likewise (the kept set compares raw logits).
 template <typename T>
-inline float load_scaled(const T* x, int64_t n, float inv_t, float* buf) {
+inline float load_scaled(const T* x, int64_t n, float inv_t, float* buf, float* raw = nullptr) {
   const Vec vinv(inv_t);
   Vec vmax(kNegInf);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec z = load_float(x + i) * vinv;
+    const Vec xv = load_float(x + i);
+    const Vec z = xv * vinv;
     z.store(buf + i);
+    if (raw != nullptr) xv.store(raw + i);
     vmax = at::vec::maximum(vmax, z);
   }
   float mx = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
   for (; i < n; ++i) {
     buf[i] = static_cast<float>(x[i]) * inv_t;
+    if (raw != nullptr) raw[i] = static_cast<float>(x[i]);
     mx = nan_max(mx, buf[i]);
   }
-  for (; i % Vec::size() != 0; ++i) buf[i] = kNegInf;
+  for (; i % Vec::size() != 0; ++i) {
+    buf[i] = kNegInf;
+    if (raw != nullptr) raw[i] = kNegInf;
+  }
   return mx;
 }
 
-// Adds a loaded chunk to the state: s += sum e^(z-m); with_t: t += sum e^(z-m)(z-m), where -inf entries add 0.
-template <bool with_t>
-inline void accumulate(SoftmaxState& st, const float* buf, int64_t n_padded) {
-  const Vec vm(st.m), zero(0.f), neg_inf(kNegInf);
-  Vec vs(0.f), vt(0.f);
+// Adds a loaded chunk to the state: s += sum e^(z-m); with_t: t += sum e^(z-m)(z-m), where -inf entries add 0;
+// with_kept: k += sum_{raw >= threshold} e^(z-m).
+template <bool with_t, bool with_kept>
+inline void accumulate(SoftmaxState& st, const float* buf, const float* raw, float threshold, int64_t n_padded) {
+  const Vec vm(st.m), zero(0.f), neg_inf(kNegInf), vthr(threshold);
+  Vec vs(0.f), vt(0.f), vk(0.f);
   for (int64_t i = 0; i < n_padded; i += Vec::size()) {
     const Vec z = Vec::loadu(buf + i);
     const Vec d = z - vm;
     const Vec e = d.exp_u20();
     vs = vs + e;
     if constexpr (with_t) vt = at::vec::fmadd(e, Vec::blendv(d, zero, z == neg_inf), vt);
+    if constexpr (with_kept) vk = vk + Vec::blendv(zero, e, Vec::loadu(raw + i) >= vthr);
   }
   st.s += at::vec::vec_reduce_all<float>(std::plus<Vec>(), vs);
   if constexpr (with_t) st.t += at::vec::vec_reduce_all<float>(std::plus<Vec>(), vt);
+  if constexpr (with_kept) st.k += at::vec::vec_reduce_all<float>(std::plus<Vec>(), vk);
 }
 
-template <typename T, bool with_entropy>
-SoftmaxState row_softmax_state(const T* x, int64_t vocab, float inv_t, float* buf) {
+template <typename T, bool with_entropy, bool with_kept>
+SoftmaxState row_softmax_state(const T* x, int64_t vocab, float inv_t, float threshold, float* buf, float* raw) {
   SoftmaxState st;
   for (int64_t start = 0; start < vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, vocab - start);
-    const float cmax = load_scaled(x + start, n, inv_t, buf);
+    const float cmax = load_scaled(x + start, n, inv_t, buf, with_kept ? raw : nullptr);
     if (cmax == kNegInf) continue;  // contributes nothing
     if (std::isnan(cmax)) {         // a NaN logit: the row has no distribution (exp_u20 need not propagate NaN)
       st.m = cmax;
       return st;
     }
     st.rebase(cmax);
-    accumulate<with_entropy>(st, buf, (n + Vec::size() - 1) / Vec::size() * Vec::size());
+    accumulate<with_entropy, with_kept>(st, buf, raw, threshold, (n + Vec::size() - 1) / Vec::size() * Vec::size());
   }
   return st;
 }
 
 inline int64_t rows_per_task(int64_t vocab) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(vocab, 1)); }
 
-template <typename T, bool with_entropy>
-void logprobs_fwd_kernel(const at::Tensor& logits, const int64_t* labels, float inv_t, int64_t ignore_index,
-                         float* logp, float* entropy, float* lse) {
+// with_kept: lse_kept = log sum_{v in K} e^z, K = {v : x_v >= threshold} + the label (added at the end if below the
+// threshold), and logp = z_y - lse_kept.
+template <typename T, bool with_entropy, bool with_kept>
+void logprobs_fwd_kernel(const at::Tensor& logits, const int64_t* labels, const float* threshold, float inv_t,
+                         int64_t ignore_index, float* logp, float* entropy, float* lse, float* lse_kept) {
   const int64_t n_rows = logits.size(0), vocab = logits.size(1), stride = logits.stride(0);
   const T* data = logits.const_data_ptr<T>();
   at::parallel_for(0, n_rows, rows_per_task(vocab), [&](int64_t begin, int64_t end) {
     alignas(64) float buf[kChunk + Vec::size()];
+    alignas(64) float raw[with_kept ? kChunk + Vec::size() : 1];
     for (int64_t r = begin; r < end; ++r) {
       const T* x = data + r * stride;
-      const SoftmaxState st = row_softmax_state<T, with_entropy>(x, vocab, inv_t, buf);
+      const float thr = with_kept ? threshold[r] : kNegInf;
+      SoftmaxState st = row_softmax_state<T, with_entropy, with_kept>(x, vocab, inv_t, thr, buf, raw);
       // A NaN or +inf logit defines no distribution: NaN, as torch.log_softmax (exp_u20 need not propagate NaN).
       const bool no_distribution = !(st.m < std::numeric_limits<float>::infinity());
       const float row_lse = no_distribution ? std::numeric_limits<float>::quiet_NaN() : st.lse();
       lse[r] = row_lse;
       entropy[r] = !with_entropy ? 0.f : no_distribution ? row_lse : st.entropy();
+      const int64_t y = labels != nullptr ? labels[r] : ignore_index;
+      const bool has_label = y != ignore_index && y >= 0 && y < vocab;
+      float denominator = row_lse;
       float lp = 0.f;
-      if (labels != nullptr) {
-        const int64_t y = labels[r];
-        if (y != ignore_index) {
-          lp = (y >= 0 && y < vocab) ? static_cast<float>(x[y]) * inv_t - row_lse
-                                     : std::numeric_limits<float>::quiet_NaN();
+      if (y != ignore_index && !has_label) lp = std::numeric_limits<float>::quiet_NaN();
+      if constexpr (with_kept) {
+        denominator = no_distribution ? row_lse : st.m + std::log(st.k);
+        if (has_label && !no_distribution && !(static_cast<float>(x[y]) >= thr)) {
+          // the label below the threshold joins K: log-add it in units relative to m. The rest of K is empty or
+          // holds the row's max (k >= 1); alone, the label gives logp = 0 exactly, whatever its distance to m.
+          const float a = std::log(st.k), b = static_cast<float>(x[y]) * inv_t - st.m;
+          const float rel = a == kNegInf ? b : std::max(a, b) + std::log1p(std::exp(-std::fabs(a - b)));
+          denominator = st.m + rel;
+          lp = b - rel;
+        } else if (has_label) {
+          lp = static_cast<float>(x[y]) * inv_t - denominator;
         }
+        lse_kept[r] = denominator;
+      } else if (has_label) {
+        lp = static_cast<float>(x[y]) * inv_t - denominator;
       }
       logp[r] = lp;
     }
   });
 }
 
+// gx_j = p_j (c - gh lp_j) / T + [j == label] gy over a row, lp_j = z_j - lse, -inf entries 0 (label -1: none).
+template <typename T>
+void plain_row_grad(const T* x, int64_t vocab, float c, float gh, float row_lse, int64_t label, float gy, float inv_t,
+                    T* gx) {
+  constexpr int64_t W = Vec::size();
+  const auto element = [&](float z) {
+    const float lp = z - row_lse;
+    return z == kNegInf ? 0.f : std::exp(lp) * (c - gh * lp) * inv_t;
+  };
+  const Vec vinv(inv_t), vlse(row_lse), vc(c), vgh(gh), zero(0.f), neg_inf(kNegInf);
+  const auto vec_element = [&](const Vec& xv) {
+    const Vec z = xv * vinv;
+    const Vec lp = z - vlse;
+    return Vec::blendv(lp.exp_u20() * (vc - vgh * lp) * vinv, zero, z == neg_inf);
+  };
+  int64_t j = 0;
+  for (; j + 2 * W <= vocab; j += 2 * W) {
+    store_float2(gx + j, vec_element(load_float(x + j)), vec_element(load_float(x + j + W)));
+  }
+  for (; j < vocab; ++j) gx[j] = static_cast<T>(element(static_cast<float>(x[j]) * inv_t));
+  if (label >= 0) gx[label] = static_cast<T>(element(static_cast<float>(x[label]) * inv_t) + gy);
+}
+
+// gx_j = (p_j (c - gh lp_j) + q_j ck) / T + [j == label] gy, q_j = [x_j >= thr or j == label] e^(z_j - lse_kept);
+// -inf entries 0.
+template <typename T>
+void kept_row_grad(const T* x, int64_t vocab, float c, float gh, float ck, float row_lse, float row_lse_kept,
+                   float thr, int64_t label, float gy, float inv_t, T* gx) {
+  constexpr int64_t W = Vec::size();
+  const bool with_p = c != 0.f || gh != 0.f;
+  const auto element = [&](float xj, bool kept) {
+    const float z = xj * inv_t, lp = z - row_lse;
+    const float from_p = with_p ? std::exp(lp) * (c - gh * lp) : 0.f;
+    return z == kNegInf ? 0.f : (from_p + (kept ? std::exp(z - row_lse_kept) * ck : 0.f)) * inv_t;
+  };
+  const Vec vinv(inv_t), vlse(row_lse), vlk(row_lse_kept), vthr(thr), vc(c), vgh(gh), vck(ck), zero(0.f),
+      neg_inf(kNegInf);
+  const auto vec_element = [&](const Vec& xv) {
+    const Vec z = xv * vinv;
+    Vec out = Vec::blendv(zero, (z - vlk).exp_u20() * vck, xv >= vthr);
+    if (with_p) {
+      const Vec lp = z - vlse;
+      out = out + lp.exp_u20() * (vc - vgh * lp);
+    }
+    return Vec::blendv(out * vinv, zero, z == neg_inf);
+  };
+  int64_t j = 0;
+  for (; j + 2 * W <= vocab; j += 2 * W) {
+    store_float2(gx + j, vec_element(load_float(x + j)), vec_element(load_float(x + j + W)));
+  }
+  for (; j < vocab; ++j) gx[j] = static_cast<T>(element(static_cast<float>(x[j]), static_cast<float>(x[j]) >= thr));
+  if (label >= 0) gx[label] = static_cast<T>(element(static_cast<float>(x[label]), true) + gy);
+}
+
 // grad_z_j = g [j == y] + p_j (c - gH lp_j), lp_j = z_j - lse, c = gL - g - gH H; grad_x = grad_z / T.
 // (Written with lp_j rather than z_j so that large logits, e.g. 1e4, do not cancel catastrophically.)
-// -inf entries get 0.
-template <typename T>
+// -inf entries get 0. with_kept: logp = z_y - lse_kept, so the -g moves to the kept set:
+//   grad_z_j = g [j == y] + p_j (c - gH lp_j) + q_j ck,  c = gL - gH H,  ck = gK - g,
+//   q_j = [j in K] e^(z_j - lse_kept);
+// a row with threshold -inf keeps everything (q = p) and takes the plain formula with c = gL + gK - g - gH H; a row
+// with c = gH = 0 (log-probs alone) skips the p term (one exponential per entry, as without a threshold).
+template <typename T, bool with_kept>
 void logprobs_bwd_kernel(const float* grad_logp, const float* grad_entropy, const float* grad_lse,
-                         const at::Tensor& logits, const int64_t* labels, const float* lse, const float* entropy,
+                         const float* grad_lse_kept, const at::Tensor& logits, const int64_t* labels,
+                         const float* threshold, const float* lse, const float* lse_kept, const float* entropy,
                          float inv_t, int64_t ignore_index, T* grad) {
   const int64_t n_rows = logits.size(0), vocab = logits.size(1), stride = logits.stride(0);
   const T* data = logits.const_data_ptr<T>();
-  constexpr int64_t W = Vec::size();
   at::parallel_for(0, n_rows, rows_per_task(vocab), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* x = data + r * stride;
@@ -140,27 +230,19 @@ void logprobs_bwd_kernel(const float* grad_logp, const float* grad_entropy, cons
         std::fill(gx, gx + vocab, static_cast<T>(std::numeric_limits<float>::quiet_NaN()));
         continue;
       }
-      int64_t y = labels != nullptr ? labels[r] : ignore_index;
+      const int64_t y = labels != nullptr ? labels[r] : ignore_index;
       const bool has_label = y != ignore_index && y >= 0 && y < vocab;
       const float g = has_label ? grad_logp[r] : 0.f;
       const float gh = grad_entropy[r];
-      const float c = grad_lse[r] - g - gh * entropy[r];
-      const auto element = [&](float z) {
-        const float lp = z - lse[r];
-        return z == kNegInf ? 0.f : std::exp(lp) * (c - gh * lp) * inv_t;
-      };
-      const Vec vinv(inv_t), vlse(lse[r]), vc(c), vgh(gh), zero(0.f), neg_inf(kNegInf);
-      const auto vec_element = [&](const Vec& xv) {
-        const Vec z = xv * vinv;
-        const Vec lp = z - vlse;
-        return Vec::blendv(lp.exp_u20() * (vc - vgh * lp) * vinv, zero, z == neg_inf);
-      };
-      int64_t j = 0;
-      for (; j + 2 * W <= vocab; j += 2 * W) {
-        store_float2(gx + j, vec_element(load_float(x + j)), vec_element(load_float(x + j + W)));
+      const float thr = with_kept ? threshold[r] : kNegInf;
+      const int64_t label = has_label ? y : -1;
+      if (!with_kept || thr == kNegInf) {
+        const float gl = with_kept ? grad_lse[r] + grad_lse_kept[r] : grad_lse[r];
+        plain_row_grad(x, vocab, gl - g - gh * entropy[r], gh, lse[r], label, g * inv_t, inv_t, gx);
+      } else {
+        kept_row_grad(x, vocab, grad_lse[r] - gh * entropy[r], gh, grad_lse_kept[r] - g, lse[r], lse_kept[r], thr,
+                      label, g * inv_t, inv_t, gx);
       }
-      for (; j < vocab; ++j) gx[j] = static_cast<T>(element(static_cast<float>(x[j]) * inv_t));
-      if (has_label) gx[y] = static_cast<T>(element(static_cast<float>(x[y]) * inv_t) + g * inv_t);
     }
   });
 }
@@ -300,29 +382,38 @@ void check_vector(const at::Tensor& t, int64_t n, at::ScalarType dtype, const ch
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(const at::Tensor& logits,
-                                                               const std::optional<at::Tensor>& labels,
-                                                               double temperature, int64_t ignore_index,
-                                                               bool compute_entropy) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(
+    const at::Tensor& logits, const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& kept_threshold,
+    double temperature, int64_t ignore_index, bool compute_entropy) {
   check_rows(logits, "logits");
   if (labels) check_vector(*labels, logits.size(0), at::kLong, "labels");
+  if (kept_threshold) check_vector(*kept_threshold, logits.size(0), at::kFloat, "kept_threshold");
   at::Tensor logp = float_rows(logits), entropy = float_rows(logits), lse = float_rows(logits);
+  at::Tensor lse_kept = kept_threshold ? float_rows(logits) : at::empty({0}, logits.options().dtype(at::kFloat));
   const int64_t* label_ptr = labels ? labels->const_data_ptr<int64_t>() : nullptr;
+  const float* thr_ptr = kept_threshold ? kept_threshold->const_data_ptr<float>() : nullptr;
   const float inv_t = static_cast<float>(1.0 / temperature);
   RLHF_FAST_DISPATCH_LOGITS(logits.scalar_type(), "logprobs_fwd_cpu", [&] {
+    const auto run = [&](auto with_entropy, auto with_kept) {
+      logprobs_fwd_kernel<scalar_t, decltype(with_entropy)::value, decltype(with_kept)::value>(
+          logits, label_ptr, thr_ptr, inv_t, ignore_index, logp.data_ptr<float>(), entropy.data_ptr<float>(),
+          lse.data_ptr<float>(), kept_threshold ? lse_kept.data_ptr<float>() : nullptr);
+    };
+    using Yes = std::true_type;
+    using No = std::false_type;
     if (compute_entropy) {
-      logprobs_fwd_kernel<scalar_t, true>(logits, label_ptr, inv_t, ignore_index, logp.data_ptr<float>(),
-                                          entropy.data_ptr<float>(), lse.data_ptr<float>());
+      kept_threshold ? run(Yes{}, Yes{}) : run(Yes{}, No{});
     } else {
-      logprobs_fwd_kernel<scalar_t, false>(logits, label_ptr, inv_t, ignore_index, logp.data_ptr<float>(),
-                                           entropy.data_ptr<float>(), lse.data_ptr<float>());
+      kept_threshold ? run(No{}, Yes{}) : run(No{}, No{});
     }
   });
-  return {logp, entropy, lse};
+  return {logp, entropy, lse, lse_kept};
 }
 
 at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& grad_lse,
-                            const at::Tensor& logits, const std::optional<at::Tensor>& labels, const at::Tensor& lse,
+                            const std::optional<at::Tensor>& grad_lse_kept, const at::Tensor& logits,
+                            const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& kept_threshold,
+                            const at::Tensor& lse, const std::optional<at::Tensor>& lse_kept,
                             const at::Tensor& entropy, double temperature, int64_t ignore_index) {
   check_rows(logits, "logits");
   const int64_t n = logits.size(0);
@@ -331,13 +422,28 @@ at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_
     check_vector(*t, n, at::kFloat, name);
   }
   if (labels) check_vector(*labels, n, at::kLong, "labels");
+  const bool kept = kept_threshold.has_value();
+  TORCH_CHECK(kept == grad_lse_kept.has_value() && kept == lse_kept.has_value(),
+              "kept_threshold, grad_lse_kept and lse_kept must be given together");
+  if (kept) {
+    for (const auto& [t, name] : {std::pair{&*kept_threshold, "kept_threshold"}, {&*grad_lse_kept, "grad_lse_kept"},
+                                  {&*lse_kept, "lse_kept"}}) {
+      check_vector(*t, n, at::kFloat, name);
+    }
+  }
   at::Tensor grad = at::empty({n, logits.size(1)}, logits.options());
   RLHF_FAST_DISPATCH_LOGITS(logits.scalar_type(), "logprobs_bwd_cpu", [&] {
-    logprobs_bwd_kernel<scalar_t>(grad_logp.const_data_ptr<float>(), grad_entropy.const_data_ptr<float>(),
-                                  grad_lse.const_data_ptr<float>(), logits,
-                                  labels ? labels->const_data_ptr<int64_t>() : nullptr, lse.const_data_ptr<float>(),
-                                  entropy.const_data_ptr<float>(), static_cast<float>(1.0 / temperature),
-                                  ignore_index, grad.data_ptr<scalar_t>());
+    const auto run = [&](auto with_kept) {
+      logprobs_bwd_kernel<scalar_t, decltype(with_kept)::value>(
+          grad_logp.const_data_ptr<float>(), grad_entropy.const_data_ptr<float>(), grad_lse.const_data_ptr<float>(),
+          kept ? grad_lse_kept->const_data_ptr<float>() : nullptr, logits,
+          labels ? labels->const_data_ptr<int64_t>() : nullptr,
+          kept ? kept_threshold->const_data_ptr<float>() : nullptr,
+          lse.const_data_ptr<float>(), kept ? lse_kept->const_data_ptr<float>() : nullptr,
+          entropy.const_data_ptr<float>(), static_cast<float>(1.0 / temperature), ignore_index,
+          grad.data_ptr<scalar_t>());
+    };
+    kept ? run(std::true_type{}) : run(std::false_type{});
   });
   return grad;
 }

@@ -8,14 +8,16 @@
 
 namespace rlhf_fast::cpu {
 
-// logits [N, V] (unit stride in V) -> (logp, entropy, lse), each float32 [N].
-std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(const at::Tensor& logits,
-                                                               const std::optional<at::Tensor>& labels,
-                                                               double temperature, int64_t ignore_index,
-                                                               bool compute_entropy);
-// -> grad_logits [N, V] in the dtype of logits.
+// logits [N, V] (unit stride in V), kept_threshold float32 [N] or none -> (logp, entropy, lse, lse_kept), each
+// float32 [N]; lse_kept is [0] without kept_threshold, and with it logp = z_y - lse_kept.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(
+    const at::Tensor& logits, const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& kept_threshold,
+    double temperature, int64_t ignore_index, bool compute_entropy);
+// -> grad_logits [N, V] in the dtype of logits. grad_lse_kept, kept_threshold, lse_kept: all three or none.
 at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& grad_lse,
-                            const at::Tensor& logits, const std::optional<at::Tensor>& labels, const at::Tensor& lse,
+                            const std::optional<at::Tensor>& grad_lse_kept, const at::Tensor& logits,
+                            const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& kept_threshold,
+                            const at::Tensor& lse, const std::optional<at::Tensor>& lse_kept,
                             const at::Tensor& entropy, double temperature, int64_t ignore_index);
 // -> (kl, max_p, max_q, log_s_p, mean_d), each float32 [N]: KL(p || q) and the state its backward needs (see
 // logprobs.cpp: the raw row maxima of logits and ref_logits, log sum e^((x - max_p) / T), and sum p (dz - dw)).

@@ -85,7 +85,7 @@ def _check_temperature(temperature: float) -> None:
 def _lse(logits: Tensor, temperature: float) -> Tensor:
     """logsumexp(logits / temperature) over the last dim, float32 [...], differentiable, from the fused op."""
     backend = _backend.select("logprobs", _tl.LOGPROBS_BACKENDS, logits.device)
-    _, _, lse = _tl.logprobs_entropy_op(_checks.rows(logits), None, float(temperature), -100, False, backend)
+    _, _, lse, _ = _tl.logprobs_entropy_op(_checks.rows(logits), None, None, float(temperature), -100, False, backend)
     return lse.view(logits.shape[:-1])
 
 

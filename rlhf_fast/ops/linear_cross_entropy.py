@@ -66,13 +66,14 @@ def _linear_cross_entropy_fwd(hidden, weight, bias, labels, coef, temperature, i
     for start, end in _row_chunks(n, rows):
         h = hidden[start:end]
         logits = _tile_logits(h, weight, bias, 0, vocab)
-        logp, entropy, lse = _logprobs_fwd(backend, logits, labels[start:end], temperature, ignore_index, False)
+        logp, entropy, lse, _ = _logprobs_fwd(backend, logits, labels[start:end], None, temperature, ignore_index,
+                                              False)
         loss = loss + (grad_logp[start:end] * logp).sum()
         if not any(need_grads):
             continue
         zeros = no_grad[:end - start]
-        grad_logits = _logprobs_bwd(backend, grad_logp[start:end], zeros, zeros, logits, labels[start:end], lse,
-                                    entropy, temperature, ignore_index)
+        grad_logits = _logprobs_bwd(backend, grad_logp[start:end], zeros, zeros, None, logits, labels[start:end], None,
+                                    lse, None, entropy, temperature, ignore_index)
         del logits
         if need_hidden:
             _gemm(grad_hidden[start:end], grad_logits, weight, accumulate=False)

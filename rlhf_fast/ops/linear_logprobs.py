@@ -3,6 +3,7 @@
 Formulas (docs/formulas.md) with z = (hidden @ weight.T + bias) / temperature over the vocabulary V:
   logp[n]    = z[n, y_n] - logsumexp(z[n])            (0 where y_n == ignore_index, with no gradient)
   entropy[n] = logsumexp(z[n]) - sum_v softmax(z[n])_v z[n, v]
+  with kept_threshold m: logp[n] = z[n, y_n] - logsumexp_{v in K_n} z[n, v], K_n = {v : logits[n, v] >= m_n} | {y_n}
 
 Algorithm. The [N, V] logits are computed tile by tile, a tile being [rows, cols] with rows * cols * 4 bytes <=
 CHUNK_BYTES (tile_shape). Per tile:
@@ -10,10 +11,13 @@ CHUNK_BYTES (tile_shape). Per tile:
             cuBLAS, as the model's lm_head computes it); the fused kernel rlhf_fast::logprobs_entropy reduces it to
             per-tile (logp, entropy, lse) in float32 with the label made local to the tile, and the tiles of a row
             are merged: lse = logsumexp_c lse_c, z_y = logp_c + lse_c from the tile holding the label,
-            entropy = sum_c w_c (entropy_c - log w_c) with w_c = exp(lse_c - lse).
+            entropy = sum_c w_c (entropy_c - log w_c) with w_c = exp(lse_c - lse); with a kept threshold, likewise
+            lse_kept = logsumexp_c lse_kept_c (the tile holding the label adds it to its kept set) and
+            z_y = logp_c + lse_kept_c.
   backward: the tile's logits are recomputed (one GEMM), rlhf_fast::logprobs_entropy_backward turns them into
             grad_logits with the row's global lse and entropy (for rows whose label lies in another tile, the -g
-            of d logp / d lse is passed as a gradient of lse), and the tile is folded at once into
+            of d logp / d lse is passed as a gradient of lse, or of lse_kept with a kept threshold), and the tile is
+            folded at once into
             grad_hidden[rows] += grad_logits @ weight[cols] and grad_weight[cols] += grad_logits.T @ hidden[rows],
             both accumulated in float32 (_gemm), and grad_bias[cols] += its column sums.
 Column tiles are the outer loop, so a float32 accumulator is [N, H] for grad_hidden and [cols, H] for grad_weight
@@ -50,7 +54,8 @@ from torch import Tensor
 
 from .. import _backend
 from . import _checks
-from .token_logprobs import LOGPROBS_BACKENDS, _logprobs_bwd, _logprobs_fwd, entropy_ref, logprobs_ref
+from .token_logprobs import (LOGPROBS_BACKENDS, _kept_threshold, _logprobs_bwd, _logprobs_fwd, entropy_ref,
+                             kept_logprobs_ref, logprobs_ref)
 
 LINEAR_LOGPROBS_BACKENDS = LOGPROBS_BACKENDS  # the backend of the fused log-prob kernel run on each tile
 OP_BACKENDS = {"linear_logprobs": LINEAR_LOGPROBS_BACKENDS}
@@ -64,11 +69,16 @@ _DEFAULT_CHUNK_BYTES = 256 << 20
 
 
 def linear_logprobs_ref(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None,
-                        temperature: float = 1.0, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+                        temperature: float = 1.0, ignore_index: int = -100,
+                        kept_threshold: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """The obvious computation: the full logits hidden @ weight.T + bias in the input dtype, then the log-prob
-    references of token_logprobs (float32 math). Returns (logp, entropy), float32 [...]."""
+    references of token_logprobs (float32 math; kept_logprobs_ref with a kept threshold). Returns (logp, entropy)."""
     logits = hidden @ weight.T + (bias if bias is not None else 0)
-    return logprobs_ref(logits, labels, temperature, ignore_index), entropy_ref(logits, temperature)
+    if kept_threshold is None:
+        logp = logprobs_ref(logits, labels, temperature, ignore_index)
+    else:
+        logp = kept_logprobs_ref(logits, labels, kept_threshold, temperature, ignore_index)
+    return logp, entropy_ref(logits, temperature)
 
 
 _COL_ALIGN = 64  # split columns come in multiples of 64: aligned tile rows
@@ -124,12 +134,13 @@ def _row_chunks(n: int, rows: int) -> list[tuple[int, int]]:
     return [(start, min(start + rows, n)) for start in range(0, n, rows)]
 
 
-def _linear_logprobs_fwd(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, rows, cols,
-                         backend):
+def _linear_logprobs_fwd(hidden, weight, bias, labels, kept_threshold, temperature, ignore_index, compute_entropy,
+                         rows, cols, backend):
     n, vocab = hidden.shape[0], weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
+    kept = kept_threshold is not None
     if n == 0:
-        return tuple(torch.empty(0, **f32) for _ in range(3))
+        return tuple(torch.empty(0, **f32) for _ in range(4))
     keep = labels != ignore_index
     tile, offset = _label_tiles(labels, keep, vocab, cols)
     chunks = _row_chunks(n, rows)
@@ -139,15 +150,19 @@ def _linear_logprobs_fwd(hidden, weight, bias, labels, temperature, ignore_index
     lse = [torch.full((end - start,), float("-inf"), **f32) for start, end in chunks]
     entropy = [torch.zeros(end - start, **f32) for start, end in chunks]
     target = [torch.zeros(end - start, **f32) for start, end in chunks]
+    lse_kept = [torch.full((end - start,), float("-inf"), **f32) if kept else None for start, end in chunks]
     for c, v0 in enumerate(range(0, vocab, cols)):
         v1 = min(v0 + cols, vocab)
         for k, (start, end) in enumerate(chunks):
             here = tile[start:end] == c
             logits = _tile_logits(hidden[start:end], weight, bias, v0, v1)
-            lp_c, ent_c, lse_c = _logprobs_fwd(backend, logits, torch.where(here, offset[start:end], -1),
-                                               temperature, -1, compute_entropy)
+            lp_c, ent_c, lse_c, lse_kept_c = _logprobs_fwd(
+                backend, logits, torch.where(here, offset[start:end], -1),
+                kept_threshold[start:end] if kept else None, temperature, -1, compute_entropy)
             del logits
-            target[k] = torch.where(here, lp_c + lse_c, target[k])
+            target[k] = torch.where(here, lp_c + (lse_kept_c if kept else lse_c), target[k])
+            if kept:
+                lse_kept[k] = torch.logaddexp(lse_kept[k], lse_kept_c)
             new = torch.logaddexp(lse[k], lse_c)
             if compute_entropy:  # H = sum_c w_c (H_c - log w_c), w_c = exp(lse_c - lse): no cancellation
                 w_old, w_c = torch.exp(lse[k] - new), torch.exp(lse_c - new)
@@ -155,9 +170,11 @@ def _linear_logprobs_fwd(hidden, weight, bias, labels, temperature, ignore_index
                               + torch.where(w_c > 0, w_c * (ent_c + (new - lse_c)), 0.0))
             lse[k] = new
     lse, entropy, target = (x[0] if len(x) == 1 else torch.cat(x) for x in (lse, entropy, target))
+    lse_kept = (lse_kept[0] if len(lse_kept) == 1 else torch.cat(lse_kept)) if kept else lse.new_empty(0)
+    denominator = torch.where(lse.isnan(), lse, lse_kept) if kept else lse  # no distribution: NaN, as logprobs
     # an out-of-range label (unchecked on CUDA) gives NaN, as logprobs does
-    logp = torch.where(keep, torch.where((labels >= 0) & (labels < vocab), target - lse, float("nan")), 0.0)
-    return logp, entropy, lse
+    logp = torch.where(keep, torch.where((labels >= 0) & (labels < vocab), target - denominator, float("nan")), 0.0)
+    return logp, entropy, lse, lse_kept
 
 
 def _mm_cast(acc: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
@@ -220,8 +237,9 @@ def _gemm(acc: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
         _mm_cast(acc, a, b, accumulate)
 
 
-def _linear_logprobs_bwd(grad_logp, grad_entropy, grad_lse, hidden, weight, bias, labels, lse, entropy, temperature,
-                         ignore_index, rows, cols, need_hidden, need_weight, need_bias, backend):
+def _linear_logprobs_bwd(grad_logp, grad_entropy, grad_lse, grad_lse_kept, hidden, weight, bias, labels,
+                         kept_threshold, lse, lse_kept, entropy, temperature, ignore_index, rows, cols, need_hidden,
+                         need_weight, need_bias, backend):
     n, vocab = hidden.shape[0], weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     # grad_hidden is summed over the column tiles in float32 (the output itself when hidden is float32). A [cols, H]
@@ -241,18 +259,27 @@ def _linear_logprobs_bwd(grad_logp, grad_entropy, grad_lse, hidden, weight, bias
     keep = labels != ignore_index
     tile, offset = _label_tiles(labels, keep, vocab, cols)
     g_kept = torch.where(tile >= 0, grad_logp, 0.0)  # no gradient where logp is 0 (ignored) or NaN (out of range)
-    # d logp / d z = onehot(y) - p: on the tiles without the label, the -g p part goes through lse
-    grad_lse_elsewhere = grad_lse - g_kept
+    # d logp / d z = onehot(y) - p: on the tiles without the label, the -g p part goes through lse; with a kept
+    # threshold, d logp / d z = onehot(y) - q and the -g q part goes through lse_kept (through lse on rows with
+    # threshold -inf, where q = p: the kernels then compute exactly what they compute without a threshold)
+    kept = kept_threshold is not None
+    grad_lse_elsewhere, grad_lse_kept_elsewhere = grad_lse - g_kept, None
+    if kept:
+        full = kept_threshold == float("-inf")
+        grad_lse_elsewhere = torch.where(full, grad_lse_elsewhere, grad_lse)
+        grad_lse_kept_elsewhere = torch.where(full, grad_lse_kept, grad_lse_kept - g_kept)
     for c, v0 in enumerate(range(0, vocab, cols)):
         v1 = min(v0 + cols, vocab)
         gw = grad_weight[v0:v1] if gw_buffer is None else gw_buffer[:v1 - v0]
         for start, end in _row_chunks(n, rows):
             h, here = hidden[start:end], tile[start:end] == c
             logits = _tile_logits(h, weight, bias, v0, v1)
-            grad_logits = _logprobs_bwd(backend, g_kept[start:end], grad_entropy[start:end],
-                                        torch.where(here, grad_lse[start:end], grad_lse_elsewhere[start:end]), logits,
-                                        torch.where(here, offset[start:end], -1), lse[start:end], entropy[start:end],
-                                        temperature, -1)
+            grad_logits = _logprobs_bwd(
+                backend, g_kept[start:end], grad_entropy[start:end],
+                torch.where(here, grad_lse[start:end], grad_lse_elsewhere[start:end]),
+                torch.where(here, grad_lse_kept[start:end], grad_lse_kept_elsewhere[start:end]) if kept else None,
+                logits, torch.where(here, offset[start:end], -1), kept_threshold[start:end] if kept else None,
+                lse[start:end], lse_kept[start:end] if kept else None, entropy[start:end], temperature, -1)
             del logits  # one [rows, cols] buffer alive during the gradient GEMMs, not two
             if need_hidden:
                 _gemm(grad_hidden[start:end], grad_logits, weight[v0:v1], accumulate=v0 > 0)
@@ -274,45 +301,50 @@ def _linear_logprobs_bwd(grad_logp, grad_entropy, grad_lse, hidden, weight, bias
 
 @torch.library.custom_op("rlhf_fast::linear_logprobs", mutates_args=())
 def linear_logprobs_op(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, temperature: float, ignore_index: int,
-    compute_entropy: bool, rows: int, cols: int, backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """hidden [N, H], weight [V, H], bias [V] or None (one float dtype), labels [N] int64
-    -> (logp, entropy, lse), float32 [N] each; entropy is zeros unless compute_entropy. Logits tiles: [rows, cols]."""
-    return _linear_logprobs_fwd(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, rows, cols,
-                                backend)
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, kept_threshold: Optional[Tensor],
+    temperature: float, ignore_index: int, compute_entropy: bool, rows: int, cols: int, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """hidden [N, H], weight [V, H], bias [V] or None (one float dtype), labels [N] int64, kept_threshold float32
+    [N] or None -> (logp, entropy, lse, lse_kept), float32 [N] each; entropy is zeros unless compute_entropy;
+    lse_kept is [0] without kept_threshold. Logits tiles: [rows, cols]."""
+    return _linear_logprobs_fwd(hidden, weight, bias, labels, kept_threshold, temperature, ignore_index,
+                                compute_entropy, rows, cols, backend)
 
 
 @linear_logprobs_op.register_fake
-def _(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, rows, cols, backend):
+def _(hidden, weight, bias, labels, kept_threshold, temperature, ignore_index, compute_entropy, rows, cols, backend):
     n = hidden.shape[0]
-    return tuple(hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
+    lse_kept = hidden.new_empty(n if kept_threshold is not None else 0, dtype=torch.float32)
+    return (*(hidden.new_empty(n, dtype=torch.float32) for _ in range(3)), lse_kept)
 
 
 @torch.library.custom_op("rlhf_fast::linear_logprobs_backward", mutates_args=())
 def linear_logprobs_backward_op(
-    grad_logp: Tensor, grad_entropy: Tensor, grad_lse: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-    labels: Tensor, lse: Tensor, entropy: Tensor, temperature: float, ignore_index: int, rows: int, cols: int,
+    grad_logp: Tensor, grad_entropy: Tensor, grad_lse: Tensor, grad_lse_kept: Optional[Tensor], hidden: Tensor,
+    weight: Tensor, bias: Optional[Tensor], labels: Tensor, kept_threshold: Optional[Tensor], lse: Tensor,
+    lse_kept: Optional[Tensor], entropy: Tensor, temperature: float, ignore_index: int, rows: int, cols: int,
     need_hidden: bool, need_weight: bool, need_bias: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> (grad_hidden [N, H], grad_weight [V, H], grad_bias [V]) in the input dtype; each one not needed is an
-    empty tensor [0]. grad_* inputs are float32 [N]."""
-    return _linear_logprobs_bwd(grad_logp, grad_entropy, grad_lse, hidden, weight, bias, labels, lse, entropy,
-                                temperature, ignore_index, rows, cols, need_hidden, need_weight, need_bias, backend)
+    empty tensor [0]. grad_* inputs are float32 [N]; grad_lse_kept, kept_threshold, lse_kept: all three or none."""
+    return _linear_logprobs_bwd(grad_logp, grad_entropy, grad_lse, grad_lse_kept, hidden, weight, bias, labels,
+                                kept_threshold, lse, lse_kept, entropy, temperature, ignore_index, rows, cols,
+                                need_hidden, need_weight, need_bias, backend)
 
 
 @linear_logprobs_backward_op.register_fake
-def _(grad_logp, grad_entropy, grad_lse, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, rows,
-      cols, need_hidden, need_weight, need_bias, backend):
+def _(grad_logp, grad_entropy, grad_lse, grad_lse_kept, hidden, weight, bias, labels, kept_threshold, lse, lse_kept,
+      entropy, temperature, ignore_index, rows, cols, need_hidden, need_weight, need_bias, backend):
     return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
             weight.new_empty(weight.shape if need_weight else (0,)),
             weight.new_empty((weight.shape[0],) if need_bias else (0,)))
 
 
 def _linear_logprobs_setup(ctx, inputs, output):
-    hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, rows, cols, backend = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+    hidden, weight, bias, labels, kept_threshold = inputs[:5]
+    temperature, ignore_index, compute_entropy, rows, cols, backend = inputs[5:]
+    _, entropy, lse, lse_kept = output
+    ctx.save_for_backward(hidden, weight, bias, labels, kept_threshold, lse, lse_kept, entropy)
     ctx.args = (temperature, ignore_index, compute_entropy, rows, cols, backend)
 
 
@@ -320,17 +352,19 @@ def _zeros_if_none(g: Optional[Tensor], like: Tensor) -> Tensor:
     return torch.zeros_like(like) if g is None else g.float().contiguous()
 
 
-def _linear_logprobs_grad(ctx, grad_logp, grad_entropy, grad_lse):
-    hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+def _linear_logprobs_grad(ctx, grad_logp, grad_entropy, grad_lse, grad_lse_kept):
+    hidden, weight, bias, labels, kept_threshold, lse, lse_kept, entropy = ctx.saved_tensors
     temperature, ignore_index, compute_entropy, rows, cols, backend = ctx.args
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     need_bias = need_bias and bias is not None
+    kept = kept_threshold is not None
     grad_hidden, grad_weight, grad_bias = linear_logprobs_backward_op(
         _zeros_if_none(grad_logp, lse), _zeros_if_none(grad_entropy if compute_entropy else None, lse),
-        _zeros_if_none(grad_lse, lse), hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, rows,
-        cols, need_hidden, need_weight, need_bias, backend)
+        _zeros_if_none(grad_lse, lse), _zeros_if_none(grad_lse_kept, lse) if kept else None, hidden, weight, bias,
+        labels, kept_threshold, lse, lse_kept if kept else None, entropy, temperature, ignore_index, rows, cols,
+        need_hidden, need_weight, need_bias, backend)
     return (grad_hidden if need_hidden else None, grad_weight if need_weight else None,
-            grad_bias if need_bias else None, None, None, None, None, None, None, None)
+            grad_bias if need_bias else None, None, None, None, None, None, None, None, None)
 
 
 linear_logprobs_op.register_autograd(_linear_logprobs_grad, setup_context=_linear_logprobs_setup)
@@ -376,7 +410,8 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index) -> None:
 
 
 def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
-                    temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False):
+                    temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
+                    kept_threshold: Optional[Tensor] = None):
     """Log-probability of each label under softmax((hidden @ weight.T + bias) / temperature), in logits tiles.
 
     hidden: [N, H] or [B, T, H] float32/bf16/fp16; weight: [V, H] (the lm_head or tied embedding), same dtype;
@@ -385,19 +420,23 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opt
     ``return_entropy`` the tuple (logp, entropy), entropy computed at every position.
     Differentiable w.r.t. hidden, weight and bias. The GEMMs run in the input dtype; log-prob math, the entropy and
     the grad_weight/grad_bias accumulation are float32.
+    kept_threshold: None, or float32 of labels' shape (the sampler's raw-logit threshold, -inf = everything kept):
+    the log-probs are renormalised over {v : logits_v >= kept_threshold} plus the label (docs/formulas.md,
+    "Kept-set log-probs"); the entropy stays the full-softmax entropy.
     """
     temperature = _checks.temperature(temperature)
     ignore_index = _checks.integer(ignore_index, "ignore_index")
     _check_inputs(hidden, weight, labels, bias, ignore_index)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    kept_threshold = _kept_threshold(kept_threshold, labels)
     backend = _backend.select("linear_logprobs", LINEAR_LOGPROBS_BACKENDS, hidden.device)
     rows_2d = hidden.reshape(-1, hidden.shape[-1])
     rows_2d = rows_2d if rows_2d.is_contiguous() else rows_2d.contiguous()
     flat_labels = labels.reshape(-1).contiguous()
     rows, cols = tile_shape(rows_2d.shape[0], weight.shape[0], hidden.device)
-    logp, ent, _ = linear_logprobs_op(rows_2d, weight, bias, flat_labels, temperature, ignore_index, return_entropy,
-                                      rows, cols, backend)
+    logp, ent, _, _ = linear_logprobs_op(rows_2d, weight, bias, flat_labels, kept_threshold, temperature,
+                                         ignore_index, return_entropy, rows, cols, backend)
     batch_shape = hidden.shape[:-1]
     if return_entropy:
         return logp.view(batch_shape), ent.view(batch_shape)

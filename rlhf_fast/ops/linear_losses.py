@@ -11,7 +11,8 @@ with its whole vocabulary, goes once through
 and backward only scales the saved gradients by the upstream scalar. Chunks: float32 logits within
 linear_cross_entropy.CHUNK_BYTES. The log-prob kernels run on the op's backend (cpp / cuda / triton / torch).
 
-PPO objective (docs/formulas.md), z = (hidden @ weight.T + bias) / temperature, logp_t and entropy H_t of z:
+PPO objective (docs/formulas.md), z = (hidden @ weight.T + bias) / temperature, logp_t and entropy H_t of z (with
+kept_threshold, logp_t is renormalised over the sampler's kept set, docs/formulas.md "Kept-set log-probs"):
   r_t = exp(clamp(logp_t - old_t, -20, 20));  pol_t = max(-A_t r_t, -A_t clamp(r_t, 1 - clip_low, 1 + clip_high));
   with dual clip c: where A_t < 0, pol_t = min(pol_t, -A_t c)
   loss = sum_t w_t (pol_t + kl_coef k(logp_t, ref_t) - entropy_coef H_t), over kept tokens (w_t != 0 and label
@@ -31,7 +32,8 @@ from . import _checks
 from .linear_cross_entropy import CHUNK_BYTES, chunk_rows
 from .linear_logprobs import LINEAR_LOGPROBS_BACKENDS, _balanced, _check_inputs, _gemm, _tile_logits
 from .ppo_loss import _kl_dlogp, _policy_terms
-from .token_logprobs import _logprobs_bwd, _logprobs_fwd, entropy_ref, kl_penalty_ref, logprobs_ref
+from .token_logprobs import (_kept_threshold, _logprobs_bwd, _logprobs_fwd, entropy_ref, kept_logprobs_ref,
+                             kl_penalty_ref, logprobs_ref)
 
 OP_BACKENDS = {"linear_ppo_loss": LINEAR_LOGPROBS_BACKENDS, "linear_dpo_loss": LINEAR_LOGPROBS_BACKENDS}
 
@@ -59,8 +61,9 @@ def _ppo_terms(logp, entropy, old_logp, adv, ref_logp, clip_low, clip_high, dual
     return loss, dlogp, ratio, logp - old_logp, clipped, dual, kl
 
 
-def _linear_ppo_fwd(hidden, weight, bias, labels, old_logp, advantages, weights, ref_logp, temperature, ignore_index,
-                    clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef, rows, needs, backend):
+def _linear_ppo_fwd(hidden, weight, bias, labels, old_logp, advantages, weights, ref_logp, kept_threshold, temperature,
+                    ignore_index, clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef, rows, needs,
+                    backend):
     n, vocab = hidden.shape[0], weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     need_hidden, need_weight, need_bias = needs
@@ -75,7 +78,8 @@ def _linear_ppo_fwd(hidden, weight, bias, labels, old_logp, advantages, weights,
         end = min(start + rows, n)
         h, y, keep = hidden[start:end], labels[start:end], keep_all[start:end]
         logits = _tile_logits(h, weight, bias, 0, vocab)
-        logp, ent, lse = _logprobs_fwd(backend, logits, y, temperature, ignore_index, True)
+        thr = None if kept_threshold is None else kept_threshold[start:end]
+        logp, ent, lse, lse_kept = _logprobs_fwd(backend, logits, y, thr, temperature, ignore_index, True)
         # masked tokens: zeros, so that no NaN reaches a sum or a gradient
         z = lambda x: torch.where(keep, x.float(), 0.0)  # noqa: E731
         w = z(weights[start:end])
@@ -94,8 +98,9 @@ def _linear_ppo_fwd(hidden, weight, bias, labels, old_logp, advantages, weights,
             continue
         g_logp = torch.where(keep, w * dlogp, 0.0)
         g_ent = torch.where(keep, -entropy_coef * w, 0.0)
-        grad_logits = _logprobs_bwd(backend, g_logp, g_ent, zeros[:end - start], logits, y, lse, ent, temperature,
-                                    ignore_index)
+        no_grad = zeros[:end - start]
+        grad_logits = _logprobs_bwd(backend, g_logp, g_ent, no_grad, None if thr is None else no_grad, logits, y, thr,
+                                    lse, None if thr is None else lse_kept, ent, temperature, ignore_index)
         del logits
         if need_hidden:
             _gemm(grad_hidden[start:end], grad_logits, weight, accumulate=False)
@@ -116,16 +121,17 @@ def _linear_ppo_fwd(hidden, weight, bias, labels, old_logp, advantages, weights,
 @torch.library.custom_op("rlhf_fast::linear_ppo_loss", mutates_args=())
 def linear_ppo_loss_op(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, old_logp: Tensor, advantages: Tensor,
-    weights: Tensor, ref_logp: Optional[Tensor], temperature: float, ignore_index: int, clip_low: float,
-    clip_high: float, dual_clip: Optional[float], kl_coef: float, kl_kind: str, entropy_coef: float, rows: int,
-    need_hidden: bool, need_weight: bool, need_bias: bool, backend: str,
+    weights: Tensor, ref_logp: Optional[Tensor], kept_threshold: Optional[Tensor], temperature: float,
+    ignore_index: int, clip_low: float, clip_high: float, dual_clip: Optional[float], kl_coef: float, kl_kind: str,
+    entropy_coef: float, rows: int, need_hidden: bool, need_weight: bool, need_bias: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """hidden [N, H], weight [V, H], bias [V] or None (one float dtype), labels [N] int64, old_logp / advantages /
-    weights / ref_logp [N] -> (loss float32 scalar, stats float32 [len(PPO_STATS)], grad_hidden [N, H],
-    grad_weight [V, H], grad_bias [V] of the loss in the input dtype, each one not needed an empty tensor [0])."""
-    return _linear_ppo_fwd(hidden, weight, bias, labels, old_logp, advantages, weights, ref_logp, temperature,
-                           ignore_index, clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef, rows,
-                           (need_hidden, need_weight, need_bias), backend)
+    weights / ref_logp [N], kept_threshold float32 [N] or None -> (loss float32 scalar, stats float32
+    [len(PPO_STATS)], grad_hidden [N, H], grad_weight [V, H], grad_bias [V] of the loss in the input dtype, each one
+    not needed an empty tensor [0])."""
+    return _linear_ppo_fwd(hidden, weight, bias, labels, old_logp, advantages, weights, ref_logp, kept_threshold,
+                           temperature, ignore_index, clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef,
+                           rows, (need_hidden, need_weight, need_bias), backend)
 
 
 def _fake_grads(hidden, weight, need_hidden, need_weight, need_bias):
@@ -135,8 +141,9 @@ def _fake_grads(hidden, weight, need_hidden, need_weight, need_bias):
 
 
 @linear_ppo_loss_op.register_fake
-def _(hidden, weight, bias, labels, old_logp, advantages, weights, ref_logp, temperature, ignore_index, clip_low,
-      clip_high, dual_clip, kl_coef, kl_kind, entropy_coef, rows, need_hidden, need_weight, need_bias, backend):
+def _(hidden, weight, bias, labels, old_logp, advantages, weights, ref_logp, kept_threshold, temperature, ignore_index,
+      clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef, rows, need_hidden, need_weight, need_bias,
+      backend):
     return (hidden.new_empty((), dtype=torch.float32), hidden.new_empty(len(PPO_STATS), dtype=torch.float32),
             *_fake_grads(hidden, weight, need_hidden, need_weight, need_bias))
 
@@ -161,7 +168,7 @@ def _grad(ctx, grad_loss, *_):
     return (*scaled, *[None] * (ctx.n_inputs - 3))
 
 
-linear_ppo_loss_op.register_autograd(_grad, setup_context=_setup_grads(17))
+linear_ppo_loss_op.register_autograd(_grad, setup_context=_setup_grads(18))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,7 +217,7 @@ def _linear_dpo_fwd(hidden, weight, bias, labels, ref_chosen, ref_rejected, temp
         h = torch.cat([hidden[a:b], hidden[pairs + a:pairs + b]]).reshape(-1, size)
         y = torch.cat([labels[a:b], labels[pairs + a:pairs + b]]).reshape(-1)
         logits = _tile_logits(h, weight, bias, 0, vocab)
-        logp, ent, lse = _logprobs_fwd(backend, logits, y, temperature, ignore_index, False)
+        logp, ent, lse, _ = _logprobs_fwd(backend, logits, y, None, temperature, ignore_index, False)
         seq_logp = logp.view(2 * k, seq).sum(1)
         chosen_lr = seq_logp[:k] - ref_chosen[a:b].float()
         rejected_lr = seq_logp[k:] - ref_rejected[a:b].float()
@@ -224,7 +231,8 @@ def _linear_dpo_fwd(hidden, weight, bias, labels, ref_chosen, ref_rejected, temp
         g_seq = torch.cat([d_chosen / pairs - nll_scale, -d_chosen / pairs])
         g_logp = g_seq[:, None].expand(2 * k, seq).reshape(-1)
         zeros = torch.zeros(2 * k * seq, **f32)
-        grad_logits = _logprobs_bwd(backend, g_logp, zeros, zeros, logits, y, lse, ent, temperature, ignore_index)
+        grad_logits = _logprobs_bwd(backend, g_logp, zeros, zeros, None, logits, y, None, lse, None, ent, temperature,
+                                    ignore_index)
         del logits
         if need_hidden:
             g = grad_hidden.new_empty(2 * k * seq, size)
@@ -274,10 +282,13 @@ linear_dpo_loss_op.register_autograd(_grad, setup_context=_setup_grads(13))
 
 def linear_ppo_loss_ref(hidden, weight, labels, old_logp, advantages, weights, *, bias=None, temperature=1.0,
                         clip_low=0.2, clip_high=None, dual_clip=None, ref_logp=None, kl_coef=0.0, kl_kind="k3",
-                        entropy_coef=0.0, ignore_index=-100) -> Tensor:
+                        entropy_coef=0.0, ignore_index=-100, kept_threshold=None) -> Tensor:
     """The obvious computation (full logits, autograd): the loss only."""
     logits = hidden @ weight.T + (bias if bias is not None else 0)
-    logp = logprobs_ref(logits, labels, temperature, ignore_index)
+    if kept_threshold is None:
+        logp = logprobs_ref(logits, labels, temperature, ignore_index)
+    else:
+        logp = kept_logprobs_ref(logits, labels, kept_threshold, temperature, ignore_index)
     ent = entropy_ref(logits, temperature)
     keep = (labels != ignore_index) & (weights != 0)
     z = lambda x: torch.where(keep, x.float(), 0.0)  # noqa: E731
@@ -306,7 +317,8 @@ def linear_ppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Te
                     weights: Tensor, *, bias: Optional[Tensor] = None, temperature: float = 1.0,
                     clip_low: float = 0.2, clip_high: Optional[float] = None, dual_clip: Optional[float] = None,
                     ref_logp: Optional[Tensor] = None, kl_coef: float = 0.0, kl_kind: str = "k3",
-                    entropy_coef: float = 0.0, ignore_index: int = -100) -> tuple[Tensor, dict]:
+                    entropy_coef: float = 0.0, ignore_index: int = -100,
+                    kept_threshold: Optional[Tensor] = None) -> tuple[Tensor, dict]:
     """The PPO/GRPO objective of the policy head, from hidden states: sum_t w_t (pol_t + kl_coef k_t -
     entropy_coef H_t) (module docstring), gradients formed in the forward (3 GEMMs).
 
@@ -316,6 +328,9 @@ def linear_ppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Te
     ignore_index is masked. Returns (loss float32 scalar, differentiable w.r.t. hidden, weight, bias; stats: dict of
     float32 scalars PPO_STATS, plain means over the kept tokens (ratio_max a max), 0 when there are none; "kl" is 0
     without ref_logp).
+    kept_threshold: None, or float32 of labels' shape (the sampler's kept threshold): logp_t becomes the log-prob
+    renormalised over the kept set {v : logits_v >= m_t} plus the label (rlhf_fast.logprobs, kept_threshold); the
+    entropy term stays the full-softmax entropy.
     """
     temperature = _checks.temperature(temperature)
     ignore_index = _checks.integer(ignore_index, "ignore_index")
@@ -324,6 +339,7 @@ def linear_ppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Te
         _check_vector(x, name, labels)
     if ref_logp is not None:
         _check_vector(ref_logp, "ref_logp", labels)
+    kept_threshold = _kept_threshold(kept_threshold, labels)
     clip_low = _checks.positive_number(clip_low, "clip_low")
     clip_high = clip_low if clip_high is None else _checks.positive_number(clip_high, "clip_high")
     if dual_clip is not None:
@@ -339,8 +355,8 @@ def linear_ppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Te
     rows = chunk_rows(rows_2d.shape[0], weight.shape[0], hidden.device)
     loss, stats, *_ = linear_ppo_loss_op(
         rows_2d, weight, bias, labels.reshape(-1).contiguous(), _flat(old_logp), _flat(advantages), _flat(weights),
-        _flat(ref_logp), temperature, ignore_index, clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef,
-        rows, *_needs(hidden, weight, bias), backend)
+        _flat(ref_logp), kept_threshold, temperature, ignore_index, clip_low, clip_high, dual_clip, kl_coef, kl_kind,
+        entropy_coef, rows, *_needs(hidden, weight, bias), backend)
     return loss, dict(zip(PPO_STATS, stats.unbind()))
 
 

@@ -2,6 +2,8 @@
 
 Formulas (docs/formulas.md), with z = logits / temperature over the last dimension V:
   logp[t]    = z[t, y_t] - logsumexp(z[t])            (0 where y_t == ignore_index, with no gradient)
+  with kept_threshold m (the sampler's kept set, docs/formulas.md "Kept-set log-probs"):
+  logp[t]    = z[t, y_t] - logsumexp_{v in K_t} z[t, v],  K_t = {v : logits[t, v] >= m_t} | {y_t}
   entropy[t] = logsumexp(z[t]) - sum_v softmax(z[t])_v z[t, v]
   KL[t]      = sum_v p_v (log p_v - log q_v)          p from logits, q from ref_logits, same temperature
   kl_penalty: sampled-token estimators of KL(pi || pi_ref) with d = ref_logp - logp:
@@ -52,6 +54,21 @@ def logprobs_ref(logits: Tensor, labels: Tensor, temperature: float = 1.0, ignor
     return torch.where(keep, picked, 0.0)
 
 
+def kept_logprobs_ref(logits: Tensor, labels: Tensor, kept_threshold: Tensor, temperature: float = 1.0,
+                      ignore_index: int = -100) -> Tensor:
+    """Log-prob of each label renormalised over the kept set K = {v : logits_v >= kept_threshold} | {label}.
+    float64 logits stay float64 (the tests' exact value); other dtypes are computed in float32."""
+    x = logits if logits.dtype == torch.float64 else logits.float()
+    keep = labels != ignore_index
+    y = torch.where(keep, labels, 0)
+    label_col = torch.arange(x.shape[-1], device=x.device) == y[..., None]
+    kept = (x >= kept_threshold.to(x.dtype).unsqueeze(-1)) | label_col
+    kept = kept | ~keep[..., None]  # ignored rows (logp 0): any non-empty set, so that autograd sees no NaN
+    z = x / temperature
+    logp = z.gather(-1, y.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(torch.where(kept, z, float("-inf")), dim=-1)
+    return torch.where(keep, logp, 0.0)
+
+
 def entropy_ref(logits: Tensor, temperature: float = 1.0) -> Tensor:
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     p = logp.exp()
@@ -86,32 +103,60 @@ def _zero_if_none(g: Optional[Tensor], like: Tensor) -> Tensor:
     return torch.zeros_like(like) if g is None else g.float().contiguous()
 
 
-def _logprobs_fwd_torch(logits, labels, temperature, ignore_index, compute_entropy):
+def _kept_mask(logits, labels, kept_threshold, ignore_index):
+    """[N, V] bool: the kept set {v : logits_v >= kept_threshold} with each row's label added (the union rule)."""
+    kept = logits.float() >= kept_threshold[:, None]
+    if labels is not None:
+        has_label = (labels != ignore_index) & (labels >= 0) & (labels < logits.shape[-1])
+        label_col = torch.zeros_like(kept).scatter_(1, torch.where(has_label, labels, 0)[:, None], has_label[:, None])
+        kept |= label_col
+    return kept
+
+
+def _logprobs_fwd_torch(logits, labels, kept_threshold, temperature, ignore_index, compute_entropy):
     z = logits.float() / temperature
     lse = torch.logsumexp(z, dim=-1)
     lse = torch.where(lse == float("inf"), float("nan"), lse)  # a +inf logit defines no distribution (as the kernels)
     entropy = entropy_ref(logits, temperature) if compute_entropy else torch.zeros_like(lse)
+    lse_kept, denominator = lse.new_empty(0), lse
+    if kept_threshold is not None:
+        kept = _kept_mask(logits, labels, kept_threshold, ignore_index)
+        lse_kept = torch.logsumexp(torch.where(kept, z, float("-inf")), dim=-1)
+        lse_kept = denominator = torch.where(lse.isnan(), float("nan"), lse_kept)  # no distribution: NaN too
     if labels is None:
-        return torch.zeros_like(lse), entropy, lse
+        return torch.zeros_like(lse), entropy, lse, lse_kept
     # Like the compiled kernels, an out-of-range label (unchecked on CUDA) gives NaN rather than a read past V.
     in_range = (labels >= 0) & (labels < logits.shape[-1])
-    picked = z.gather(-1, torch.where(in_range, labels, 0)[:, None]).squeeze(-1) - lse
+    picked = z.gather(-1, torch.where(in_range, labels, 0)[:, None]).squeeze(-1) - denominator
     logp = torch.where(labels == ignore_index, 0.0, torch.where(in_range, picked, float("nan")))
-    return logp, entropy, lse
+    return logp, entropy, lse, lse_kept
 
 
-def _logprobs_bwd_torch(grad_logp, grad_entropy, grad_lse, logits, labels, lse, entropy, temperature, ignore_index):
-    logp_all = logits.float() / temperature - lse[:, None]
+def _logprobs_bwd_torch(grad_logp, grad_entropy, grad_lse, grad_lse_kept, logits, labels, kept_threshold, lse,
+                        lse_kept, entropy, temperature, ignore_index):
+    z = logits.float() / temperature
+    logp_all = z - lse[:, None]
     p = torch.exp(logp_all)
     if labels is None:
         keep = torch.zeros_like(lse, dtype=torch.bool)
-        labels = torch.zeros_like(lse, dtype=torch.long)
+        safe_labels = torch.zeros_like(lse, dtype=torch.long)
     else:
         keep = labels != ignore_index
+        safe_labels = labels
     g = torch.where(keep, grad_logp, 0.0)
-    c = grad_lse - g - grad_entropy * entropy
-    grad = p * (c[:, None] - grad_entropy[:, None] * torch.where(p > 0, logp_all, 0.0))
-    grad.scatter_add_(1, torch.where(keep, labels, 0)[:, None], g[:, None])
+    if kept_threshold is None:
+        c = grad_lse - g - grad_entropy * entropy
+        grad = p * (c[:, None] - grad_entropy[:, None] * torch.where(p > 0, logp_all, 0.0))
+    else:
+        # grad_z = g [v == y] + p_v (gL - gH (H + lp_v)) + q_v (gK - g), q_v = [v in K] exp(z_v - lse_kept). A row
+        # with m = -inf keeps everything (q = p, lse_kept = lse): its two terms are one, as without a threshold.
+        full = kept_threshold == float("-inf")
+        c = torch.where(full, grad_lse + grad_lse_kept - g - grad_entropy * entropy, grad_lse - grad_entropy * entropy)
+        grad = p * (c[:, None] - grad_entropy[:, None] * torch.where(p > 0, logp_all, 0.0))
+        kept = _kept_mask(logits, labels, kept_threshold, ignore_index)
+        q = torch.where(kept, torch.exp(z - lse_kept[:, None]), 0.0)
+        grad = torch.where(full[:, None], grad, grad + q * (grad_lse_kept - g)[:, None])
+    grad.scatter_add_(1, torch.where(keep, safe_labels, 0)[:, None], g[:, None])
     return (grad / temperature).to(logits.dtype)
 
 
@@ -186,49 +231,58 @@ def _row_vectors(logits: Tensor, count: int) -> tuple[Tensor, ...]:
 
 @torch.library.custom_op("rlhf_fast::logprobs_entropy", mutates_args=())
 def logprobs_entropy_op(
-    logits: Tensor, labels: Optional[Tensor], temperature: float, ignore_index: int, compute_entropy: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """logits [N, V] float/bf16/fp16, labels int64 [N] or None -> (logp, entropy, lse), float32 [N] each."""
-    return _logprobs_fwd(backend, logits, labels, temperature, ignore_index, compute_entropy)
+    logits: Tensor, labels: Optional[Tensor], kept_threshold: Optional[Tensor], temperature: float,
+    ignore_index: int, compute_entropy: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """logits [N, V] float/bf16/fp16, labels int64 [N] or None, kept_threshold float32 [N] or None
+    -> (logp, entropy, lse, lse_kept), float32 [N] each; lse_kept (the log-sum-exp over the kept set, which logp
+    then uses) is an empty [0] without kept_threshold."""
+    return _logprobs_fwd(backend, logits, labels, kept_threshold, temperature, ignore_index, compute_entropy)
 
 
 @logprobs_entropy_op.register_fake
-def _(logits, labels, temperature, ignore_index, compute_entropy, backend):
-    return _row_vectors(logits, 3)
+def _(logits, labels, kept_threshold, temperature, ignore_index, compute_entropy, backend):
+    lse_kept = logits.new_empty(logits.shape[0] if kept_threshold is not None else 0, dtype=torch.float32)
+    return (*_row_vectors(logits, 3), lse_kept)
 
 
 @torch.library.custom_op("rlhf_fast::logprobs_entropy_backward", mutates_args=())
 def logprobs_entropy_backward_op(
-    grad_logp: Tensor, grad_entropy: Tensor, grad_lse: Tensor, logits: Tensor, labels: Optional[Tensor],
-    lse: Tensor, entropy: Tensor, temperature: float, ignore_index: int, backend: str,
+    grad_logp: Tensor, grad_entropy: Tensor, grad_lse: Tensor, grad_lse_kept: Optional[Tensor], logits: Tensor,
+    labels: Optional[Tensor], kept_threshold: Optional[Tensor], lse: Tensor, lse_kept: Optional[Tensor],
+    entropy: Tensor, temperature: float, ignore_index: int, backend: str,
 ) -> Tensor:
-    """-> grad_logits [N, V] in the logits dtype."""
-    return _logprobs_bwd(backend, grad_logp, grad_entropy, grad_lse, logits, labels, lse, entropy, temperature,
-                         ignore_index)
+    """-> grad_logits [N, V] in the logits dtype. grad_lse_kept, kept_threshold, lse_kept: all three or none."""
+    return _logprobs_bwd(backend, grad_logp, grad_entropy, grad_lse, grad_lse_kept, logits, labels, kept_threshold,
+                         lse, lse_kept, entropy, temperature, ignore_index)
 
 
 @logprobs_entropy_backward_op.register_fake
-def _(grad_logp, grad_entropy, grad_lse, logits, labels, lse, entropy, temperature, ignore_index, backend):
+def _(grad_logp, grad_entropy, grad_lse, grad_lse_kept, logits, labels, kept_threshold, lse, lse_kept, entropy,
+      temperature, ignore_index, backend):
     return logits.new_empty(logits.shape)
 
 
 def _logprobs_entropy_setup(ctx, inputs, output):
-    logits, labels, temperature, ignore_index, compute_entropy, backend = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(logits, labels, lse, entropy)
+    logits, labels, kept_threshold, temperature, ignore_index, compute_entropy, backend = inputs
+    _, entropy, lse, lse_kept = output
+    ctx.save_for_backward(logits, labels, kept_threshold, lse, lse_kept, entropy)
     ctx.args = (temperature, ignore_index, compute_entropy, backend)
 
 
-def _logprobs_entropy_grad(ctx, grad_logp, grad_entropy, grad_lse):
-    logits, labels, lse, entropy = ctx.saved_tensors
+def _logprobs_entropy_grad(ctx, grad_logp, grad_entropy, grad_lse, grad_lse_kept):
+    logits, labels, kept_threshold, lse, lse_kept, entropy = ctx.saved_tensors
     temperature, ignore_index, compute_entropy, backend = ctx.args
     grad_logp = _zero_if_none(grad_logp if labels is not None else None, lse)
     grad_entropy = _zero_if_none(grad_entropy if compute_entropy else None, lse)
     grad_lse = _zero_if_none(grad_lse, lse)
-    grad = logprobs_entropy_backward_op(grad_logp, grad_entropy, grad_lse, logits, labels, lse, entropy,
-                                        temperature, ignore_index, backend)
-    return grad, None, None, None, None, None
+    if kept_threshold is None:
+        grad_lse_kept = lse_kept = None
+    else:
+        grad_lse_kept = _zero_if_none(grad_lse_kept, lse)
+    grad = logprobs_entropy_backward_op(grad_logp, grad_entropy, grad_lse, grad_lse_kept, logits, labels,
+                                        kept_threshold, lse, lse_kept, entropy, temperature, ignore_index, backend)
+    return grad, None, None, None, None, None, None
 
 
 logprobs_entropy_op.register_autograd(_logprobs_entropy_grad, setup_context=_logprobs_entropy_setup)
@@ -321,27 +375,51 @@ kl_penalty_op.register_autograd(_kl_penalty_grad, setup_context=_kl_penalty_setu
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _logprobs_entropy(logits, labels, temperature, ignore_index, compute_entropy, op_name):
+def _kept_threshold(kept_threshold, labels) -> Optional[Tensor]:
+    """None, or a float32 tensor of labels' shape on their device without NaN (NaN checked on CPU, eagerly)."""
+    if kept_threshold is None:
+        return None
+    _checks.tensor(kept_threshold, "kept_threshold")
+    if kept_threshold.dtype != torch.float32:
+        raise TypeError(f"kept_threshold must be float32 (the sampler's raw-logit threshold), "
+                        f"got {kept_threshold.dtype}")
+    _checks.same_shape(kept_threshold, "kept_threshold", labels.shape, "labels.shape")
+    _checks.same_device(kept_threshold, "kept_threshold", labels, "labels")
+    if kept_threshold.device.type == "cpu" and not torch.compiler.is_compiling() and kept_threshold.numel() > 0:
+        bad = kept_threshold.isnan()
+        if bool(bad.any()):
+            index = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"kept_threshold{list(index)} is NaN (use -inf where everything is kept)")
+    return kept_threshold.detach().reshape(-1).contiguous()
+
+
+def _logprobs_entropy(logits, labels, temperature, ignore_index, compute_entropy, op_name, kept_threshold=None):
     _checks.logits(logits)
     temperature = _checks.temperature(temperature)
     ignore_index = _checks.integer(ignore_index, "ignore_index")
     if labels is not None:
         _checks.labels(labels, "labels", logits, ignore_index)
+        kept_threshold = _kept_threshold(kept_threshold, labels)
     backend = _backend.select(op_name, LOGPROBS_BACKENDS, logits.device)
     rows = _checks.rows(logits)
     flat_labels = labels.reshape(-1).contiguous() if labels is not None else None
-    logp, ent, _ = logprobs_entropy_op(rows, flat_labels, temperature, ignore_index, compute_entropy, backend)
+    logp, ent, _, _ = logprobs_entropy_op(rows, flat_labels, kept_threshold, temperature, ignore_index,
+                                          compute_entropy, backend)
     batch_shape = logits.shape[:-1]
     return logp.view(batch_shape), ent.view(batch_shape)
 
 
-def logprobs(logits: Tensor, labels: Tensor, *, temperature: float = 1.0, ignore_index: int = -100) -> Tensor:
+def logprobs(logits: Tensor, labels: Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
+             kept_threshold: Optional[Tensor] = None) -> Tensor:
     """Log-probability of each label under softmax(logits / temperature).
 
     logits: [..., V] float32/bf16/fp16; labels: [...] int64 in [0, V) or ``ignore_index`` -> [...] float32.
     Positions whose label is ``ignore_index`` give 0 and no gradient. Differentiable w.r.t. ``logits``.
+    kept_threshold: None, or float32 [...] (the sampler's kept threshold, -inf = everything kept): the softmax is
+    renormalised over the kept set {v : logits_v >= kept_threshold} plus the label (docs/formulas.md, "Kept-set
+    log-probs"); the threshold gets no gradient.
     """
-    return _logprobs_entropy(logits, labels, temperature, ignore_index, False, "logprobs")[0]
+    return _logprobs_entropy(logits, labels, temperature, ignore_index, False, "logprobs", kept_threshold)[0]
 
 
 def entropy(logits: Tensor, *, temperature: float = 1.0) -> Tensor:
@@ -349,12 +427,13 @@ def entropy(logits: Tensor, *, temperature: float = 1.0) -> Tensor:
     return _logprobs_entropy(logits, None, temperature, -100, True, "entropy")[1]
 
 
-def logprobs_and_entropy(logits: Tensor, labels: Tensor, *, temperature: float = 1.0, ignore_index: int = -100
-                         ) -> tuple[Tensor, Tensor]:
-    """``(logprobs(...), entropy(...))`` from one pass over the logits; entropy is computed at every position."""
+def logprobs_and_entropy(logits: Tensor, labels: Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
+                         kept_threshold: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """``(logprobs(...), entropy(...))`` from one pass over the logits; entropy is computed at every position and
+    is always the full-softmax entropy (kept_threshold changes the log-probs only)."""
     if labels is None:
         raise TypeError("labels must be a torch.Tensor, got None (use rlhf_fast.entropy for entropy alone)")
-    return _logprobs_entropy(logits, labels, temperature, ignore_index, True, "logprobs_and_entropy")
+    return _logprobs_entropy(logits, labels, temperature, ignore_index, True, "logprobs_and_entropy", kept_threshold)
 
 
 def kl_divergence(logits: Tensor, ref_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
