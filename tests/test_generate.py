@@ -288,7 +288,8 @@ def test_filtered_logprobs_and_kept_threshold_equal_a_recomputation(model, cache
     # per-prompt filters: top-k + top-p + min-p, top-p, none (-inf), greedy (the max logit), min-p
     params = dict(temperature=torch.tensor([0.8, 1.0, 1.0, 0.0, 0.7]), top_k=torch.tensor([30, 0, 0, 5, 0]),
                   top_p=torch.tensor([0.9, 0.7, 1.0, 1.0, 1.0]), min_p=torch.tensor([0.01, 0.0, 0.0, 0.0, 0.1]))
-    out = rlhf_fast.generate(model, ids, mask, max_new_tokens=10, eos_token_id=[3, 5], pad_token_id=PAD,
+    eos = [3, 5, 7, 11, 13, 17, 19, 23]  # ~8 % a step: rows end at different steps
+    out = rlhf_fast.generate(model, ids, mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=PAD,
                              num_samples=G, batch_size=width, cache=cache, generator=torch.Generator().manual_seed(6),
                              **params)
     assert out.filtered_logprobs.dtype == out.kept_threshold.dtype == torch.float32
