@@ -9,8 +9,9 @@ tests). Every pass loops over the row in BLOCK_V blocks and recomputes e = exp(z
      values): each pass evaluates NUM_PIVOTS pivots at once (count or mass of e >= pivot), which narrows the interval
      more than NUM_PIVOTS-fold, so N_ITERS = 8 passes reach the exact threshold; min-p's threshold is min_p * max e,
      and max e = exp(0) = 1,
-  4. kept mass M, then the inverse CDF with the row's uniform u: the first v, in index order, whose running kept mass
-     exceeds u * M (a block sum per step, a cumulative sum inside the block that holds the answer).
+  4. kept mass M and, in the same pass, the kept threshold (the min raw logit over the kept set; -inf without an
+     active filter), then the inverse CDF with the row's uniform u: the first v, in index order, whose running kept
+     mass exceeds u * M (a block sum per step, a cumulative sum inside the block that holds the answer).
 Greedy rows and rows without a distribution (NaN, +inf, no finite logit: NaN log-prob) share the passes and select
 their outputs at the end; a pass that no row of the program needs is skipped. The rule and the outputs are those of
 rlhf_fast/ops/sampling.py (module docstring).
@@ -49,6 +50,23 @@ def _mass(base, row_ok, V, inv_t, m, tau, ROWS: tl.constexpr, BLOCK_V: tl.conste
 
 
 @triton.jit
+def _kept_mass_and_min(base, row_ok, V, inv_t, m, tau, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Per row: the mass of the kept set {e >= tau, e > 0} and the min raw logit over it (+inf when empty)."""
+    offs = tl.arange(0, BLOCK_V)
+    total = tl.zeros([ROWS], tl.float32)
+    lowest = tl.full([ROWS], float("inf"), tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        x = tl.load(base[:, None] + cols[None, :], mask=row_ok[:, None] & (cols < V)[None, :],
+                    other=float("-inf")).to(tl.float32)
+        e = tl.exp((x - m[:, None]) * inv_t[:, None])  # 0 outside the rows
+        kept = (e >= tau[:, None]) & (e > 0)
+        total += tl.sum(tl.where(kept, e, 0.0), axis=1)
+        lowest = tl.minimum(lowest, tl.min(tl.where(kept, x, float("inf")), axis=1))
+    return total, lowest
+
+
+@triton.jit
 def _bisect(base, row_ok, V, inv_t, m, target, lo, hi, USE_MASS: tl.constexpr, ROWS: tl.constexpr,
             BLOCK_V: tl.constexpr, NP: tl.constexpr, N_ITERS: tl.constexpr):
     """Per row: the largest bit pattern t in [lo, hi] with f(t) >= target, f(t) = count (or mass) of e >= t.
@@ -82,7 +100,7 @@ def _bisect(base, row_ok, V, inv_t, m, target, lo, hi, USE_MASS: tl.constexpr, R
 @triton.jit
 def _sample_kernel(
     logits_ptr, u_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, tokens_ptr, logp_ptr, filtered_ptr,
-    B, V, row_stride,
+    threshold_ptr, B, V, row_stride,
     ROWS: tl.constexpr, BLOCK_V: tl.constexpr, NP: tl.constexpr, N_ITERS: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -134,9 +152,10 @@ def _sample_kernel(
                     True, ROWS, BLOCK_V, NP, N_ITERS)
         tau_p = tl.where(p_on, t, 0.0)
     tau = tl.minimum(tl.maximum(tl.maximum(tau_k, tau_p), tl.maximum(min_p, 0.0)), 1.0)  # the max (e = 1) is kept
+    filtered = k_on | p_on | (min_p > 0)
 
-    # 4. inverse CDF
-    kept = _mass(base, row_ok, V, inv_t, m, tau, ROWS, BLOCK_V)
+    # 4. kept mass and threshold, inverse CDF
+    kept, kept_min = _kept_mass_and_min(base, row_ok, V, inv_t, m, tau, ROWS, BLOCK_V)
     target = u * kept
     cum = zero
     token = tl.full([ROWS], -1, tl.int32)
@@ -160,23 +179,26 @@ def _sample_kernel(
     tl.store(tokens_ptr + rows, token.to(tl.int64), mask=row_ok)
     tl.store(logp_ptr + rows, tl.where(sampled, z - tl.log(s), greedy_lp), mask=row_ok)
     tl.store(filtered_ptr + rows, tl.where(sampled, z - tl.log(kept), greedy_lp), mask=row_ok)
+    threshold = tl.where(greedy, mx, tl.where(filtered, kept_min, float("-inf")))
+    tl.store(threshold_ptr + rows, tl.where(valid, threshold, nan), mask=row_ok)
 
 
 def sample(logits: Tensor, uniforms: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor
-           ) -> tuple[Tensor, Tensor, Tensor]:
+           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """logits [B, V] (unit stride in V); uniforms, temperature, top_p, min_p float32 [B]; top_k int64 [B]
-    -> (tokens int64 [B], logprobs float32 [B], filtered_logprobs float32 [B])."""
+    -> (tokens int64 [B], logprobs float32 [B], filtered_logprobs float32 [B], kept_threshold float32 [B])."""
     B, V = logits.shape
     tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
     logp = torch.empty(B, dtype=torch.float32, device=logits.device)
     filtered = torch.empty(B, dtype=torch.float32, device=logits.device)
+    threshold = torch.empty(B, dtype=torch.float32, device=logits.device)
     if B == 0:
-        return tokens, logp, filtered
+        return tokens, logp, filtered, threshold
     block_v = min(triton.next_power_of_2(V), MAX_BLOCK_V)
     rows = max(1, min(triton.next_power_of_2(B), ROW_TILE // block_v))
     num_warps = 8 if rows * block_v >= 1024 else 4
     _sample_kernel[(triton.cdiv(B, rows),)](
-        logits, uniforms, temperature, top_k, top_p, min_p, tokens, logp, filtered,
+        logits, uniforms, temperature, top_k, top_p, min_p, tokens, logp, filtered, threshold,
         B, V, logits.stride(0), ROWS=rows, BLOCK_V=block_v, NP=NUM_PIVOTS, N_ITERS=N_ITERS, num_warps=num_warps,
     )
-    return tokens, logp, filtered
+    return tokens, logp, filtered, threshold

@@ -1,5 +1,6 @@
 """Batched rollout generation for 🤗 transformers causal LMs with rlhf_fast's sampler, returning the behaviour log-probs
-of the generated tokens (so PPO need not recompute them).
+of the generated tokens (so PPO need not recompute them), unfiltered and under the sampler's kept set, with each
+token's kept threshold (the kept set is {v : logits_v >= threshold}, see rlhf_fast.sample).
 
 Two paths, chosen by ``cache``:
 
@@ -43,6 +44,8 @@ class GenerateOutput(NamedTuple):
     sequences: Tensor  # [R, P + N] int64: the prompt as given, then the response; pad_token_id after a row's EOS
     response_mask: Tensor  # [R, N], dtype of attention_mask: 1 on generated tokens (the EOS included), 0 after
     logprobs: Tensor  # [R, N] float32: behaviour log-prob of each generated token (temperature-scaled, unfiltered)
+    filtered_logprobs: Tensor  # [R, N] float32: its log-prob under the renormalised kept set (top-k/top-p/min-p)
+    kept_threshold: Tensor  # [R, N] float32: min raw logit of the kept set (-inf: no filter; greedy: the max logit)
 
 
 def _eos_ids(eos_token_id, device) -> Tensor:
@@ -119,9 +122,7 @@ class _Decoder:
 
     def _step(self, model, token, position, bias, uniforms, temperature, top_k, top_p, min_p):
         logits = _forward_logits(model, token[:, None], bias[:, None, None, :], position[:, None], self.cache)
-        tokens, logprobs, _ = sample_op(logits.contiguous(), uniforms, temperature, top_k, top_p, min_p,
-                                        self.backend)
-        return tokens, logprobs
+        return sample_op(logits.contiguous(), uniforms, temperature, top_k, top_p, min_p, self.backend)
 
 
 _DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -217,8 +218,8 @@ def generate(
     else:
         out = _generate_static(model, input_ids, mask, max_new_tokens, params, eos, pad_token_id, generator, G,
                                batch_size or B * G, input_ids.is_cuda if compile is None else compile)
-    sequences, response_mask, logprobs = out
-    return GenerateOutput(sequences, response_mask.to(attention_mask.dtype), logprobs)
+    sequences, response_mask, *per_token = out
+    return GenerateOutput(sequences, response_mask.to(attention_mask.dtype), *per_token)
 
 
 _WARNED: set = set()
@@ -253,14 +254,16 @@ def _generate_static(model, input_ids, mask, N, params, eos, pad, generator, G, 
     slot_params = [p.new_zeros(W) for p in params]
     # outputs; row R and column N absorb the writes of stopped slots (no branch, no host read)
     res_tokens = torch.full((R + 1, N + 1), pad, dtype=torch.int64, device=device)
-    res_logp = torch.zeros(R + 1, N + 1, dtype=torch.float32, device=device)
+    # per-token float32 outputs of the sampler: logprobs, filtered_logprobs, kept_threshold
+    res_float = torch.zeros(3, R + 1, N + 1, dtype=torch.float32, device=device)
     res_mask = torch.zeros(R + 1, N + 1, dtype=torch.int64, device=device)
 
-    def record(tok, logp, live):
-        """Writes the new token of each ``live`` slot; advances its count; marks the stopped."""
+    def record(tok, floats, live):
+        """Writes the new token of each ``live`` slot and its sampler outputs ``floats`` [3, W]; advances its count;
+        marks the stopped."""
         rows, cols = torch.where(live, row_of, R), torch.where(live, count, N)
         res_tokens[rows, cols] = tok
-        res_logp[rows, cols] = logp
+        res_float[:, rows, cols] = floats
         res_mask[rows, cols] = 1
         count.add_(live.long())
         done.copy_(done | (live & (torch.isin(tok, eos) | (count >= N))))
@@ -301,12 +304,12 @@ def _generate_static(model, input_ids, mask, N, params, eos, pad, generator, G, 
         for sp, pp in zip(slot_params, params):
             sp[dst] = pp[rows]
         uniforms = torch.rand(n * G, generator=generator, device=device, dtype=torch.float32)
-        tok, logp, _ = sample_op(logits[src].contiguous(), uniforms, *(pp[rows] for pp in params), backend)
-        live_tok, live_logp = token.clone(), torch.zeros(W, dtype=torch.float32, device=device)
-        live_tok[dst], live_logp[dst] = tok, logp
+        tok, *floats = sample_op(logits[src].contiguous(), uniforms, *(pp[rows] for pp in params), backend)
+        live_tok, live_floats = token.clone(), torch.zeros(3, W, dtype=torch.float32, device=device)
+        live_tok[dst], live_floats[:, dst] = tok, torch.stack(floats)
         fresh = torch.zeros(W, dtype=torch.bool, device=device)
         fresh[dst] = True
-        record(live_tok, live_logp, fresh)
+        record(live_tok, live_floats, fresh)
 
     pending = list(range(B))
     t = P  # decode column counter: slot columns are t % L
@@ -331,15 +334,15 @@ def _generate_static(model, input_ids, mask, N, params, eos, pad, generator, G, 
         slots.columns.fill_(col)
         bias[:, col] = 0.0
         uniforms = torch.rand(W, generator=generator, device=device, dtype=torch.float32)
-        tok, logp = decoder.fn(model, token, position, bias, uniforms, *slot_params)
+        tok, *floats = decoder.fn(model, token, position, bias, uniforms, *slot_params)
         live = ~done
         position.add_(live.long())
-        record(tok, logp, live)
+        record(tok, torch.stack(floats), live)
         t += 1
         steps += 1
     n = int(res_mask[:R].sum(1).max())
     sequences = torch.cat([input_ids.repeat_interleave(G, 0), res_tokens[:R, :n]], dim=1)
-    return sequences, res_mask[:R, :n], res_logp[:R, :n]
+    return (sequences, res_mask[:R, :n], *res_float[:, :R, :n])
 
 
 def _generate_dynamic(model, input_ids, mask, N, params, eos, pad, generator):
@@ -348,7 +351,7 @@ def _generate_dynamic(model, input_ids, mask, N, params, eos, pad, generator):
     full_mask = mask.new_zeros(B, P + N)
     full_mask[:, :P] = mask
     tokens = torch.full((B, N), pad, dtype=torch.int64, device=device)
-    logprobs = torch.zeros(B, N, dtype=torch.float32, device=device)
+    floats = torch.zeros(3, B, N, dtype=torch.float32, device=device)  # logprobs, filtered_logprobs, kept_threshold
     response_mask = mask.new_zeros(B, N)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     params = dict(zip(("temperature", "top_k", "top_p", "min_p"), params))
@@ -365,11 +368,12 @@ def _generate_dynamic(model, input_ids, mask, N, params, eos, pad, generator):
         out = model(input_ids=step_input, attention_mask=full_mask[:, : P + t], position_ids=position_ids,
                     use_cache=True, **{cache_kw: cache}, **extra)
         cache = out[cache_kw] if cache_kw in out else out.past_key_values
-        token, logp = sample(out.logits[:, -1, :], generator=generator, **params)
+        token, *step_floats = sample(out.logits[:, -1, :], generator=generator, return_filtered_logprobs=True,
+                                     return_kept_threshold=True, **params)
         active = ~done
         token = torch.where(active, token, pad)
         tokens[:, t] = token
-        logprobs[:, t] = torch.where(active, logp, 0.0)
+        floats[:, :, t] = torch.where(active, torch.stack(step_floats), 0.0)
         response_mask[:, t] = active
         full_mask[:, P + t] = active  # the model attends to this token from the next step on
         done = done | torch.isin(token, eos)
@@ -379,4 +383,4 @@ def _generate_dynamic(model, input_ids, mask, N, params, eos, pad, generator):
         if steps % check_every == 0 and bool(done.all()):
             break
     n = int(response_mask[:, :steps].any(0).sum())  # steps in which some row was still generating
-    return torch.cat([input_ids, tokens[:, :n]], dim=1), response_mask[:, :n], logprobs[:, :n]
+    return (torch.cat([input_ids, tokens[:, :n]], dim=1), response_mask[:, :n], *floats[:, :, :n])

@@ -314,8 +314,9 @@ def test_sample_token_in_kept_set(backend, data, temperature, top_k, top_p, min_
     if not checked("sample_token_in_kept_set", backend):
         return
     with rlhf_fast.use_backend(backend):
-        tokens, logp, flp = rlhf_fast.sample(x, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                             generator=torch.Generator().manual_seed(0), return_filtered_logprobs=True)
+        tokens, logp, flp, thr = rlhf_fast.sample(x, temperature=temperature, top_k=top_k, top_p=top_p,
+                                                  min_p=min_p, generator=torch.Generator().manual_seed(0),
+                                                  return_filtered_logprobs=True, return_kept_threshold=True)
     z = x.double() / temperature
     logp_all = torch.log_softmax(z, -1)
     picked = logp_all.gather(-1, tokens[:, None])[:, 0]
@@ -323,6 +324,10 @@ def test_sample_token_in_kept_set(backend, data, temperature, top_k, top_p, min_
     assert logp.isfinite().all() and flp.isfinite().all() and (flp >= logp - 1e-4).all()
     # min-p: the token is within min_p of the max (up to the dtype's rounding of the logits)
     assert (picked >= logp_all.max(-1).values + math.log(max(min_p, 1e-30)) - 1e-3).all()
+    # the kept threshold: -inf exactly without an active filter, else a logit of the row at or below the token's
+    active = (0 < top_k < x.shape[1]) or top_p < 1 or min_p > 0
+    assert (thr == -math.inf).all() if not active else (x.float() == thr[:, None]).any(-1).all()
+    assert (x.float().gather(-1, tokens[:, None])[:, 0] >= thr).all()
 
 
 def k_exact(logp, ref_logp, kind):

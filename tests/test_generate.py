@@ -1,6 +1,6 @@
 """rlhf_fast.generate on tiny random-init Llama / GPT-2 / Qwen2 models built here (no download): greedy equals the
 model's own forward step by step (no cache) and ``model.generate``, EOS handling, left padding, behaviour log-probs
-equal a recomputation, shared prefill (num_samples) and refill (batch_size) give the rows of the plain batch, the
+(unfiltered, filtered, kept threshold) equal a teacher-forced recomputation, shared prefill (num_samples) and refill (batch_size) give the rows of the plain batch, the
 dynamic fallback, the compiled step, reproducibility, bad input."""
 
 import warnings
@@ -11,6 +11,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
                           Qwen2ForCausalLM)
 
 import rlhf_fast
+from rlhf_fast.ops.sampling import kept_mask_ref
 
 PAD, VOCAB = 0, 101
 
@@ -197,7 +198,8 @@ def test_static_equals_dynamic(model, kind):
     a = rlhf_fast.generate(net, ids, mask, cache="static", generator=torch.Generator().manual_seed(2), **kw)
     b = rlhf_fast.generate(net, ids, mask, cache="dynamic", generator=torch.Generator().manual_seed(2), **kw)
     assert torch.equal(a.sequences, b.sequences) and torch.equal(a.response_mask, b.response_mask)
-    assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+    for name in ("logprobs", "filtered_logprobs", "kept_threshold"):
+        assert torch.allclose(getattr(a, name), getattr(b, name), atol=1e-5, rtol=0), name
 
 
 def recomputed_logprobs(model, ids, mask, out, temperature):
@@ -252,6 +254,63 @@ def test_refill_gives_the_rows_of_the_full_batch(model, G, width):
     assert (out.sequences[:, ids.shape[1]:][out.response_mask == 0] == PAD).all()
 
 
+def recomputed_kept(model, ids, mask, out, G, temperature, top_k, top_p, min_p):
+    """Teacher-forced: each generated token's logits from a plain forward of the full sequence, the reference's kept
+    set with the same (per-prompt) parameters -> (filtered log-prob, kept threshold) [R, N], 0 after a row's end."""
+    P = ids.shape[1]
+    full_mask = torch.cat([mask, out.response_mask], 1)
+    with torch.no_grad():
+        logits = model(input_ids=out.sequences, attention_mask=full_mask, position_ids=positions(full_mask)).logits
+    x = logits[:, P - 1:-1].float()  # [R, N, V]: the logits each token was drawn from
+    R, N, V = x.shape
+    per_row = [torch.as_tensor(v).expand(ids.shape[0] // G).repeat_interleave(G)[:, None].expand(R, N).reshape(-1)
+               for v in (temperature, top_k, top_p, min_p)]
+    t, k, p, m = per_row
+    x = x.reshape(R * N, V)
+    greedy = t == 0
+    logp = torch.log_softmax(x / torch.where(greedy, 1.0, t)[:, None], -1)
+    keep = kept_mask_ref(logp.exp(), k, p, m)
+    active = ((k > 0) & (k < V)) | (p < 1) | (m > 0)
+    thr = torch.where(active, torch.where(keep, x, float("inf")).amin(-1), float("-inf"))
+    thr = torch.where(greedy, x.max(-1).values, thr)
+    lp = logp.double()
+    tok = out.sequences[:, P:].reshape(-1, 1)
+    flp = lp.gather(1, tok).squeeze(1) - torch.where(keep, lp, float("-inf")).logsumexp(-1)
+    flp = torch.where(greedy, 0.0, flp)
+    on = out.response_mask.bool()
+    return (torch.where(on, flp.reshape(R, N), 0.0), torch.where(on, thr.reshape(R, N), 0.0))
+
+
+@pytest.mark.parametrize("cache,G,width", [("static", 1, None), ("static", 2, 4), ("dynamic", 2, None)])
+def test_filtered_logprobs_and_kept_threshold_equal_a_recomputation(model, cache, G, width):
+    lengths = [5, 3, 7, 1, 4]
+    ids, mask = prompts(lengths, seed=11)
+    # per-prompt filters: top-k + top-p + min-p, top-p, none (-inf), greedy (the max logit), min-p
+    params = dict(temperature=torch.tensor([0.8, 1.0, 1.0, 0.0, 0.7]), top_k=torch.tensor([30, 0, 0, 5, 0]),
+                  top_p=torch.tensor([0.9, 0.7, 1.0, 1.0, 1.0]), min_p=torch.tensor([0.01, 0.0, 0.0, 0.0, 0.1]))
+    eos = [3, 5, 7, 11, 13, 17, 19, 23]  # ~8 % a step: rows end at different steps
+    out = rlhf_fast.generate(model, ids, mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=PAD,
+                             num_samples=G, batch_size=width, cache=cache, generator=torch.Generator().manual_seed(6),
+                             **params)
+    assert out.filtered_logprobs.dtype == out.kept_threshold.dtype == torch.float32
+    assert out.filtered_logprobs.shape == out.kept_threshold.shape == out.logprobs.shape
+    rids, rmask = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
+    flp, thr = recomputed_kept(model, rids, rmask, out, G, **params)
+    on = out.response_mask.bool()
+    assert len(set(out.response_mask.sum(1).tolist())) > 1 and not on.all()  # rows end at different steps
+    assert (out.filtered_logprobs[~on] == 0).all() and (out.kept_threshold[~on] == 0).all()
+    assert torch.allclose(out.filtered_logprobs.double(), flp, atol=1e-5, rtol=0)
+    assert torch.allclose(out.kept_threshold, thr, atol=1e-5, rtol=0)  # -inf exactly where no filter is on
+    assert torch.equal(out.kept_threshold.isinf(), thr.isinf())
+    row = torch.arange(out.sequences.shape[0]) // G  # prompt of each row
+    assert (out.kept_threshold[(row == 2)[:, None] & on] == float("-inf")).all()  # no filter
+    unfiltered = (row == 2)[:, None] & on
+    assert torch.allclose(out.filtered_logprobs[unfiltered], out.logprobs[unfiltered], atol=1e-6, rtol=0)
+    assert torch.isfinite(out.kept_threshold[(row != 2)[:, None] & on]).all()
+    # the drawn tokens are in {v : logits_v >= threshold}; filtering raises the log-prob
+    assert (out.filtered_logprobs[on] >= out.logprobs[on] - 1e-6).all()
+
+
 def test_sliding_window_model_falls_back_with_one_warning():
     net = other_model("qwen2-sliding")
     ids, mask = prompts([5, 3], seed=9)
@@ -276,4 +335,5 @@ def test_compiled_step_equals_eager(model):
     a = rlhf_fast.generate(model, ids, mask, compile=True, generator=torch.Generator().manual_seed(5), **kw)
     b = rlhf_fast.generate(model, ids, mask, compile=False, generator=torch.Generator().manual_seed(5), **kw)
     assert torch.equal(a.sequences, b.sequences)
-    assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+    for name in ("logprobs", "filtered_logprobs", "kept_threshold"):
+        assert torch.allclose(getattr(a, name), getattr(b, name), atol=1e-5, rtol=0), name

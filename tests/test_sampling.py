@@ -1,6 +1,7 @@
 """rlhf_fast.sample: every backend against the exact truncated distribution (chi-square over >= 1e5 seeded draws, made
 in one batched call of identical rows), invariants over many random rows, agreement between backends for the same
-uniforms, reproducibility, strided inputs, bad input, opcheck and torch.compile. Tests take (device, backend): the CUDA
+uniforms, the kept threshold (= the reference's, and {v : logits_v >= it} is the kept set, ties included),
+reproducibility, strided inputs, bad input, opcheck and torch.compile. Tests take (device, backend): the CUDA
 ones run where a GPU is (benchmarks/gpu_check.sh) and are skipped here."""
 
 import math
@@ -47,13 +48,15 @@ def to_device(x, device):
     return x.to(device)
 
 
-def run(device, backend, logits, seed=0, **params):
-    """rlhf_fast.sample on `device` with `backend` (inputs moved there) -> (tokens, logp, filtered_logp) on CPU."""
+def run(device, backend, logits, seed=0, threshold=False, **params):
+    """rlhf_fast.sample on `device` with `backend` (inputs moved there) -> (tokens, logp, filtered_logp) on CPU, then
+    kept_threshold when `threshold`."""
     logits = to_device(logits, device)
     params = {name: to_device(value, device) for name, value in params.items()}
     with rlhf_fast.use_backend(backend):
         gen = torch.Generator(device=device).manual_seed(seed)
-        out = rlhf_fast.sample(logits, generator=gen, return_filtered_logprobs=True, **params)
+        out = rlhf_fast.sample(logits, generator=gen, return_filtered_logprobs=True, return_kept_threshold=threshold,
+                               **params)
     return tuple(o.cpu() for o in out)
 
 
@@ -235,6 +238,15 @@ def random_rows(B, V, dtype, seed):
     return logits.to(dtype), params
 
 
+def reference_kept(logits, params):
+    """The reference's kept set (bool [B, V]) and the float32 probabilities it is taken from, as sample_ref computes
+    them (greedy rows: of the temperature-1 softmax, unused)."""
+    t = params["temperature"]
+    t = torch.where(t > 0, t, 1.0)
+    probs = torch.log_softmax(logits.float() / t[:, None], -1).exp()
+    return S.kept_mask_ref(probs, params["top_k"], params["top_p"], params["min_p"]), probs
+
+
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_invariants_random_rows(device, backend, dtype):
@@ -271,13 +283,147 @@ def test_invariants_random_rows(device, backend, dtype):
 def test_backends_agree_for_the_same_uniforms(device, backend):
     B, V = (200, 100) if slow(device, backend) else (2000, 700)
     logits, params = random_rows(B, V, torch.float32, seed=11)
-    ref = run(device, "torch", logits, seed=5, **params)
-    out = run(device, backend, logits, seed=5, **params)
+    ref = run(device, "torch", logits, seed=5, threshold=True, **params)
+    out = run(device, backend, logits, seed=5, threshold=True, **params)
     # equal except where u falls within float rounding of a boundary between two tokens (never seen at these sizes)
     assert (out[0] == ref[0]).float().mean() >= 0.999
     same = out[0] == ref[0]
     assert torch.allclose(out[1][same], ref[1][same], atol=1e-5)
     assert torch.allclose(out[2][same], ref[2][same], atol=1e-5)
+    # the kept thresholds are equal, except on rows where the reference keeps tokens of probability < FLT_MIN (a
+    # top-k whose k-th value underflows; these rows have some): the kernels' exp gives those e = 0 and they drop them
+    keep, probs = reference_kept(logits, params)
+    tiny = (keep & (probs < 1.2e-38)).any(-1)
+    assert torch.equal(out[3][~tiny], ref[3][~tiny])
+    sampled = (params["temperature"] > 0) & S.filter_active(V, params["top_k"], params["top_p"], params["min_p"])
+    ge = logits.float()[sampled] >= out[3][sampled, None]
+    keep, probs = keep[sampled], probs[sampled]
+    assert tiny.any() and not (ge & ~keep).any() and (probs[keep & ~ge] < 1.2e-38).all()
+
+
+def threshold_rows(B, V, dtype, seed, grid=None):
+    """Logits of a moderate range (no probability underflows to 0 in float32 at the temperatures drawn) and random
+    per-row mixes of top-k / top-p / min-p; about 1/8 of the rows greedy, 1/8 unfiltered. grid: logits rounded to its
+    multiples, so that most thresholds fall inside a tie."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, V, generator=gen) * torch.rand(B, 1, generator=gen).mul(2).add(0.5)
+    if grid is not None:
+        logits = (logits / grid).round() * grid
+    r = lambda: torch.rand(B, generator=gen)  # noqa: E731
+    kind = torch.randint(0, 8, (B,), generator=gen)  # 0: greedy, 1: no filter, else a random mix
+    mixed = kind >= 2
+    params = dict(
+        temperature=torch.where(kind == 0, 0.0, r() + 0.5),
+        top_k=torch.where(mixed & (r() < 0.6), torch.randint(1, V, (B,), generator=gen), 0),
+        top_p=torch.where(mixed & (r() < 0.6), r() * 0.9 + 0.05, 1.0),
+        min_p=torch.where(mixed & (r() < 0.4), r() * 0.5, 0.0),
+    )
+    return logits.to(dtype), params
+
+
+THRESHOLD_CASES = [(torch.float32, None), (torch.float32, 0.5), (torch.bfloat16, None), (torch.float16, 0.25)]
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("dtype,grid", THRESHOLD_CASES, ids=[f"{str(d)[6:]}-grid{g}" for d, g in THRESHOLD_CASES])
+def test_kept_threshold_is_the_kept_set(device, backend, dtype, grid):
+    B, V = (96, 100) if slow(device, backend) else (1000, 300)
+    logits, params = threshold_rows(B, V, dtype, seed=21, grid=grid)
+    tokens, _, flogp, m = run(device, backend, logits, seed=2, threshold=True, **params)
+    assert m.dtype == torch.float32 and m.shape == (B,)
+    x = logits.float()
+    greedy = params["temperature"] == 0
+    active = S.filter_active(V, params["top_k"], params["top_p"], params["min_p"]) & ~greedy
+    assert torch.equal(m[greedy], x[greedy].max(-1).values)  # greedy: the max logit
+    assert (m[~greedy & ~active] == float("-inf")).all()  # no filter: everything kept
+    assert active.sum() > B // 2
+
+    # the reference's kept set, and whether a filter's bound lies within float32 rounding of a row's value (there the
+    # kernels' own float32 sums may decide either way; every other row must match exactly)
+    keep, probs = reference_kept(logits, params)
+    k, top_p, min_p = params["top_k"], params["top_p"], params["min_p"]
+    loose = S.kept_mask_ref(probs, k, (top_p * (1 + 2e-6)).clamp(max=1.0), min_p * (1 - 2e-6))
+    tight = S.kept_mask_ref(probs, k, top_p * (1 - 2e-6), min_p * (1 + 2e-6))
+    exact = active & (loose == tight).all(-1)
+    assert exact.sum() >= 0.95 * active.sum()
+    min_kept = torch.where(keep, x, float("inf")).amin(-1)
+    assert torch.equal(m[exact], min_kept[exact])  # the min raw logit of the kept set
+    assert torch.equal(x[exact] >= m[exact, None], keep[exact])  # and exactly the kept set, ties included
+    if backend == "torch":
+        assert torch.equal(m[active], min_kept[active])
+
+    # the backend's own kept set is {x >= m}: every draw is in it, and its mass renormalises filtered_logprobs
+    s = ~greedy
+    ins = x[s] >= m[s, None]
+    assert ins.gather(1, tokens[s, None]).all()
+    z = x[s].double() / params["temperature"][s].double()[:, None]
+    flp = z.gather(1, tokens[s, None]).squeeze(1) - torch.where(ins, z, float("-inf")).logsumexp(-1)
+    assert torch.allclose(flogp[s].double(), flp, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kept_threshold_ties_by_hand(device, backend, dtype):
+    # logits 4, three tied 3s, two tied 2s, three 1s, a 0: every filter's boundary below falls inside a tie
+    row = torch.tensor([1.0, 3.0, 2.0, 4.0, 3.0, 2.0, 3.0, 1.0, 0.0, 1.0])
+    p, p7 = torch.softmax(row.double(), -1), torch.softmax(row.double() / 0.7, -1)
+    two_max = row.clone()
+    two_max[8] = 4.0
+    cases = [  # (row, temperature, top_k, top_p, min_p) -> threshold
+        (row, 1.0, 2, 1.0, 0.0, 3.0),  # k-th value tied: all three 3s
+        (row, 1.0, 4, 1.0, 0.0, 3.0),  # k = 4 = the max and the 3s
+        (row, 1.0, 5, 1.0, 0.0, 2.0),  # the 5th is a 2: both 2s
+        (row, 1.0, 0, float(p[3] + 0.5 * p[1]), 0.0, 3.0),  # the top-p mass is reached inside the 3s
+        (row, 0.7, 0, float(p7[3] + 0.5 * p7[1]), 0.0, 3.0),  # ... at T = 0.7
+        (row, 1.0, 0, float(p[3] + 3 * p[1] + 0.5 * p[2]), 0.0, 2.0),  # ... inside the 2s
+        (row, 1.0, 5, 0.99, 0.0, 2.0),  # top-k keeps 6 (the tie of 2s), top-p of those needs the 2s
+        (row, 1.0, 0, 1.0, math.exp(-1.5), 3.0),  # min-p: p >= e^-1.5 max p keeps the 3s (e^-1), not the 2s (e^-2)
+        (row, 0.5, 0, 1.0, math.exp(-2.5), 3.0),  # at T = 0.5: 3s at e^-2, 2s at e^-4
+        (row, 1.0, 1, 1.0, 0.0, 4.0),  # only the max
+        (two_max, 1.0, 1, 1.0, 0.0, 4.0),  # a tied max: both kept
+        (row, 1.0, 10, 1.0, 0.0, float("-inf")),  # top_k = V: off
+        (row, 1.0, 0, 1.0, 0.0, float("-inf")),  # no filter
+        (two_max, 0.0, 3, 0.5, 0.1, 4.0),  # greedy: the max logit, whatever the filters
+    ]
+    logits = torch.stack([c[0] for c in cases]).to(dtype)
+    params = {name: torch.tensor([c[i] for c in cases]) for i, name in
+              enumerate(("temperature", "top_k", "top_p", "min_p"), start=1)}
+    tokens, _, _, m = run(device, backend, logits, seed=3, threshold=True, **params)
+    assert m.tolist() == [c[5] for c in cases]
+    keep, _ = reference_kept(logits, params)
+    filtered = torch.isfinite(m) & (params["temperature"] > 0)
+    assert torch.equal(logits.float()[filtered] >= m[filtered, None], keep[filtered])
+    assert (logits.float().gather(1, tokens[:, None]).squeeze(1) >= m).all()
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_kept_threshold_when_top_k_underflows(device, backend):
+    # the 3rd largest probability is exp(-200) = 0 in float32, so the reference's top-k keeps every p >= 0 (its
+    # threshold is the min logit, -300); the kernels draw from e > 0 only (threshold -1); both sets have the same mass
+    logits = torch.tensor([[0.0, -1.0, -200.0, -300.0, -200.0]])
+    tokens, _, flogp, m = run(device, backend, logits, threshold=True, top_k=3)
+    assert m.item() == (-300.0 if backend == "torch" else -1.0)
+    assert tokens.item() in (0, 1)
+    expect = torch.tensor([0.0, -1.0], dtype=torch.float64).log_softmax(-1)[tokens]
+    assert torch.allclose(flogp.double(), expect, atol=1e-6, rtol=0)
+
+
+def test_sample_return_order():
+    x = torch.randn(6, 30, generator=torch.Generator().manual_seed(0))
+    kw = dict(top_k=5, top_p=0.9)
+    outs = {}
+    for flp in (False, True):
+        for thr in (False, True):
+            outs[flp, thr] = rlhf_fast.sample(x, generator=torch.Generator().manual_seed(1), return_filtered_logprobs=flp,
+                                              return_kept_threshold=thr, **kw)
+    full = outs[True, True]
+    assert len(outs[False, False]) == 2 and len(outs[True, False]) == 3 and len(outs[False, True]) == 3
+    assert len(full) == 4
+    for (flp, thr), out in outs.items():
+        assert torch.equal(out[0], full[0]) and torch.equal(out[1], full[1])
+        extra = [full[2]] * flp + [full[3]] * thr
+        assert all(torch.equal(o, e) for o, e in zip(out[2:], extra))
+    assert (full[3] > float("-inf")).all() and not torch.equal(full[2], full[3])
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
@@ -399,7 +545,8 @@ def test_opcheck(device, backend):
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_torch_compile_fullgraph(device, backend):
     def fn(logits):
-        return rlhf_fast.sample(logits, temperature=0.8, top_k=20, top_p=0.9, min_p=0.01)
+        return rlhf_fast.sample(logits, temperature=0.8, top_k=20, top_p=0.9, min_p=0.01, return_filtered_logprobs=True,
+                                return_kept_threshold=True)
 
     logits = torch.randn(16, 80, generator=torch.Generator().manual_seed(0)).to(device)
     with rlhf_fast.use_backend(backend):
@@ -451,7 +598,7 @@ from rlhf_fast.kernels.sampling import N_ITERS, NUM_PIVOTS, _sample_kernel
 signature = dict.fromkeys(["logits_ptr"], "*bf16")
 signature.update(dict(u_ptr="*fp32", temperature_ptr="*fp32", top_k_ptr="*i64", top_p_ptr="*fp32",
                       min_p_ptr="*fp32", tokens_ptr="*i64", logp_ptr="*fp32", filtered_ptr="*fp32",
-                      B="i32", V="i32", row_stride="i32"))
+                      threshold_ptr="*fp32", B="i32", V="i32", row_stride="i32"))
 signature.update(dict.fromkeys(["ROWS", "BLOCK_V", "NP", "N_ITERS"], "constexpr"))
 for rows, block_v, warps in [(1, 1024, 8), (8, 128, 4)]:
     constexprs = dict(ROWS=rows, BLOCK_V=block_v, NP=NUM_PIVOTS, N_ITERS=N_ITERS)

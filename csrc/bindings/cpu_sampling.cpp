@@ -6,7 +6,7 @@
 
 TORCH_LIBRARY_FRAGMENT(rlhf_fast_C, m) {
   m.def("sample(Tensor logits, Tensor uniforms, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p)"
-        " -> (Tensor, Tensor, Tensor)");
+        " -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_fast_C, CPU, m) { m.impl("sample", &rlhf_fast::cpu::sample_cpu); }

@@ -20,9 +20,11 @@ void check_row_vector(const at::Tensor& t, const at::Tensor& logits, at::ScalarT
               " must be a contiguous 1-D tensor of ", logits.size(0), " elements of type ", dtype);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(const at::Tensor& logits, const at::Tensor& uniforms,
-                                                          const at::Tensor& temperature, const at::Tensor& top_k,
-                                                          const at::Tensor& top_p, const at::Tensor& min_p) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_cuda(const at::Tensor& logits,
+                                                                      const at::Tensor& uniforms,
+                                                                      const at::Tensor& temperature,
+                                                                      const at::Tensor& top_k, const at::Tensor& top_p,
+                                                                      const at::Tensor& min_p) {
   TORCH_CHECK(logits.is_cuda(), "logits must be a CUDA tensor");
   TORCH_CHECK(logits.dim() == 2 && (logits.stride(1) == 1 || logits.size(1) == 1) && logits.size(1) > 0,
               "logits must be 2-D with a non-empty last dimension of unit stride");
@@ -36,15 +38,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(const at::Tensor& log
   const auto float_options = logits.options().dtype(at::kFloat);
   at::Tensor tokens = at::empty({n_rows}, logits.options().dtype(at::kLong));
   at::Tensor logp = at::empty({n_rows}, float_options), filtered = at::empty({n_rows}, float_options);
-  if (n_rows == 0) return {tokens, logp, filtered};
+  at::Tensor threshold = at::empty({n_rows}, float_options);
+  if (n_rows == 0) return {tokens, logp, filtered, threshold};
   const c10::cuda::CUDAGuard guard(logits.device());
   const cudaError_t err =
       sample(logits.const_data_ptr(), dtype, n_rows, logits.size(1), logits.stride(0), uniforms.const_data_ptr<float>(),
              temperature.const_data_ptr<float>(), top_k.const_data_ptr<int64_t>(), top_p.const_data_ptr<float>(),
              min_p.const_data_ptr<float>(), tokens.data_ptr<int64_t>(), logp.data_ptr<float>(),
-             filtered.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
+             filtered.data_ptr<float>(), threshold.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "sample CUDA kernel: ", cudaGetErrorString(err));
-  return {tokens, logp, filtered};
+  return {tokens, logp, filtered, threshold};
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 // Batched sampling on the CPU: temperature, top-k, top-p and min-p without sorting the vocabulary; returns the token,
-// its log-prob under the unfiltered temperature-scaled distribution and under the filtered one.
+// its log-prob under the unfiltered temperature-scaled distribution and under the filtered one, and the kept
+// threshold (the smallest raw logit of the kept set).
 //
 // Every filter keeps {v : e_v >= tau} with e_v = exp(z_v - max z), z = logits / T, so the kept set is one threshold
 // per row. Per row (rows run in parallel with at::parallel_for):
@@ -14,7 +15,9 @@
 //      over the bit patterns of non-negative floats (ordered like the values); each step is one vectorised pass over
 //      the candidates, and when a step rules out at least half of them the survivors are compacted.
 //   4. Inverse CDF with the row's uniform u: the first v, in index order, whose running kept mass (tau = the largest
-//      threshold) exceeds u * M, M = kept mass: over the candidate list, or by block sums then one block.
+//      threshold) exceeds u * M, M = kept mass: over the candidate list, or by block sums then one block. The pass
+//      that sums M also takes the min raw logit over the kept set (a gather per kept candidate, or one more vector
+//      reduction beside the block sums): the kept threshold, -inf when no filter is active (no extra pass for it).
 #include "sampling.h"
 
 #include <ATen/ATen.h>
@@ -24,6 +27,7 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <memory>
 
 #include "vec_utils.h"
@@ -33,6 +37,7 @@ namespace {
 
 constexpr int64_t W = Vec::size();
 constexpr int64_t kDrawBlock = 512;  // elements per block of the inverse-CDF search
+constexpr float kInf = std::numeric_limits<float>::infinity();
 
 inline uint32_t float_bits(float x) {
   uint32_t b;
@@ -131,7 +136,7 @@ struct RowParams {
 
 struct RowResult {
   int64_t token;
-  float logprob, filtered_logprob;
+  float logprob, filtered_logprob, kept_threshold;
 };
 
 // Scratch of one task, reused by its rows.
@@ -268,10 +273,20 @@ ExpPass exp_pass(const T* x, int64_t vocab, float inv_t, float mx, float tau_k, 
 }
 
 // Inverse CDF over the candidate list (index order): the first candidate >= tau whose running mass exceeds u * M.
-int64_t draw_candidates(const float* cand, const int32_t* index, int64_t n, float tau, float u, double& kept_mass) {
+// min_x: the min of x over the kept candidates (tau > 0).
+template <typename T>
+int64_t draw_candidates(const T* x, const float* cand, const int32_t* index, int64_t n, float tau, float u,
+                        double& kept_mass, float& min_x) {
   double total = 0.0;
-  for (int64_t j = 0; j < n; ++j) total += cand[j] >= tau ? cand[j] : 0.f;
+  float lowest = kInf;
+  for (int64_t j = 0; j < n; ++j) {
+    if (cand[j] >= tau) {
+      total += cand[j];
+      lowest = std::min(lowest, static_cast<float>(x[index[j]]));
+    }
+  }
   kept_mass = total;
+  min_x = lowest;
   const double target = static_cast<double>(u) * total;
   double cum = 0.0;
   int64_t last = -1;
@@ -286,18 +301,25 @@ int64_t draw_candidates(const float* cand, const int32_t* index, int64_t n, floa
 }
 
 // Inverse CDF over every e >= tau (e > 0): block sums (reused when tau == 0), then a scan inside one block.
-int64_t draw_blocks(const float* e, int64_t vocab, float tau, float u, float* block_mass, double& kept_mass) {
+// With tau > 0 the pass recomputing the block sums also gives min_x, the min of x over the e >= tau.
+template <typename T>
+int64_t draw_blocks(const T* x, const float* e, int64_t vocab, float tau, float u, float* block_mass,
+                    double& kept_mass, float& min_x) {
   const int64_t n_blocks = (vocab + kDrawBlock - 1) / kDrawBlock;
   if (tau > 0.f) {
-    const Vec vt(tau);
+    const Vec vt(tau), vinf(kInf);
+    Vec lowest(kInf);
     for (int64_t b = 0; b < n_blocks; ++b) {
       Vec acc(0.f);
       for (int64_t i = b * kDrawBlock; i < std::min((b + 1) * kDrawBlock, round_up(vocab)); i += W) {
         const Vec v = Vec::loadu(e + i);
-        acc = acc + ((v >= vt) & v);
+        const Vec kept = v >= vt;  // false on the zero padding
+        acc = acc + (kept & v);
+        lowest = at::vec::minimum(lowest, Vec::blendv(vinf, load_row(x, i, vocab), kept));
       }
       block_mass[b] = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return a + c; }, acc);
     }
+    min_x = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return at::vec::minimum(a, c); }, lowest);
   }
   double total = 0.0;
   for (int64_t b = 0; b < n_blocks; ++b) total += block_mass[b];
@@ -333,14 +355,14 @@ RowResult sample_row(const T* x, int64_t vocab, const RowParams& p, Scratch& s) 
         break;
       }
     }
-    const float lp = std::isfinite(mx) ? 0.f : nan;
-    return {token, lp, lp};
+    const bool ok = std::isfinite(mx);
+    return {token, ok ? 0.f : nan, ok ? 0.f : nan, ok ? mx : nan};
   }
   const bool use_k = p.top_k > 0 && p.top_k < vocab;
   float kth = kNegInf;
   const float mx = use_k ? row_max_and_kth(x, vocab, p.top_k, s.e.get(), kth) : row_max(x, vocab);
   const float inv_t = 1.f / p.temperature;  // finite: validated in Python
-  if (!std::isfinite(mx)) return {0, nan, nan};  // NaN, +inf, or no finite logit: no distribution
+  if (!std::isfinite(mx)) return {0, nan, nan, nan};  // NaN, +inf, or no finite logit: no distribution
 
   const float e_max = exp_shifted(mx, mx, inv_t);  // the e of the max: exp_u20(0), as the passes compute it
   const float tau_k = use_k ? exp_shifted(kth, mx, inv_t) : 0.f;
@@ -359,15 +381,20 @@ RowResult sample_row(const T* x, int64_t vocab, const RowParams& p, Scratch& s) 
       tau_p = bisect_mass(s.cand.get(), pass.n_cand, s.work.get(), target, float_bits(tau0), float_bits(e_max));
     }
   }
-  const float tau = std::min(std::max(tau0, tau_p), e_max);  // the max is always kept
+  // the max is always kept. With a filter on, tau >= the least positive float, so the kept set is {e >= tau} (e > 0
+  // implied) even where top-k's threshold underflowed to 0
+  const bool filtered = use_k || p.top_p < 1.f || p.min_p > 0.f;
+  const float tau = std::min(std::max({tau0, tau_p, filtered ? bits_float(1) : 0.f}), e_max);
 
   const float u = std::min(std::max(p.u, 0.f), std::nextafter(1.f, 0.f));
   double kept_mass = 0.0;
-  int64_t token = candidates ? draw_candidates(s.cand.get(), s.index.get(), pass.n_cand, tau, u, kept_mass)
-                             : draw_blocks(s.e.get(), vocab, tau, u, s.block_mass.get(), kept_mass);
+  float min_x = kNegInf;  // stays -inf without a filter (tau == 0: everything kept)
+  int64_t token = candidates
+                      ? draw_candidates(x, s.cand.get(), s.index.get(), pass.n_cand, tau, u, kept_mass, min_x)
+                      : draw_blocks(x, s.e.get(), vocab, tau, u, s.block_mass.get(), kept_mass, min_x);
   if (token < 0) token = 0;
   const float z = (static_cast<float>(x[token]) - mx) * inv_t;
-  return {token, z - static_cast<float>(std::log(pass.total)), z - static_cast<float>(std::log(kept_mass))};
+  return {token, z - static_cast<float>(std::log(pass.total)), z - static_cast<float>(std::log(kept_mass)), min_x};
 }
 
 void check_vector(const at::Tensor& t, int64_t n, at::ScalarType dtype, const char* name) {
@@ -377,9 +404,11 @@ void check_vector(const at::Tensor& t, int64_t n, at::ScalarType dtype, const ch
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits, const at::Tensor& uniforms,
-                                                         const at::Tensor& temperature, const at::Tensor& top_k,
-                                                         const at::Tensor& top_p, const at::Tensor& min_p) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits,
+                                                                     const at::Tensor& uniforms,
+                                                                     const at::Tensor& temperature,
+                                                                     const at::Tensor& top_k, const at::Tensor& top_p,
+                                                                     const at::Tensor& min_p) {
   TORCH_CHECK(logits.device().is_cpu(), "logits must be a CPU tensor");
   TORCH_CHECK(logits.dim() == 2 && (logits.stride(1) == 1 || logits.size(1) == 1) && logits.size(1) > 0,
               "logits must be 2-D with a non-empty last dimension of unit stride");
@@ -393,11 +422,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logi
   const auto float_options = logits.options().dtype(at::kFloat);
   at::Tensor tokens = at::empty({n_rows}, logits.options().dtype(at::kLong));
   at::Tensor logp = at::empty({n_rows}, float_options), filtered = at::empty({n_rows}, float_options);
+  at::Tensor threshold = at::empty({n_rows}, float_options);
   const float *u = uniforms.const_data_ptr<float>(), *t = temperature.const_data_ptr<float>(),
               *pp = top_p.const_data_ptr<float>(), *mp = min_p.const_data_ptr<float>();
   const int64_t* kk = top_k.const_data_ptr<int64_t>();
   int64_t* tok = tokens.data_ptr<int64_t>();
-  float *lp = logp.data_ptr<float>(), *flp = filtered.data_ptr<float>();
+  float *lp = logp.data_ptr<float>(), *flp = filtered.data_ptr<float>(), *thr = threshold.data_ptr<float>();
   RLHF_FAST_DISPATCH_LOGITS(logits.scalar_type(), "sample_cpu", [&] {
     const scalar_t* data = logits.const_data_ptr<scalar_t>();
     // a task gets rows of >= 16K logits in all: small batches of short rows run inline, without waking threads
@@ -408,10 +438,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logi
         tok[r] = res.token;
         lp[r] = res.logprob;
         flp[r] = res.filtered_logprob;
+        thr[r] = res.kept_threshold;
       }
     });
   });
-  return {tokens, logp, filtered};
+  return {tokens, logp, filtered, threshold};
 }
 
 }  // namespace rlhf_fast::cpu

@@ -3,7 +3,8 @@
 // The block streams its row several times and recomputes e = exp(z - max z), z = logits / T, on the fly (fp32, no
 // [B, V] temporary). Passes: max and its first index (cub::BlockReduce), S = sum e, the top-k and top-p thresholds
 // by a multi-pivot bisection over the bit patterns of non-negative floats (each pass evaluates kPivots thresholds at
-// once, one cub::BlockReduce of a kPivots-wide sum, so ~8 passes reach the exact threshold), the kept mass, and the
+// once, one cub::BlockReduce of a kPivots-wide sum, so ~8 passes reach the exact threshold), the kept mass with the
+// kept threshold (the min raw logit over the kept set, one more reduction in that pass; -inf without a filter), and the
 // inverse CDF with the row's uniform u: tiles of kThreads * kItems elements, a cub::BlockScan of per-thread sums
 // locates the thread whose elements hold the first running kept mass above u * M. Same rule as the CPU kernel
 // (csrc/cpu/sampling.cpp) and the Triton one (kernels/sampling.py).
@@ -58,6 +59,16 @@ struct MinOp {
   __device__ __forceinline__ int64_t operator()(int64_t a, int64_t b) const { return a < b ? a : b; }
 };
 
+struct MassMin {
+  float mass, min_x;
+};
+
+struct MassMinOp {
+  __device__ __forceinline__ MassMin operator()(const MassMin& a, const MassMin& b) const {
+    return {a.mass + b.mass, fminf(a.min_x, b.min_x)};
+  }
+};
+
 struct MaxOp {
   __device__ __forceinline__ int64_t operator()(int64_t a, int64_t b) const { return a > b ? a : b; }
 };
@@ -68,11 +79,12 @@ struct Shared {
     typename cub::BlockReduce<ArgMax, kThreads>::TempStorage argmax;
     typename cub::BlockReduce<float, kThreads>::TempStorage sum;
     typename cub::BlockReduce<PivotSums, kThreads>::TempStorage pivots;
+    typename cub::BlockReduce<MassMin, kThreads>::TempStorage mass_min;
     typename cub::BlockReduce<int64_t, kThreads>::TempStorage index;
     typename cub::BlockScan<float, kThreads>::TempStorage scan;
   } tmp;
-  float value;    // a broadcast float
-  int64_t index;  // a broadcast index
+  float value, value2;  // broadcast floats
+  int64_t index;        // a broadcast index
   unsigned lo, hi;
 };
 
@@ -95,6 +107,26 @@ __device__ float kept_mass(const T* x, int64_t vocab, float inv_t, float mx, flo
   if (threadIdx.x == 0) sh.value = total;
   __syncthreads();
   const float out = sh.value;
+  __syncthreads();
+  return out;
+}
+
+// The mass of the kept set {e >= tau, e > 0} and the min of x over it (+inf when empty), broadcast to every thread.
+template <typename T, int kThreads>
+__device__ MassMin kept_mass_and_min(const T* x, int64_t vocab, float inv_t, float mx, float tau,
+                                     Shared<kThreads>& sh) {
+  MassMin local{0.f, INFINITY};
+  for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
+    const float v = to_float(x[i]), e = exp_at(x, i, inv_t, mx);
+    if (e >= tau && e > 0.f) local = {local.mass + e, fminf(local.min_x, v)};
+  }
+  const MassMin total = cub::BlockReduce<MassMin, kThreads>(sh.tmp.mass_min).Reduce(local, MassMinOp());
+  if (threadIdx.x == 0) {
+    sh.value = total.mass;
+    sh.value2 = total.min_x;
+  }
+  __syncthreads();
+  const MassMin out{sh.value, sh.value2};
   __syncthreads();
   return out;
 }
@@ -147,7 +179,7 @@ __global__ void __launch_bounds__(kThreads)
     sample_kernel(const T* __restrict__ logits, int64_t vocab, int64_t row_stride, const float* __restrict__ uniforms,
                   const float* __restrict__ temperature, const int64_t* __restrict__ top_k,
                   const float* __restrict__ top_p, const float* __restrict__ min_p, int64_t* __restrict__ tokens,
-                  float* __restrict__ logp, float* __restrict__ filtered_logp) {
+                  float* __restrict__ logp, float* __restrict__ filtered_logp, float* __restrict__ threshold) {
   __shared__ Shared<kThreads> sh;
   const int64_t row = blockIdx.x;
   const T* x = logits + row * row_stride;
@@ -176,6 +208,7 @@ __global__ void __launch_bounds__(kThreads)
     if (threadIdx.x == 0) {
       tokens[row] = argmax;
       logp[row] = filtered_logp[row] = finite(mx) ? 0.f : NAN;
+      threshold[row] = finite(mx) ? mx : NAN;
     }
     return;
   }
@@ -183,7 +216,7 @@ __global__ void __launch_bounds__(kThreads)
   if (!finite(mx)) {
     if (threadIdx.x == 0) {
       tokens[row] = argmax;
-      logp[row] = filtered_logp[row] = NAN;
+      logp[row] = filtered_logp[row] = threshold[row] = NAN;
     }
     return;
   }
@@ -201,9 +234,11 @@ __global__ void __launch_bounds__(kThreads)
   }
   const float mp = min_p[row];
   const float tau = fminf(fmaxf(fmaxf(tau_k, tau_p), mp > 0.f ? mp : 0.f), 1.f);  // the max (e = 1) is kept
+  const bool filtered = (k > 0 && k < vocab) || p < 1.f || mp > 0.f;
 
-  // 4. inverse CDF
-  const float kept = kept_mass(x, vocab, inv_t, mx, tau, sh);
+  // 4. kept mass and threshold, inverse CDF
+  const MassMin kept_set = kept_mass_and_min(x, vocab, inv_t, mx, tau, sh);
+  const float kept = kept_set.mass;
   const float target = fminf(fmaxf(uniforms[row], 0.f), 0.99999994f) * kept;
   float cum = 0.f;
   int64_t last = -1;
@@ -246,20 +281,21 @@ __global__ void __launch_bounds__(kThreads)
     tokens[row] = token;
     logp[row] = z - logf(total);
     filtered_logp[row] = z - logf(kept);
+    threshold[row] = filtered ? kept_set.min_x : -INFINITY;
   }
 }
 
 template <typename T>
 cudaError_t launch(const void* logits, int64_t n_rows, int64_t vocab, int64_t row_stride, const float* uniforms,
                    const float* temperature, const int64_t* top_k, const float* top_p, const float* min_p,
-                   int64_t* tokens, float* logp, float* filtered_logp, cudaStream_t stream) {
+                   int64_t* tokens, float* logp, float* filtered_logp, float* threshold, cudaStream_t stream) {
   const T* x = static_cast<const T*>(logits);
   if (vocab >= 16384) {
     sample_kernel<T, 512><<<n_rows, 512, 0, stream>>>(x, vocab, row_stride, uniforms, temperature, top_k, top_p,
-                                                      min_p, tokens, logp, filtered_logp);
+                                                      min_p, tokens, logp, filtered_logp, threshold);
   } else {
     sample_kernel<T, 128><<<n_rows, 128, 0, stream>>>(x, vocab, row_stride, uniforms, temperature, top_k, top_p,
-                                                      min_p, tokens, logp, filtered_logp);
+                                                      min_p, tokens, logp, filtered_logp, threshold);
   }
   return cudaGetLastError();
 }
@@ -268,18 +304,19 @@ cudaError_t launch(const void* logits, int64_t n_rows, int64_t vocab, int64_t ro
 
 cudaError_t sample(const void* logits, DType dtype, int64_t n_rows, int64_t vocab, int64_t row_stride,
                    const float* uniforms, const float* temperature, const int64_t* top_k, const float* top_p,
-                   const float* min_p, int64_t* tokens, float* logp, float* filtered_logp, cudaStream_t stream) {
+                   const float* min_p, int64_t* tokens, float* logp, float* filtered_logp, float* threshold,
+                   cudaStream_t stream) {
   if (n_rows == 0) return cudaSuccess;
   switch (dtype) {
     case DType::Float32:
       return launch<float>(logits, n_rows, vocab, row_stride, uniforms, temperature, top_k, top_p, min_p, tokens,
-                           logp, filtered_logp, stream);
+                           logp, filtered_logp, threshold, stream);
     case DType::BFloat16:
       return launch<__nv_bfloat16>(logits, n_rows, vocab, row_stride, uniforms, temperature, top_k, top_p, min_p,
-                                   tokens, logp, filtered_logp, stream);
+                                   tokens, logp, filtered_logp, threshold, stream);
     case DType::Float16:
       return launch<__half>(logits, n_rows, vocab, row_stride, uniforms, temperature, top_k, top_p, min_p, tokens,
-                            logp, filtered_logp, stream);
+                            logp, filtered_logp, threshold, stream);
   }
   return cudaErrorInvalidValue;
 }

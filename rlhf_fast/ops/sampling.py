@@ -17,7 +17,14 @@ op, below): the same draws as eager for the same generator state.
 
 Outputs: tokens int64 [B]; logprobs float32 [B] = log p[token] under the unfiltered temperature-scaled distribution
 (0 for greedy rows: the temperature -> 0 limit is a point mass on the argmax); optionally filtered_logprobs float32
-[B] = the log-prob under the renormalised kept set (also 0 for greedy rows).
+[B] = the log-prob under the renormalised kept set (also 0 for greedy rows) and kept_threshold float32 [B] = the
+smallest RAW logit (as given, in float32, before the temperature) of the kept set. p is a non-decreasing function of
+the raw logit, so the kept set is exactly {v : logits_v >= kept_threshold}: the trainer rebuilds the sampler's support
+from it (docs/formulas.md, "Kept threshold"). -inf for a row without an active filter (top_k in (0, V), top_p < 1 or
+min_p > 0: everything is kept); for a greedy row the row's max logit (the argmax and its ties); NaN where the
+log-prob is NaN. Each backend computes it as the min over its own kept set, in a pass that already visits it. A
+token whose probability underflows to 0 in float32 carries no mass: the reference keeps such tokens when top-k's
+k-th value underflows, the kernels drop them (they draw from e > 0 only), so only there the thresholds differ.
 
 NaN: on CPU, a row of logits with NaN or +inf, or without any finite value, raises ValueError (checked on the [B]
 outputs, so without an extra pass over the logits). On CUDA nothing is checked (it would synchronise): such a row
@@ -65,23 +72,35 @@ def kept_mask_ref(probs: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) ->
     return keep & (probs >= min_p.to(probs.dtype)[:, None] * probs.max(dim=-1, keepdim=True).values)
 
 
+def filter_active(V: int, top_k: Tensor, top_p: Tensor, min_p: Tensor) -> Tensor:
+    """bool [B]: the rows where some filter is on (top_k in (0, V), top_p < 1 or min_p > 0)."""
+    return ((top_k > 0) & (top_k < V)) | (top_p < 1) | (min_p > 0)
+
+
 def sample_ref(logits: Tensor, uniforms: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor
-               ) -> tuple[Tensor, Tensor, Tensor]:
-    """logits [B, V]; uniforms, temperature, top_p, min_p float [B]; top_k int [B]
-    -> (tokens int64 [B], logprobs float32 [B], filtered_logprobs float32 [B]), by the rule in the module docstring."""
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """logits [B, V]; uniforms, temperature, top_p, min_p float [B]; top_k int [B] -> (tokens int64 [B], logprobs
+    float32 [B], filtered_logprobs float32 [B], kept_threshold float32 [B]), by the rules in the module docstring."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
     V = logits.shape[-1]
     greedy = ~(temperature > 0)
     t = torch.where(greedy, 1.0, temperature).to(dtype)
     logp = torch.log_softmax(logits.to(dtype) / t[:, None], dim=-1)
-    kept = torch.where(kept_mask_ref(logp.exp(), top_k, top_p, min_p), logp.exp(), 0.0)
+    keep = kept_mask_ref(logp.exp(), top_k, top_p, min_p)
+    kept = torch.where(keep, logp.exp(), 0.0)
     cdf = kept.cumsum(-1)
     sampled = torch.searchsorted(cdf, uniforms.to(dtype)[:, None] * cdf[:, -1:], right=True).squeeze(-1)
     tokens = torch.where(greedy, logits.argmax(-1), sampled.clamp(max=V - 1))
     lp = logp.gather(1, tokens[:, None]).squeeze(-1)
     flp = lp - kept.sum(-1).log()
-    greedy_lp = torch.where(logits.max(-1).values.isfinite(), 0.0, float("nan")).to(dtype)
-    return tokens, torch.where(greedy, greedy_lp, lp).float(), torch.where(greedy, greedy_lp, flp).float()
+    x = logits.float()
+    row_max = x.max(-1).values
+    greedy_lp = torch.where(row_max.isfinite(), 0.0, float("nan")).to(dtype)
+    lp = torch.where(greedy, greedy_lp, lp).float()
+    threshold = torch.where(keep, x, float("inf")).amin(-1)
+    threshold = torch.where(filter_active(V, top_k, top_p, min_p), threshold, float("-inf"))
+    threshold = torch.where(lp.isnan(), float("nan"), torch.where(greedy, row_max, threshold))
+    return tokens, lp, torch.where(greedy, greedy_lp, flp).float(), threshold
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -97,9 +116,9 @@ def _triton():
 
 @torch.library.custom_op("rlhf_fast::sample", mutates_args=())
 def sample_op(logits: Tensor, uniforms: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor,
-              backend: str) -> tuple[Tensor, Tensor, Tensor]:
+              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """logits [B, V] float32/bf16/fp16; uniforms, temperature, top_p, min_p float32 [B]; top_k int64 [B]
-    -> (tokens int64 [B], logprobs float32 [B], filtered_logprobs float32 [B])."""
+    -> (tokens int64 [B], logprobs float32 [B], filtered_logprobs float32 [B], kept_threshold float32 [B])."""
     args = (logits, uniforms, temperature, top_k, top_p, min_p)
     if backend == "torch":
         return sample_ref(*args)
@@ -111,8 +130,7 @@ def sample_op(logits: Tensor, uniforms: Tensor, temperature: Tensor, top_k: Tens
 @sample_op.register_fake
 def _(logits, uniforms, temperature, top_k, top_p, min_p, backend):
     B = logits.shape[0]
-    return (logits.new_empty(B, dtype=torch.int64), logits.new_empty(B, dtype=torch.float32),
-            logits.new_empty(B, dtype=torch.float32))
+    return (logits.new_empty(B, dtype=torch.int64), *(logits.new_empty(B, dtype=torch.float32) for _ in range(3)))
 
 
 # The uniforms. torch.compile (dynamo) cannot put a torch.Generator into a graph (it has no proxy for one:
@@ -210,6 +228,7 @@ def sample(
     min_p: Union[Number, Tensor] = 0.0,
     generator: Optional[torch.Generator] = None,
     return_filtered_logprobs: bool = False,
+    return_kept_threshold: bool = False,
 ) -> tuple[Tensor, ...]:
     """Draws one token per row of ``logits`` and returns it with its behaviour log-prob.
 
@@ -217,9 +236,11 @@ def sample(
     off), min_p (in [0, 1]; 0 = off): each a Python number or a per-row [B] tensor, so rows may mix greedy and sampled.
     generator: a torch.Generator on the logits' device, for reproducible draws (also inside
     ``torch.compile(fullgraph=True)``: the same tokens as eager for the same generator state).
-    -> (tokens int64 [B], logprobs float32 [B]), plus filtered_logprobs float32 [B] when
-    ``return_filtered_logprobs``. logprobs are under the unfiltered temperature-scaled distribution (see the module
-    docstring for greedy rows and NaN). Not differentiable.
+    -> (tokens int64 [B], logprobs float32 [B]), then filtered_logprobs float32 [B] when
+    ``return_filtered_logprobs``, then kept_threshold float32 [B] when ``return_kept_threshold`` (in that order).
+    logprobs are under the unfiltered temperature-scaled distribution; filtered_logprobs under the renormalised kept
+    set, which is {v : logits[b, v] >= kept_threshold[b]} (-inf: no filter; see the module docstring for greedy rows
+    and NaN). Not differentiable.
     """
     _checks.logits(logits)
     if logits.dim() != 2:
@@ -234,7 +255,8 @@ def sample(
     uniforms = _uniforms(logits, generator)
     backend = _backend.select("sample", SAMPLE_BACKENDS, logits.device)
     rows = _checks.rows(logits.detach())
-    tokens, logprobs, filtered = sample_op(rows, uniforms, *params, backend)
+    tokens, logprobs, filtered, threshold = sample_op(rows, uniforms, *params, backend)
     if logits.device.type == "cpu" and not torch.compiler.is_compiling() and logprobs.numel() > 0:
         _check_finite(logprobs)
-    return (tokens, logprobs, filtered) if return_filtered_logprobs else (tokens, logprobs)
+    return (tokens, logprobs, *((filtered,) if return_filtered_logprobs else ()),
+            *((threshold,) if return_kept_threshold else ()))
