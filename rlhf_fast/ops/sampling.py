@@ -24,7 +24,10 @@ from it (docs/formulas.md, "Kept threshold"). -inf for a row without an active f
 min_p > 0: everything is kept); for a greedy row the row's max logit (the argmax and its ties); NaN where the
 log-prob is NaN. Each backend computes it as the min over its own kept set, in a pass that already visits it. A
 token whose probability underflows to 0 in float32 carries no mass: the reference keeps such tokens when top-k's
-k-th value underflows, the kernels drop them (they draw from e > 0 only), so only there the thresholds differ.
+k-th value underflows, the kernels drop them (they draw from e > 0 only), so only there the thresholds differ. The
+equality of the two sets needs the backend's exp to be monotone; the CPU kernel's vectorised exp (exp_u20, AVX-512)
+steps back by 1 ulp at 2899 of the ~1.1e9 floats in [-88.5, 0], so a row whose boundary falls exactly on such a step,
+between two tokens whose scaled logits are 1 ulp apart, could differ by that one boundary token.
 
 NaN: on CPU, a row of logits with NaN or +inf, or without any finite value, raises ValueError (checked on the [B]
 outputs, so without an extra pass over the logits). On CUDA nothing is checked (it would synchronise): such a row
