@@ -45,7 +45,7 @@ class GenerateOutput(NamedTuple):
     response_mask: Tensor  # [R, N], dtype of attention_mask: 1 on generated tokens (the EOS included), 0 after
     logprobs: Tensor  # [R, N] float32: behaviour log-prob of each generated token (temperature-scaled, unfiltered)
     filtered_logprobs: Tensor  # [R, N] float32: its log-prob under the renormalised kept set (top-k/top-p/min-p)
-    kept_threshold: Tensor  # [R, N] float32: min raw logit of the kept set (-inf: no filter; greedy: the max logit)
+    kept_threshold: Tensor  # [R, N] float32: the kept set is {v : logit_v >= it} (rlhf_fast.sample; -inf: no filter)
 
 
 def _eos_ids(eos_token_id, device) -> Tensor:

@@ -24,6 +24,7 @@ import rlhf_fast
 from rlhf_fast.ops import advantages as A
 from rlhf_fast.ops import linear_losses as LL
 from rlhf_fast.ops import ppo_loss as P
+from rlhf_fast.ops import sampling
 
 COUNTS: collections.Counter = collections.Counter()
 
@@ -324,10 +325,16 @@ def test_sample_token_in_kept_set(backend, data, temperature, top_k, top_p, min_
     assert logp.isfinite().all() and flp.isfinite().all() and (flp >= logp - 1e-4).all()
     # min-p: the token is within min_p of the max (up to the dtype's rounding of the logits)
     assert (picked >= logp_all.max(-1).values + math.log(max(min_p, 1e-30)) - 1e-3).all()
-    # the kept threshold: -inf exactly without an active filter, else a logit of the row at or below the token's
+    # the kept threshold: -inf exactly without an active filter, else at or below the token's logit, with no logit of
+    # the row strictly between it and the smallest logit at or above it (the midpoint rule of threshold_with_margin)
     active = (0 < top_k < x.shape[1]) or top_p < 1 or min_p > 0
-    assert (thr == -math.inf).all() if not active else (x.float() == thr[:, None]).any(-1).all()
-    assert (x.float().gather(-1, tokens[:, None])[:, 0] >= thr).all()
+    xf = x.float()
+    if not active:
+        assert (thr == -math.inf).all()
+    else:
+        kept_min = torch.where(xf >= thr[:, None], xf, math.inf).amin(-1)
+        assert torch.equal(sampling.threshold_with_margin(xf, kept_min), thr)
+    assert (xf.gather(-1, tokens[:, None])[:, 0] >= thr).all()
 
 
 def k_exact(logp, ref_logp, kind):

@@ -11,7 +11,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
                           Qwen2ForCausalLM)
 
 import rlhf_fast
-from rlhf_fast.ops.sampling import kept_mask_ref
+from rlhf_fast.ops.sampling import kept_mask_ref, threshold_with_margin
 
 PAD, VOCAB = 0, 101
 
@@ -272,7 +272,7 @@ def recomputed_kept(model, ids, mask, out, G, temperature, top_k, top_p, min_p):
     keep = kept_mask_ref(logp.exp(), k, p, m)
     active = ((k > 0) & (k < V)) | (p < 1) | (m > 0)
     thr = torch.where(active, torch.where(keep, x, float("inf")).amin(-1), float("-inf"))
-    thr = torch.where(greedy, x.max(-1).values, thr)
+    thr = threshold_with_margin(x, torch.where(greedy, x.max(-1).values, thr))
     lp = logp.double()
     tok = out.sequences[:, P:].reshape(-1, 1)
     flp = lp.gather(1, tok).squeeze(1) - torch.where(keep, lp, float("-inf")).logsumexp(-1)

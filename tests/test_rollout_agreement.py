@@ -61,7 +61,7 @@ def test_recompute_with_correction_weighs_each_token(models, tmp_path):
     scored, stats = trainer.score(batch, rows, texts)
     m = scored.mask
     with torch.no_grad():
-        recomputed = sequence_logprobs(trainer.policy.module, scored)
+        recomputed = sequence_logprobs(trainer.policy.module, scored, kept_threshold=scored.kept_threshold)
     torch.testing.assert_close(scored.old_logp, recomputed)
     expected = torch.where(m, (recomputed - behaviour).exp().clamp(max=1.02), 0.0)
     torch.testing.assert_close(scored.is_weights, expected)

@@ -334,7 +334,8 @@ def test_kept_threshold_is_the_kept_set(device, backend, dtype, grid):
     x = logits.float()
     greedy = params["temperature"] == 0
     active = S.filter_active(V, params["top_k"], params["top_p"], params["min_p"]) & ~greedy
-    assert torch.equal(m[greedy], x[greedy].max(-1).values)  # greedy: the max logit
+    margin = S.threshold_with_margin  # the midpoint below the smallest kept logit (kept set unchanged)
+    assert torch.equal(m[greedy], margin(x[greedy], x[greedy].max(-1).values))  # greedy: below the max logit
     assert (m[~greedy & ~active] == float("-inf")).all()  # no filter: everything kept
     assert active.sum() > B // 2
 
@@ -347,10 +348,10 @@ def test_kept_threshold_is_the_kept_set(device, backend, dtype, grid):
     exact = active & (loose == tight).all(-1)
     assert exact.sum() >= 0.95 * active.sum()
     min_kept = torch.where(keep, x, float("inf")).amin(-1)
-    assert torch.equal(m[exact], min_kept[exact])  # the min raw logit of the kept set
+    assert torch.equal(m[exact], margin(x[exact], min_kept[exact]))  # just below the min raw logit of the kept set
     assert torch.equal(x[exact] >= m[exact, None], keep[exact])  # and exactly the kept set, ties included
     if backend == "torch":
-        assert torch.equal(m[active], min_kept[active])
+        assert torch.equal(m[active], margin(x[active], min_kept[active]))
 
     # the backend's own kept set is {x >= m}: every draw is in it, and its mass renormalises filtered_logprobs
     s = ~greedy
@@ -369,21 +370,21 @@ def test_kept_threshold_ties_by_hand(device, backend, dtype):
     p, p7 = torch.softmax(row.double(), -1), torch.softmax(row.double() / 0.7, -1)
     two_max = row.clone()
     two_max[8] = 4.0
-    cases = [  # (row, temperature, top_k, top_p, min_p) -> threshold
-        (row, 1.0, 2, 1.0, 0.0, 3.0),  # k-th value tied: all three 3s
-        (row, 1.0, 4, 1.0, 0.0, 3.0),  # k = 4 = the max and the 3s
-        (row, 1.0, 5, 1.0, 0.0, 2.0),  # the 5th is a 2: both 2s
-        (row, 1.0, 0, float(p[3] + 0.5 * p[1]), 0.0, 3.0),  # the top-p mass is reached inside the 3s
-        (row, 0.7, 0, float(p7[3] + 0.5 * p7[1]), 0.0, 3.0),  # ... at T = 0.7
-        (row, 1.0, 0, float(p[3] + 3 * p[1] + 0.5 * p[2]), 0.0, 2.0),  # ... inside the 2s
-        (row, 1.0, 5, 0.99, 0.0, 2.0),  # top-k keeps 6 (the tie of 2s), top-p of those needs the 2s
-        (row, 1.0, 0, 1.0, math.exp(-1.5), 3.0),  # min-p: p >= e^-1.5 max p keeps the 3s (e^-1), not the 2s (e^-2)
-        (row, 0.5, 0, 1.0, math.exp(-2.5), 3.0),  # at T = 0.5: 3s at e^-2, 2s at e^-4
-        (row, 1.0, 1, 1.0, 0.0, 4.0),  # only the max
-        (two_max, 1.0, 1, 1.0, 0.0, 4.0),  # a tied max: both kept
+    cases = [  # (row, temperature, top_k, top_p, min_p) -> threshold (midway to the largest dropped logit)
+        (row, 1.0, 2, 1.0, 0.0, 2.5),  # k-th value tied: all three 3s
+        (row, 1.0, 4, 1.0, 0.0, 2.5),  # k = 4 = the max and the 3s
+        (row, 1.0, 5, 1.0, 0.0, 1.5),  # the 5th is a 2: both 2s
+        (row, 1.0, 0, float(p[3] + 0.5 * p[1]), 0.0, 2.5),  # the top-p mass is reached inside the 3s
+        (row, 0.7, 0, float(p7[3] + 0.5 * p7[1]), 0.0, 2.5),  # ... at T = 0.7
+        (row, 1.0, 0, float(p[3] + 3 * p[1] + 0.5 * p[2]), 0.0, 1.5),  # ... inside the 2s
+        (row, 1.0, 5, 0.99, 0.0, 1.5),  # top-k keeps 6 (the tie of 2s), top-p of those needs the 2s
+        (row, 1.0, 0, 1.0, math.exp(-1.5), 2.5),  # min-p: p >= e^-1.5 max p keeps the 3s (e^-1), not the 2s (e^-2)
+        (row, 0.5, 0, 1.0, math.exp(-2.5), 2.5),  # at T = 0.5: 3s at e^-2, 2s at e^-4
+        (row, 1.0, 1, 1.0, 0.0, 3.5),  # only the max
+        (two_max, 1.0, 1, 1.0, 0.0, 3.5),  # a tied max: both kept
         (row, 1.0, 10, 1.0, 0.0, float("-inf")),  # top_k = V: off
         (row, 1.0, 0, 1.0, 0.0, float("-inf")),  # no filter
-        (two_max, 0.0, 3, 0.5, 0.1, 4.0),  # greedy: the max logit, whatever the filters
+        (two_max, 0.0, 3, 0.5, 0.1, 3.5),  # greedy: the max logit and its ties, whatever the filters
     ]
     logits = torch.stack([c[0] for c in cases]).to(dtype)
     params = {name: torch.tensor([c[i] for c in cases]) for i, name in
@@ -399,10 +400,11 @@ def test_kept_threshold_ties_by_hand(device, backend, dtype):
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_kept_threshold_when_top_k_underflows(device, backend):
     # the 3rd largest probability is exp(-200) = 0 in float32, so the reference's top-k keeps every p >= 0 (its
-    # threshold is the min logit, -300); the kernels draw from e > 0 only (threshold -1); both sets have the same mass
+    # threshold is the min logit, -300); the kernels draw from e > 0 only (threshold midway from -1 to -200); both
+    # sets have the same mass
     logits = torch.tensor([[0.0, -1.0, -200.0, -300.0, -200.0]])
     tokens, _, flogp, m = run(device, backend, logits, threshold=True, top_k=3)
-    assert m.item() == (-300.0 if backend == "torch" else -1.0)
+    assert m.item() == (-300.0 if backend == "torch" else -100.5)
     assert tokens.item() in (0, 1)
     expect = torch.tensor([0.0, -1.0], dtype=torch.float64).log_softmax(-1)[tokens]
     assert torch.allclose(flogp.double(), expect, atol=1e-6, rtol=0)

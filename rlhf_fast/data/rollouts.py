@@ -7,7 +7,8 @@ line or Parquet row:
   logprobs        [float]  optional: the behaviour log-prob of each response token under the full
                            temperature-scaled distribution
   kept_logprobs   [float]  optional: the same renormalised over the sampler's kept set (top-k / top-p / min-p)
-  kept_threshold  [float]  optional: per response token, the smallest raw logit of the kept set (-inf: no filter)
+  kept_threshold  [float]  optional: per response token, a raw logit between the largest dropped and the smallest
+                           kept one, so that the kept set is {v : logit_v >= it} (-inf: no filter)
   any other key            passed to the reward functions as a field (e.g. "prompt" text, "answer", or a reward
                            the engine computed: a reward function returning that field uses it)
 

@@ -18,11 +18,12 @@ op, below): the same draws as eager for the same generator state.
 Outputs: tokens int64 [B]; logprobs float32 [B] = log p[token] under the unfiltered temperature-scaled distribution
 (0 for greedy rows: the temperature -> 0 limit is a point mass on the argmax); optionally filtered_logprobs float32
 [B] = the log-prob under the renormalised kept set (also 0 for greedy rows) and kept_threshold float32 [B] = the
-smallest RAW logit (as given, in float32, before the temperature) of the kept set. p is a non-decreasing function of
-the raw logit, so the kept set is exactly {v : logits_v >= kept_threshold}: the trainer rebuilds the sampler's support
-from it (docs/formulas.md, "Kept threshold"). -inf for a row without an active filter (top_k in (0, V), top_p < 1 or
+midpoint between the smallest RAW logit (as given, in float32, before the temperature) of the kept set and the
+largest raw logit below it (``threshold_with_margin``). p is a non-decreasing function of the raw logit, so the kept
+set is exactly {v : logits_v >= kept_threshold}: the trainer rebuilds the sampler's support from it, with a margin of
+half the gap for its own rounding (docs/formulas.md, "Kept threshold"). -inf for a row without an active filter (top_k in (0, V), top_p < 1 or
 min_p > 0: everything is kept); for a greedy row the row's max logit (the argmax and its ties); NaN where the
-log-prob is NaN. Each backend computes it as the min over its own kept set, in a pass that already visits it. A
+log-prob is NaN. Each backend takes the min over its own kept set in a pass that already visits it; the margin is one more pass. A
 token whose probability underflows to 0 in float32 carries no mass: the reference keeps such tokens when top-k's
 k-th value underflows, the kernels drop them (they draw from e > 0 only), so only there the thresholds differ. The
 equality of the two sets needs the backend's exp to be monotone; the CPU kernel's vectorised exp (exp_u20, AVX-512)
@@ -124,10 +125,25 @@ def sample_op(logits: Tensor, uniforms: Tensor, temperature: Tensor, top_k: Tens
     -> (tokens int64 [B], logprobs float32 [B], filtered_logprobs float32 [B], kept_threshold float32 [B])."""
     args = (logits, uniforms, temperature, top_k, top_p, min_p)
     if backend == "torch":
-        return sample_ref(*args)
-    if backend == "triton":
-        return _triton().sample(*args)
-    return torch.ops.rlhf_fast_C.sample(*args)  # cpp / cuda: the compiled op dispatches on the device
+        tokens, logprobs, filtered, kept_min = sample_ref(*args)
+    elif backend == "triton":
+        tokens, logprobs, filtered, kept_min = _triton().sample(*args)
+    else:  # cpp / cuda: the compiled op dispatches on the device
+        tokens, logprobs, filtered, kept_min = torch.ops.rlhf_fast_C.sample(*args)
+    return tokens, logprobs, filtered, threshold_with_margin(logits, kept_min)
+
+
+def threshold_with_margin(logits: Tensor, kept_min: Tensor) -> Tensor:
+    """The kept threshold from the smallest kept raw logit ``kept_min`` [B] (what the backends return): the midpoint
+    between it and the largest raw logit below it, so {v : logits_v >= threshold} is still exactly the kept set, and a
+    trainer whose recomputed logits differ from the sampler's by rounding rebuilds the same set (a threshold AT the
+    smallest kept logit would drop that token whenever the recomputed value came out lower: a ratio bias of that
+    token's probability). kept_min itself where nothing lies below it or the midpoint rounds onto the lower logit;
+    -inf (no filter) and NaN stay. One pass over the logits."""
+    x = logits.float()
+    below = torch.where(x < kept_min[:, None], x, float("-inf")).amax(-1)
+    mid = below + (kept_min - below) * 0.5
+    return torch.where(below.isfinite() & (mid > below) & (mid <= kept_min), mid, kept_min)
 
 
 @sample_op.register_fake
