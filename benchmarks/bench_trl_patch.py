@@ -281,7 +281,7 @@ def main():
             ("steps", "TRL SFTTrainer / DPOTrainer steps, tiny Llama loaded from a local folder, patched vs unpatched",
              trainer_step_rows)):
         if part in parts:
-            args.json = json_path.replace(".json", f"_{part}.json") if json_path else None
+            args.json = json_path if not json_path or part == parts[0] else json_path.replace(".json", f"_{part}.json")
             report(title, rows(args, device), args, device)
     args.json = json_path
 
