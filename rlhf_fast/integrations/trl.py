@@ -14,6 +14,9 @@ What is replaced (checked against trl 1.16; each is replaced only where it exist
     half the temperature (log sum p^2 = 2 log p(t) - log p_{T/2}(t)); ``mean_logits`` from ``hidden @ mean_v W_v``;
     ``is_top1`` (target is the first argmax) from a chunked running argmax without gradient. Logits with
     soft-capping or a logit scale go to TRL's own function.
+TRL's GRPO loss itself (every loss_type, sequence-level importance sampling) is not replaced: it runs TRL's maths on
+the replaced log-probs. Each TRL 1.16 loss type has its counterpart in ``rlhf_fast.ppo_objective(loss_type=...,
+ratio_level=...)`` with ``loss_weights`` (the table in docs/integrations.md).
 The functions are replaced in ``trl.trainer.utils`` and in every loaded ``trl.*`` module that imported them by name
 (``from ..trainer.utils import selective_log_softmax``); modules imported later pick up the patched names from
 ``trl.trainer.utils``. ``unpatch()`` restores every original object, also in the modules imported while patched.

@@ -47,6 +47,8 @@ OP_BACKENDS = {  # public op -> backends implementing it (shown by `rlhf-fast in
     "ppo_loss_from_logits": LOGPROBS_BACKENDS,  # the backend of the log-prob op it runs on the logits
 }
 IGNORE_INDEX = -100
+POLICY_LOSS_TYPES = ("ppo", "cispo", "sapo", "vespo")  # ppo_objective(loss_type=...): docs/formulas.md, "Losses"
+RATIO_LEVELS = ("token", "sequence")  # ppo_objective(ratio_level=...): "sequence" = GSPO's sequence ratio
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,19 +203,50 @@ def _policy_terms(logp, old_logp, advantages, clip_low, clip_high, dual_clip):
     return loss, torch.where(takes_ratio, unclipped, 0.0), ratio, clipped > unclipped, dual
 
 
+def _variant_terms(logp, old_logp, log_ratio, advantages, loss_type, clip_low, clip_high, dual_clip, params):
+    """Per-token policy loss of ``loss_type`` -> float32 (loss, d loss / d logp, d loss / d log_ratio, ratio,
+    clipped, dual_clipped). ``log_ratio`` None: the token's logp - old_logp (its gradient is then logp's); else the
+    given (sequence-level) log-ratio, broadcast per token. params: sapo (tau_pos, tau_neg); vespo (k_pos, lambda_pos,
+    k_neg, lambda_neg)."""
+    adv = advantages.float()
+    lr = logp.float() - old_logp.float() if log_ratio is None else log_ratio.float()
+    zero = torch.zeros_like(adv)
+    if loss_type == "ppo":
+        loss, dlr, ratio, clipped, dual = _policy_terms(lr, zero, adv, clip_low, clip_high, dual_clip)
+        return loss, zero, dlr, ratio, clipped, dual
+    no = torch.zeros_like(adv, dtype=torch.bool)
+    if loss_type == "vespo":  # lr: the sequence's log w, clamped to [log 1e-8, 20]; phi(w) is a constant
+        k = torch.where(adv >= 0, params[0], params[2])
+        lam = torch.where(adv >= 0, params[1], params[3])
+        phi = torch.exp(lam + k * lr - lam * lr.exp()).nan_to_num(0.0, 0.0, 0.0)
+        return -phi * adv * logp.float(), -phi * adv, zero, lr.exp(), no, no
+    ratio = torch.exp(lr.clamp(-20.0, 20.0))
+    if loss_type == "cispo":  # the clamped ratio is a constant: the gradient is -c * A on logp
+        c = ratio.clamp(max=clip_high)
+        return -c * adv * logp.float(), -c * adv, zero, ratio, ratio > clip_high, no
+    tau = torch.where(adv > 0, params[0], params[1])  # sapo
+    gate = torch.sigmoid(tau * (ratio - 1.0))
+    dlr = torch.where(lr.abs() <= 20.0, -4.0 * adv * gate * (1.0 - gate) * ratio, 0.0)
+    return -4.0 * adv * gate / tau, zero, dlr, ratio, no, no
+
+
 @torch.library.custom_op("rlhf_fast::ppo_token_loss", mutates_args=())
 def ppo_token_loss_op(
     logp: Tensor, entropy: Optional[Tensor], old_logp: Tensor, advantages: Tensor, ref_logp: Optional[Tensor],
     mask: Tensor, clip_low: float, clip_high: float, dual_clip: Optional[float], kl_coef: float, kl_kind: str,
-    entropy_coef: float,
+    entropy_coef: float, log_ratio: Optional[Tensor] = None, loss_type: str = "ppo",
+    loss_params: Optional[list[float]] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-token PPO objective. All inputs one shape; mask bool; the rest float32/bf16/fp16.
 
     -> (loss float32, ratio float32, clipped bool, dual_clipped bool), each 0 / False at masked positions.
     loss = policy + kl_coef * kl_penalty(logp, ref_logp, kl_kind) - entropy_coef * entropy (terms whose tensor is
-    None are left out). Differentiable w.r.t. logp and entropy.
+    None are left out), policy the per-token loss of ``loss_type`` (``_variant_terms``) on the ratio
+    exp(logp - old_logp), or exp(log_ratio) when the (sequence-level) log_ratio is given. Differentiable w.r.t.
+    logp, entropy and log_ratio.
     """
-    loss, _, ratio, clipped, dual = _policy_terms(logp, old_logp, advantages, clip_low, clip_high, dual_clip)
+    loss, _, _, ratio, clipped, dual = _variant_terms(logp, old_logp, log_ratio, advantages, loss_type, clip_low,
+                                                      clip_high, dual_clip, loss_params)
     if ref_logp is not None:
         loss = loss + kl_coef * kl_penalty_ref(logp, ref_logp, kl_kind)
     if entropy is not None:
@@ -223,32 +256,39 @@ def ppo_token_loss_op(
 
 @ppo_token_loss_op.register_fake
 def _(logp, entropy, old_logp, advantages, ref_logp, mask, clip_low, clip_high, dual_clip, kl_coef, kl_kind,
-      entropy_coef):
+      entropy_coef, log_ratio=None, loss_type="ppo", loss_params=None):
     f32 = torch.empty_like(logp, dtype=torch.float32)
     return f32, torch.empty_like(f32), torch.empty_like(mask), torch.empty_like(mask)
 
 
 def _ppo_token_loss_setup(ctx, inputs, output):
     logp, entropy, old_logp, advantages, ref_logp, mask, clip_low, clip_high, dual_clip, kl_coef, kl_kind, \
-        entropy_coef = inputs
+        entropy_coef, *rest = inputs
+    log_ratio, loss_type, loss_params = (rest + [None, "ppo", None][len(rest):])
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # no [B, T] zero gradients for the unused outputs
-    ctx.save_for_backward(logp, entropy, old_logp, advantages, ref_logp, mask)
-    ctx.args = (clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef)
+    ctx.save_for_backward(logp, entropy, old_logp, advantages, ref_logp, mask, log_ratio)
+    ctx.args = (clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef, loss_type, loss_params)
+    ctx.n_inputs = len(inputs)
 
 
 def _ppo_token_loss_grad(ctx, grad_loss, _grad_ratio, _grad_clipped, _grad_dual):
     if grad_loss is None:
-        return (None,) * 12
-    logp, entropy, old_logp, advantages, ref_logp, mask = ctx.saved_tensors
-    clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef = ctx.args
-    _, dlogp, _, _, _ = _policy_terms(logp, old_logp, advantages, clip_low, clip_high, dual_clip)
+        return (None,) * ctx.n_inputs
+    logp, entropy, old_logp, advantages, ref_logp, mask, log_ratio = ctx.saved_tensors
+    clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef, loss_type, loss_params = ctx.args
+    _, dlogp, dlr, _, _, _ = _variant_terms(logp, old_logp, log_ratio, advantages, loss_type, clip_low, clip_high,
+                                            dual_clip, loss_params)
+    if log_ratio is None:  # the ratio is the token's: its gradient is logp's
+        dlogp, dlr = dlogp + dlr, None
     if ref_logp is not None:
         dlogp = dlogp + kl_coef * _kl_dlogp(logp, ref_logp, kl_kind)
     g = torch.where(mask, grad_loss, 0.0)
     grad_logp = torch.where(mask, g * dlogp, 0.0).to(logp.dtype)
     grad_entropy = None if entropy is None else (-entropy_coef * g).to(entropy.dtype)
-    return grad_logp, grad_entropy, None, None, None, None, None, None, None, None, None, None
+    grad_lr = None if dlr is None else torch.where(mask, g * dlr, 0.0).to(log_ratio.dtype)
+    grads = (grad_logp, grad_entropy) + (None,) * 10 + (grad_lr, None, None)
+    return grads[:ctx.n_inputs]
 
 
 ppo_token_loss_op.register_autograd(_ppo_token_loss_grad, setup_context=_ppo_token_loss_setup)
@@ -503,11 +543,33 @@ def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, weights:
     return loss, {"clip_frac": stats[0]}
 
 
+def _sequence_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, seq_ids: Optional[Tensor], reduce: str
+                        ) -> Tensor:
+    """Per token, the "mean" (GSPO) or "sum" (VESPO, of the log-ratios clamped to [-20, 20]) of logp - old_logp
+    over its sequence's tokens with mask; float32, logp's shape, differentiable w.r.t. logp. Sequences: rows of
+    [B, T], or seq_ids for [N]."""
+    lr = torch.where(mask, logp.float() - old_logp.float(), 0.0)
+    if reduce == "sum":
+        lr = lr.clamp(-20.0, 20.0)
+    if seq_ids is None:
+        total, count = lr.sum(-1, keepdim=True), mask.float().sum(-1, keepdim=True)
+        out = total if reduce == "sum" else total / count.clamp_min(1.0)
+        return out.expand_as(lr)
+    ids = torch.unique(seq_ids, return_inverse=True)[1].reshape(seq_ids.shape)
+    n = int(ids.max()) + 1 if ids.numel() else 0
+    total = lr.new_zeros(n).index_add(0, ids, lr)
+    if reduce == "mean":
+        total = total / lr.new_zeros(n).index_add(0, ids, mask.float()).clamp_min(1.0)
+    return total[ids]
+
+
 def ppo_objective(logp: Tensor, old_logp: Tensor, advantages: Tensor, weights: Tensor, *,
                   entropy: Optional[Tensor] = None, ref_logp: Optional[Tensor] = None, kl_coef: float = 0.0,
                   kl_kind: str = "k3", entropy_coef: float = 0.0, clip_low: float = 0.2,
-                  clip_high: Optional[float] = None, dual_clip: Optional[float] = None
-                  ) -> tuple[Tensor, dict[str, Tensor]]:
+                  clip_high: Optional[float] = None, dual_clip: Optional[float] = None, loss_type: str = "ppo",
+                  ratio_level: str = "token", seq_ids: Optional[Tensor] = None,
+                  sapo_tau: tuple[float, float] = (1.0, 1.05), vespo_k: tuple[float, float] = (2.0, 3.0),
+                  vespo_lambda: tuple[float, float] = (3.0, 2.0)) -> tuple[Tensor, dict[str, Tensor]]:
     """THE PPO objective: ``sum_t w_t * (policy_t + kl_coef * k_t - entropy_coef * entropy_t)``.
 
     logp, old_logp, advantages, weights, entropy, ref_logp: [B, T] or [N], float32/bf16/fp16 (weights: those of
@@ -516,13 +578,51 @@ def ppo_objective(logp: Tensor, old_logp: Tensor, advantages: Tensor, weights: T
     -> (loss: 0-d float32, differentiable w.r.t. logp and entropy; stats: those of ``ppo_policy_loss``, plus ``kl``
     (mean of k) when ref_logp is given and ``entropy`` (mean) when entropy is given; plain means over the tokens with
     w != 0). Formulas: docs/formulas.md.
+
+    The policy term (TRL 1.16's GRPO loss types, docs/formulas.md "Losses"), with r the importance ratio:
+      - ``loss_type="ppo"``: PPO-clip as above (TRL's grpo / bnpo / dr_grpo / dapo / luspo; those differ only in
+        the weights, i.e. the aggregation), clip_low / clip_high / dual_clip as ``ppo_policy_loss``.
+      - ``"cispo"`` (MiniMax-M1): ``-sg(min(r, clip_high)) * A * logp``; clip_high is the cap on the ratio itself
+        (TRL's epsilon_high, e.g. 5.0) and must be given.
+      - ``"sapo"``: ``-A * 4 / tau * sigmoid(tau * (r - 1))``, tau = sapo_tau[0] where A > 0 else sapo_tau[1].
+      - ``"vespo"``: ``-sg(phi(w)) * A * logp``, w = exp(clamp(sum over the sequence of clamp(logp - old_logp, -20,
+        20), log 1e-8, 20)), ``phi(w) = exp(lam + k log w - lam w)``, (k, lam) = (vespo_k[0], vespo_lambda[0]) where
+        A >= 0 else (vespo_k[1], vespo_lambda[1]).
+    ``ratio_level="sequence"`` (GSPO; with ``loss_type="ppo"`` and "seq-mean-token-sum" weights: LUSPO) takes for
+    every token of a sequence r = exp(mean over the sequence's tokens (w != 0) of logp - old_logp), gradient
+    included; vespo is sequence-level by definition and takes ratio_level="token". Sequences: the rows of [B, T]
+    input, or ``seq_ids`` (int64 [N], the sequence of each token) for packed [N] input. Stats: clip_frac counts the
+    clamped ratios (cispo: r > clip_high; 0 for sapo and vespo), ratio_* are over the per-token r.
     """
     _checks.float_tensor(logp, "logp")
     _token_tensors({"old_logp": old_logp, "advantages": advantages}, "logp", logp)
+    loss_type = _checks.choice(loss_type, "loss_type", POLICY_LOSS_TYPES)
+    ratio_level = _checks.choice(ratio_level, "ratio_level", RATIO_LEVELS)
+    if loss_type == "vespo" and ratio_level == "sequence":
+        raise ValueError("loss_type='vespo' weights by the sequence's ratio already: ratio_level must be 'token'")
+    if loss_type == "cispo" and clip_high is None:
+        raise ValueError("loss_type='cispo' needs clip_high, the cap on the ratio (TRL's epsilon_high, e.g. 5.0)")
+    if loss_type != "ppo" and dual_clip is not None:
+        raise ValueError(f"dual_clip is for loss_type='ppo', got loss_type={loss_type!r}")
+    params = None
+    if loss_type == "sapo":
+        params = [_number(t, "sapo_tau", 0.0) for t in sapo_tau]
+    elif loss_type == "vespo":  # (k_pos, lambda_pos, k_neg, lambda_neg)
+        params = [_number(x, name, 0.0, low_open=False) for pair in zip(vespo_k, vespo_lambda)
+                  for x, name in zip(pair, ("vespo_k", "vespo_lambda"))]
+    sequence_level = ratio_level == "sequence" or loss_type == "vespo"
+    if sequence_level and logp.dim() == 1 and seq_ids is None:
+        raise ValueError(f"loss_type={loss_type!r} with ratio_level={ratio_level!r} on packed [N] input needs "
+                         "seq_ids (the sequence id of each token)")
+    if sequence_level and seq_ids is not None:
+        _checks.tensor(seq_ids, "seq_ids")
+        _checks.same_shape(seq_ids, "seq_ids", logp.shape, "the shape of logp")
     for name, x in (("entropy", entropy), ("ref_logp", ref_logp)):
         if x is not None:
             _token_tensors({name: x}, "logp", logp)
     w = _weights(weights, logp, "logp")
+    if loss_type == "cispo":
+        clip_high = _number(clip_high, "clip_high", 0.0)
     clip_low, clip_high, dual_clip = _clips(clip_low, clip_high, dual_clip)
     _checks.choice(kl_kind, "kl_kind", KL_KINDS)
     kl_coef = _number(kl_coef, "kl_coef", 0.0, low_open=False)
@@ -535,9 +635,15 @@ def ppo_objective(logp: Tensor, old_logp: Tensor, advantages: Tensor, weights: T
     m = w != 0
     old_logp = old_logp.detach()
     ref_logp = None if ref_logp is None else ref_logp.detach()
+    log_ratio = None
+    if loss_type == "vespo":
+        log_ratio = _sequence_log_ratio(logp.detach(), old_logp, m, seq_ids, "sum").clamp(math.log(1e-8), 20.0)
+    elif ratio_level == "sequence":
+        log_ratio = _sequence_log_ratio(logp, old_logp, m, seq_ids, "mean")
     loss_tok, ratio, clipped, dual = ppo_token_loss_op(
         logp, entropy if entropy_coef != 0.0 else None, old_logp, advantages.detach(),
-        ref_logp if kl_coef != 0.0 else None, m, clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef)
+        ref_logp if kl_coef != 0.0 else None, m, clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef,
+        log_ratio, loss_type, params)
     stats = _policy_stats(logp, old_logp, ratio, clipped, dual, m)
     with torch.no_grad():
         count = _nonzero_or_one(m.float().sum())
