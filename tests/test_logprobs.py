@@ -37,11 +37,14 @@ def make_inputs(shape, vocab, dtype, seed=0, scale=3.0, device="cpu"):
     return logits.to(device), labels.to(device)
 
 
-def check_against_reference(backend, logits, labels, temperature, name):
-    """Values and gradients of logprobs_and_entropy on ``backend`` vs fp64, within the tolerance rule."""
-    gen = torch.Generator().manual_seed(1)
+def check_against_reference(backend, logits, labels, temperature, name, threshold=None):
+    """Values and gradients of logprobs_and_entropy on ``backend`` (over the kept set when ``threshold`` is given) vs
+    fp64, within the tolerance rule."""
+    gen = torch.Generator().manual_seed(1 if threshold is None else 2)
     g_lp = torch.randn(labels.shape, generator=gen).to(logits.device)
     g_ent = torch.randn(labels.shape, generator=gen).to(logits.device)
+    ref = (lambda x: eager(x, labels, temperature)) if threshold is None else (
+        lambda x: eager_kept(x, labels, threshold, temperature))
 
     def run(fn, x):
         x = x.detach().requires_grad_()
@@ -50,13 +53,14 @@ def check_against_reference(backend, logits, labels, temperature, name):
         return lp.detach(), ent.detach(), x.grad
 
     with rlhf_fast.use_backend(backend):
-        out = run(lambda x: rlhf_fast.logprobs_and_entropy(x, labels, temperature=temperature), logits)
-    exact = run(lambda x: eager(x, labels, temperature), logits.double())
-    lowp = run(lambda x: eager(x, labels, temperature), logits)
+        out = run(lambda x: rlhf_fast.logprobs_and_entropy(x, labels, temperature=temperature,
+                                                           kept_threshold=threshold), logits)
+    exact, lowp = run(ref, logits.double()), run(ref, logits)
     for what, o, e, r in zip(("logp", "entropy", "grad"), out, exact, lowp):
         assert o.dtype == (logits.dtype if what == "grad" else torch.float32)
         assert o.shape == e.shape
         assert_within_ref_error(o, r, e, name=f"{name} {what}")
+    return exact
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
@@ -368,24 +372,7 @@ def kept_inputs(shape, vocab, dtype, seed=0, device="cpu"):
 
 
 def check_kept_against_reference(backend, logits, labels, threshold, temperature, name):
-    gen = torch.Generator().manual_seed(2)
-    g_lp = torch.randn(labels.shape, generator=gen).to(logits.device)
-    g_ent = torch.randn(labels.shape, generator=gen).to(logits.device)
-
-    def run(fn, x):
-        x = x.detach().requires_grad_()
-        lp, ent = fn(x)
-        (lp.double() * g_lp.double() + ent.double() * g_ent.double()).sum().backward()
-        return lp.detach(), ent.detach(), x.grad
-
-    with rlhf_fast.use_backend(backend):
-        out = run(lambda x: rlhf_fast.logprobs_and_entropy(x, labels, temperature=temperature,
-                                                           kept_threshold=threshold), logits)
-    exact = run(lambda x: eager_kept(x, labels, threshold, temperature), logits.double())
-    lowp = run(lambda x: eager_kept(x, labels, threshold, temperature), logits)
-    for what, o, e, r in zip(("logp", "entropy", "grad"), out, exact, lowp):
-        assert o.dtype == (logits.dtype if what == "grad" else torch.float32)
-        assert_within_ref_error(o, r, e, name=f"{name} {what}")
+    exact = check_against_reference(backend, logits, labels, temperature, name, threshold)
     # the sort-free float64 reference of the op (autograd for its gradient)
     x64 = logits.double().requires_grad_()
     ref = L.kept_logprobs_ref(x64, labels, threshold, temperature)
