@@ -30,8 +30,10 @@ BUDGETS = {
 
 
 @torch.no_grad()
-def evaluate(policy_dir: str, sft_dir: str, seed: int, prompts: int = 256, max_new_tokens: int = 10) -> dict:
-    """True score and KL to the SFT policy of ``policy_dir``'s T=1 samples on held-out prompts."""
+def evaluate(policy_dir: str, sft_dir: str, seed: int, prompts: int = 256, max_new_tokens: int = 10, top_k: int = 0,
+             top_p: float = 1.0) -> dict:
+    """True score and KL to the SFT policy of ``policy_dir``'s T=1 samples (filtered by top_k / top_p) on held-out
+    prompts."""
     from rlhf_fast import generate
     from rlhf_fast.batch import TokenBatch
     from rlhf_fast.data import prompt_batch, task
@@ -42,8 +44,8 @@ def evaluate(policy_dir: str, sft_dir: str, seed: int, prompts: int = 256, max_n
     policy, sft = load_causal_lm(policy_dir).eval(), load_causal_lm(sft_dir).eval()
     rows = task.prompts(prompts, seed=10_000 + seed)
     batch = prompt_batch(tok, rows, 64)
-    out = generate(policy, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
-                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    out = generate(policy, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens, top_k=top_k,
+                   top_p=top_p, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                    generator=torch.Generator().manual_seed(seed))
     texts = decode_responses(tok, out.sequences, out.response_mask, batch["input_ids"].shape[1])
     packed = TokenBatch.from_generation(out.sequences, batch["attention_mask"], out.response_mask)

@@ -47,20 +47,24 @@ def main() -> None:
             run_pipeline(cfg, resume=True)
             stage = os.path.join(root, args.algo)
             metrics = common.read_metrics(os.path.join(stage, "metrics.jsonl"))
-            results[seed, support] = {**evaluate(os.path.join(stage, "model"), os.path.join(shared, "sft", "model"),
-                                                 seed),
+            policy, sft = os.path.join(stage, "model"), os.path.join(shared, "sft", "model")
+            filtered = evaluate(policy, sft, seed, top_k=args.top_k, top_p=args.top_p)
+            results[seed, support] = {**evaluate(policy, sft, seed), "true_filtered": filtered["true_score"],
                                       "ratio0": statistics.fmean(r["mismatch_ratio_mean"] for r in metrics),
                                       "outside0": statistics.fmean(r["mismatch_outside_frac"] for r in metrics)}
 
     lines = [f"# benchmarks/compare_kept_support.py --seeds {args.seeds} --algo {args.algo} --top-p {args.top_p} "
              f"--top-k {args.top_k}",
-             "# true score and KL to SFT on 256 held-out prompts at T=1; ratio0 / outside0: the first minibatch's "
-             "ratio to the behaviour policy and its fraction outside [0.9, 1.1], mean over iterations",
-             f"{'support':8s} " + "  ".join(f"seed{s}: true   KL" for s in seeds) + "   mean true  mean KL  ratio0  outside0"]
+             "# true score and KL to SFT on 256 held-out prompts at T=1 (true: unfiltered, filt: with the training "
+             "filters); ratio0 / outside0: the first minibatch's ratio to the behaviour policy and its fraction "
+             "outside [0.9, 1.1], mean over iterations",
+             f"{'support':8s} " + "  ".join(f"seed{s}: true  filt    KL" for s in seeds)
+             + "   mean true  mean filt  mean KL  ratio0  outside0"]
     for support in ("full", "kept"):
         rows = [results[s, support] for s in seeds]
-        cells = "  ".join(f"{m['true_score']:.3f} {m['kl_to_sft']:5.2f}" for m in rows)
+        cells = "  ".join(f"{m['true_score']:.3f} {m['true_filtered']:.3f} {m['kl_to_sft']:5.2f}" for m in rows)
         lines.append(f"{support:8s} {cells}   {statistics.fmean(m['true_score'] for m in rows):.3f}      "
+                     f"{statistics.fmean(m['true_filtered'] for m in rows):.3f}      "
                      f"{statistics.fmean(m['kl_to_sft'] for m in rows):.2f}   "
                      f"{statistics.fmean(m['ratio0'] for m in rows):.4f}  "
                      f"{statistics.fmean(m['outside0'] for m in rows):.4f}")
