@@ -1,7 +1,7 @@
 """rlhf_fast.generate on tiny random-init Llama / GPT-2 / Qwen2 models built here (no download): greedy equals the
 model's own forward step by step (no cache) and ``model.generate``, EOS handling, left padding, behaviour log-probs
-(unfiltered, filtered, kept threshold) equal a teacher-forced recomputation, shared prefill (num_samples) and refill (batch_size) give the rows of the plain batch, the
-dynamic fallback, the compiled step, reproducibility, bad input."""
+(unfiltered, filtered, kept threshold) equal a teacher-forced recomputation, shared prefill (num_samples) and refill
+(batch_size) give the rows of the plain batch, the dynamic fallback, the compiled step, reproducibility, bad input."""
 
 import warnings
 

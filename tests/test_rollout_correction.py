@@ -84,7 +84,8 @@ def test_mismatch_metrics():
 @pytest.mark.parametrize("call, exc, match", [
     (lambda o, b, m: rlhf_fast.rollout_correction(o, b, m, mode="bogus"), ValueError, "mode must be one of"),
     (lambda o, b, m: rlhf_fast.rollout_correction(o, b, m, cap=0.0), ValueError, "cap must be > 0"),
-    (lambda o, b, m: rlhf_fast.rollout_correction(o, b, m, mode="icepop", low=5.0, high=0.5), ValueError, "low and high"),
+    (lambda o, b, m: rlhf_fast.rollout_correction(o, b, m, mode="icepop", low=5.0, high=0.5), ValueError,
+     "low and high"),
     (lambda o, b, m: rlhf_fast.rollout_correction(o, b, m, mode="seq_tis"), ValueError, "needs seq_ids"),
     (lambda o, b, m: rlhf_fast.rollout_correction(o, b[:2], m), ValueError, "logp_behav must have shape"),
     (lambda o, b, m: rlhf_fast.rollout_correction(o, b, m[:3]), ValueError, "mask must have shape"),

@@ -416,7 +416,8 @@ def test_sample_return_order():
     outs = {}
     for flp in (False, True):
         for thr in (False, True):
-            outs[flp, thr] = rlhf_fast.sample(x, generator=torch.Generator().manual_seed(1), return_filtered_logprobs=flp,
+            gen = torch.Generator().manual_seed(1)
+            outs[flp, thr] = rlhf_fast.sample(x, generator=gen, return_filtered_logprobs=flp,
                                               return_kept_threshold=thr, **kw)
     full = outs[True, True]
     assert len(outs[False, False]) == 2 and len(outs[True, False]) == 3 and len(outs[False, True]) == 3

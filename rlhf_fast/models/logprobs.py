@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..ops.linear_cross_entropy import linear_cross_entropy
 from ..ops.linear_logprobs import linear_logprobs
+from ..ops.linear_losses import linear_ppo_loss
 
 # Config fields of heads that transform the logits after the lm_head GEMM (softcapping, scaling), with the value
 # that means "no transform". A model setting any other value is refused rather than given wrong log-probs.
@@ -129,6 +130,25 @@ def sequence_logprobs(model: nn.Module, batch, *, temperature: float = 1.0, retu
         return values.new_zeros(batch.num_tokens).index_copy(0, index, values)
 
     return (scatter(out[0]), scatter(out[1])) if return_entropy else scatter(out)
+
+
+def sequence_ppo_loss(model: nn.Module, batch, weights: Tensor, *, temperature: float = 1.0,
+                      kept_threshold: Optional[Tensor] = None, head_dtype: str = "auto",
+                      ref_logp: Optional[Tensor] = None, **loss_kwargs) -> tuple[Tensor, dict, Tensor]:
+    """The PPO / GRPO objective of a packed rollout ``TokenBatch`` (its ``old_logp`` and ``advantages``) with per-token
+    loss ``weights`` [N], by ``rlhf_fast.linear_ppo_loss`` on the target positions (gradients formed in the forward,
+    3 GEMMs over the vocabulary, no logits kept): the value of ``ppo_objective`` on ``sequence_logprobs``.
+    ref_logp [N] and ``loss_kwargs`` (clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef) as in
+    linear_ppo_loss; kept_threshold and head_dtype as in ``sequence_logprobs``. -> (loss, stats, logp [N] float32,
+    detached, 0 off the targets)."""
+    hidden, weight, bias, labels, index = _scored("sequence_ppo_loss", model, batch, head_dtype)
+    pick = lambda x: None if x is None else x.index_select(0, index)  # noqa: E731
+    with torch.autocast(hidden.device.type, enabled=False):  # the inputs are in the head's dtype already
+        loss, stats, logp = linear_ppo_loss(
+            hidden, weight, labels, pick(batch.old_logp), pick(batch.advantages), pick(weights), bias=bias,
+            temperature=temperature, ref_logp=pick(ref_logp), kept_threshold=pick(kept_threshold),
+            return_logprobs=True, **loss_kwargs)
+    return loss, stats, logp.new_zeros(batch.num_tokens).index_copy(0, index, logp)
 
 
 def sequence_cross_entropy(model: nn.Module, batch, *, weights: Optional[Tensor] = None,

@@ -72,6 +72,7 @@ def _linear_ppo_fwd(hidden, weight, bias, labels, old_logp, advantages, weights,
     grad_bias = torch.zeros(vocab, **f32) if need_bias else weight.new_empty(0)
     keep_all = (labels != ignore_index) & (weights != 0)
     loss = torch.zeros((), **f32)
+    logps = torch.empty(n, **f32)
     sums = torch.zeros(len(PPO_STATS), **f32)  # ratio_max in slot 4 is a max
     zeros = torch.zeros(min(rows, n), **f32)
     for start in range(0, n, rows):
@@ -80,6 +81,7 @@ def _linear_ppo_fwd(hidden, weight, bias, labels, old_logp, advantages, weights,
         logits = _tile_logits(h, weight, bias, 0, vocab)
         thr = None if kept_threshold is None else kept_threshold[start:end]
         logp, ent, lse, lse_kept = _logprobs_fwd(backend, logits, y, thr, temperature, ignore_index, True)
+        logps[start:end] = logp
         # masked tokens: zeros, so that no NaN reaches a sum or a gradient
         z = lambda x: torch.where(keep, x.float(), 0.0)  # noqa: E731
         w = z(weights[start:end])
@@ -114,7 +116,7 @@ def _linear_ppo_fwd(hidden, weight, bias, labels, old_logp, advantages, weights,
     count = keep_all.sum().float()
     stats = torch.where(count > 0, sums / count.clamp_min(1.0), 0.0)
     stats = torch.cat([stats[:4], sums[4:5], stats[5:]])
-    return (loss, stats, grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype),
+    return (loss, stats, logps, grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype),
             grad_bias.to(bias.dtype) if need_bias else grad_bias)
 
 
@@ -124,10 +126,11 @@ def linear_ppo_loss_op(
     weights: Tensor, ref_logp: Optional[Tensor], kept_threshold: Optional[Tensor], temperature: float,
     ignore_index: int, clip_low: float, clip_high: float, dual_clip: Optional[float], kl_coef: float, kl_kind: str,
     entropy_coef: float, rows: int, need_hidden: bool, need_weight: bool, need_bias: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """hidden [N, H], weight [V, H], bias [V] or None (one float dtype), labels [N] int64, old_logp / advantages /
     weights / ref_logp [N], kept_threshold float32 [N] or None -> (loss float32 scalar, stats float32
-    [len(PPO_STATS)], grad_hidden [N, H], grad_weight [V, H], grad_bias [V] of the loss in the input dtype, each one
+    [len(PPO_STATS)], logp float32 [N] (0 where the label is ignore_index; no gradient), grad_hidden [N, H],
+    grad_weight [V, H], grad_bias [V] of the loss in the input dtype, each one
     not needed an empty tensor [0])."""
     return _linear_ppo_fwd(hidden, weight, bias, labels, old_logp, advantages, weights, ref_logp, kept_threshold,
                            temperature, ignore_index, clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef,
@@ -145,6 +148,7 @@ def _(hidden, weight, bias, labels, old_logp, advantages, weights, ref_logp, kep
       clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef, rows, need_hidden, need_weight, need_bias,
       backend):
     return (hidden.new_empty((), dtype=torch.float32), hidden.new_empty(len(PPO_STATS), dtype=torch.float32),
+            hidden.new_empty(hidden.shape[0], dtype=torch.float32),
             *_fake_grads(hidden, weight, need_hidden, need_weight, need_bias))
 
 
@@ -318,7 +322,7 @@ def linear_ppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Te
                     clip_low: float = 0.2, clip_high: Optional[float] = None, dual_clip: Optional[float] = None,
                     ref_logp: Optional[Tensor] = None, kl_coef: float = 0.0, kl_kind: str = "k3",
                     entropy_coef: float = 0.0, ignore_index: int = -100,
-                    kept_threshold: Optional[Tensor] = None) -> tuple[Tensor, dict]:
+                    kept_threshold: Optional[Tensor] = None, return_logprobs: bool = False):
     """The PPO/GRPO objective of the policy head, from hidden states: sum_t w_t (pol_t + kl_coef k_t -
     entropy_coef H_t) (module docstring), gradients formed in the forward (3 GEMMs).
 
@@ -330,7 +334,8 @@ def linear_ppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Te
     without ref_logp).
     kept_threshold: None, or float32 of labels' shape (the sampler's kept threshold): logp_t becomes the log-prob
     renormalised over the kept set {v : logits_v >= m_t} plus the label (rlhf_fast.logprobs, kept_threshold); the
-    entropy term stays the full-softmax entropy.
+    entropy term stays the full-softmax entropy. return_logprobs: also return each token's logp_t (float32 of labels'
+    shape, 0 where the label is ignore_index, no gradient), which the forward computes anyway.
     """
     temperature = _checks.temperature(temperature)
     ignore_index = _checks.integer(ignore_index, "ignore_index")
@@ -353,11 +358,12 @@ def linear_ppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Te
     backend = _backend.select("linear_ppo_loss", LINEAR_LOGPROBS_BACKENDS, hidden.device)
     rows_2d = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     rows = chunk_rows(rows_2d.shape[0], weight.shape[0], hidden.device)
-    loss, stats, *_ = linear_ppo_loss_op(
+    loss, stats, logp, *_ = linear_ppo_loss_op(
         rows_2d, weight, bias, labels.reshape(-1).contiguous(), _flat(old_logp), _flat(advantages), _flat(weights),
         _flat(ref_logp), kept_threshold, temperature, ignore_index, clip_low, clip_high, dual_clip, kl_coef, kl_kind,
         entropy_coef, rows, *_needs(hidden, weight, bias), backend)
-    return loss, dict(zip(PPO_STATS, stats.unbind()))
+    stats = dict(zip(PPO_STATS, stats.unbind()))
+    return (loss, stats, logp.view(labels.shape)) if return_logprobs else (loss, stats)
 
 
 def linear_dpo_loss_ref(hidden, weight, labels, ref_chosen_logp, ref_rejected_logp, *, beta=0.1,

@@ -21,10 +21,10 @@ Outputs: tokens int64 [B]; logprobs float32 [B] = log p[token] under the unfilte
 midpoint between the smallest RAW logit (as given, in float32, before the temperature) of the kept set and the
 largest raw logit below it (``threshold_with_margin``). p is a non-decreasing function of the raw logit, so the kept
 set is exactly {v : logits_v >= kept_threshold}: the trainer rebuilds the sampler's support from it, with a margin of
-half the gap for its own rounding (docs/formulas.md, "Kept threshold"). -inf for a row without an active filter (top_k in (0, V), top_p < 1 or
-min_p > 0: everything is kept); for a greedy row the row's max logit (the argmax and its ties); NaN where the
-log-prob is NaN. Each backend takes the min over its own kept set in a pass that already visits it; the margin is one more pass. A
-token whose probability underflows to 0 in float32 carries no mass: the reference keeps such tokens when top-k's
+half the gap for its own rounding (docs/formulas.md, "Kept threshold"). -inf for a row without an active filter
+(top_k in (0, V), top_p < 1 or min_p > 0: everything is kept); for a greedy row the kept set is the argmax and its
+ties; NaN where the log-prob is NaN. Each backend takes the min over its own kept set in a pass that already visits
+it; the margin is one more pass. A token whose probability underflows to 0 in float32 carries no mass: the reference keeps such tokens when top-k's
 k-th value underflows, the kernels drop them (they draw from e > 0 only), so only there the thresholds differ. The
 equality of the two sets needs the backend's exp to be monotone; the CPU kernel's vectorised exp (exp_u20, AVX-512)
 steps back by 1 ulp at 2899 of the ~1.1e9 floats in [-88.5, 0], so a row whose boundary falls exactly on such a step,

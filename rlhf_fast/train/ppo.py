@@ -17,8 +17,9 @@ head; from the reward model unless ``critic`` names another directory). Dropout 
                Group modes: advantage = group_advantages(score, group ids) on every response token, no critic, and
                the KL goes into the loss instead (as GRPO does).
   3. learn     ``epochs`` passes over shuffled minibatches of sequences: per-token loss weights from ``loss_agg``
-               (over the global minibatch), ``ppo_objective`` on the fused log-probs, ``ppo_value_loss`` for the
-               critic, gradient clipping. PPO-ptx (InstructGPT): with ``ptx_coef > 0`` every minibatch also takes
+               (over the global minibatch), the PPO objective from hidden states (``sequence_ppo_loss``:
+               ``linear_ppo_loss``, 3 GEMMs over the vocabulary, no logits kept), ``ppo_value_loss`` for the critic,
+               gradient clipping. PPO-ptx (InstructGPT): with ``ptx_coef > 0`` every minibatch also takes
                ``ptx_coef`` x the causal-LM loss of a batch of SFT rows (``ptx_data``), in the same backward.
 
     rlhf-fast ppo --model SFT_DIR reward_models=RM_DIR[,RM_DIR2] [reward_fns=module:function] [--data prompts.jsonl]
@@ -35,13 +36,12 @@ from typing import Optional
 
 import torch
 
-from .. import gae, generate, group_advantages, kl_penalty, mismatch_metrics, ppo_objective, ppo_value_loss, \
-    rollout_correction
+from .. import gae, generate, group_advantages, kl_penalty, mismatch_metrics, ppo_value_loss, rollout_correction
 from ..batch import TokenBatch
 from ..data import DataError, prompt_batch, read_jsonl, sft_batch, task
 from ..data.rollouts import load_rollouts, rollout_batch
 from ..models import ScalarHeadModel, disable_dropout, float32_head, load_causal_lm, load_tokenizer, \
-    sequence_cross_entropy, sequence_logprobs
+    sequence_cross_entropy, sequence_logprobs, sequence_ppo_loss
 from . import common, distributed
 from .rewards import RewardConfig, Rewards
 
@@ -129,10 +129,11 @@ def values_of(critic: ScalarHeadModel, batch: TokenBatch) -> torch.Tensor:
     return critic(batch) * batch.mask
 
 
-def logprobs_and_lm_loss(model, batch: TokenBatch, ptx: TokenBatch, ptx_weights: torch.Tensor, **kwargs):
-    """PPO-ptx in one call of the model (one DDP/FSDP forward): (log-probs, entropy) of the PPO minibatch
-    (``sequence_logprobs`` with ``kwargs``) and the causal-LM loss of the SFT rows ``ptx``."""
-    return (sequence_logprobs(model, batch, return_entropy=True, **kwargs),
+def ppo_loss_and_lm_loss(model, batch: TokenBatch, weights: torch.Tensor, ptx: TokenBatch, ptx_weights: torch.Tensor,
+                         **objective):
+    """PPO-ptx in one call of the model (one DDP/FSDP forward): the PPO objective of the minibatch
+    (``sequence_ppo_loss`` with ``objective``) and the causal-LM loss of the SFT rows ``ptx``."""
+    return (sequence_ppo_loss(model, batch, weights, **objective),
             sequence_cross_entropy(model, ptx, weights=ptx_weights))
 
 
@@ -348,23 +349,22 @@ class PPOTrainer(common.Trainer):
                 mb = batch.select(order[start:start + cfg.minibatch_size])
                 w = distributed.global_weights(mb.mask, cfg.loss_agg, seq_ids=mb.seq_ids, max_len=max_len)
                 w_policy = w if mb.is_weights is None else w * mb.is_weights  # rollout correction: per-token weights
+                kl_in_loss = self.group and self.kl_coef > 0  # GRPO: KL to the reference in the loss
+                objective = dict(temperature=cfg.temperature, kept_threshold=mb.kept_threshold,
+                                 head_dtype=cfg.head_dtype, ref_logp=mb.ref_logp if kl_in_loss else None,
+                                 kl_coef=self.kl_coef if kl_in_loss else 0.0, kl_kind=cfg.kl_kind,
+                                 entropy_coef=cfg.entropy_coef, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                                 dual_clip=cfg.dual_clip)
                 with common.autocast(self.device):
                     if self.ptx_rows is None:
-                        logp, entropy = self.logprobs(self.policy, mb, return_entropy=True)
+                        loss, st, logp = self.policy(sequence_ppo_loss, mb, w_policy, **objective)
                         ptx_loss = torch.zeros((), device=self.device)
                     else:
                         ptx, ptx_w = self.ptx_minibatch(self.step * minibatches + steps)
-                        (logp, entropy), ptx_loss = self.policy(
-                            logprobs_and_lm_loss, mb, ptx, ptx_w, temperature=cfg.temperature,
-                            kept_threshold=mb.kept_threshold, head_dtype=cfg.head_dtype)
-                    if steps == 0 and mb.behaviour_logp is not None:  # before any update: behaviour vs trainer
-                        mismatch = mismatch_metrics(logp.detach(), mb.behaviour_logp, mb.mask)
-                    kl_in_loss = self.group and self.kl_coef > 0  # GRPO: KL to the reference in the loss
-                    loss, st = ppo_objective(logp, mb.old_logp, mb.advantages, w_policy, entropy=entropy,
-                                             ref_logp=mb.ref_logp if kl_in_loss else None,
-                                             kl_coef=self.kl_coef if kl_in_loss else 0.0, kl_kind=cfg.kl_kind,
-                                             entropy_coef=cfg.entropy_coef, clip_low=cfg.clip_low,
-                                             clip_high=cfg.clip_high, dual_clip=cfg.dual_clip)
+                        (loss, st, logp), ptx_loss = self.policy(ppo_loss_and_lm_loss, mb, w_policy, ptx, ptx_w,
+                                                                 **objective)
+                if steps == 0 and mb.behaviour_logp is not None:  # before any update: behaviour vs trainer
+                    mismatch = mismatch_metrics(logp, mb.behaviour_logp, mb.mask)
                 common.optimizer_step(loss + cfg.ptx_coef * ptx_loss, self.policy, self.opt, cfg.grad_clip)
                 n_tok = (w_policy != 0).sum().double()
                 row = [loss.detach() / distributed.world_size(), st["clip_frac"] * n_tok,
@@ -385,7 +385,8 @@ class PPOTrainer(common.Trainer):
         total = distributed.reduce_floats({**dict(zip(names, sums.tolist())), "tokens": float(tokens)})
         out = {}
         for k in names:
-            per_step = k in ("policy_loss", "value_loss", "ptx_loss")  # global values: summed over ranks, mean over steps
+            # global values: summed over ranks, mean over steps
+            per_step = k in ("policy_loss", "value_loss", "ptx_loss")
             out[k] = total[k] / steps if per_step else total[k] / max(total["tokens"], 1.0)
         out.update(distributed.global_means({k: v.item() for k, v in mismatch.items()}, 1.0))
         if self.group:
