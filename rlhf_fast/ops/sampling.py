@@ -140,8 +140,7 @@ def threshold_with_margin(logits: Tensor, kept_min: Tensor) -> Tensor:
     smallest kept logit would drop that token whenever the recomputed value came out lower: a ratio bias of that
     token's probability). kept_min itself where nothing lies below it or the midpoint rounds onto the lower logit;
     -inf (no filter) and NaN stay. One pass over the logits."""
-    x = logits.float()
-    below = torch.where(x < kept_min[:, None], x, float("-inf")).amax(-1)
+    below = logits.masked_fill(logits >= kept_min[:, None], float("-inf")).amax(-1).float()  # kept_min: a logit
     mid = below + (kept_min - below) * 0.5
     return torch.where(below.isfinite() & (mid > below) & (mid <= kept_min), mid, kept_min)
 
