@@ -195,12 +195,6 @@ class PPOTrainer(common.Trainer):
         """The rollouts' field of the ratio's old log-probs (behaviour_logprobs=sampler)."""
         return "kept_logprobs" if self.cfg.logprob_support == "kept" else "logprobs"
 
-    def logprobs(self, model, batch: TokenBatch, **kwargs):
-        """``sequence_logprobs`` of the policy (over the kept set with ``logprob_support=kept``) through ``model``'s
-        wrapper."""
-        return model(sequence_logprobs, batch, temperature=self.cfg.temperature, kept_threshold=batch.kept_threshold,
-                     head_dtype=self.cfg.head_dtype, **kwargs)
-
     def total_steps(self) -> int:
         return self.cfg.iterations
 
@@ -286,7 +280,8 @@ class PPOTrainer(common.Trainer):
         with common.autocast(self.device):
             if cfg.behaviour_logprobs == "recompute":
                 self.policy.eval()
-                batch.old_logp = self.logprobs(self.policy, batch).float()
+                batch.old_logp = self.policy(sequence_logprobs, batch, temperature=cfg.temperature,
+                                             kept_threshold=batch.kept_threshold, head_dtype=cfg.head_dtype).float()
                 self.policy.train()
             batch.ref_logp = self.ref(sequence_logprobs, batch, temperature=cfg.temperature,
                                       head_dtype=cfg.head_dtype).float()
