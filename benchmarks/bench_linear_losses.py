@@ -1,6 +1,7 @@
 """Fused hidden-state losses: rlhf_fast.linear_ppo_loss / linear_dpo_loss vs the 3-GEMM floor, the eager composite
-(`hidden @ W.T` -> log_softmax -> gather -> loss, autograd) and torch.compile of it. (No Liger rows yet: its
-fused-linear GRPO/DPO losses are not installed here.)
+(`hidden @ W.T` -> log_softmax -> gather -> loss, autograd) and torch.compile of it; DPO also the per-token
+linear_logprobs (4 GEMMs) followed by the formula. (No Liger rows yet: its fused-linear GRPO/DPO losses are not
+installed here.)
 
 python benchmarks/bench_linear_losses.py [--device cpu|cuda] [--quick] [--reps N] [--shape N,H,V] [--dtype fp32]
                                         [--loss ppo|dpo|both] [--json out.json]
@@ -41,6 +42,13 @@ def dpo_eager(hidden, weight, labels, ref_c, ref_r):
     return -torch.nn.functional.logsigmoid(0.1 * ((seq[:p] - ref_c) - (seq[p:] - ref_r))).mean()
 
 
+def dpo_from_linear_logprobs(hidden, weight, labels, ref_c, ref_r):
+    """The DPO trainer's path before linear_dpo_loss: fused per-token log-probs (4 GEMMs), then the formula."""
+    seq = rlhf_fast.linear_logprobs(hidden, weight, labels).reshape(2 * ref_c.shape[0], -1).sum(-1)
+    p = ref_c.shape[0]
+    return -torch.nn.functional.logsigmoid(0.1 * ((seq[:p] - ref_c) - (seq[p:] - ref_r))).mean()
+
+
 def floor(hidden, weight, *_):
     logits = hidden @ weight.T
     g = logits  # stands for grad_logits: same shape and dtype
@@ -65,6 +73,8 @@ def make(kind, n, h, v, dtype, device):
 def implementations(kind, device):
     eager = ppo_eager if kind == "ppo" else dpo_eager
     impls = {"3-GEMM floor": floor, "eager composite": eager, "torch.compile(composite)": torch.compile(eager)}
+    if kind == "dpo":
+        impls["linear_logprobs -> formula"] = dpo_from_linear_logprobs
     for name in LINEAR_LOGPROBS_BACKENDS:
         if name == "torch" or not (_backend.built(name) and _backend.runs_on(name, device)):
             continue
