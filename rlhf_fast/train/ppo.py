@@ -159,8 +159,8 @@ class PPOTrainer(common.Trainer):
         critic = cfg.critic or (cfg.reward_models[0] if cfg.reward_models else cfg.model)
         self.critic = None if self.group else distributed.wrap(
             trainable(ScalarHeadModel.from_pretrained(critic, device)), fsdp=cfg.fsdp)
-        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=0.0)
-        self.critic_opt = None if self.group else torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr)
+        self.opt = common.adamw(self.policy.parameters(), cfg.lr)
+        self.critic_opt = None if self.group else common.adamw(self.critic.parameters(), cfg.critic_lr)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda it: 1.0 - it / cfg.iterations)
         self.samples = cfg.group_size if self.group else 1  # sequences per prompt
         if cfg.rollouts:
