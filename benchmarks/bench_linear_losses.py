@@ -1,7 +1,8 @@
 """Fused hidden-state losses: rlhf_fast.linear_ppo_loss / linear_dpo_loss vs the 3-GEMM floor, the eager composite
 (`hidden @ W.T` -> log_softmax -> gather -> loss, autograd) and torch.compile of it; PPO also with
 ratio_level="sequence" (GSPO, sequences of 256 tokens) and loss_type="cispo", against the token-level PPO-clip of
-the same backend. (No Liger rows yet: its fused-linear GRPO/DPO losses are not installed here.)
+the same backend; DPO also the per-token linear_logprobs (4 GEMMs) followed by the formula. (No Liger rows yet: its
+fused-linear GRPO/DPO losses are not installed here.)
 
 python benchmarks/bench_linear_losses.py [--device cpu|cuda] [--quick] [--reps N] [--shape N,H,V] [--dtype fp32]
                                         [--loss ppo|dpo|both] [--json out.json]
@@ -42,6 +43,13 @@ def dpo_eager(hidden, weight, labels, ref_c, ref_r):
     return -torch.nn.functional.logsigmoid(0.1 * ((seq[:p] - ref_c) - (seq[p:] - ref_r))).mean()
 
 
+def dpo_from_linear_logprobs(hidden, weight, labels, ref_c, ref_r):
+    """The DPO trainer's path before linear_dpo_loss: fused per-token log-probs (4 GEMMs), then the formula."""
+    seq = rlhf_fast.linear_logprobs(hidden, weight, labels).reshape(2 * ref_c.shape[0], -1).sum(-1)
+    p = ref_c.shape[0]
+    return -torch.nn.functional.logsigmoid(0.1 * ((seq[:p] - ref_c) - (seq[p:] - ref_r))).mean()
+
+
 def floor(hidden, weight, *_):
     logits = hidden @ weight.T
     g = logits  # stands for grad_logits: same shape and dtype
@@ -74,6 +82,8 @@ def ppo_variants(n, device):
 def implementations(kind, device, n):
     eager = ppo_eager if kind == "ppo" else dpo_eager
     impls = {"3-GEMM floor": floor, "eager composite": eager, "torch.compile(composite)": torch.compile(eager)}
+    if kind == "dpo":
+        impls["linear_logprobs -> formula"] = dpo_from_linear_logprobs
     for name in LINEAR_LOGPROBS_BACKENDS:
         if name == "torch" or not (_backend.built(name) and _backend.runs_on(name, device)):
             continue
@@ -84,12 +94,12 @@ def implementations(kind, device, n):
                         return rlhf_fast.linear_ppo_loss(hidden, weight, labels, old, adv, w, **_kw)[0]
                 impls[f"rlhf_fast.linear_ppo_loss[{name}]{label}"] = ours
             continue
-        else:
-            def ours(hidden, weight, labels, ref_c, ref_r, _name=name):
-                with rlhf_fast.use_backend(_name):
-                    p, h = ref_c.shape[0], hidden.shape[-1]
-                    return rlhf_fast.linear_dpo_loss(hidden.view(2 * p, -1, h), weight, labels.view(2 * p, -1),
-                                                     ref_c, ref_r)[0]
+
+        def ours(hidden, weight, labels, ref_c, ref_r, _name=name):
+            with rlhf_fast.use_backend(_name):
+                p, h = ref_c.shape[0], hidden.shape[-1]
+                return rlhf_fast.linear_dpo_loss(hidden.view(2 * p, -1, h), weight, labels.view(2 * p, -1),
+                                                 ref_c, ref_r)[0]
         impls[f"rlhf_fast.linear_{kind}_loss[{name}]"] = ours
     return impls
 

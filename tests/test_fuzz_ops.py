@@ -432,9 +432,9 @@ def test_linear_ops(backend, op, b, t, h, v, dtype, with_bias, temperature, scal
                      nll_coef=0.5)
         if mode == "op":
             return rlhf_fast.linear_dpo_loss(hd, wt, labels, ref_c, ref_r, **extra, **kw)[0]
-        seq = lp.sum(-1)
-        pair = LL._dpo_pair_terms(seq[:b] - ref_c.to(f), seq[b:] - ref_r.to(f), 0.3, loss_type,
-                                  extra["label_smoothing"])[0]
+        seq, lens = lp.sum(-1), keep.sum(-1).to(f)
+        pair = LL._dpo_pair_terms(seq[:b], seq[b:], ref_c.to(f), ref_r.to(f), lens[:b], lens[b:], 0.3, loss_type,
+                                  extra["label_smoothing"], None)[0]
         return pair.mean() + 0.5 * -seq[:b].sum() / keep[:b].sum().clamp_min(1)
 
     split = lambda xs: (xs[0], xs[1], xs[2] if bias is not None else None)  # noqa: E731

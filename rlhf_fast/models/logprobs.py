@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..ops.linear_cross_entropy import linear_cross_entropy
 from ..ops.linear_logprobs import linear_logprobs
-from ..ops.linear_losses import linear_ppo_loss
+from ..ops.linear_losses import linear_dpo_loss, linear_ppo_loss
 
 # Config fields of heads that transform the logits after the lm_head GEMM (softcapping, scaling), with the value
 # that means "no transform". A model setting any other value is refused rather than given wrong log-probs.
@@ -150,6 +150,25 @@ def sequence_ppo_loss(model: nn.Module, batch, weights: Tensor, *, temperature: 
             temperature=temperature, ref_logp=pick(ref_logp), kept_threshold=pick(kept_threshold),
             seq_ids=pick(batch.seq_ids), return_logprobs=True, **loss_kwargs)
     return loss, stats, logp.new_zeros(batch.num_tokens).index_copy(0, index, logp)
+
+
+def sequence_dpo_loss(model: nn.Module, batch, ref_chosen_logp: Tensor, ref_rejected_logp: Tensor, *,
+                      nll_weights: Optional[Tensor] = None, head_dtype: str = "auto",
+                      **loss_kwargs) -> tuple[Tensor, dict, Tensor]:
+    """The DPO-family loss of a packed batch of P chosen then P rejected sequences (``rlhf_fast.data.pair_batch``) by
+    ``rlhf_fast.linear_dpo_loss`` on the target positions (gradients formed in the forward, 3 GEMMs over the
+    vocabulary, no logits kept). ref_*_logp [P]; nll_weights [N] (the RPO term's token weights; default the mean
+    over the chosen response tokens); ``loss_kwargs`` (beta, loss_type, label_smoothing, simpo_gamma, nll_coef,
+    pair_weights, temperature) as in linear_dpo_loss. -> (loss, stats, sequence log-probs [2P] float32, detached)."""
+    if batch.num_seqs != 2 * ref_chosen_logp.shape[0]:
+        raise ValueError(f"batch has {batch.num_seqs} sequences; a pair batch of P = {ref_chosen_logp.shape[0]} "
+                         "pairs (ref_chosen_logp.shape[0]) has 2P: the chosen responses, then the rejected ones")
+    hidden, weight, bias, labels, index = _scored("sequence_dpo_loss", model, batch, head_dtype)
+    nll = None if nll_weights is None else nll_weights.index_select(0, index)
+    with torch.autocast(hidden.device.type, enabled=False):  # the inputs are in the head's dtype already
+        return linear_dpo_loss(hidden, weight, labels, ref_chosen_logp, ref_rejected_logp,
+                               seq_ids=batch.seq_ids.index_select(0, index), nll_weights=nll, bias=bias,
+                               return_sequence_logps=True, **loss_kwargs)
 
 
 def sequence_cross_entropy(model: nn.Module, batch, *, weights: Optional[Tensor] = None,

@@ -217,107 +217,130 @@ linear_ppo_loss_op.register_autograd(_grad, setup_context=_setup_grads(18))
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# DPO: hidden [2P, T, H], rows 0..P-1 the chosen responses and rows P..2P-1 the rejected ones (pair i = rows i and
-# P + i, TRL's concatenated layout). A chunk holds whole pairs: rows [a, b) and [P + a, P + b).
+# DPO on packed pairs: seq_ids [N] in [0, 2P), sequence s < P the chosen response of pair s and sequence P + i the
+# rejected response of pair i (pair_batch's order). The response tokens are visited pair by pair, so that a chunk
+# holds whole pairs: each pair's d loss / d s is known once the chunk's log-probs are.
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _dpo_pair_terms(chosen_lr, rejected_lr, beta, loss_type, label_smoothing):
-    """-> per-pair (loss, d loss / d chosen_lr); d loss / d rejected_lr is its negative."""
-    diff = chosen_lr - rejected_lr
-    h = beta * diff
-    if loss_type in ("sigmoid", "robust"):
-        ls = label_smoothing
-        sig = torch.sigmoid(h)
-        if loss_type == "sigmoid":
-            loss = -(1 - ls) * torch.nn.functional.logsigmoid(h) - ls * torch.nn.functional.logsigmoid(-h)
-            dh = -(1 - ls) * (1 - sig) + ls * sig
-        else:
-            loss = (-(1 - ls) * torch.nn.functional.logsigmoid(h) + ls * torch.nn.functional.logsigmoid(-h)) \
-                / (1 - 2 * ls)
-            dh = (-(1 - ls) * (1 - sig) - ls * sig) / (1 - 2 * ls)
-        return loss, beta * dh
+def _dpo_pair_terms(s_c, s_r, ref_c, ref_r, n_c, n_r, beta, loss_type, label_smoothing, simpo_gamma):
+    """Per-pair float32 [k] terms of the DPO family (docs/formulas.md, "DPO") from the sequence log-probs s_*, the
+    reference's ref_* and the response lengths n_* -> (loss, d loss / d s_c, d loss / d s_r, r_c, r_r), the
+    implicit rewards r = beta * rho."""
+    n_c, n_r = n_c.clamp_min(1.0), n_r.clamp_min(1.0)
+    if simpo_gamma is not None:  # SimPO: no reference, length-normalised log-probs, target margin gamma
+        rho_c, rho_r, drho_c, drho_r, gamma = s_c / n_c, s_r / n_r, 1.0 / n_c, 1.0 / n_r, simpo_gamma
+    else:
+        rho_c, rho_r, drho_c, drho_r, gamma = s_c - ref_c, s_r - ref_r, 1.0, 1.0, 0.0
+    if loss_type == "ipo":  # on the length-normalised log-ratios
+        e = rho_c / n_c - rho_r / n_r - 1.0 / (2.0 * beta)
+        return e * e, 2.0 * e / n_c, -2.0 * e / n_r, beta * rho_c, beta * rho_r
+    m = beta * (rho_c - rho_r) - gamma
+    ls = label_smoothing
+    logsigmoid = torch.nn.functional.logsigmoid
     if loss_type == "hinge":
-        return torch.relu(1 - h), torch.where(h < 1, -beta, 0.0)
-    e = diff - 1 / (2 * beta)  # ipo
-    return e * e, 2 * e
+        loss, dm = torch.relu(1.0 - m), torch.where(m < 1.0, -1.0, 0.0)
+    else:
+        sig = torch.sigmoid(m)
+        if loss_type == "sigmoid":  # ls > 0: conservative DPO
+            loss, dm = -(1 - ls) * logsigmoid(m) - ls * logsigmoid(-m), -(1 - ls) * (1 - sig) + ls * sig
+        else:  # robust
+            loss = (-(1 - ls) * logsigmoid(m) + ls * logsigmoid(-m)) / (1 - 2 * ls)
+            dm = (-(1 - ls) * (1 - sig) - ls * sig) / (1 - 2 * ls)
+    return loss, beta * dm * drho_c, -beta * dm * drho_r, beta * rho_c, beta * rho_r
 
 
-def _linear_dpo_fwd(hidden, weight, bias, labels, ref_chosen, ref_rejected, temperature, ignore_index, beta,
-                    loss_type, label_smoothing, nll_coef, pairs_per_chunk, needs, backend):
-    n_rows, seq, size = hidden.shape
-    pairs, vocab = n_rows // 2, weight.shape[0]
+def _pair_chunks(counts: list[int], rows: int) -> list[tuple[int, int, int, int]]:
+    """Consecutive pairs, as many as fit ``rows`` tokens (at least one) -> [(first pair, end pair, first token,
+    end token)] in the pair-sorted token order."""
+    chunks, a, t0, t = [], 0, 0, 0
+    for i, c in enumerate(counts):
+        if t + c - t0 > rows and i > a:
+            chunks.append((a, i, t0, t))
+            a, t0 = i, t
+        t += c
+    return chunks + [(a, len(counts), t0, t)]
+
+
+def _linear_dpo_fwd(hidden, weight, bias, labels, seq_ids, ref_c, ref_r, pair_weights, nll_weights, temperature,
+                    ignore_index, beta, loss_type, label_smoothing, simpo_gamma, nll_coef, rows, needs, backend):
+    pairs, vocab, size = ref_c.shape[0], weight.shape[0], hidden.shape[1]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     need_hidden, need_weight, need_bias = needs
-    grad_hidden = torch.empty(hidden.shape, **f32) if need_hidden else hidden.new_empty(0)
-    grad_weight = torch.empty(weight.shape, **f32) if need_weight else weight.new_empty(0)
+    grad_hidden = torch.zeros(hidden.shape, **f32) if need_hidden else hidden.new_empty(0)
+    grad_weight = torch.zeros(weight.shape, **f32) if need_weight else weight.new_empty(0)
     grad_bias = torch.zeros(vocab, **f32) if need_bias else weight.new_empty(0)
-    n_chosen = (labels[:pairs] != ignore_index).sum().float()
-    nll_scale = nll_coef / n_chosen.clamp_min(1.0)
-    loss = torch.zeros((), **f32)
-    sums = torch.zeros(len(DPO_STATS), **f32)
-    for a in range(0, pairs, pairs_per_chunk):
-        b = min(a + pairs_per_chunk, pairs)
-        k = b - a
-        h = torch.cat([hidden[a:b], hidden[pairs + a:pairs + b]]).reshape(-1, size)
-        y = torch.cat([labels[a:b], labels[pairs + a:pairs + b]]).reshape(-1)
+    kept = labels != ignore_index
+    lens = torch.zeros(2 * pairs, **f32).index_add_(0, seq_ids, kept.float())
+    tokens = kept.nonzero().squeeze(1)
+    pair_of = seq_ids.index_select(0, tokens) % pairs if pairs else seq_ids[:0]
+    order = tokens.index_select(0, torch.argsort(pair_of, stable=True))
+    seq_logps = torch.zeros(2 * pairs, **f32)
+    g_seq = torch.zeros(2 * pairs, **f32)
+    nll = torch.zeros((), **f32)
+    terms = lambda a, b: _dpo_pair_terms(  # noqa: E731
+        seq_logps[a:b], seq_logps[pairs + a:pairs + b], ref_c[a:b].float(), ref_r[a:b].float(), lens[a:b],
+        lens[pairs + a:pairs + b], beta, loss_type, label_smoothing, simpo_gamma)
+    for a, b, t0, t1 in _pair_chunks(torch.bincount(pair_of, minlength=pairs).tolist(), rows):
+        if t1 == t0:
+            continue
+        idx = order[t0:t1]
+        h, y, s = hidden.index_select(0, idx), labels.index_select(0, idx), seq_ids.index_select(0, idx)
         logits = _tile_logits(h, weight, bias, 0, vocab)
         logp, ent, lse, _ = _logprobs_fwd(backend, logits, y, None, temperature, ignore_index, False)
-        seq_logp = logp.view(2 * k, seq).sum(1)
-        chosen_lr = seq_logp[:k] - ref_chosen[a:b].float()
-        rejected_lr = seq_logp[k:] - ref_rejected[a:b].float()
-        pair_loss, d_chosen = _dpo_pair_terms(chosen_lr, rejected_lr, beta, loss_type, label_smoothing)
-        nll = -seq_logp[:k].sum()
-        loss = loss + pair_loss.sum() / pairs + nll_scale * nll
-        rc, rr = beta * chosen_lr, beta * rejected_lr
-        sums = sums + torch.stack([rc.sum(), rr.sum(), (rc - rr).sum(), (rc > rr).float().sum(), nll])
+        seq_logps.index_add_(0, s, logp)
+        u = nll_weights.index_select(0, idx).float()
+        nll = nll - (u * logp).sum()
         if not any(needs):
             continue
-        g_seq = torch.cat([d_chosen / pairs - nll_scale, -d_chosen / pairs])
-        g_logp = g_seq[:, None].expand(2 * k, seq).reshape(-1)
-        zeros = torch.zeros(2 * k * seq, **f32)
+        _, g_c, g_r, _, _ = terms(a, b)
+        g_seq[a:b], g_seq[pairs + a:pairs + b] = pair_weights[a:b] * g_c, pair_weights[a:b] * g_r
+        g_logp = g_seq.index_select(0, s) - nll_coef * u
+        zeros = torch.zeros(t1 - t0, **f32)
         grad_logits = _logprobs_bwd(backend, g_logp, zeros, zeros, None, logits, y, None, lse, None, ent, temperature,
                                     ignore_index)
         del logits
         if need_hidden:
-            g = grad_hidden.new_empty(2 * k * seq, size)
+            g = grad_hidden.new_empty(t1 - t0, size)
             _gemm(g, grad_logits, weight, accumulate=False)
-            g = g.view(2 * k, seq, size)
-            grad_hidden[a:b], grad_hidden[pairs + a:pairs + b] = g[:k], g[k:]
+            grad_hidden.index_copy_(0, idx, g)
         if need_weight:
-            _gemm(grad_weight, grad_logits.t(), h, accumulate=a > 0)
+            _gemm(grad_weight, grad_logits.t(), h, accumulate=True)
         if need_bias:
             grad_bias += grad_logits.sum(0, dtype=torch.float32)
         del grad_logits
-    if pairs == 0:
-        grad_weight.zero_()
-    stats = torch.cat([sums[:4] / max(pairs, 1), (sums[4:] / n_chosen.clamp_min(1.0))])
-    return (loss, stats, grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype),
-            grad_bias.to(bias.dtype) if need_bias else grad_bias)
+    pair_loss, _, _, r_c, r_r = terms(0, pairs)
+    loss = (pair_weights.float() * pair_loss).sum() + nll_coef * nll
+    stats = torch.stack([r_c.sum(), r_r.sum(), (r_c - r_r).sum(), (r_c > r_r).float().sum()]) / max(pairs, 1)
+    return (loss, torch.cat([stats, nll[None]]), seq_logps, grad_hidden.to(hidden.dtype),
+            grad_weight.to(weight.dtype), grad_bias.to(bias.dtype) if need_bias else grad_bias)
 
 
 @torch.library.custom_op("rlhf_fast::linear_dpo_loss", mutates_args=())
 def linear_dpo_loss_op(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, ref_chosen_logp: Tensor,
-    ref_rejected_logp: Tensor, temperature: float, ignore_index: int, beta: float, loss_type: str,
-    label_smoothing: float, nll_coef: float, pairs_per_chunk: int, need_hidden: bool, need_weight: bool,
-    need_bias: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """hidden [2P, T, H] (chosen rows, then rejected rows), weight [V, H], bias [V] or None, labels [2P, T] int64,
-    ref_*_logp [P] -> (loss, stats [len(DPO_STATS)], grad_hidden, grad_weight, grad_bias)."""
-    return _linear_dpo_fwd(hidden, weight, bias, labels, ref_chosen_logp, ref_rejected_logp, temperature,
-                           ignore_index, beta, loss_type, label_smoothing, nll_coef, pairs_per_chunk,
-                           (need_hidden, need_weight, need_bias), backend)
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, seq_ids: Tensor, ref_chosen_logp: Tensor,
+    ref_rejected_logp: Tensor, pair_weights: Tensor, nll_weights: Tensor, temperature: float, ignore_index: int,
+    beta: float, loss_type: str, label_smoothing: float, simpo_gamma: Optional[float], nll_coef: float, rows: int,
+    need_hidden: bool, need_weight: bool, need_bias: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """hidden [N, H], weight [V, H], bias [V] or None, labels / seq_ids [N] int64, ref_*_logp / pair_weights [P],
+    nll_weights [N] -> (loss, stats [len(DPO_STATS)], sequence log-probs [2P] (no gradient), grad_hidden,
+    grad_weight, grad_bias)."""
+    return _linear_dpo_fwd(hidden, weight, bias, labels, seq_ids, ref_chosen_logp, ref_rejected_logp, pair_weights,
+                           nll_weights, temperature, ignore_index, beta, loss_type, label_smoothing, simpo_gamma,
+                           nll_coef, rows, (need_hidden, need_weight, need_bias), backend)
 
 
 @linear_dpo_loss_op.register_fake
-def _(hidden, weight, bias, labels, ref_chosen_logp, ref_rejected_logp, temperature, ignore_index, beta, loss_type,
-      label_smoothing, nll_coef, pairs_per_chunk, need_hidden, need_weight, need_bias, backend):
+def _(hidden, weight, bias, labels, seq_ids, ref_chosen_logp, ref_rejected_logp, pair_weights, nll_weights,
+      temperature, ignore_index, beta, loss_type, label_smoothing, simpo_gamma, nll_coef, rows, need_hidden,
+      need_weight, need_bias, backend):
     return (hidden.new_empty((), dtype=torch.float32), hidden.new_empty(len(DPO_STATS), dtype=torch.float32),
+            hidden.new_empty(2 * ref_chosen_logp.shape[0], dtype=torch.float32),
             *_fake_grads(hidden, weight, need_hidden, need_weight, need_bias))
 
 
-linear_dpo_loss_op.register_autograd(_grad, setup_context=_setup_grads(13))
+linear_dpo_loss_op.register_autograd(_grad, setup_context=_setup_grads(17))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -432,61 +455,121 @@ def linear_ppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Te
     return (loss, stats, logp.view(labels.shape)) if return_logprobs else (loss, stats)
 
 
-def linear_dpo_loss_ref(hidden, weight, labels, ref_chosen_logp, ref_rejected_logp, *, beta=0.1,
-                        loss_type="sigmoid", label_smoothing=0.0, nll_coef=0.0, bias=None, temperature=1.0,
-                        ignore_index=-100) -> Tensor:
+def dpo_pair_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
+                  chosen_lens: Tensor, rejected_lens: Tensor, *, beta: float = 0.1, loss_type: str = "sigmoid",
+                  label_smoothing: float = 0.0, simpo_gamma: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The per-pair DPO-family loss from sequence log-probs (sums over the response tokens) and response lengths,
+    all [P] (docs/formulas.md, "DPO"); differentiable. ``simpo_gamma`` not None: SimPO (the reference is ignored).
+    -> (loss [P], chosen_rewards [P], rejected_rewards [P]); the rewards beta * rho, detached."""
+    f = lambda x: torch.as_tensor(x).float()  # noqa: E731
+    loss, _, _, r_c, r_r = _dpo_pair_terms(f(chosen_logps), f(rejected_logps), f(ref_chosen_logps),
+                                           f(ref_rejected_logps), f(chosen_lens), f(rejected_lens), beta, loss_type,
+                                           label_smoothing, simpo_gamma)
+    return loss, r_c.detach(), r_r.detach()
+
+
+def linear_dpo_loss_ref(hidden, weight, labels, ref_chosen_logp, ref_rejected_logp, *, seq_ids=None, beta=0.1,
+                        loss_type="sigmoid", label_smoothing=0.0, simpo_gamma=None, nll_coef=0.0, pair_weights=None,
+                        nll_weights=None, bias=None, temperature=1.0, ignore_index=-100) -> Tensor:
     """The obvious computation (full logits, autograd): the loss only."""
     logits = hidden @ weight.T + (bias if bias is not None else 0)
-    logp = logprobs_ref(logits, labels, temperature, ignore_index)
-    pairs = hidden.shape[0] // 2
-    seq_logp = logp.sum(-1)
-    chosen_lr, rejected_lr = seq_logp[:pairs] - ref_chosen_logp.float(), seq_logp[pairs:] - ref_rejected_logp.float()
-    pair_loss = _dpo_pair_terms(chosen_lr, rejected_lr, beta, loss_type, label_smoothing)[0]
-    n_chosen = (labels[:pairs] != ignore_index).sum().clamp_min(1)
-    return pair_loss.mean() + nll_coef * -seq_logp[:pairs].sum() / n_chosen
+    logp = logprobs_ref(logits, labels, temperature, ignore_index).reshape(-1)
+    pairs = ref_chosen_logp.shape[0]
+    labels, seq_ids, pair_weights, nll_weights = _dpo_defaults(labels, seq_ids, pairs, pair_weights, nll_weights,
+                                                               ignore_index)
+    seq = logp.new_zeros(2 * pairs).index_add(0, seq_ids, logp)
+    lens = logp.new_zeros(2 * pairs).index_add(0, seq_ids, (labels != ignore_index).to(logp.dtype))
+    pair_loss = dpo_pair_loss(seq[:pairs], seq[pairs:], ref_chosen_logp, ref_rejected_logp, lens[:pairs],
+                              lens[pairs:], beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                              simpo_gamma=simpo_gamma)[0]
+    return (pair_weights * pair_loss).sum() - nll_coef * (nll_weights * logp.float()).sum()
 
 
-def dpo_pairs_per_chunk(pairs: int, seq: int, vocab: int, device: torch.device) -> int:
-    """Pairs per chunk: the chunk's 2 * pairs * seq rows of float32 logits within the chunk budget (>= 1 pair)."""
-    budget_rows = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"]) // (4 * vocab)
-    return _balanced(pairs, budget_rows // max(1, 2 * seq), 1)
+def _dpo_defaults(labels, seq_ids, pairs, pair_weights, nll_weights, ignore_index):
+    """-> labels [N], seq_ids [N] (rows of [2P, T] labels when None), pair_weights [P] (default 1/P) and
+    nll_weights [N] (default: the mean over the chosen response tokens), float32."""
+    if seq_ids is None:
+        seq_ids = torch.arange(labels.shape[0], device=labels.device).repeat_interleave(labels.shape[1])
+    labels, seq_ids = labels.reshape(-1), seq_ids.reshape(-1)
+    if pair_weights is None:
+        pair_weights = torch.full((pairs,), 1.0 / max(pairs, 1), device=labels.device)
+    if nll_weights is None:
+        chosen = ((labels != ignore_index) & (seq_ids < pairs)).float()
+        nll_weights = chosen / chosen.sum().clamp_min(1.0)
+    return labels, seq_ids, pair_weights.float(), nll_weights.reshape(-1).float()
 
 
 def linear_dpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, ref_chosen_logp: Tensor,
-                    ref_rejected_logp: Tensor, *, beta: float = 0.1, loss_type: str = "sigmoid",
-                    label_smoothing: float = 0.0, nll_coef: float = 0.0, bias: Optional[Tensor] = None,
-                    temperature: float = 1.0, ignore_index: int = -100) -> tuple[Tensor, dict]:
-    """The DPO family of pairwise losses from hidden states (formulas: docs/formulas.md, section DPO), gradients
-    formed in the forward (3 GEMMs), chunks of whole pairs.
+                    ref_rejected_logp: Tensor, *, seq_ids: Optional[Tensor] = None, beta: float = 0.1,
+                    loss_type: str = "sigmoid", label_smoothing: float = 0.0, simpo_gamma: Optional[float] = None,
+                    nll_coef: float = 0.0, pair_weights: Optional[Tensor] = None,
+                    nll_weights: Optional[Tensor] = None, bias: Optional[Tensor] = None, temperature: float = 1.0,
+                    ignore_index: int = -100, return_sequence_logps: bool = False):
+    """The DPO family of pairwise losses from hidden states (docs/formulas.md, "DPO"), gradients formed in the
+    forward (3 GEMMs), chunks of whole pairs; the [N, V] logits never exist.
 
-    Layout: hidden [2P, T, H] with rows 0..P-1 the chosen responses and rows P..2P-1 the rejected ones (pair i is
-    rows i and P + i); labels [2P, T] int64 (ignore_index on prompt and padding positions); ref_chosen_logp,
-    ref_rejected_logp [P]: the reference model's sequence log-probs (sums over the response tokens).
-    loss_type: "sigmoid" (DPO, label smoothing = conservative DPO), "robust" (robust DPO), "ipo", "hinge" (SLiC).
-    nll_coef: weight of the RPO term, the mean NLL over all chosen response tokens.
-    Returns (loss float32 scalar; stats: chosen_rewards, rejected_rewards, margins, accuracy (means over pairs),
-    nll (mean chosen-token NLL)).
+    Layout, packed: hidden [N, H], labels [N] and ``seq_ids`` [N] int64 in [0, 2P): sequence i < P is the chosen
+    response of pair i, sequence P + i its rejected response (the order of ``rlhf_fast.data.pair_batch``). Or padded,
+    ``seq_ids=None``: hidden [2P, T, H], labels [2P, T], row i chosen and row P + i rejected (TRL's concatenated
+    layout). labels: ignore_index on prompt and padding positions. ref_chosen_logp, ref_rejected_logp [P]: the
+    reference model's sequence log-probs (zeros: reference-free; ignored with simpo_gamma).
+    loss_type: "sigmoid" (DPO; label_smoothing > 0: conservative DPO), "robust" (robust DPO), "ipo" (length-
+    normalised log-ratios), "hinge" (SLiC). simpo_gamma: SimPO's target margin (length-normalised log-probs, no
+    reference; not with ipo). Loss = sum_i pair_weights_i loss_i + nll_coef * sum_t nll_weights_t (-logp_t);
+    pair_weights [P] (default 1/P), nll_weights of labels' shape (default: the mean over the chosen response tokens,
+    the RPO term). Returns (loss float32 scalar; stats: chosen_rewards, rejected_rewards, margins, accuracy (plain
+    means over the pairs), nll (sum_t nll_weights_t (-logp_t))); with ``return_sequence_logps`` also the sequences'
+    log-probs [2P] float32 (no gradient).
     """
     temperature = _checks.temperature(temperature)
     ignore_index = _checks.integer(ignore_index, "ignore_index")
     _check_inputs(hidden, weight, labels, bias, ignore_index)
-    if hidden.dim() != 3 or hidden.shape[0] % 2 != 0:
-        raise ValueError(f"hidden must be [2P, T, H] (chosen rows then rejected rows), got {tuple(hidden.shape)}")
-    pairs = hidden.shape[0] // 2
-    for x, name in ((ref_chosen_logp, "ref_chosen_logp"), (ref_rejected_logp, "ref_rejected_logp")):
-        _checks.float_tensor(x, name)
-        _checks.same_shape(x, name, (pairs,), "[P], P = hidden.shape[0] // 2")
-        _checks.same_device(x, name, hidden, "hidden")
+    pairs = ref_chosen_logp.shape[0] if isinstance(ref_chosen_logp, Tensor) and ref_chosen_logp.dim() == 1 else -1
+    if seq_ids is None:
+        if hidden.dim() != 3 or hidden.shape[0] % 2 != 0:
+            raise ValueError("without seq_ids, hidden must be [2P, T, H] (chosen rows then rejected rows), got "
+                             f"{tuple(hidden.shape)}")
+        pairs = hidden.shape[0] // 2
+    else:
+        if hidden.dim() != 2:
+            raise ValueError(f"with seq_ids, hidden must be packed [N, H], got {tuple(hidden.shape)}")
+        _checks.tensor(seq_ids, "seq_ids")
+        if seq_ids.dtype != torch.int64:
+            raise TypeError(f"seq_ids must be int64 (torch.long), got {seq_ids.dtype}")
+        _checks.same_shape(seq_ids, "seq_ids", labels.shape, "labels.shape")
+        _checks.same_device(seq_ids, "seq_ids", labels, "labels")
+        if pairs >= 0 and seq_ids.numel() and not torch.compiler.is_compiling():
+            low, high = int(seq_ids.min()), int(seq_ids.max())
+            if low < 0 or high >= 2 * pairs:
+                raise ValueError(f"seq_ids must be in [0, 2P) = [0, {2 * pairs}) (P = ref_chosen_logp.shape[0]), "
+                                 f"got values in [{low}, {high}]")
+    for x, name in ((ref_chosen_logp, "ref_chosen_logp"), (ref_rejected_logp, "ref_rejected_logp"),
+                    (pair_weights, "pair_weights")):
+        if x is not None or name != "pair_weights":
+            _checks.float_tensor(x, name)
+            _checks.same_shape(x, name, (max(pairs, 0),), "[P]")
+            _checks.same_device(x, name, hidden, "hidden")
+    if nll_weights is not None:
+        _check_vector(nll_weights, "nll_weights", labels)
     beta = _checks.positive_number(beta, "beta")
     loss_type = _checks.choice(loss_type, "loss_type", DPO_LOSS_TYPES)
     label_smoothing = float(label_smoothing)
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if simpo_gamma is not None:
+        simpo_gamma = float(simpo_gamma)
+        if loss_type == "ipo":
+            raise ValueError("simpo_gamma needs loss_type sigmoid, robust or hinge (ipo has its own margin)")
     nll_coef = float(nll_coef)
+    labels, seq_ids, pair_weights, nll_weights = _dpo_defaults(labels, seq_ids, pairs, pair_weights, nll_weights,
+                                                               ignore_index)
     backend = _backend.select("linear_dpo_loss", LINEAR_LOGPROBS_BACKENDS, hidden.device)
-    per_chunk = dpo_pairs_per_chunk(pairs, hidden.shape[1], weight.shape[0], hidden.device)
-    loss, stats, *_ = linear_dpo_loss_op(
-        hidden.contiguous(), weight, bias, labels.contiguous(), _flat(ref_chosen_logp), _flat(ref_rejected_logp),
-        temperature, ignore_index, beta, loss_type, label_smoothing, nll_coef, per_chunk,
-        *_needs(hidden, weight, bias), backend)
-    return loss, dict(zip(DPO_STATS, stats.unbind()))
+    rows_2d = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    rows = max(1, CHUNK_BYTES.get(hidden.device.type, CHUNK_BYTES["cuda"]) // (4 * weight.shape[0]))
+    loss, stats, seq_logps, *_ = linear_dpo_loss_op(
+        rows_2d, weight, bias, labels.contiguous(), seq_ids.contiguous(), _flat(ref_chosen_logp),
+        _flat(ref_rejected_logp), pair_weights.detach().contiguous(), nll_weights.detach().contiguous(), temperature,
+        ignore_index, beta, loss_type, label_smoothing, simpo_gamma, nll_coef, rows, *_needs(hidden, weight, bias),
+        backend)
+    stats = dict(zip(DPO_STATS, stats.unbind()))
+    return (loss, stats, seq_logps) if return_sequence_logps else (loss, stats)

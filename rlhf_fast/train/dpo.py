@@ -1,7 +1,7 @@
 """Direct preference optimisation and its family (IPO, SLiC hinge, conservative and robust DPO, RPO, SimPO) on
-packed (prompt, chosen, rejected) pairs, from the sequence log-probs of the fused hidden-state path
-(``sequence_logprobs``: decoder hidden states -> ``linear_logprobs`` on the response tokens only, no [N, V]
-logits). Formulas: docs/formulas.md, section "DPO trainer".
+packed (prompt, chosen, rejected) pairs, by the fused hidden-state loss (``sequence_dpo_loss``: decoder hidden
+states -> ``linear_dpo_loss`` on the response tokens only, gradients formed in the forward, no [N, V] logits).
+Formulas: docs/formulas.md, sections "DPO" and "DPO trainer".
 
     rlhf-fast dpo [--config dpo.yaml] [--model SFT_DIR] [--data pairs.jsonl] [--out DIR] [key=value ...]
 
@@ -24,14 +24,13 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..data import pair_batch, read_jsonl, task, warn_truncation
-from ..models import disable_dropout, load_causal_lm, load_tokenizer, sequence_logprobs
+from ..models import disable_dropout, load_causal_lm, load_tokenizer, sequence_dpo_loss, sequence_logprobs
+from ..ops.linear_losses import DPO_LOSS_TYPES
 from . import common, distributed
 
-LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
 REF_LOGPS = ("precompute", "live")
 REF_CACHE = "ref_logps.pt"
 
@@ -65,8 +64,8 @@ class DPOConfig(common.RunConfig):
         def bad(field: str, must: str):
             raise common.ConfigError(f"{prefix}{field}={getattr(self, field)!r}: must be {must}")
 
-        if self.loss_type not in LOSS_TYPES:
-            bad("loss_type", "one of " + ", ".join(LOSS_TYPES))
+        if self.loss_type not in DPO_LOSS_TYPES:
+            bad("loss_type", "one of " + ", ".join(DPO_LOSS_TYPES))
         if self.ref_logps not in REF_LOGPS:
             bad("ref_logps", "one of " + ", ".join(REF_LOGPS))
         if not (math.isfinite(self.beta) and self.beta > 0):
@@ -86,87 +85,37 @@ class DPOConfig(common.RunConfig):
         return not (self.reference_free or self.simpo)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The math: pure functions of per-sequence log-probs [P]
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def dpo_pair_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
-                  chosen_lens: Tensor, rejected_lens: Tensor, *, beta: float = 0.1, loss_type: str = "sigmoid",
-                  label_smoothing: float = 0.0, simpo_gamma: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-pair DPO-family loss from sequence log-probs (sums over the response tokens), all [P] float32.
-
-    ``simpo_gamma`` not None: SimPO (the reference is ignored; length-normalised log-probs; margin gamma).
-    -> (loss [P], chosen_rewards [P], rejected_rewards [P]); the rewards are beta times the log-ratios (SimPO: beta
-    times the length-normalised log-probs), detached."""
-    n_c, n_r = chosen_lens.clamp_min(1.0), rejected_lens.clamp_min(1.0)
-    if simpo_gamma is not None:
-        rho_c, rho_r = chosen_logps / n_c, rejected_logps / n_r
-        margin = beta * (rho_c - rho_r) - simpo_gamma
-    else:
-        rho_c, rho_r = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
-        margin = beta * (rho_c - rho_r)
-    eps = label_smoothing
-    if loss_type == "sigmoid":  # eps > 0: conservative DPO
-        loss = -(1 - eps) * F.logsigmoid(margin) - eps * F.logsigmoid(-margin)
-    elif loss_type == "robust":
-        loss = (-(1 - eps) * F.logsigmoid(margin) + eps * F.logsigmoid(-margin)) / (1 - 2 * eps)
-    elif loss_type == "hinge":
-        loss = torch.relu(1 - margin)
-    elif loss_type == "ipo":  # length-normalised log-ratios, as TRL (and the IPO authors' experiments)
-        loss = (rho_c / n_c - rho_r / n_r - 1 / (2 * beta)) ** 2
-    else:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    return loss, (beta * rho_c).detach(), (beta * rho_r).detach()
-
-
-def sequence_logps(logp: Tensor, batch) -> tuple[Tensor, Tensor]:
-    """Per-token log-probs [N] (0 off the targets) -> (their sum over each sequence [S], its number of targets [S])."""
-    seq = batch.seq_ids
-    sums = logp.new_zeros(batch.num_seqs).index_add(0, seq, logp)
-    lens = logp.new_zeros(batch.num_seqs).index_add(0, seq, batch.mask.float())
-    return sums, lens
-
-
 def chosen_token_mask(batch) -> Tensor:
     """[N] bool: the target tokens of the chosen half (the first P sequences) of a ``pair_batch``."""
     return batch.mask & (batch.seq_ids < batch.num_seqs // 2)
 
 
 def dpo_loss(model, batch, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor, pair_weights: Tensor, cfg: DPOConfig,
-             nll_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+             nll_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor], Tensor]:
     """The training objective of a packed batch of P chosen then P rejected sequences (``pair_batch``):
-    sum_i w_i loss_i + rpo_alpha * sum_t u_t * -logp_t over the chosen response tokens (RPO).
+    sum_i w_i loss_i + rpo_alpha * sum_t u_t * -logp_t over the chosen response tokens (RPO), by
+    ``sequence_dpo_loss`` (the fused hidden-state ``linear_dpo_loss``: no logits, 3 GEMMs over the vocabulary).
 
     pair_weights [P] (1/P on one process); nll_weights [N] (default: the token mean over the chosen response tokens
     of this batch); ref_*_logps [P] (ignored without a reference: reference_free / simpo).
-    -> (loss float32 scalar; per-pair stats [P]: chosen_rewards, rejected_rewards, logratio (the sum over the pair's
-    two responses of policy - reference log-probs), tokens (their number of tokens); nll, a scalar)."""
-    logp = sequence_logprobs(model, batch)  # [N]: the fused head on the response tokens only
-    logps, lens = sequence_logps(logp, batch)
-    (s_c, s_r), (n_c, n_r) = logps.chunk(2), lens.chunk(2)
+    -> (loss float32 scalar; stats: the means over this batch's pairs chosen_rewards, rejected_rewards, margins,
+    accuracy, and nll; the sequences' log-probs [2P], detached)."""
     if not cfg.uses_reference:
-        ref_chosen_logps, ref_rejected_logps = torch.zeros_like(s_c), torch.zeros_like(s_r)
-    per_pair, r_c, r_r = dpo_pair_loss(s_c, s_r, ref_chosen_logps, ref_rejected_logps, n_c, n_r, beta=cfg.beta,
-                                       loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
-                                       simpo_gamma=cfg.simpo_gamma if cfg.simpo else None)
-    if nll_weights is None:
-        m = chosen_token_mask(batch).float()
-        nll_weights = m / m.sum().clamp_min(1.0)
-    nll = -(nll_weights * logp).sum()
-    loss = (pair_weights * per_pair).sum() + cfg.rpo_alpha * nll if cfg.rpo_alpha else (pair_weights * per_pair).sum()
-    stats = {"chosen_rewards": r_c, "rejected_rewards": r_r, "tokens": (n_c + n_r).detach(),
-             "logratio": (s_c - ref_chosen_logps + s_r - ref_rejected_logps).detach(), "nll": nll.detach()}
-    return loss, stats
+        ref_chosen_logps = ref_rejected_logps = torch.zeros_like(pair_weights)
+    return sequence_dpo_loss(model, batch, ref_chosen_logps, ref_rejected_logps, pair_weights=pair_weights,
+                             nll_weights=nll_weights, beta=cfg.beta, loss_type=cfg.loss_type,
+                             label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma if cfg.simpo else None,
+                             nll_coef=cfg.rpo_alpha)
+
+
+def _sequence_logp_sums(model, batch) -> Tensor:
+    logp = sequence_logprobs(model, batch)
+    return logp.new_zeros(batch.num_seqs).index_add(0, batch.seq_ids, logp)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The trainer
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _sequence_logp_sums(model, batch) -> Tensor:
-    return sequence_logps(sequence_logprobs(model, batch), batch)[0]
 
 
 class DPOTrainer(common.EpochTrainer):
@@ -235,14 +184,14 @@ class DPOTrainer(common.EpochTrainer):
             # means over the global batch: one weight per pair, and the token mean of the chosen responses (RPO)
             pair_weights = distributed.global_weights(torch.ones(P, 1, device=self.device)).squeeze(1)
             nll_weights = distributed.global_weights(chosen_token_mask(batch))
-            loss, st = self.model(dpo_loss, batch, ref_c, ref_r, pair_weights, cfg, nll_weights)
+            loss, st, seq_logps = self.model(dpo_loss, batch, ref_c, ref_r, pair_weights, cfg, nll_weights)
         common.optimizer_step(loss, self.model, self.opt, cfg.grad_clip, self.sched)
-        r_c, r_r = st["chosen_rewards"], st["rejected_rewards"]
         n = distributed.world_size()
+        logratio = seq_logps[:P] - ref_c + seq_logps[P:] - ref_r
         sums = distributed.reduce_floats({
-            "loss": loss.item() / n, "nll": st["nll"].item() / n, "pairs": P, "chosen": r_c.sum().item(),
-            "rejected": r_r.sum().item(), "correct": (r_c > r_r).float().sum().item(),
-            "logratio": st["logratio"].sum().item(), "tokens": st["tokens"].sum().item()})
+            "loss": loss.item() / n, "nll": st["nll"].item() / n, "pairs": P, "chosen": st["chosen_rewards"].item() * P,
+            "rejected": st["rejected_rewards"].item() * P, "correct": st["accuracy"].item() * P,
+            "logratio": logratio.sum().item(), "tokens": batch.mask.sum().item()})
         out = {"loss": sums["loss"], "rewards/chosen": sums["chosen"] / sums["pairs"],
                "rewards/rejected": sums["rejected"] / sums["pairs"],
                "margins": (sums["chosen"] - sums["rejected"]) / sums["pairs"],
