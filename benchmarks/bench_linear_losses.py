@@ -1,7 +1,8 @@
 """Fused hidden-state losses: rlhf_fast.linear_ppo_loss / linear_dpo_loss vs the 3-GEMM floor, the eager composite
-(`hidden @ W.T` -> log_softmax -> gather -> loss, autograd) and torch.compile of it; DPO also the per-token
-linear_logprobs (4 GEMMs) followed by the formula. (No Liger rows yet: its fused-linear GRPO/DPO losses are not
-installed here.)
+(`hidden @ W.T` -> log_softmax -> gather -> loss, autograd) and torch.compile of it; PPO also with
+ratio_level="sequence" (GSPO, sequences of 256 tokens) and loss_type="cispo", against the token-level PPO-clip of
+the same backend; DPO also the per-token linear_logprobs (4 GEMMs) followed by the formula. (No Liger rows yet: its
+fused-linear GRPO/DPO losses are not installed here.)
 
 python benchmarks/bench_linear_losses.py [--device cpu|cuda] [--quick] [--reps N] [--shape N,H,V] [--dtype fp32]
                                         [--loss ppo|dpo|both] [--json out.json]
@@ -70,7 +71,15 @@ def make(kind, n, h, v, dtype, device):
     return hidden[:2 * pairs * seq], weight, labels[:2 * pairs * seq], ref[0], ref[1]
 
 
-def implementations(kind, device):
+def ppo_variants(n, device):
+    """linear_ppo_loss options of the PPO rows: token-level PPO-clip, GSPO's sequence ratio (sequences of 256
+    tokens, chunks of whole sequences), CISPO."""
+    seq_ids = torch.arange(n, device=device) // 256
+    return {"": {}, " ratio_level=sequence": dict(ratio_level="sequence", seq_ids=seq_ids),
+            " loss_type=cispo": dict(loss_type="cispo", clip_high=5.0)}
+
+
+def implementations(kind, device, n):
     eager = ppo_eager if kind == "ppo" else dpo_eager
     impls = {"3-GEMM floor": floor, "eager composite": eager, "torch.compile(composite)": torch.compile(eager)}
     if kind == "dpo":
@@ -79,15 +88,18 @@ def implementations(kind, device):
         if name == "torch" or not (_backend.built(name) and _backend.runs_on(name, device)):
             continue
         if kind == "ppo":
-            def ours(hidden, weight, labels, old, adv, w, _name=name):
-                with rlhf_fast.use_backend(_name):
-                    return rlhf_fast.linear_ppo_loss(hidden, weight, labels, old, adv, w)[0]
-        else:
-            def ours(hidden, weight, labels, ref_c, ref_r, _name=name):
-                with rlhf_fast.use_backend(_name):
-                    p, h = ref_c.shape[0], hidden.shape[-1]
-                    return rlhf_fast.linear_dpo_loss(hidden.view(2 * p, -1, h), weight, labels.view(2 * p, -1),
-                                                     ref_c, ref_r)[0]
+            for label, kw in ppo_variants(n, device).items():
+                def ours(hidden, weight, labels, old, adv, w, _name=name, _kw=kw):
+                    with rlhf_fast.use_backend(_name):
+                        return rlhf_fast.linear_ppo_loss(hidden, weight, labels, old, adv, w, **_kw)[0]
+                impls[f"rlhf_fast.linear_ppo_loss[{name}]{label}"] = ours
+            continue
+
+        def ours(hidden, weight, labels, ref_c, ref_r, _name=name):
+            with rlhf_fast.use_backend(_name):
+                p, h = ref_c.shape[0], hidden.shape[-1]
+                return rlhf_fast.linear_dpo_loss(hidden.view(2 * p, -1, h), weight, labels.view(2 * p, -1),
+                                                 ref_c, ref_r)[0]
         impls[f"rlhf_fast.linear_{kind}_loss[{name}]"] = ours
     return impls
 
@@ -114,7 +126,7 @@ def main():
     kinds = ["ppo", "dpo"] if args.loss == "both" else [args.loss]
     for kind in kinds:
         inputs = make(kind, n, h, v, DTYPES[args.dtype], device)
-        impls = implementations(kind, device)
+        impls = implementations(kind, device, inputs[0].shape[0])
         runs = {name: runner(fn, inputs) for name, fn in impls.items()}
         for run in runs.values():  # warm-up, compile
             run()
@@ -131,6 +143,10 @@ def main():
         rows = [{"impl": name, "ms": med[name], "x floor": med[name] / med["3-GEMM floor"],
                  "eager / this": med["eager composite"] / med[name], "peak extra MiB": mem[name],
                  "mem / eager": mem[name] / max(mem["eager composite"], 1e-9)} for name in runs]
+        for row in rows:  # the PPO variants against the token-level PPO-clip of the same backend
+            base = row["impl"].split(" ")[0]
+            if kind == "ppo" and base != row["impl"] and base in med:
+                row["impl"] += f" ({med[row['impl']] / med[base]:.2f}x token ppo)"
         report(f"{kind} loss fwd+bwd, N={inputs[0].shape[0]} H={h} V={v} {args.dtype} (interleaved, medians of "
                f"{args.reps}; shared machine)", rows, args, device)
 

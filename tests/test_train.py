@@ -6,6 +6,7 @@ SIGKILL."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import rlhf_fast
 from rlhf_fast.batch import TokenBatch
 from rlhf_fast.data import DataError, pair_batch, read_jsonl, sft_batch, warn_truncation
 from rlhf_fast.data.embedded import build_tokenizer, save_tiny_default
-from rlhf_fast.models import ScalarHeadModel, load_causal_lm, load_tokenizer, sequence_logprobs
+from rlhf_fast.models import ScalarHeadModel, load_causal_lm, load_tokenizer, sequence_logprobs, sequence_ppo_loss
 from rlhf_fast.ops.ppo_loss import ppo_loss_from_logits_ref
 from rlhf_fast.train import checkpoint, common
 from rlhf_fast.train.pipeline import PipelineConfig, run_pipeline
@@ -268,6 +269,40 @@ def test_first_on_policy_minibatch_has_ratio_one(tmp_path, kind):
     stats = trainer.learn(trainer.score(*trainer.rollout(trainer.prompts(0)))[0])
     assert stats["approx_kl"] < 1e-6 and stats["clip_frac"] == 0.0
     assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("loss_type, ratio_level, clip_high", [("sapo", "sequence", None), ("cispo", "token", 1.1)])
+def test_ppo_loss_types_route_to_the_fused_objective(tmp_path, loss_type, ratio_level, clip_high):
+    """PPOConfig's loss_type / ratio_level reach learn's objective: sequence_ppo_loss equals ppo_objective on
+    sequence_logprobs with the batch's sequences."""
+    policy, rm = tiny_policy_and_rm(str(tmp_path), "llama")
+    cfg = PPOConfig(model=policy, reward_models=[rm], out=str(tmp_path / "ppo"), iterations=1, epochs=1,
+                    batch_size=4, minibatch_size=4, max_new_tokens=6, max_prompt_len=16, eval_prompts=0,
+                    progress=False, loss_type=loss_type, ratio_level=ratio_level, clip_high=clip_high)
+    trainer = PPOTrainer(cfg)
+    batch, _ = trainer.score(*trainer.rollout(trainer.prompts(0)))
+    batch.advantages = torch.randn(batch.num_tokens, generator=torch.Generator().manual_seed(0)) * batch.mask
+    batch.old_logp = batch.old_logp + 0.3 * batch.advantages.sin() * batch.mask
+    w = rlhf_fast.loss_weights(batch.mask, "token-mean")
+    model = trainer.policy.module
+    kw = dict(loss_type=loss_type, ratio_level=ratio_level, clip_high=clip_high)
+    loss, stats, _ = sequence_ppo_loss(model, batch, w, **kw)
+    logp = sequence_logprobs(model, batch)
+    expected, expected_stats = rlhf_fast.ppo_objective(logp, batch.old_logp, batch.advantages, w,
+                                                       seq_ids=batch.seq_ids, **kw)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats["ratio_mean"], expected_stats["ratio_mean"], rtol=1e-5, atol=1e-6)
+    assert math.isfinite(trainer.learn(batch)["policy_loss"])
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(loss_type="gspo"), "loss_type='gspo'"),
+                                           (dict(ratio_level="group"), "ratio_level='group'"),
+                                           (dict(loss_type="cispo"), "needs clip_high"),
+                                           (dict(loss_type="vespo", ratio_level="sequence"), "must be 'token'"),
+                                           (dict(loss_type="sapo", dual_clip=3.0), "dual_clip is for")])
+def test_ppo_config_loss_type_validation(kwargs, match):
+    with pytest.raises(common.ConfigError, match=match):
+        PPOConfig(model="x", **kwargs).validate("ppo.")
 
 
 def response_rows(batch: TokenBatch, x: torch.Tensor) -> torch.Tensor:

@@ -138,16 +138,17 @@ def sequence_ppo_loss(model: nn.Module, batch, weights: Tensor, *, temperature: 
     """The PPO / GRPO objective of a packed rollout ``TokenBatch`` (its ``old_logp`` and ``advantages``) with per-token
     loss ``weights`` [N], by ``rlhf_fast.linear_ppo_loss`` on the target positions (gradients formed in the forward,
     3 GEMMs over the vocabulary, no logits kept): the value of ``ppo_objective`` on ``sequence_logprobs``.
-    ref_logp [N] and ``loss_kwargs`` (clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef) as in
-    linear_ppo_loss; kept_threshold and head_dtype as in ``sequence_logprobs``. -> (loss, stats, logp [N] float32,
-    detached, 0 off the targets)."""
+    ref_logp [N] and ``loss_kwargs`` (clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef, loss_type,
+    ratio_level, sapo_tau, vespo_k, vespo_lambda) as in linear_ppo_loss, a sequence's ratio over the batch's
+    sequences (``batch.seq_ids``); kept_threshold and head_dtype as in ``sequence_logprobs``. -> (loss, stats,
+    logp [N] float32, detached, 0 off the targets)."""
     hidden, weight, bias, labels, index = _scored("sequence_ppo_loss", model, batch, head_dtype)
     pick = lambda x: None if x is None else x.index_select(0, index)  # noqa: E731
     with torch.autocast(hidden.device.type, enabled=False):  # the inputs are in the head's dtype already
         loss, stats, logp = linear_ppo_loss(
             hidden, weight, labels, pick(batch.old_logp), pick(batch.advantages), pick(weights), bias=bias,
             temperature=temperature, ref_logp=pick(ref_logp), kept_threshold=pick(kept_threshold),
-            return_logprobs=True, **loss_kwargs)
+            seq_ids=pick(batch.seq_ids), return_logprobs=True, **loss_kwargs)
     return loss, stats, logp.new_zeros(batch.num_tokens).index_copy(0, index, logp)
 
 

@@ -18,10 +18,15 @@ kept_threshold, logp_t is renormalised over the sampler's kept set, docs/formula
   loss = sum_t w_t (pol_t + kl_coef k(logp_t, ref_t) - entropy_coef H_t), over kept tokens (w_t != 0 and label
   != ignore_index); a token not kept contributes exactly 0 and gets 0 gradient, whatever old_logp / advantages /
   ref_logp / weights hold there (NaN included).
+  pol_t of loss_type "cispo", "sapo", "vespo", and the sequence ratio of ratio_level="sequence" (GSPO): ppo_objective's
+  per-token terms (ppo_loss._variant_terms, which give d pol / d logp and d pol / d log_ratio). With a sequence's
+  ratio, d loss / d logp_t depends on t's whole sequence, so a chunk holds whole sequences: per chunk logp, then each
+  sequence's mean (or vespo's sum) of logp - old_logp, then the gradient, still 3 GEMMs.
 """
 
 from __future__ import annotations
 
+import bisect
 from typing import Optional
 
 import torch
@@ -31,7 +36,8 @@ from .. import _backend
 from . import _checks
 from .linear_cross_entropy import CHUNK_BYTES, chunk_rows
 from .linear_logprobs import LINEAR_LOGPROBS_BACKENDS, _balanced, _check_inputs, _gemm, _tile_logits
-from .ppo_loss import _kl_dlogp, _policy_terms
+from .ppo_loss import (_kl_dlogp, _policy_variant, _sequence_log_ratio, _variant_log_ratio,
+                       _variant_terms, ppo_objective)
 from .token_logprobs import (_kept_threshold, _logprobs_bwd, _logprobs_fwd, entropy_ref, kept_logprobs_ref,
                              kl_penalty_ref, logprobs_ref)
 
@@ -44,27 +50,58 @@ DPO_STATS = ("chosen_rewards", "rejected_rewards", "margins", "accuracy", "nll")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Per-token PPO terms (float32 [n]; the caller masks).
+# PPO: per-token terms of ppo_objective (float32 [n]; the caller masks) and the chunked forward. With a
+# sequence-level ratio a chunk holds whole sequences (contiguous runs of seq_ids).
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _ppo_terms(logp, entropy, old_logp, adv, ref_logp, clip_low, clip_high, dual_clip, kl_coef, kl_kind,
-               entropy_coef):
-    """-> per-token (loss, d loss / d logp, ratio, log_ratio, clipped, dual, kl): ppo_objective's terms."""
-    loss, dlogp, ratio, clipped, dual = _policy_terms(logp, old_logp, adv, clip_low, clip_high, dual_clip)
+def _ppo_terms(logp, entropy, old_logp, adv, ref_logp, keep, seq_ids, w, clip_low, clip_high, dual_clip, kl_coef,
+               kl_kind, entropy_coef, loss_type, ratio_level, params):
+    """-> per-token (loss, d (sum_t w_t loss_t) / d logp_t, ratio, clipped, dual, kl): ppo_objective's terms
+    (``_variant_terms``) on the ratio of ``loss_type`` / ``ratio_level``; seq_ids: the tokens' sequences (whole
+    sequences) when the ratio is a sequence's."""
+    log_ratio = _variant_log_ratio(logp, old_logp, keep, seq_ids, loss_type, ratio_level)
+    loss, dlogp, dlr, ratio, clipped, dual = _variant_terms(logp, old_logp, log_ratio, adv, loss_type, clip_low,
+                                                            clip_high, dual_clip, params)
+    if log_ratio is None:  # the token's own ratio: its gradient is logp's
+        g_logp = w * (dlogp + dlr)
+    elif ratio_level == "sequence":  # GSPO: d log_ratio_s / d logp_t = 1 / n_seq for t in s's sequence
+        g_logp = w * dlogp + _sequence_log_ratio(w * dlr, torch.zeros_like(w), keep, seq_ids, "mean")
+    else:  # vespo: the sequence weight is a constant
+        g_logp = w * dlogp
     kl = torch.zeros_like(loss)
     if ref_logp is not None:
         kl = kl_penalty_ref(logp, ref_logp, kl_kind)
         loss = loss + kl_coef * kl
-        dlogp = dlogp + kl_coef * _kl_dlogp(logp, ref_logp, kl_kind)
-    loss = loss - entropy_coef * entropy
-    return loss, dlogp, ratio, logp - old_logp, clipped, dual, kl
+        g_logp = g_logp + w * kl_coef * _kl_dlogp(logp, ref_logp, kl_kind)
+    return loss - entropy_coef * entropy, g_logp, ratio, clipped, dual, kl
+
+
+def _ppo_chunks(n: int, rows: int, seq_ids: Optional[Tensor]) -> list[tuple[int, int]]:
+    """Row ranges of the chunks: ``rows`` each, or (seq_ids given) whole sequences, as many as fit ``rows`` (a
+    longer sequence alone). seq_ids must be contiguous: ValueError otherwise (one host read)."""
+    if seq_ids is None:
+        return [(a, min(a + rows, n)) for a in range(0, n, rows)]
+    if n == 0:
+        return []
+    ends = ((seq_ids[1:] != seq_ids[:-1]).nonzero().flatten() + 1).tolist() + [n]
+    if len(ends) != torch.unique(seq_ids).numel():
+        raise ValueError("seq_ids must be contiguous: the tokens of each sequence one run of the packed layout "
+                         "(a sequence id recurs after another sequence's tokens)")
+    chunks, a = [], 0
+    while a < n:
+        e = ends[bisect.bisect_right(ends, a + rows) - 1]
+        e = e if e > a else ends[bisect.bisect_right(ends, a)]
+        chunks.append((a, e))
+        a = e
+    return chunks
 
 
 def _linear_ppo_fwd(hidden, weight, bias, labels, old_logp, advantages, weights, ref_logp, kept_threshold, temperature,
                     ignore_index, clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef, rows, needs,
-                    backend):
+                    backend, seq_ids, loss_type, ratio_level, loss_params):
     n, vocab = hidden.shape[0], weight.shape[0]
+    chunks = _ppo_chunks(n, rows, seq_ids)  # validates seq_ids before any kernel
     f32 = dict(dtype=torch.float32, device=hidden.device)
     need_hidden, need_weight, need_bias = needs
     grad_hidden = torch.empty(hidden.shape, **f32) if need_hidden else hidden.new_empty(0)
@@ -74,9 +111,8 @@ def _linear_ppo_fwd(hidden, weight, bias, labels, old_logp, advantages, weights,
     loss = torch.zeros((), **f32)
     logps = torch.empty(n, **f32)
     sums = torch.zeros(len(PPO_STATS), **f32)  # ratio_max in slot 4 is a max
-    zeros = torch.zeros(min(rows, n), **f32)
-    for start in range(0, n, rows):
-        end = min(start + rows, n)
+    zeros = torch.zeros(max((e - a for a, e in chunks), default=0), **f32)
+    for start, end in chunks:
         h, y, keep = hidden[start:end], labels[start:end], keep_all[start:end]
         logits = _tile_logits(h, weight, bias, 0, vocab)
         thr = None if kept_threshold is None else kept_threshold[start:end]
@@ -84,12 +120,13 @@ def _linear_ppo_fwd(hidden, weight, bias, labels, old_logp, advantages, weights,
         logps[start:end] = logp
         # masked tokens: zeros, so that no NaN reaches a sum or a gradient
         z = lambda x: torch.where(keep, x.float(), 0.0)  # noqa: E731
-        w = z(weights[start:end])
-        tok, dlogp, ratio, log_ratio, clipped, dual, kl = _ppo_terms(
-            z(logp), z(ent), z(old_logp[start:end]), z(advantages[start:end]),
-            None if ref_logp is None else z(ref_logp[start:end]), clip_low, clip_high, dual_clip, kl_coef, kl_kind,
-            entropy_coef)
+        w, old = z(weights[start:end]), z(old_logp[start:end])
+        tok, g_logp, ratio, clipped, dual, kl = _ppo_terms(
+            z(logp), z(ent), old, z(advantages[start:end]), None if ref_logp is None else z(ref_logp[start:end]),
+            keep, None if seq_ids is None else seq_ids[start:end], w, clip_low, clip_high, dual_clip, kl_coef,
+            kl_kind, entropy_coef, loss_type, ratio_level, loss_params)
         loss = loss + torch.where(keep, w * tok, 0.0).sum()
+        log_ratio = z(logp) - old
         approx_kl = torch.expm1(log_ratio.clamp(-20.0, 20.0)) - log_ratio.clamp(-20.0, 20.0)
         km = keep.float()
         chunk = torch.stack([(clipped.float() * km).sum(), (dual.float() * km).sum(),
@@ -98,7 +135,7 @@ def _linear_ppo_fwd(hidden, weight, bias, labels, old_logp, advantages, weights,
         sums = torch.cat([sums[:4] + chunk[:4], torch.maximum(sums[4:5], chunk[4:5]), sums[5:] + chunk[5:]])
         if not any(needs):
             continue
-        g_logp = torch.where(keep, w * dlogp, 0.0)
+        g_logp = torch.where(keep, g_logp, 0.0)
         g_ent = torch.where(keep, -entropy_coef * w, 0.0)
         no_grad = zeros[:end - start]
         grad_logits = _logprobs_bwd(backend, g_logp, g_ent, no_grad, None if thr is None else no_grad, logits, y, thr,
@@ -126,15 +163,19 @@ def linear_ppo_loss_op(
     weights: Tensor, ref_logp: Optional[Tensor], kept_threshold: Optional[Tensor], temperature: float,
     ignore_index: int, clip_low: float, clip_high: float, dual_clip: Optional[float], kl_coef: float, kl_kind: str,
     entropy_coef: float, rows: int, need_hidden: bool, need_weight: bool, need_bias: bool, backend: str,
+    seq_ids: Optional[Tensor] = None, loss_type: str = "ppo", ratio_level: str = "token",
+    loss_params: Optional[list[float]] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """hidden [N, H], weight [V, H], bias [V] or None (one float dtype), labels [N] int64, old_logp / advantages /
     weights / ref_logp [N], kept_threshold float32 [N] or None -> (loss float32 scalar, stats float32
     [len(PPO_STATS)], logp float32 [N] (0 where the label is ignore_index; no gradient), grad_hidden [N, H],
     grad_weight [V, H], grad_bias [V] of the loss in the input dtype, each one
-    not needed an empty tensor [0])."""
+    not needed an empty tensor [0]). seq_ids int [N] (contiguous runs) when the ratio is a sequence's
+    (ratio_level="sequence" or loss_type="vespo"), else None; loss_params those of ``_variant_terms``."""
     return _linear_ppo_fwd(hidden, weight, bias, labels, old_logp, advantages, weights, ref_logp, kept_threshold,
                            temperature, ignore_index, clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef,
-                           rows, (need_hidden, need_weight, need_bias), backend)
+                           rows, (need_hidden, need_weight, need_bias), backend, seq_ids, loss_type, ratio_level,
+                           loss_params)
 
 
 def _fake_grads(hidden, weight, need_hidden, need_weight, need_bias):
@@ -146,7 +187,7 @@ def _fake_grads(hidden, weight, need_hidden, need_weight, need_bias):
 @linear_ppo_loss_op.register_fake
 def _(hidden, weight, bias, labels, old_logp, advantages, weights, ref_logp, kept_threshold, temperature, ignore_index,
       clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef, rows, need_hidden, need_weight, need_bias,
-      backend):
+      backend, seq_ids=None, loss_type="ppo", ratio_level="token", loss_params=None):
     return (hidden.new_empty((), dtype=torch.float32), hidden.new_empty(len(PPO_STATS), dtype=torch.float32),
             hidden.new_empty(hidden.shape[0], dtype=torch.float32),
             *_fake_grads(hidden, weight, need_hidden, need_weight, need_bias))
@@ -308,21 +349,16 @@ linear_dpo_loss_op.register_autograd(_grad, setup_context=_setup_grads(17))
 
 
 def linear_ppo_loss_ref(hidden, weight, labels, old_logp, advantages, weights, *, bias=None, temperature=1.0,
-                        clip_low=0.2, clip_high=None, dual_clip=None, ref_logp=None, kl_coef=0.0, kl_kind="k3",
-                        entropy_coef=0.0, ignore_index=-100, kept_threshold=None) -> Tensor:
-    """The obvious computation (full logits, autograd): the loss only."""
+                        ignore_index=-100, kept_threshold=None, **objective) -> Tensor:
+    """The obvious computation (full logits, autograd): ``ppo_objective`` (``objective``: its keyword arguments) on
+    the labels' log-probs and the entropies, the tokens whose label is ignore_index masked. The loss only."""
     logits = hidden @ weight.T + (bias if bias is not None else 0)
     if kept_threshold is None:
         logp = logprobs_ref(logits, labels, temperature, ignore_index)
     else:
         logp = kept_logprobs_ref(logits, labels, kept_threshold, temperature, ignore_index)
-    ent = entropy_ref(logits, temperature)
-    keep = (labels != ignore_index) & (weights != 0)
-    z = lambda x: torch.where(keep, x.float(), 0.0)  # noqa: E731
-    clip_high = clip_low if clip_high is None else clip_high
-    tok = _ppo_terms(z(logp), z(ent), z(old_logp), z(advantages), None if ref_logp is None else z(ref_logp),
-                     clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef)[0]
-    return torch.where(keep, z(weights) * tok, 0.0).sum()
+    w = torch.where(labels != ignore_index, weights, 0.0)
+    return ppo_objective(logp, old_logp, advantages, w, entropy=entropy_ref(logits, temperature), **objective)[0]
 
 
 def _check_vector(x, name: str, labels: Tensor) -> None:
@@ -340,12 +376,34 @@ def _flat(x: Optional[Tensor]) -> Optional[Tensor]:
     return None if x is None else x.detach().reshape(-1).contiguous()
 
 
+def _sequences(loss_type: str, ratio_level: str, seq_ids: Optional[Tensor], labels: Tensor) -> Optional[Tensor]:
+    """The flat sequence id of each token when the ratio is a sequence's (rows of [B, T] labels by default), else
+    None."""
+    if ratio_level != "sequence" and loss_type != "vespo":
+        return None
+    if seq_ids is None:
+        if labels.dim() == 1:
+            raise ValueError(f"loss_type={loss_type!r} with ratio_level={ratio_level!r} on packed [N, H] input needs "
+                             "seq_ids (the sequence id of each token)")
+        rows = torch.arange(labels.shape[0], device=labels.device)
+        return rows.repeat_interleave(labels[0].numel())
+    _checks.tensor(seq_ids, "seq_ids")
+    if seq_ids.dtype.is_floating_point or seq_ids.dtype.is_complex or seq_ids.dtype == torch.bool:
+        raise TypeError(f"seq_ids must be an integer tensor, got {seq_ids.dtype}")
+    _checks.same_shape(seq_ids, "seq_ids", labels.shape, "labels.shape")
+    _checks.same_device(seq_ids, "seq_ids", labels, "labels")
+    return seq_ids.detach().reshape(-1).contiguous()
+
+
 def linear_ppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Tensor, advantages: Tensor,
                     weights: Tensor, *, bias: Optional[Tensor] = None, temperature: float = 1.0,
                     clip_low: float = 0.2, clip_high: Optional[float] = None, dual_clip: Optional[float] = None,
                     ref_logp: Optional[Tensor] = None, kl_coef: float = 0.0, kl_kind: str = "k3",
                     entropy_coef: float = 0.0, ignore_index: int = -100,
-                    kept_threshold: Optional[Tensor] = None, return_logprobs: bool = False):
+                    kept_threshold: Optional[Tensor] = None, return_logprobs: bool = False, loss_type: str = "ppo",
+                    ratio_level: str = "token", seq_ids: Optional[Tensor] = None,
+                    sapo_tau: tuple[float, float] = (1.0, 1.05), vespo_k: tuple[float, float] = (2.0, 3.0),
+                    vespo_lambda: tuple[float, float] = (3.0, 2.0)):
     """The PPO/GRPO objective of the policy head, from hidden states: sum_t w_t (pol_t + kl_coef k_t -
     entropy_coef H_t) (module docstring), gradients formed in the forward (3 GEMMs).
 
@@ -359,6 +417,11 @@ def linear_ppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Te
     renormalised over the kept set {v : logits_v >= m_t} plus the label (rlhf_fast.logprobs, kept_threshold); the
     entropy term stays the full-softmax entropy. return_logprobs: also return each token's logp_t (float32 of labels'
     shape, 0 where the label is ignore_index, no gradient), which the forward computes anyway.
+    loss_type ("ppo", "cispo", "sapo", "vespo"), ratio_level ("token", "sequence": GSPO), sapo_tau, vespo_k,
+    vespo_lambda: as ``ppo_objective`` (docs/formulas.md "Losses"). A sequence's ratio (ratio_level="sequence", and
+    vespo's weight) is over the kept tokens of its sequence: the rows of [B, T, H] input, or ``seq_ids`` (int, labels'
+    shape, the sequence of each token; each sequence one contiguous run, ValueError otherwise) for packed [N, H]
+    input. Chunks then hold whole sequences (a sequence longer than the chunk budget goes alone in one chunk).
     """
     temperature = _checks.temperature(temperature)
     ignore_index = _checks.integer(ignore_index, "ignore_index")
@@ -368,6 +431,8 @@ def linear_ppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Te
     if ref_logp is not None:
         _check_vector(ref_logp, "ref_logp", labels)
     kept_threshold = _kept_threshold(kept_threshold, labels)
+    loss_type, ratio_level, params = _policy_variant(loss_type, ratio_level, clip_high, dual_clip, sapo_tau, vespo_k,
+                                                     vespo_lambda)
     clip_low = _checks.positive_number(clip_low, "clip_low")
     clip_high = clip_low if clip_high is None else _checks.positive_number(clip_high, "clip_high")
     if dual_clip is not None:
@@ -378,13 +443,14 @@ def linear_ppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Te
     kl_coef, entropy_coef = float(kl_coef), float(entropy_coef)
     if kl_coef != 0.0 and ref_logp is None:
         raise ValueError("kl_coef != 0 needs ref_logp")
+    seq_ids = _sequences(loss_type, ratio_level, seq_ids, labels)
     backend = _backend.select("linear_ppo_loss", LINEAR_LOGPROBS_BACKENDS, hidden.device)
     rows_2d = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     rows = chunk_rows(rows_2d.shape[0], weight.shape[0], hidden.device)
     loss, stats, logp, *_ = linear_ppo_loss_op(
         rows_2d, weight, bias, labels.reshape(-1).contiguous(), _flat(old_logp), _flat(advantages), _flat(weights),
         _flat(ref_logp), kept_threshold, temperature, ignore_index, clip_low, clip_high, dual_clip, kl_coef, kl_kind,
-        entropy_coef, rows, *_needs(hidden, weight, bias), backend)
+        entropy_coef, rows, *_needs(hidden, weight, bias), backend, seq_ids, loss_type, ratio_level, params)
     stats = dict(zip(PPO_STATS, stats.unbind()))
     return (loss, stats, logp.view(labels.shape)) if return_logprobs else (loss, stats)
 

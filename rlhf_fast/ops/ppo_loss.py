@@ -563,6 +563,39 @@ def _sequence_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, seq_ids: O
     return total[ids]
 
 
+def _policy_variant(loss_type: str, ratio_level: str, clip_high: Optional[float], dual_clip: Optional[float],
+                   sapo_tau, vespo_k, vespo_lambda) -> tuple[str, str, Optional[list[float]]]:
+    """Validated policy-loss options of ``ppo_objective`` (and ``linear_ppo_loss``) -> (loss_type, ratio_level,
+    loss_params of ``_variant_terms``)."""
+    loss_type = _checks.choice(loss_type, "loss_type", POLICY_LOSS_TYPES)
+    ratio_level = _checks.choice(ratio_level, "ratio_level", RATIO_LEVELS)
+    if loss_type == "vespo" and ratio_level == "sequence":
+        raise ValueError("loss_type='vespo' weights by the sequence's ratio already: ratio_level must be 'token'")
+    if loss_type == "cispo" and clip_high is None:
+        raise ValueError("loss_type='cispo' needs clip_high, the cap on the ratio (TRL's epsilon_high, e.g. 5.0)")
+    if loss_type != "ppo" and dual_clip is not None:
+        raise ValueError(f"dual_clip is for loss_type='ppo', got loss_type={loss_type!r}")
+    params = None
+    if loss_type == "sapo":
+        params = [_number(t, "sapo_tau", 0.0) for t in sapo_tau]
+    elif loss_type == "vespo":  # (k_pos, lambda_pos, k_neg, lambda_neg)
+        params = [_number(x, name, 0.0, low_open=False) for pair in zip(vespo_k, vespo_lambda)
+                  for x, name in zip(pair, ("vespo_k", "vespo_lambda"))]
+    return loss_type, ratio_level, params
+
+
+def _variant_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, seq_ids: Optional[Tensor], loss_type: str,
+                       ratio_level: str) -> Optional[Tensor]:
+    """The log of the ratio every token of a sequence takes when it is not the token's own: VESPO's clamped
+    sequence sum (a constant: no gradient), GSPO's sequence mean (gradient through the mean); None when the ratio
+    is per token. Sequences as ``_sequence_log_ratio``."""
+    if loss_type == "vespo":
+        return _sequence_log_ratio(logp.detach(), old_logp, mask, seq_ids, "sum").clamp(math.log(1e-8), 20.0)
+    if ratio_level == "sequence":
+        return _sequence_log_ratio(logp, old_logp, mask, seq_ids, "mean")
+    return None
+
+
 def ppo_objective(logp: Tensor, old_logp: Tensor, advantages: Tensor, weights: Tensor, *,
                   entropy: Optional[Tensor] = None, ref_logp: Optional[Tensor] = None, kl_coef: float = 0.0,
                   kl_kind: str = "k3", entropy_coef: float = 0.0, clip_low: float = 0.2,
@@ -596,20 +629,8 @@ def ppo_objective(logp: Tensor, old_logp: Tensor, advantages: Tensor, weights: T
     """
     _checks.float_tensor(logp, "logp")
     _token_tensors({"old_logp": old_logp, "advantages": advantages}, "logp", logp)
-    loss_type = _checks.choice(loss_type, "loss_type", POLICY_LOSS_TYPES)
-    ratio_level = _checks.choice(ratio_level, "ratio_level", RATIO_LEVELS)
-    if loss_type == "vespo" and ratio_level == "sequence":
-        raise ValueError("loss_type='vespo' weights by the sequence's ratio already: ratio_level must be 'token'")
-    if loss_type == "cispo" and clip_high is None:
-        raise ValueError("loss_type='cispo' needs clip_high, the cap on the ratio (TRL's epsilon_high, e.g. 5.0)")
-    if loss_type != "ppo" and dual_clip is not None:
-        raise ValueError(f"dual_clip is for loss_type='ppo', got loss_type={loss_type!r}")
-    params = None
-    if loss_type == "sapo":
-        params = [_number(t, "sapo_tau", 0.0) for t in sapo_tau]
-    elif loss_type == "vespo":  # (k_pos, lambda_pos, k_neg, lambda_neg)
-        params = [_number(x, name, 0.0, low_open=False) for pair in zip(vespo_k, vespo_lambda)
-                  for x, name in zip(pair, ("vespo_k", "vespo_lambda"))]
+    loss_type, ratio_level, params = _policy_variant(loss_type, ratio_level, clip_high, dual_clip, sapo_tau, vespo_k,
+                                                     vespo_lambda)
     sequence_level = ratio_level == "sequence" or loss_type == "vespo"
     if sequence_level and logp.dim() == 1 and seq_ids is None:
         raise ValueError(f"loss_type={loss_type!r} with ratio_level={ratio_level!r} on packed [N] input needs "
@@ -635,11 +656,7 @@ def ppo_objective(logp: Tensor, old_logp: Tensor, advantages: Tensor, weights: T
     m = w != 0
     old_logp = old_logp.detach()
     ref_logp = None if ref_logp is None else ref_logp.detach()
-    log_ratio = None
-    if loss_type == "vespo":
-        log_ratio = _sequence_log_ratio(logp.detach(), old_logp, m, seq_ids, "sum").clamp(math.log(1e-8), 20.0)
-    elif ratio_level == "sequence":
-        log_ratio = _sequence_log_ratio(logp, old_logp, m, seq_ids, "mean")
+    log_ratio = _variant_log_ratio(logp, old_logp, m, seq_ids, loss_type, ratio_level)
     loss_tok, ratio, clipped, dual = ppo_token_loss_op(
         logp, entropy if entropy_coef != 0.0 else None, old_logp, advantages.detach(),
         ref_logp if kl_coef != 0.0 else None, m, clip_low, clip_high, dual_clip, kl_coef, kl_kind, entropy_coef,

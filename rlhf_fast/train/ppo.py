@@ -42,6 +42,7 @@ from ..data import DataError, prompt_batch, read_jsonl, sft_batch, task
 from ..data.rollouts import load_rollouts, rollout_batch
 from ..models import ScalarHeadModel, disable_dropout, float32_head, load_causal_lm, load_tokenizer, \
     sequence_cross_entropy, sequence_logprobs, sequence_ppo_loss
+from ..ops.ppo_loss import POLICY_LOSS_TYPES, RATIO_LEVELS, _policy_variant
 from . import common, distributed
 from .rewards import RewardConfig, Rewards
 
@@ -80,6 +81,9 @@ class PPOConfig(RewardConfig, common.RunConfig):
     clip_low: float = 0.2        # ratio clipped to [1 - clip_low, 1 + clip_high]
     clip_high: Optional[float] = None  # null = clip_low
     dual_clip: Optional[float] = None  # > 1: bound of the loss for negative advantages (null = off)
+    loss_type: str = "ppo"       # ppo | cispo | sapo | vespo: the policy term (docs/formulas.md "Losses"; cispo:
+    #                              clip_high is the cap on the ratio, e.g. 5.0)
+    ratio_level: str = "token"   # token | sequence (GSPO: each token takes its sequence's mean log-ratio)
     value_clip: float = 0.2      # critic values clipped to old value +- value_clip
     kl_coef: float = 0.2         # KL to the reference: in the reward (ppo) or in the loss (group modes)
     kl_kind: str = "k1"          # k1 | k2 | k3 | abs (k3 is the usual choice in group modes)
@@ -112,6 +116,17 @@ class PPOConfig(RewardConfig, common.RunConfig):
             raise common.ConfigError(f"{prefix}is_correction={self.is_correction}: needs behaviour_logprobs="
                                      "recompute (its weights compare the policy's recomputed log-probs with the "
                                      "behaviour ones)")
+        if self.loss_type not in POLICY_LOSS_TYPES:
+            raise common.ConfigError(f"{prefix}loss_type={self.loss_type!r}: must be one of "
+                                     + ", ".join(POLICY_LOSS_TYPES))
+        if self.ratio_level not in RATIO_LEVELS:
+            raise common.ConfigError(f"{prefix}ratio_level={self.ratio_level!r}: must be one of "
+                                     + ", ".join(RATIO_LEVELS))
+        try:  # the objective's own cross-field rules (cispo needs clip_high, dual_clip is ppo's, vespo is per token)
+            _policy_variant(self.loss_type, self.ratio_level, self.clip_high, self.dual_clip, (1.0, 1.05),
+                            (2.0, 3.0), (3.0, 2.0))
+        except ValueError as e:
+            raise common.ConfigError(f"{prefix}loss_type={self.loss_type!r}: {e}") from None
         if self.icepop_low >= self.icepop_high:
             raise common.ConfigError(f"{prefix}icepop_low={self.icepop_low}: must be below icepop_high="
                                      f"{self.icepop_high}")
@@ -349,7 +364,7 @@ class PPOTrainer(common.Trainer):
                                  head_dtype=cfg.head_dtype, ref_logp=mb.ref_logp if kl_in_loss else None,
                                  kl_coef=self.kl_coef if kl_in_loss else 0.0, kl_kind=cfg.kl_kind,
                                  entropy_coef=cfg.entropy_coef, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                                 dual_clip=cfg.dual_clip)
+                                 dual_clip=cfg.dual_clip, loss_type=cfg.loss_type, ratio_level=cfg.ratio_level)
                 with common.autocast(self.device):
                     if self.ptx_rows is None:
                         loss, st, logp = self.policy(sequence_ppo_loss, mb, w_policy, **objective)
