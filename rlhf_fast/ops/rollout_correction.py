@@ -136,14 +136,14 @@ def mismatch_metrics(logp: Tensor, logp_behav: Tensor, mask: Tensor) -> dict:
 
 def rollout_rejection(logp_old: Tensor, logp_behav: Tensor, mask: Tensor, *, stat: str = "k1", level: str = "token",
                       low: Optional[float] = None, high: float, seq_ids: Optional[Tensor] = None
-                      ) -> tuple[Tensor, dict]:
+                      ) -> tuple[Tensor, Tensor, dict]:
     """Rejection by divergence (module docstring): which tokens keep their place in the loss.
 
     logp_old, logp_behav, mask, seq_ids: as ``rollout_correction``. stat: "k1" | "k2" | "k3"; level: "token" (the
     token's statistic), "seq_sum" | "seq_mean" | "seq_max" (the sum / mean / max of the statistic over the masked
     tokens of the sequence, 0 for an empty one, on each of its tokens); a token is kept when ``low <= s <= high``
     (``low=None``: no lower bound; k2 and k3 are >= 0, so ``high`` alone bounds them). -> (keep: bool, mask's shape,
-    False off the mask; stats) with stats as 0-d float32 tensors over the masked tokens: ``rs_statistic_mean``
+    False off the mask; s: float32, mask's shape, 0 off the mask; stats) with stats as 0-d float32 tensors over the masked tokens: ``rs_statistic_mean``
     (mean of the per-token s) and ``rs_masked_frac`` (tokens rejected)."""
     _checks.choice(stat, "stat", RS_STATS)
     _checks.choice(level, "level", RS_LEVELS)
@@ -166,9 +166,10 @@ def rollout_rejection(logp_old: Tensor, logp_behav: Tensor, mask: Tensor, *, sta
         k = _sequence_sum(k, seq_ids) / _sequence_sum(m.float(), seq_ids).clamp(min=1.0)
     elif level == "seq_max":
         k = _sequence_max(k, m, seq_ids)
+    k = torch.where(m, k, 0.0)
     keep = m & (k <= high)
     if low is not None:
         keep &= k >= low
     n = m.sum().clamp(min=1).float()
-    stats = {"rs_statistic_mean": torch.where(m, k, 0.0).sum() / n, "rs_masked_frac": (m & ~keep).sum() / n}
-    return keep, stats
+    stats = {"rs_statistic_mean": k.sum() / n, "rs_masked_frac": (m & ~keep).sum() / n}
+    return keep, k, stats
