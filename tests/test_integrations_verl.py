@@ -345,7 +345,7 @@ def test_vanilla_metrics_global_batch_info_and_versions():
     with pytest.raises(ValueError, match="since veRL 0.7"):
         verl.agg_loss(lp, m, "token-mean", dp_size=2, version="0.6.1")
     with pytest.raises(ValueError, match="Unsupported loss mode"):
-        verl.get_policy_loss_fn("bypass_mode")
+        verl.get_policy_loss_fn("no_such_loss")
 
 
 def test_gspo_sequence_ratio_hand_computed():
