@@ -51,7 +51,8 @@ __all__ = [
     "POLICY_LOSSES", "agg_loss", "compute_gae_advantage_return", "compute_gpg_outcome_advantage",
     "compute_grpo_outcome_advantage", "compute_grpo_passk_outcome_advantage",
     "compute_grpo_vectorized_outcome_advantage", "compute_offpolicy_metrics", "compute_opo_outcome_advantage",
-    "compute_policy_loss", "compute_policy_loss_bypass_mode", "compute_policy_loss_cispo", "compute_policy_loss_clip_cov",
+    "compute_policy_loss", "compute_policy_loss_bypass_mode", "compute_policy_loss_cispo",
+    "compute_policy_loss_clip_cov",
     "compute_policy_loss_geo_mean", "compute_policy_loss_gpg", "compute_policy_loss_gspo",
     "compute_policy_loss_kl_cov", "compute_policy_loss_reinforce", "compute_policy_loss_sapo",
     "compute_policy_loss_vanilla",
@@ -1037,8 +1038,9 @@ def compute_rollout_correction_and_rejection_mask(old_log_prob: Tensor, rollout_
                                                   rollout_is_batch_normalize: bool = False,
                                                   rollout_rs: Optional[str] = None, rollout_rs_threshold=None):
     """IS weights (``rollout_is`` set) and rejection mask (``rollout_rs`` set) of the training log-probs against the
-    rollout ones, plus ``compute_offpolicy_metrics``. -> (weights wrapped as veRL does, ``.batch["rollout_is_weights"]``,
-    or None; the response mask after rejection; metrics with the "rollout_corr/" prefix)."""
+    rollout ones, plus ``compute_offpolicy_metrics``. -> (weights wrapped as veRL does,
+    ``.batch["rollout_is_weights"]``, or None; the response mask after rejection; metrics with the "rollout_corr/"
+    prefix)."""
     if not bool(response_mask.any()):
         raise ValueError("response_mask must contain at least one valid token (1).")
     if old_log_prob.shape != rollout_log_prob.shape:

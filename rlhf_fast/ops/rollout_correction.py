@@ -142,9 +142,10 @@ def rollout_rejection(logp_old: Tensor, logp_behav: Tensor, mask: Tensor, *, sta
     logp_old, logp_behav, mask, seq_ids: as ``rollout_correction``. stat: "k1" | "k2" | "k3"; level: "token" (the
     token's statistic), "seq_sum" | "seq_mean" | "seq_max" (the sum / mean / max of the statistic over the masked
     tokens of the sequence, 0 for an empty one, on each of its tokens); a token is kept when ``low <= s <= high``
-    (``low=None``: no lower bound; k2 and k3 are >= 0, so ``high`` alone bounds them). -> (keep: bool, mask's shape,
-    False off the mask; s: float32, mask's shape, 0 off the mask; stats) with stats as 0-d float32 tensors over the masked tokens: ``rs_statistic_mean``
-    (mean of the per-token s) and ``rs_masked_frac`` (tokens rejected)."""
+    (``low=None``: no lower bound; k2 and k3 are >= 0, so ``high`` alone bounds them).
+    -> (keep: bool, mask's shape, False off the mask; s: float32, mask's shape, 0 off the mask; stats) with stats
+    as 0-d float32 tensors over the masked tokens: ``rs_statistic_mean`` (mean of s) and ``rs_masked_frac``
+    (tokens rejected)."""
     _checks.choice(stat, "stat", RS_STATS)
     _checks.choice(level, "level", RS_LEVELS)
     for name, value in (("low", low), ("high", high)):
