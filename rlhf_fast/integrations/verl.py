@@ -13,7 +13,11 @@ Covered (docs/integrations.md): ``verl/utils/torch_functional.py``: ``logprobs_f
 ``compute_policy_loss``, ``compute_value_loss``, and the advantage estimators ``compute_gae_advantage_return``,
 ``compute_grpo_outcome_advantage`` (+ ``_vectorized_``), ``compute_rloo_outcome_advantage`` (+ ``_vectorized_``),
 ``compute_reinforce_plus_plus_outcome_advantage``, ``compute_reinforce_plus_plus_baseline_outcome_advantage``,
-``compute_remax_outcome_advantage``, ``compute_opo_outcome_advantage``, ``compute_gpg_outcome_advantage``.
+``compute_remax_outcome_advantage``, ``compute_opo_outcome_advantage``, ``compute_gpg_outcome_advantage``,
+``compute_grpo_passk_outcome_advantage``, ``compute_policy_loss_reinforce`` and the "bypass_mode" loss.
+``verl/trainer/ppo/rollout_corr_helper.py`` (HEAD's options and metric keys): ``compute_rollout_correction_weights``,
+``compute_rollout_rejection_mask``, ``compute_offpolicy_metrics``, ``compute_rollout_correction_and_rejection_mask``,
+``compute_rollout_corr_metrics_from_logprobs``, on ``rlhf_fast.rollout_correction`` / ``rollout_rejection``.
 
 Versions: the semantics of veRL 0.7 (v0.7.0 and HEAD of 2026-01-29, 0.8.0.dev) by default; the functions whose
 behaviour changed take a keyword-only ``version``:
