@@ -345,7 +345,7 @@ def test_vanilla_metrics_global_batch_info_and_versions():
     with pytest.raises(ValueError, match="since veRL 0.7"):
         verl.agg_loss(lp, m, "token-mean", dp_size=2, version="0.6.1")
     with pytest.raises(ValueError, match="Unsupported loss mode"):
-        verl.get_policy_loss_fn("bypass_mode")
+        verl.get_policy_loss_fn("no_such_loss")
 
 
 def test_gspo_sequence_ratio_hand_computed():
@@ -475,3 +475,133 @@ def test_warns_for_uncovered_verl(monkeypatch, installed, warns):
         warnings.simplefilter("always")
         verl._warn_if_uncovered()
     assert any("verl" in str(w.message) for w in caught) == warns
+
+
+def test_reinforce_pp_returns_match_the_loop_on_random_batches():
+    # veRL's rule restated: R[t] = r[t] + gamma * R[t+1], except that R[t+1] is not carried when mask[t+1] is 0
+    g = torch.Generator().manual_seed(3)
+    r = torch.randn(7, 60, generator=g)
+    m = (torch.rand(7, 60, generator=g) < 0.8).float()
+    for gamma in (1.0, 0.97, 0.0):
+        want = torch.zeros_like(r)
+        for t in reversed(range(60)):
+            carried = want[:, t + 1] * m[:, t + 1] if t + 1 < 60 else 0.0
+            want[:, t] = r[:, t] + gamma * carried
+        _, returns = verl.compute_reinforce_plus_plus_outcome_advantage(r, m, config={"gamma": gamma})
+        torch.testing.assert_close(returns, want, atol=2e-5, rtol=1e-5)
+
+
+def test_grpo_passk_hand_computed():
+    r = torch.zeros(5, 2)
+    r[:, 1] = torch.tensor([1.0, 3.0, 2.0, 5.0, 5.0])
+    m = torch.ones(5, 2)
+    index = ["a", "a", "a", "b", "b"]
+    adv, ret = verl.compute_grpo_passk_outcome_advantage(r, m, index, config={"norm_adv_by_std_in_grpo": False})
+    # group a: best is row 1 (3), second 2 -> 1; group b: a tie (5, 5) -> 0; all other rows 0
+    torch.testing.assert_close(adv[:, 0], torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0]))
+    assert adv is ret or torch.equal(adv, ret)
+    adv, _ = verl.compute_grpo_passk_outcome_advantage(r, m, index, config={})  # default: divided by the std
+    torch.testing.assert_close(adv[1, 0], torch.tensor(1.0 / (1.0 + 1e-6)))  # std of (1, 3, 2) is 1
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        verl.compute_grpo_passk_outcome_advantage(r, m, ["a", "a", "a", "b", "c"], config={})
+    with pytest.raises(ValueError, match="needs config"):
+        verl.compute_grpo_passk_outcome_advantage(r, m, index)
+
+
+def _bypass_config(**corr):
+    return {"clip_ratio": 0.2, "policy_loss": {"rollout_correction": corr}}
+
+
+def test_reinforce_loss_hand_computed_and_bypass_mode():
+    roll = torch.tensor([[-1.0, -2.0, -0.5], [-1.5, -0.2, -3.0]])
+    lp = (roll + torch.tensor([[0.1, -0.3, 0.0], [0.9, 0.0, 0.2]])).requires_grad_()
+    adv = torch.tensor([[1.0, 1.0, 1.0], [-2.0, -2.0, -2.0]])
+    m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    isw = torch.tensor([[0.5, 2.0, 9.0], [1.0, 1.0, 1.0]])
+    loss, metrics = verl.compute_policy_loss_reinforce(roll, lp, adv, m, "seq-mean-token-sum", {}, isw)
+    # per row sum of -A * logp * w over the mask, then the mean over the 2 rows
+    row0 = -(1.0 * lp[0, 0] * 0.5 + 1.0 * lp[0, 1] * 2.0)
+    row1 = 2.0 * (lp[1, 0] + lp[1, 1] + lp[1, 2])
+    torch.testing.assert_close(loss, (row0 + row1) / 2)
+    assert metrics["actor/ppo_kl"] == pytest.approx(float(((roll - lp.detach()) * m).sum() / 5), abs=1e-6)
+    loss.backward()
+    torch.testing.assert_close(lp.grad, -adv * isw * m / 2)
+    # bypass, ppo_clip: PPO with ratio pi / pi_rollout on the tokens the k1 band keeps (ratio in [0.5, 2])
+    cfg = _bypass_config(loss_type="ppo_clip", rollout_is="token", rollout_rs="token_k1", rollout_rs_threshold=2.0)
+    loss, metrics = verl.compute_policy_loss_bypass_mode(roll, lp.detach(), adv, m, "token-mean", cfg)
+    kept = m.clone()
+    kept[1, 0] = 0.0  # ratio exp(0.9) = 2.46 > 2
+    want, _ = verl.compute_policy_loss_vanilla(roll, lp.detach(), adv, kept, "token-mean", cfg)
+    torch.testing.assert_close(loss, want)
+    assert metrics["rollout_corr/rollout_rs_masked_fraction"] == pytest.approx(0.2)
+    # bypass, reinforce: the REINFORCE loss times the truncated token IS weights min(ratio, 2)
+    cfg = _bypass_config(loss_type="reinforce", rollout_is="token", rollout_is_threshold=2.0)
+    loss, _ = verl.compute_policy_loss_bypass_mode(roll, lp.detach(), adv, m, "token-mean", cfg)
+    w = (lp.detach() - roll).exp().clamp(max=2.0) * m
+    torch.testing.assert_close(loss, (-adv * lp.detach() * w).sum() / 5)
+    with pytest.raises(ValueError, match="loss_type"):
+        verl.compute_policy_loss_bypass_mode(roll, lp, adv, m, "token-mean", _bypass_config(loss_type="x"))
+    assert verl.get_policy_loss_fn("bypass_mode") is verl.compute_policy_loss_bypass_mode
+
+
+def test_rollout_correction_weights_hand_computed():
+    lr = torch.log(torch.tensor([[0.25, 1.0, 4.0], [2.0, 1.0, 1.0]]))
+    m = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    w, metrics = verl.compute_rollout_correction_weights(lr, m, "token", 2.0)
+    torch.testing.assert_close(w, torch.tensor([[0.25, 1.0, 2.0], [2.0, 1.0, 0.0]]))
+    assert metrics["rollout_is_mean"] == pytest.approx((0.25 + 1 + 4 + 2 + 1) / 5)  # before truncation
+    assert metrics["rollout_is_ratio_fraction_high"] == pytest.approx(1 / 5)  # only 4 > 2
+    assert metrics["rollout_is_ratio_fraction_low"] == pytest.approx(1 / 5)  # only 0.25 < 1/2
+    assert metrics["rollout_is_max"] == pytest.approx(4.0) and metrics["rollout_is_min"] == pytest.approx(0.25)
+    # ESS of the weights clamped to [0.5, 2]: (0.5, 1, 2, 2, 1), mean 1.3
+    c = torch.tensor([0.5, 1.0, 2.0, 2.0, 1.0])
+    assert metrics["rollout_is_eff_sample_size"] == pytest.approx(1 / ((c / 1.3) ** 2).mean().item(), rel=1e-5)
+    w, metrics = verl.compute_rollout_correction_weights(lr, m, "sequence", 2.0, True)
+    # rho_s = 0.25 * 1 * 4 = 1 and 2 * 1 = 2 (capped at 2): normalised by their mean over sequences, 1.5
+    torch.testing.assert_close(w, torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 0.0]]) / 1.5)
+    assert metrics["rollout_is_batch_norm_factor"] == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="Invalid rollout_is"):
+        verl.compute_rollout_correction_weights(lr, m, "geometric")
+
+
+def test_rollout_rejection_mask_hand_computed():
+    lr = torch.log(torch.tensor([[0.25, 1.0, 1.1], [1.2, 0.9, 3.0]]))
+    m = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.int64)
+    mask, metrics = verl.compute_rollout_rejection_mask(lr, m, "token_k1", "0.5_2.0")
+    # k1 = -log rho in [log 0.5, log 2] <=> rho in [0.5, 2]: only the 0.25 token is out (3.0 is off the mask)
+    assert mask.tolist() == [[0, 1, 1], [1, 1, 0]] and mask.dtype == torch.int64
+    assert metrics["rollout_rs_token_k1_masked_fraction"] == pytest.approx(1 / 5)
+    assert metrics["rollout_rs_seq_masked_fraction"] == pytest.approx(1 / 2)
+    # seq_max_k2: max of (log rho)^2 / 2 over each sequence: row 0 = 0.96 (from 0.25), row 1 = 0.017
+    mask, metrics = verl.compute_rollout_rejection_mask(lr, m, "seq_max_k2", 0.5)
+    assert mask.tolist() == [[0, 0, 0], [1, 1, 0]]
+    assert metrics["rollout_rs_seq_max_k2_seq_max"] == pytest.approx(0.5 * torch.log(torch.tensor(4.0)).item() ** 2)
+    # two options: both must pass
+    mask, _ = verl.compute_rollout_rejection_mask(lr, m, "token_k1,seq_max_k2", "0.8_1.25,0.5")
+    assert mask.tolist() == [[0, 0, 0], [1, 1, 0]]
+    for bad, match in (("token_k9", "Invalid rollout_rs option"), ("seq_max_k1", "Invalid rollout_rs option")):
+        with pytest.raises(ValueError, match=match):
+            verl.compute_rollout_rejection_mask(lr, m, bad, 2.0)
+    with pytest.raises(ValueError, match="one upper bound"):
+        verl.compute_rollout_rejection_mask(lr, m, "token_k2", "0.1_0.2")
+
+
+def test_offpolicy_metrics_and_combined_hand_computed():
+    old = torch.tensor([[-1.0, -2.0], [-0.5, -0.5]])
+    roll = torch.tensor([[-1.5, -2.0], [-0.5, -1.5]])
+    m = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    metrics = verl.compute_offpolicy_metrics(old, roll, m)
+    # per-sequence mean log-probs: training (-1.5, -0.5), rollout (-1.75, -0.5)
+    assert metrics["training_log_ppl"] == pytest.approx(1.0)
+    assert metrics["rollout_log_ppl"] == pytest.approx(1.125)
+    assert metrics["kl"] == pytest.approx(-0.5 / 3)
+    assert metrics["log_ppl_diff"] == pytest.approx(-0.125) and metrics["log_ppl_diff_min"] == pytest.approx(-0.25)
+    rho = torch.tensor([0.5, 0.0, 0.0]).exp()
+    assert metrics["k3_kl"] == pytest.approx(float((rho - rho.log() - 1).mean()), rel=1e-5)
+    assert metrics["chi2_seq"] == pytest.approx(float((torch.tensor([1.0, 0.0]).exp().mean()) - 1), rel=1e-5)
+    weights, mask, combined = verl.compute_rollout_correction_and_rejection_mask(old, roll, m, "token", 2.0)
+    torch.testing.assert_close(weights.batch["rollout_is_weights"], torch.tensor([[0.5, 0.0], [0.0, 0.0]]).exp() * m)
+    assert torch.equal(mask, m) and combined["rollout_corr/kl"] == metrics["kl"]
+    assert verl.compute_rollout_correction_and_rejection_mask(old, roll, m)[0] is None
+    with pytest.raises(ValueError, match="rollout_rs_threshold"):
+        verl.compute_rollout_correction_and_rejection_mask(old, roll, m, rollout_rs="token_k1")

@@ -96,3 +96,44 @@ def test_mismatch_metrics():
 def test_errors_name_the_argument(call, exc, match):
     with pytest.raises(exc, match=match):
         call(*_inputs())
+
+
+def test_rejection_token_and_sequence_levels():
+    # d = log rho; k1 = -d, k2 = d^2 / 2, k3 = rho - 1 - d
+    old, behav, mask = _inputs()
+    keep, _, st = rlhf_fast.rollout_rejection(old, behav, mask, stat="k1", level="token",
+                                           low=math.log(0.5), high=math.log(2.0))
+    assert keep.tolist() == [False, True, True, False]  # -d in [log .5, log 2] <=> rho in [0.5, 2]
+    assert st["rs_masked_frac"].item() == pytest.approx(0.5)
+    keep, _, _ = rlhf_fast.rollout_rejection(old, behav, mask, stat="k3", level="token", high=0.2)
+    k3 = [r - 1 - math.log(r) for r in RHO]  # 0.636, 0.0013, 0.0945, 4.92
+    assert keep.tolist() == [k <= 0.2 for k in k3]
+    # two sequences packed: tokens 0, 1 | 2, 3 ; seq_max of k2 and seq_mean of k1 (log of the geometric mean)
+    ids = torch.tensor([0, 0, 1, 1])
+    k2 = [0.5 * d * d for d in D]
+    keep, _, st = rlhf_fast.rollout_rejection(old, behav, mask, stat="k2", level="seq_max", high=1.0, seq_ids=ids)
+    assert keep.tolist() == [max(k2[:2]) <= 1.0] * 2 + [max(k2[2:]) <= 1.0] * 2
+    want_mean = (2 * max(k2[:2]) + 2 * max(k2[2:])) / 4
+    assert st["rs_statistic_mean"].item() == pytest.approx(want_mean, rel=1e-5)
+    _, s, _ = rlhf_fast.rollout_rejection(old, behav, mask, stat="k2", level="seq_sum", high=1.0, seq_ids=ids)
+    torch.testing.assert_close(s, torch.tensor([k2[0] + k2[1]] * 2 + [k2[2] + k2[3]] * 2))
+    keep_p, _, _ = rlhf_fast.rollout_rejection(old, behav, mask, stat="k1", level="seq_mean", low=-0.5, high=0.5,
+                                            seq_ids=ids)
+    keep_b, _, _ = rlhf_fast.rollout_rejection(old.view(2, 2), behav.view(2, 2), mask.view(2, 2), stat="k1",
+                                            level="seq_mean", low=-0.5, high=0.5)
+    g = [-(D[0] + D[1]) / 2, -(D[2] + D[3]) / 2]  # 0.72, -1.24: both outside [-0.5, 0.5]
+    assert keep_p.tolist() == keep_b.flatten().tolist() == [abs(g[0]) <= 0.5] * 2 + [abs(g[1]) <= 0.5] * 2
+
+
+def test_rejection_masked_tokens_never_count():
+    old, behav, mask = _inputs()
+    old[3], mask[3] = float("nan"), False
+    keep, _, st = rlhf_fast.rollout_rejection(old[None], behav[None], mask[None], stat="k1", level="seq_sum", low=-2.0,
+                                           high=2.0)
+    s = -(D[0] + D[1] + D[2])  # the NaN token is off the mask
+    assert keep[0].tolist() == [abs(s) <= 2.0] * 3 + [False]
+    assert torch.isfinite(st["rs_statistic_mean"])
+    with pytest.raises(ValueError, match="needs seq_ids"):
+        rlhf_fast.rollout_rejection(old, behav, mask, level="seq_sum", high=1.0)
+    with pytest.raises(ValueError, match="stat must be one of"):
+        rlhf_fast.rollout_rejection(old, behav, mask, stat="k4", high=1.0)

@@ -13,7 +13,11 @@ Covered (docs/integrations.md): ``verl/utils/torch_functional.py``: ``logprobs_f
 ``compute_policy_loss``, ``compute_value_loss``, and the advantage estimators ``compute_gae_advantage_return``,
 ``compute_grpo_outcome_advantage`` (+ ``_vectorized_``), ``compute_rloo_outcome_advantage`` (+ ``_vectorized_``),
 ``compute_reinforce_plus_plus_outcome_advantage``, ``compute_reinforce_plus_plus_baseline_outcome_advantage``,
-``compute_remax_outcome_advantage``, ``compute_opo_outcome_advantage``, ``compute_gpg_outcome_advantage``.
+``compute_remax_outcome_advantage``, ``compute_opo_outcome_advantage``, ``compute_gpg_outcome_advantage``,
+``compute_grpo_passk_outcome_advantage``, ``compute_policy_loss_reinforce`` and the "bypass_mode" loss.
+``verl/trainer/ppo/rollout_corr_helper.py`` (HEAD's options and metric keys): ``compute_rollout_correction_weights``,
+``compute_rollout_rejection_mask``, ``compute_offpolicy_metrics``, ``compute_rollout_correction_and_rejection_mask``,
+``compute_rollout_corr_metrics_from_logprobs``, on ``rlhf_fast.rollout_correction`` / ``rollout_rejection``.
 
 Versions: the semantics of veRL 0.7 (v0.7.0 and HEAD of 2026-01-29, 0.8.0.dev) by default; the functions whose
 behaviour changed take a keyword-only ``version``:
@@ -36,8 +40,10 @@ take (float64) go through the plain PyTorch formula where one is given.
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import warnings
 from collections.abc import Mapping
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
@@ -47,12 +53,17 @@ from .. import ops
 
 __all__ = [
     "POLICY_LOSSES", "agg_loss", "compute_gae_advantage_return", "compute_gpg_outcome_advantage",
-    "compute_grpo_outcome_advantage", "compute_grpo_vectorized_outcome_advantage", "compute_opo_outcome_advantage",
-    "compute_policy_loss", "compute_policy_loss_cispo", "compute_policy_loss_clip_cov",
+    "compute_grpo_outcome_advantage", "compute_grpo_passk_outcome_advantage",
+    "compute_grpo_vectorized_outcome_advantage", "compute_offpolicy_metrics", "compute_opo_outcome_advantage",
+    "compute_policy_loss", "compute_policy_loss_bypass_mode", "compute_policy_loss_cispo",
+    "compute_policy_loss_clip_cov",
     "compute_policy_loss_geo_mean", "compute_policy_loss_gpg", "compute_policy_loss_gspo",
-    "compute_policy_loss_kl_cov", "compute_policy_loss_sapo", "compute_policy_loss_vanilla",
+    "compute_policy_loss_kl_cov", "compute_policy_loss_reinforce", "compute_policy_loss_sapo",
+    "compute_policy_loss_vanilla",
     "compute_reinforce_plus_plus_baseline_outcome_advantage", "compute_reinforce_plus_plus_outcome_advantage",
     "compute_remax_outcome_advantage", "compute_rewards", "compute_rloo_outcome_advantage",
+    "compute_rollout_corr_metrics_from_logprobs", "compute_rollout_correction_and_rejection_mask",
+    "compute_rollout_correction_weights", "compute_rollout_rejection_mask",
     "compute_rloo_vectorized_outcome_advantage", "compute_value_loss", "entropy_from_logits", "get_policy_loss_fn",
     "kl_penalty", "logprobs_from_logits", "masked_mean", "masked_var", "masked_whiten",
 ]
@@ -503,14 +514,63 @@ def compute_policy_loss_geo_mean(old_log_prob: Tensor, log_prob: Tensor, advanta
     return _result(pg.mean(), metrics, version)
 
 
+def compute_policy_loss_reinforce(rollout_log_prob: Tensor, log_prob: Tensor, advantages: Tensor,
+                                  response_mask: Tensor, loss_agg_mode: str = "seq-mean-token-sum", config: Any = None,
+                                  rollout_is_weights: Optional[Tensor] = None):
+    """veRL's ``compute_policy_loss_reinforce`` (>= 0.7, not in the registry; bypass mode's "reinforce"): the plain
+    policy gradient l = -A log_prob (times ``rollout_is_weights``, constants), no ratio and no clipping, aggregated by
+    ``loss_agg_mode`` with ``config.global_batch_info``. -> (pg_loss, {"actor/ppo_kl": masked mean of
+    rollout_log_prob - log_prob}). Differentiable w.r.t. ``log_prob``."""
+    _require(config, "reinforce")
+    w = _weights(response_mask, loss_agg_mode, config, "0.7", rollout_is_weights)
+    loss = _weighted_sum(w, -advantages.float() * log_prob.float())
+    with torch.no_grad():
+        ppo_kl = masked_mean(rollout_log_prob.float() - log_prob.detach().float(), response_mask)
+    return loss, {"actor/ppo_kl": float(ppo_kl)}
+
+
+def compute_policy_loss_bypass_mode(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                                    loss_agg_mode: str = "token-mean", config: Any = None,
+                                    rollout_is_weights: Optional[Tensor] = None):
+    """veRL's "bypass_mode" loss (>= 0.7): the trainer passes the rollout engine's log-probs as ``old_log_prob``.
+    From ``config.policy_loss.rollout_correction`` (``loss_type`` "ppo_clip" | "reinforce", ``rollout_is``,
+    ``rollout_is_threshold``, ``rollout_is_batch_normalize``, ``rollout_rs``, ``rollout_rs_threshold``): the IS
+    weights and rejection mask of the current policy against the rollout one
+    (``compute_rollout_correction_and_rejection_mask``, no grad), then on the kept tokens either the vanilla PPO
+    loss with ratio pi / pi_rollout and no IS weights (the ratio is the correction) or the REINFORCE loss times the
+    IS weights. ``rollout_is_weights`` is ignored (recomputed). -> (pg_loss, the loss's metrics + the
+    "rollout_corr/..." metrics)."""
+    _require(config, "bypass_mode")
+    corr = _get(_get(config, "policy_loss"), "rollout_correction")
+    if corr is None:
+        raise ValueError("loss_mode='bypass_mode' needs config.policy_loss.rollout_correction")
+    loss_type = _get(corr, "loss_type", "ppo_clip")
+    if loss_type not in ("ppo_clip", "reinforce"):
+        raise ValueError(f"Invalid loss_type: {loss_type}. Must be 'reinforce' or 'ppo_clip'.")
+    with torch.no_grad():
+        weights, mask, corr_metrics = compute_rollout_correction_and_rejection_mask(
+            log_prob.detach(), old_log_prob, response_mask, rollout_is=_get(corr, "rollout_is"),
+            rollout_is_threshold=_get(corr, "rollout_is_threshold", 2.0),
+            rollout_is_batch_normalize=_get(corr, "rollout_is_batch_normalize", False),
+            rollout_rs=_get(corr, "rollout_rs"), rollout_rs_threshold=_get(corr, "rollout_rs_threshold"))
+    if loss_type == "reinforce":
+        w = None if weights is None else weights.batch["rollout_is_weights"]
+        loss, metrics = compute_policy_loss_reinforce(old_log_prob, log_prob, advantages, mask, loss_agg_mode, config,
+                                                      w)
+    else:
+        loss, metrics = compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, mask, loss_agg_mode, config)
+    return loss, {**metrics, **corr_metrics}
+
+
 POLICY_LOSSES = {"vanilla": compute_policy_loss_vanilla, "gspo": compute_policy_loss_gspo,
                  "sapo": compute_policy_loss_sapo, "cispo": compute_policy_loss_cispo,
                  "gpg": compute_policy_loss_gpg, "clip_cov": compute_policy_loss_clip_cov,
-                 "kl_cov": compute_policy_loss_kl_cov, "geo_mean": compute_policy_loss_geo_mean}
+                 "kl_cov": compute_policy_loss_kl_cov, "geo_mean": compute_policy_loss_geo_mean,
+                 "bypass_mode": compute_policy_loss_bypass_mode}
 
 
 def get_policy_loss_fn(name: str):
-    """The loss registered under ``name`` (veRL's ``get_policy_loss_fn``; "bypass_mode" is not covered)."""
+    """The loss registered under ``name`` (veRL's ``get_policy_loss_fn``)."""
     if name not in POLICY_LOSSES:
         raise ValueError(f"Unsupported loss mode: {name}. Supported modes are: {list(POLICY_LOSSES)}")
     return POLICY_LOSSES[name]
@@ -639,6 +699,39 @@ def compute_rloo_vectorized_outcome_advantage(token_level_rewards: Tensor, respo
     return adv, adv
 
 
+def compute_grpo_passk_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor, index,
+                                         epsilon: float = 1e-6, norm_adv_by_std_in_grpo: bool = True,
+                                         config: Any = None, **kwargs) -> tuple[Tensor, Tensor]:
+    """Pass@k GRPO, veRL's "grpo_passk": in each group of ``index`` only the best response gets an advantage,
+    s_max - s_second (0 on a tie), divided by (unbiased group std + epsilon) when ``config.norm_adv_by_std_in_grpo``
+    (default True; as in veRL, the config's value wins over the argument); every other row gets 0. A group of one
+    raises ValueError. -> (advantages, advantages), float32 [B, T] (times response_mask). Vectorised over groups.
+    """
+    if config is None:
+        raise ValueError("compute_grpo_passk_outcome_advantage needs config (veRL's AlgoConfig or a mapping)")
+    norm = bool(_get(config, "norm_adv_by_std_in_grpo", True))
+    with torch.no_grad():
+        scores = _outcome(token_level_rewards).float()
+        ids = _group_ids(index, scores.device)
+        n = torch.bincount(ids)
+        if bool((n < 2).any()):
+            raise ValueError(f"Pass@k requires at least 2 samples per group; the smallest group has {int(n.min())}")
+        g, rows = n.numel(), torch.arange(scores.numel(), device=scores.device)
+        top = scores.new_full((g,), -torch.inf).scatter_reduce(0, ids, scores, "amax")
+        best = torch.full((g,), scores.numel(), device=scores.device).scatter_reduce(
+            0, ids, torch.where(scores == top[ids], rows, scores.numel()), "amin")  # first row holding the max
+        is_best = rows == best[ids]
+        second = scores.new_full((g,), -torch.inf).scatter_reduce(0, ids, torch.where(is_best, -torch.inf, scores),
+                                                                  "amax")
+        adv = top - second
+        if norm:
+            centred = ops.group_advantages(scores, ids, mode="dr_grpo", eps=epsilon)
+            var = torch.zeros(g, device=scores.device).index_add_(0, ids, centred.square()) / (n - 1).float()
+            adv = adv / (var.sqrt() + epsilon)
+        adv = torch.where(is_best, adv[ids], 0.0)[:, None] * response_mask
+    return adv, adv
+
+
 def compute_opo_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor, index, epsilon: float = 1e-6,
                                   config: Any = None, **kwargs) -> tuple[Tensor, Tensor]:
     """OPO, veRL's "opo": a_i = s_i - b with b = the group's length-weighted mean score sum(len s) / sum(len) (len =
@@ -694,21 +787,28 @@ def compute_reinforce_plus_plus_outcome_advantage(token_level_rewards: Tensor, r
     of response tokens, e.g. one turn, is discounted on its own, and a masked position holds r[t] + gamma R[t+1]);
     advantages = masked_whiten(R, response_mask) * response_mask.
     -> (advantages, returns), float32 [B, T]; returns unmasked, as in veRL. (``rlhf_fast.discounted_returns``
-    carries R across mask zeros instead; docs/formulas.md.)
+    carries R across mask zeros instead; docs/formulas.md.) No loop over T: ``_returns_reset_at_mask_zero``.
     """
     gamma = _get(config, "gamma")
     if gamma is None:
         raise ValueError("compute_reinforce_plus_plus_outcome_advantage needs config.gamma")
     with torch.no_grad():
-        rewards, keep = token_level_rewards.float(), response_mask.float()
-        returns = torch.zeros_like(rewards)
-        running = torch.zeros_like(rewards[:, 0])
-        for t in reversed(range(rewards.shape[1])):
-            running = rewards[:, t] + gamma * running
-            returns[:, t] = running
-            running = running * keep[:, t]
+        returns = _returns_reset_at_mask_zero(token_level_rewards, response_mask, float(gamma))
         advantages = masked_whiten(returns, response_mask) * response_mask
     return advantages, returns
+
+
+def _returns_reset_at_mask_zero(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """R[t] = r[t] + gamma * mask[t+1] * R[t+1] (R[T] = 0) in one scan: with P the plain discounted sums of every
+    position (``rlhf_fast.discounted_returns`` with an all-ones mask) and z(t) the first position after t with mask
+    0 (T if none), R[t] = P[t] - gamma^(z(t) - t) P[z(t)]: the sum stops where the chain is cut."""
+    b, t = rewards.shape
+    plain = ops.discounted_returns(rewards, torch.ones_like(rewards, dtype=torch.bool), gamma=gamma)
+    pos = torch.arange(t, device=rewards.device)
+    cut = torch.where(mask.bool(), t, pos.expand(b, t))  # a mask zero at s cuts the chain of every t < s
+    z = torch.nn.functional.pad(cut[:, 1:], (0, 1), value=t).flip(-1).cummin(-1).values.flip(-1)
+    tail = torch.nn.functional.pad(plain, (0, 1)).gather(-1, z)
+    return plain - torch.pow(torch.tensor(gamma, device=rewards.device), (z - pos).float()) * tail
 
 
 def compute_remax_outcome_advantage(token_level_rewards: Tensor, reward_baselines: Tensor, response_mask: Tensor,
@@ -719,3 +819,260 @@ def compute_remax_outcome_advantage(token_level_rewards: Tensor, reward_baseline
         returns = (token_level_rewards * response_mask).flip(-1).cumsum(-1).flip(-1)
         advantages = returns - reward_baselines[:, None] * response_mask
     return advantages, returns
+
+
+# ---- verl.trainer.ppo.rollout_corr_helper (>= 0.7: HEAD's names, arguments and metric keys) -------------------------
+
+SAFETY_BOUND = 20.0
+_RS_OPTIONS = {f"{level}_{k}": (level, k) for level in ("token", "seq_sum", "seq_mean") for k in ("k1", "k2", "k3")}
+_RS_OPTIONS.update({f"seq_max_{k}": ("seq_max", k) for k in ("k2", "k3")})
+
+
+def _item(x) -> float:
+    return float(x)
+
+
+def _masked_extreme(x: Tensor, mask: Tensor, largest: bool) -> float:
+    fill = -torch.inf if largest else torch.inf
+    x = x.masked_fill(~mask.bool(), fill)
+    return _item(x.max() if largest else x.min())
+
+
+def compute_rollout_correction_weights(log_ratio: Tensor, response_mask: Tensor, rollout_is: str = "token",
+                                       rollout_is_threshold: float = 2.0, rollout_is_batch_normalize: bool = False
+                                       ) -> tuple[Tensor, dict[str, float]]:
+    """Truncated IS weights from ``log_ratio`` = log pi_train - log pi_rollout [B, T]: ``rollout_is="token"`` ->
+    min(rho_t, threshold), "sequence" -> min(rho_s, threshold) on every token (``rlhf_fast.rollout_correction`` modes
+    tis / seq_tis), 0 off the mask, detached; ``rollout_is_batch_normalize``: divided by their mean over the tokens
+    (token) or over the non-empty sequences (sequence), on this process only. -> (weights float32, metrics): veRL's
+    "rollout_is_*" keys (mean / max / min / ratio_fraction_high / _low of the untruncated weights, std and
+    eff_sample_size of the weights clamped to [1/threshold, threshold], seq_* of the per-sequence mean weight,
+    batch_norm_factor), Python floats."""
+    if rollout_is not in ("token", "sequence"):
+        raise ValueError(f"Invalid rollout_is: {rollout_is}. Must be one of {{'token', 'sequence'}}.")
+    if not rollout_is_threshold > 0:
+        raise ValueError(f"rollout_is_threshold must be positive, got {rollout_is_threshold}.")
+    thr, lo = float(rollout_is_threshold), 1.0 / float(rollout_is_threshold)
+    lr, m = log_ratio.detach().float(), response_mask.float()
+    weights, _ = ops.rollout_correction(lr, torch.zeros_like(lr), m, mode="tis" if rollout_is == "token" else "seq_tis",
+                                        cap=thr)
+    with torch.no_grad():
+        seq_lr = (torch.where(m != 0, lr, 0.0) * m).sum(-1, keepdim=True)
+        level_lr = lr if rollout_is == "token" else seq_lr.expand_as(lr)
+        raw = torch.exp(level_lr.clamp(-SAFETY_BOUND, SAFETY_BOUND)) * m  # untruncated, for the metrics
+        metrics = {"rollout_is_mean": _item(masked_mean(raw, m))}
+        if rollout_is == "token":
+            metrics["rollout_is_ratio_fraction_high"] = _item(masked_mean((raw > thr).float(), m))
+            metrics["rollout_is_ratio_fraction_low"] = _item(masked_mean((raw < lo).float(), m))
+            metrics["rollout_is_max"] = _masked_extreme(raw, m, True)
+            metrics["rollout_is_min"] = _masked_extreme(raw, m, False)
+        else:
+            metrics["rollout_is_max"] = _item(torch.exp(seq_lr.max().clamp(max=SAFETY_BOUND)))
+            metrics["rollout_is_min"] = _item(torch.exp(seq_lr.min()))
+            metrics["rollout_is_ratio_fraction_high"] = _item((seq_lr > math.log(thr)).float().mean())
+            metrics["rollout_is_ratio_fraction_low"] = _item((seq_lr < math.log(lo)).float().mean())
+        clamped = raw.clamp(lo, thr)
+        mean_c = masked_mean(clamped, m)
+        var = masked_mean(clamped.square(), m) - mean_c.square()
+        metrics["rollout_is_std"] = _item(var.clamp(min=0).sqrt()) if m.sum() > 1 else 0.0
+        metrics["rollout_is_eff_sample_size"] = 1.0 / _item(masked_mean((clamped / (mean_c + 1e-8)).square(), m))
+        seq = masked_mean(raw, m, axis=-1)
+        metrics.update({"rollout_is_seq_mean": _item(seq.mean()),
+                        "rollout_is_seq_std": _item(seq.std()) if seq.numel() > 1 else 0.0,
+                        "rollout_is_seq_max": _item(seq.max()), "rollout_is_seq_min": _item(seq.min()),
+                        "rollout_is_seq_max_deviation": _item((seq - 1.0).abs().max()),
+                        "rollout_is_seq_fraction_high": _item((seq > thr).float().mean()),
+                        "rollout_is_seq_fraction_low": _item((seq < lo).float().mean())})
+        if rollout_is_batch_normalize:
+            if rollout_is == "token":
+                mean_w = masked_mean(weights, m)
+            else:
+                valid = (m.sum(-1) > 0).float()
+                mean_w = (masked_mean(weights, m, axis=-1) * valid).sum() / valid.sum().clamp(min=1e-8)
+            if mean_w > 1e-8:
+                weights = weights / mean_w
+                metrics["rollout_is_batch_norm_factor"] = _item(mean_w)
+            else:
+                metrics["rollout_is_batch_norm_factor"] = 1.0
+    return weights, metrics
+
+
+def _rs_thresholds(options: list[str], spec) -> dict[str, tuple[Optional[float], float]]:
+    """veRL's ``rollout_rs_threshold``: one number / entry for all options or one per option ("a,b,..."); a k1 entry
+    is "lower_upper" or "upper" (lower = 1/upper), ratio bounds; the others one positive upper bound."""
+    if spec is None:
+        raise ValueError("rollout_rs_threshold must be provided for rejection sampling.")
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        parts = [str(spec)]
+    elif isinstance(spec, str):
+        parts = [p.strip() for p in spec.split(",") if p.strip()]
+    else:
+        raise TypeError("rollout_rs_threshold must be a string or numeric value specifying per-option thresholds.")
+    if len(parts) not in (1, len(options)):
+        raise ValueError(f"rollout_rs_threshold expects one threshold or {len(options)} (one per rollout_rs option)")
+    parts = parts * len(options) if len(parts) == 1 else parts
+    out = {}
+    for option, part in zip(options, parts):
+        if option.endswith("k1"):
+            lower, upper = part.split("_", 1) if "_" in part else (None, part)
+            upper = float(upper)
+            lower = 1.0 / upper if lower is None else float(lower)
+            if lower <= 0 or upper <= 0:
+                raise ValueError(f"Thresholds for option '{option}' must be positive, got {part}.")
+            out[option] = (lower, upper)
+        else:
+            if "_" in part:
+                raise ValueError(f"rollout_rs_threshold for option '{option}' takes one upper bound, got '{part}'.")
+            if not float(part) > 0:
+                raise ValueError(f"Threshold for option '{option}' must be positive, got {part}.")
+            out[option] = (None, float(part))
+    return out
+
+
+def compute_rollout_rejection_mask(log_ratio: Tensor, response_mask: Tensor, rollout_rs: str = "token_k1",
+                                   rollout_rs_threshold=None) -> tuple[Tensor, dict[str, float]]:
+    """Hard trust region (veRL HEAD's rejection sampling): ``rollout_rs`` a comma list of ``token_k{1,2,3}``,
+    ``seq_sum_k{1,2,3}``, ``seq_mean_k{1,2,3}``, ``seq_max_k{2,3}``; a token stays in the mask when it passes every
+    option (``rlhf_fast.rollout_rejection`` with the k1 bounds in log space: log lower <= k1 <= log upper; k2, k3 <=
+    upper). -> (response_mask with the rejected tokens set to 0, its dtype; metrics): per option
+    "rollout_rs_<option>_{mean, max, min, fraction_high, fraction_low, std, seq_mean, seq_std, seq_max, seq_min,
+    seq_max_deviation, seq_fraction_high[, seq_fraction_low], masked_fraction, seq_masked_fraction}" and the overall
+    "rollout_rs_masked_fraction", "rollout_rs_seq_masked_fraction", Python floats (veRL's definitions)."""
+    if not isinstance(rollout_rs, str):
+        raise ValueError("rollout_rs must be a non-empty string (comma separated for multiple options).")
+    if rollout_rs_threshold is None:
+        raise ValueError("rollout_rs_threshold must be provided for rejection sampling.")
+    if log_ratio.shape[0] == 0:
+        return response_mask, {}
+    options = list(dict.fromkeys(o.strip() for o in rollout_rs.split(",") if o.strip()))
+    if not options:
+        raise ValueError("rollout_rs must contain at least one valid option.")
+    for o in options:
+        if o not in _RS_OPTIONS:
+            raise ValueError(f"Invalid rollout_rs option: {o}. Must be one of {sorted(_RS_OPTIONS)}.")
+    bounds = _rs_thresholds(options, rollout_rs_threshold)
+    if not bool(response_mask.any()):
+        raise ValueError("response_mask must contain at least one valid token (1).")
+    lr, m = log_ratio.detach().float(), response_mask.float()
+    mb, valid = m != 0, m.sum(-1) > 0
+    keep_all = mb.clone()
+    metrics: dict[str, float] = {}
+    for option in options:
+        level, stat = _RS_OPTIONS[option]
+        lower, upper = bounds[option]
+        k1 = stat == "k1"
+        low, high = (math.log(lower), math.log(upper)) if k1 else (None, upper)
+        keep, s, _ = ops.rollout_rejection(lr, torch.zeros_like(lr), m, stat=stat, level=level, low=low, high=high)
+        keep_all &= keep
+        p, low_m = f"rollout_rs_{option}", low if k1 else 0.0
+        seq = masked_mean(s, m, axis=-1)[valid]
+        by_seq = level != "token" and seq.numel() > 0
+        metrics[f"{p}_mean"] = _item(masked_mean(s, m))
+        metrics[f"{p}_max"] = _item(seq.max()) if by_seq else _masked_extreme(s, m, True)
+        metrics[f"{p}_min"] = _item(seq.min()) if by_seq else _masked_extreme(s, m, False)
+        if by_seq:
+            metrics[f"{p}_fraction_high"] = _item((seq > high).float().mean())
+            metrics[f"{p}_fraction_low"] = _item((seq < low_m).float().mean()) if k1 else 0.0
+        else:
+            metrics[f"{p}_fraction_high"] = _item(masked_mean((s > high).float(), m))
+            metrics[f"{p}_fraction_low"] = _item(masked_mean((s < low_m).float(), m)) if k1 else 0.0
+        clamped = s.clamp(low_m, high)
+        var = masked_mean(clamped.square(), m) - masked_mean(clamped, m).square()
+        metrics[f"{p}_std"] = _item(var.clamp(min=0).sqrt()) if m.sum() > 1 else 0.0
+        if seq.numel() > 0:
+            metrics.update({f"{p}_seq_mean": _item(seq.mean()),
+                            f"{p}_seq_std": _item(seq.std()) if seq.numel() > 1 else 0.0,
+                            f"{p}_seq_max": _item(seq.max()), f"{p}_seq_min": _item(seq.min()),
+                            f"{p}_seq_max_deviation": _item(seq.abs().max()),
+                            f"{p}_seq_fraction_high": _item((seq > high).float().mean())})
+            if k1:
+                metrics[f"{p}_seq_fraction_low"] = _item((seq < low_m).float().mean())
+        rejected = mb & ~keep
+        metrics[f"{p}_masked_fraction"] = _item(masked_mean(rejected.float(), m))
+        metrics[f"{p}_seq_masked_fraction"] = _item(rejected.any(-1)[valid].float().mean())
+    metrics["rollout_rs_masked_fraction"] = _item(masked_mean((mb & ~keep_all).float(), m))
+    metrics["rollout_rs_seq_masked_fraction"] = _item((mb & ~keep_all).any(-1).float().mean())
+    return (response_mask * keep_all).to(response_mask.dtype), metrics
+
+
+def compute_offpolicy_metrics(old_log_prob: Tensor, rollout_log_prob: Optional[Tensor], response_mask: Tensor
+                              ) -> dict[str, float]:
+    """veRL's off-policy diagnostics (no prefix), Python floats: ``training_ppl`` / ``training_log_ppl`` (batch means
+    of each sequence's exp(-mean log-prob) / -mean log-prob), and with ``rollout_log_prob``: ``kl`` (masked mean of
+    rollout - training), ``k3_kl`` (of rho - 1 - log rho, rho = exp(training - rollout)), ``rollout_ppl``,
+    ``rollout_log_ppl``, ``log_ppl_diff`` (mean, ``log_ppl_abs_diff``, ``_max``, ``_min`` of the per-sequence mean
+    rollout - mean training log-prob), ``ppl_ratio`` (mean of its exp), ``chi2_token`` (masked mean rho^2 - 1) and
+    ``chi2_seq`` (batch mean of rho_s^2 - 1), log ratios clamped to +-20 in the chi^2 terms."""
+    if not bool(response_mask.any()):
+        raise ValueError("Expected at least one valid token in response_mask")
+    with torch.no_grad():
+        m, old = response_mask.float(), old_log_prob.detach().float()
+        mean_old = masked_mean(old, m, axis=-1)
+        out = {"training_ppl": _item(torch.exp(-mean_old).mean()), "training_log_ppl": _item((-mean_old).mean())}
+        if rollout_log_prob is None:
+            return out
+        roll = rollout_log_prob.detach().float()
+        lr = old - roll
+        mean_roll = masked_mean(roll, m, axis=-1)
+        diff = mean_roll - mean_old
+        seq_lr = (torch.where(m != 0, lr, 0.0) * m).sum(-1)
+        out.update({"kl": _item(masked_mean(roll - old, m)), "k3_kl": _item(masked_mean(torch.exp(lr) - lr - 1, m)),
+                    "rollout_ppl": _item(torch.exp(-mean_roll).mean()), "rollout_log_ppl": _item((-mean_roll).mean()),
+                    "log_ppl_diff": _item(diff.mean()), "log_ppl_abs_diff": _item(diff.abs().mean()),
+                    "log_ppl_diff_max": _item(diff.max()), "log_ppl_diff_min": _item(diff.min()),
+                    "ppl_ratio": _item(torch.exp(diff).mean()),
+                    "chi2_token": _item(masked_mean(torch.exp(2 * lr.clamp(-SAFETY_BOUND, SAFETY_BOUND)), m)) - 1.0,
+                    "chi2_seq": _item(torch.exp(2 * seq_lr.clamp(-SAFETY_BOUND, SAFETY_BOUND)).mean()) - 1.0})
+    return out
+
+
+def _is_weights_batch(weights: Tensor):
+    """veRL's return wrapper: a ``verl.protocol.DataProto`` when verl is importable, else an object whose ``batch``
+    maps "rollout_is_weights" to the weights."""
+    try:
+        from verl.protocol import DataProto
+    except ImportError:
+        return SimpleNamespace(batch={"rollout_is_weights": weights})
+    return DataProto.from_dict(tensors={"rollout_is_weights": weights})
+
+
+def compute_rollout_correction_and_rejection_mask(old_log_prob: Tensor, rollout_log_prob: Tensor,
+                                                  response_mask: Tensor, rollout_is: Optional[str] = None,
+                                                  rollout_is_threshold: Optional[float] = 2.0,
+                                                  rollout_is_batch_normalize: bool = False,
+                                                  rollout_rs: Optional[str] = None, rollout_rs_threshold=None):
+    """IS weights (``rollout_is`` set) and rejection mask (``rollout_rs`` set) of the training log-probs against the
+    rollout ones, plus ``compute_offpolicy_metrics``. -> (weights wrapped as veRL does,
+    ``.batch["rollout_is_weights"]``, or None; the response mask after rejection; metrics with the "rollout_corr/"
+    prefix)."""
+    if not bool(response_mask.any()):
+        raise ValueError("response_mask must contain at least one valid token (1).")
+    if old_log_prob.shape != rollout_log_prob.shape:
+        raise ValueError(f"old_log_prob shape {old_log_prob.shape} does not match rollout_log_prob shape "
+                         f"{rollout_log_prob.shape}.")
+    if old_log_prob.shape != response_mask.shape:
+        raise ValueError(f"log_prob shape {old_log_prob.shape} does not match response_mask shape "
+                         f"{response_mask.shape}.")
+    log_ratio = old_log_prob - rollout_log_prob
+    metrics: dict[str, float] = {}
+    weights = None
+    if rollout_is is not None and rollout_is_threshold is not None:
+        weights, is_metrics = compute_rollout_correction_weights(log_ratio, response_mask, rollout_is,
+                                                                 rollout_is_threshold, rollout_is_batch_normalize)
+        metrics.update(is_metrics)
+    mask = response_mask.clone()
+    if rollout_rs is not None:
+        if rollout_rs_threshold is None:
+            raise ValueError("rollout_rs_threshold must be explicitly provided when rollout_rs is enabled.")
+        mask, rs_metrics = compute_rollout_rejection_mask(log_ratio, response_mask, rollout_rs, rollout_rs_threshold)
+        metrics.update(rs_metrics)
+    metrics.update(compute_offpolicy_metrics(old_log_prob, rollout_log_prob, response_mask))
+    return (None if weights is None else _is_weights_batch(weights), mask,
+            {f"rollout_corr/{k}": v for k, v in metrics.items()})
+
+
+def compute_rollout_corr_metrics_from_logprobs(log_prob: Tensor, rollout_log_prob: Tensor, response_mask: Tensor
+                                               ) -> dict[str, float]:
+    """``compute_offpolicy_metrics`` of the current policy's log-probs, with the "rollout_corr/" prefix."""
+    return {f"rollout_corr/{k}": v for k, v in compute_offpolicy_metrics(log_prob, rollout_log_prob,
+                                                                          response_mask).items()}

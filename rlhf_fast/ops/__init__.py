@@ -7,7 +7,8 @@ from .linear_logprobs import OP_BACKENDS as _LINEAR_LOGPROBS_BACKENDS, linear_lo
 from .linear_losses import OP_BACKENDS as _LINEAR_LOSSES_BACKENDS, linear_dpo_loss, linear_ppo_loss
 from .loss_weights import AGG_MODES, loss_normalizer, loss_weights  # loss_weights shadows the module name
 from .ppo_loss import ppo_loss_from_logits, ppo_objective, ppo_policy_loss, ppo_value_loss
-from .rollout_correction import IS_MODES, mismatch_metrics, rollout_correction
+from .rollout_correction import (IS_MODES, RS_LEVELS, RS_STATS, mismatch_metrics, rollout_correction,
+                                 rollout_rejection)
 from .sampling import sample
 from .token_logprobs import entropy, kl_divergence, kl_penalty, logprobs, logprobs_and_entropy
 
@@ -23,7 +24,7 @@ __all__ = [
     "linear_ppo_loss", "logprobs", "logprobs_and_entropy",
     "AGG_MODES", "loss_normalizer", "loss_weights",
     "ppo_loss_from_logits", "ppo_objective", "ppo_policy_loss", "ppo_value_loss",
-    "IS_MODES", "mismatch_metrics", "rollout_correction",
+    "IS_MODES", "RS_LEVELS", "RS_STATS", "mismatch_metrics", "rollout_correction", "rollout_rejection",
     "discounted_returns", "gae", "group_advantages", "masked_mean", "masked_var", "masked_whiten",
     "sample",
 ]

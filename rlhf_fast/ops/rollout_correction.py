@@ -15,6 +15,12 @@ token's loss weight (docs/formulas.md, "Rollout correction", with the sources):
   seq_tis  c = min(rho_s, cap) on every token of s  (TRL sequence_truncate; veRL rollout_is=sequence)
   seq_mis  c = rho_s if rho_s <= cap else 0         (TRL sequence_mask)
 
+``rollout_rejection`` is the hard trust region beside them (veRL's rejection sampling, ``rollout_rs``): it drops the
+tokens (token level) or whole sequences whose divergence statistic lies outside [low, high]. The statistics are the
+per-token estimators of KL(behaviour || trainer) with d = clamp(logp_old - logp_behav, -20, 20): k1 = -d,
+k2 = d^2 / 2, k3 = exp(d) - 1 - d, taken per token or reduced over the sequence (sum, mean, max). seq_sum of k1 is
+-log rho_s (two-sided band = sequence-level IS masking), seq_mean of k1 is -log of the geometric-mean ratio.
+
 Plain PyTorch on [N] packed or [B, T] padded tensors; no host synchronisation.
 """
 
@@ -28,6 +34,8 @@ from torch import Tensor
 from . import _checks
 
 IS_MODES = ("none", "tis", "mis", "icepop", "seq_tis", "seq_mis")
+RS_STATS = ("k1", "k2", "k3")
+RS_LEVELS = ("token", "seq_sum", "seq_mean", "seq_max")
 MISMATCH_BAND = 0.1  # mismatch_metrics counts ratios outside [1 - 0.1, 1 + 0.1]
 
 
@@ -56,6 +64,16 @@ def _sequence_sum(d: Tensor, seq_ids: Optional[Tensor]) -> Tensor:
     if seq_ids is None:
         return d.sum(-1, keepdim=True).expand_as(d)
     return d.new_zeros(d.shape).index_add(0, seq_ids, d)[seq_ids]
+
+
+def _sequence_max(x: Tensor, m: Tensor, seq_ids: Optional[Tensor]) -> Tensor:
+    """Per-token max of x over the masked tokens of its sequence (0 for a sequence without any)."""
+    x = torch.where(m, x, -torch.inf)
+    if seq_ids is None:
+        top = x.amax(-1, keepdim=True).expand_as(x)
+    else:
+        top = x.new_full(x.shape, -torch.inf).scatter_reduce(0, seq_ids, x, "amax")[seq_ids]
+    return torch.where(top == -torch.inf, 0.0, top)
 
 
 def rollout_correction(logp_old: Tensor, logp_behav: Tensor, mask: Tensor, *, mode: str = "tis", cap: float = 2.0,
@@ -114,3 +132,45 @@ def mismatch_metrics(logp: Tensor, logp_behav: Tensor, mask: Tensor) -> dict:
     k3 = torch.where(m, r - d - 1.0, 0.0)
     return {"mismatch_k3": k3.sum() / n, "mismatch_ratio_mean": mean, "mismatch_ratio_std": var.sqrt(),
             "mismatch_outside_frac": (m & ((r - 1.0).abs() > MISMATCH_BAND)).sum() / n}
+
+
+def rollout_rejection(logp_old: Tensor, logp_behav: Tensor, mask: Tensor, *, stat: str = "k1", level: str = "token",
+                      low: Optional[float] = None, high: float, seq_ids: Optional[Tensor] = None
+                      ) -> tuple[Tensor, Tensor, dict]:
+    """Rejection by divergence (module docstring): which tokens keep their place in the loss.
+
+    logp_old, logp_behav, mask, seq_ids: as ``rollout_correction``. stat: "k1" | "k2" | "k3"; level: "token" (the
+    token's statistic), "seq_sum" | "seq_mean" | "seq_max" (the sum / mean / max of the statistic over the masked
+    tokens of the sequence, 0 for an empty one, on each of its tokens); a token is kept when ``low <= s <= high``
+    (``low=None``: no lower bound; k2 and k3 are >= 0, so ``high`` alone bounds them).
+    -> (keep: bool, mask's shape, False off the mask; s: float32, mask's shape, 0 off the mask; stats) with stats
+    as 0-d float32 tensors over the masked tokens: ``rs_statistic_mean`` (mean of s) and ``rs_masked_frac``
+    (tokens rejected)."""
+    _checks.choice(stat, "stat", RS_STATS)
+    _checks.choice(level, "level", RS_LEVELS)
+    for name, value in (("low", low), ("high", high)):
+        if value is None and name == "low":
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value == value:
+            raise TypeError(f"{name} must be a number, got {value!r}")
+    if low is not None and not low <= high:
+        raise ValueError(f"low and high must satisfy low <= high, got low={low}, high={high}")
+    if level != "token" and logp_old.dim() == 1 and seq_ids is None:
+        raise ValueError(f"level={level!r} on packed [N] input needs seq_ids (the sequence id of each token)")
+    m, d = _inputs(logp_old, logp_behav, mask, seq_ids)
+    d = d.clamp(-20.0, 20.0)
+    k = -d if stat == "k1" else 0.5 * d * d if stat == "k2" else torch.expm1(d) - d
+    k = torch.where(m, k, 0.0)
+    if level == "seq_sum":
+        k = _sequence_sum(k, seq_ids)
+    elif level == "seq_mean":
+        k = _sequence_sum(k, seq_ids) / _sequence_sum(m.float(), seq_ids).clamp(min=1.0)
+    elif level == "seq_max":
+        k = _sequence_max(k, m, seq_ids)
+    k = torch.where(m, k, 0.0)
+    keep = m & (k <= high)
+    if low is not None:
+        keep &= k >= low
+    n = m.sum().clamp(min=1).float()
+    stats = {"rs_statistic_mean": k.sum() / n, "rs_masked_frac": (m & ~keep).sum() / n}
+    return keep, k, stats
