@@ -42,6 +42,16 @@ def same_shape(x: torch.Tensor, name: str, shape, what: str) -> None:
         raise ValueError(f"{name} must have shape {tuple(shape)} ({what}), got {tuple(x.shape)}")
 
 
+def seq_ids(x, ref: torch.Tensor, ref_name: str) -> torch.Tensor:
+    """The sequence id of each packed token: an int64 tensor of ref's shape, on ref's device."""
+    tensor(x, "seq_ids")
+    if x.dtype != torch.int64:
+        raise TypeError(f"seq_ids must be int64 (torch.long), got {x.dtype}")
+    same_shape(x, "seq_ids", ref.shape, f"the shape of {ref_name}")
+    same_device(x, "seq_ids", ref, ref_name)
+    return x
+
+
 def labels(y, name: str, logits_: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """int64 labels of shape logits.shape[:-1], on the logits' device, each in [0, V) or == ignore_index.
 

@@ -533,11 +533,7 @@ def linear_dpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, ref_chosen_l
     else:
         if hidden.dim() != 2:
             raise ValueError(f"with seq_ids, hidden must be packed [N, H], got {tuple(hidden.shape)}")
-        _checks.tensor(seq_ids, "seq_ids")
-        if seq_ids.dtype != torch.int64:
-            raise TypeError(f"seq_ids must be int64 (torch.long), got {seq_ids.dtype}")
-        _checks.same_shape(seq_ids, "seq_ids", labels.shape, "labels.shape")
-        _checks.same_device(seq_ids, "seq_ids", labels, "labels")
+        _checks.seq_ids(seq_ids, labels, "labels")
         if pairs >= 0 and seq_ids.numel() and not torch.compiler.is_compiling():
             low, high = int(seq_ids.min()), int(seq_ids.max())
             if low < 0 or high >= 2 * pairs:

@@ -38,10 +38,7 @@ def _validate(mask, agg: str, seq_ids, max_len) -> Tensor:
         _checks.tensor(seq_ids, "seq_ids")
         if mask.dim() != 1:
             raise ValueError(f"seq_ids is for packed [N] input; mask is padded [B, T] {tuple(mask.shape)}")
-        if seq_ids.dtype != torch.int64:
-            raise TypeError(f"seq_ids must be int64 (torch.long), got {seq_ids.dtype}")
-        _checks.same_shape(seq_ids, "seq_ids", mask.shape, "the shape of mask")
-        _checks.same_device(seq_ids, "seq_ids", mask, "mask")
+        _checks.seq_ids(seq_ids, mask, "mask")
         # The range check reads the ids: eager CPU only (no host synchronisation on CUDA or under torch.compile).
         if seq_ids.device.type == "cpu" and not torch.compiler.is_compiling() and seq_ids.numel() > 0:
             if bool(((seq_ids < 0) | (seq_ids >= seq_ids.numel())).any()):

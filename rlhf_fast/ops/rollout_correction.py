@@ -50,10 +50,7 @@ def _inputs(logp_old, logp_behav, mask, seq_ids):
     if seq_ids is not None:
         if logp_old.dim() != 1:
             raise ValueError(f"seq_ids is for packed [N] input; logp_old has shape {tuple(logp_old.shape)}")
-        _checks.tensor(seq_ids, "seq_ids")
-        if seq_ids.dtype != torch.int64:
-            raise TypeError(f"seq_ids must be int64 (torch.long), got {seq_ids.dtype}")
-        _checks.same_shape(seq_ids, "seq_ids", logp_old.shape, "the shape of logp_old")
+        _checks.seq_ids(seq_ids, logp_old, "logp_old")
     m = mask != 0
     d = torch.where(m, logp_old.float() - logp_behav.float(), 0.0)  # 0 off the mask: NaN there never leaks
     return m, d
