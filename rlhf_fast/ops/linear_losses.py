@@ -219,7 +219,8 @@ linear_ppo_loss_op.register_autograd(_grad, setup_context=_setup_grads(18))
 # ---------------------------------------------------------------------------------------------------------------
 # DPO on packed pairs: seq_ids [N] in [0, 2P), sequence s < P the chosen response of pair s and sequence P + i the
 # rejected response of pair i (pair_batch's order). The response tokens are visited pair by pair, so that a chunk
-# holds whole pairs: each pair's d loss / d s is known once the chunk's log-probs are.
+# holds whole pairs: each pair's d loss / d s is known once the chunk's log-probs are. A pair longer than a chunk
+# is visited twice, piece by piece: its log-probs, then its gradients.
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -281,18 +282,19 @@ def _linear_dpo_fwd(hidden, weight, bias, labels, seq_ids, ref_c, ref_r, pair_we
     terms = lambda a, b: _dpo_pair_terms(  # noqa: E731
         seq_logps[a:b], seq_logps[pairs + a:pairs + b], ref_c[a:b].float(), ref_r[a:b].float(), lens[a:b],
         lens[pairs + a:pairs + b], beta, loss_type, label_smoothing, simpo_gamma)
-    for a, b, t0, t1 in _pair_chunks(torch.bincount(pair_of, minlength=pairs).tolist(), rows):
-        if t1 == t0:
-            continue
+    def visit(a, b, t0, t1, accumulate, grads):
+        """Rows t0:t1 of the pair-sorted tokens (of pairs a:b): their log-probs into the sums (``accumulate``), their
+        gradients from pairs a:b's d loss / d s (``grads``)."""
         idx = order[t0:t1]
         h, y, s = hidden.index_select(0, idx), labels.index_select(0, idx), seq_ids.index_select(0, idx)
         logits = _tile_logits(h, weight, bias, 0, vocab)
         logp, ent, lse, _ = _logprobs_fwd(backend, logits, y, None, temperature, ignore_index, False)
-        seq_logps.index_add_(0, s, logp)
         u = nll_weights.index_select(0, idx).float()
-        nll = nll - (u * logp).sum()
-        if not any(needs):
-            continue
+        if accumulate:
+            seq_logps.index_add_(0, s, logp)
+            nll.sub_((u * logp).sum())
+        if not grads:
+            return
         _, g_c, g_r, _, _ = terms(a, b)
         g_seq[a:b], g_seq[pairs + a:pairs + b] = pair_weights[a:b] * g_c, pair_weights[a:b] * g_r
         g_logp = g_seq.index_select(0, s) - nll_coef * u
@@ -307,8 +309,21 @@ def _linear_dpo_fwd(hidden, weight, bias, labels, seq_ids, ref_c, ref_r, pair_we
         if need_weight:
             _gemm(grad_weight, grad_logits.t(), h, accumulate=True)
         if need_bias:
-            grad_bias += grad_logits.sum(0, dtype=torch.float32)
-        del grad_logits
+            grad_bias.add_(grad_logits.sum(0, dtype=torch.float32))
+
+    grads = any(needs)
+    for a, b, t0, t1 in _pair_chunks(torch.bincount(pair_of, minlength=pairs).tolist(), rows):
+        if t1 - t0 <= rows:
+            if t1 > t0:
+                visit(a, b, t0, t1, True, grads)
+            continue
+        # one pair longer than a chunk: its d loss / d s needs all its log-probs first, so its rows go through the
+        # logits twice (a fourth GEMM on its tokens, memory within the chunk budget)
+        pieces = [(p0, min(p0 + rows, t1)) for p0 in range(t0, t1, rows)]
+        for p0, p1 in pieces:
+            visit(a, b, p0, p1, True, False)
+        for p0, p1 in pieces if grads else ():
+            visit(a, b, p0, p1, False, True)
     pair_loss, _, _, r_c, r_r = terms(0, pairs)
     loss = (pair_weights.float() * pair_loss).sum() + nll_coef * nll
     stats = torch.stack([r_c.sum(), r_r.sum(), (r_c - r_r).sum(), (r_c > r_r).float().sum()]) / max(pairs, 1)
@@ -506,7 +521,8 @@ def linear_dpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, ref_chosen_l
                     nll_weights: Optional[Tensor] = None, bias: Optional[Tensor] = None, temperature: float = 1.0,
                     ignore_index: int = -100, return_sequence_logps: bool = False):
     """The DPO family of pairwise losses from hidden states (docs/formulas.md, "DPO"), gradients formed in the
-    forward (3 GEMMs), chunks of whole pairs; the [N, V] logits never exist.
+    forward (3 GEMMs), chunks of whole pairs (a pair longer than the chunk budget: 4 GEMMs on its tokens); the
+    [N, V] logits never exist.
 
     Layout, packed: hidden [N, H], labels [N] and ``seq_ids`` [N] int64 in [0, 2P): sequence i < P is the chosen
     response of pair i, sequence P + i its rejected response (the order of ``rlhf_fast.data.pair_batch``). Or padded,
