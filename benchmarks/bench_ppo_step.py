@@ -2,12 +2,18 @@
 
 * ``--case embedded`` (default): the embedded default, fused ops (the automatic backend: C++ on CPU, Triton/CUDA on
   GPU) vs ``--backend torch`` (the plain-PyTorch references), for several vocabulary sizes;
+* ``--case llama``: a GRPO iteration (``--algo``, ``--batch-size`` prompts x ``--group-size`` samples,
+  ``--max-new-tokens``) of a random-init Llama built here (``--llama hidden,layers,intermediate,heads``; default
+  256,4,1024,4: 20.6 M parameters at V=32000), the rollout from ``rlhf_fast.generate`` with its static cache
+  (shared prefill) vs its dynamic-cache path (``generate_cache=dynamic``, what the trainer used before the static
+  path), e.g. ``--llama 512,8,1344,8 --max-new-tokens 128`` for bench_generate's config (b);
 * ``--case mixed``: the learn phase (policy and critic forward + backward over every minibatch) on a rollout of
   mixed lengths (prompts 8-256 tokens, responses 4-128), the trainer's packed batches vs the same computation on
   padded [S, L] rows with an attention mask: tokens/s and peak memory.
 
-    python benchmarks/bench_ppo_step.py [--case embedded|mixed] [--iterations 5] [--vocab-sizes 0,19,32000]
-                                        [--quick] [--json out.json]
+    python benchmarks/bench_ppo_step.py [--case embedded|mixed|llama] [--iterations 5] [--vocab-sizes 0,19,32000]
+                                        [--llama 256,4,1024,4] [--algo grpo] [--group-size 4] [--quick]
+                                        [--json out.json]
 
 Each configuration runs in its own subprocess so its peak memory (max RSS on CPU, max allocated on CUDA) is its
 own. Vocabulary 0 is the embedded default (8192 words: the task's 19 and reserved ones, see data/embedded.py); 19 is
@@ -29,12 +35,14 @@ import tempfile
 import time
 
 
-def _models(tmp: str, vocab_size: int) -> tuple[str, str]:
+def _models(tmp: str, vocab_size: int, llama: str = "") -> tuple[str, str]:
     from rlhf_fast.data.embedded import DEFAULT_VOCAB_SIZE, build_tokenizer
     from rlhf_fast.models import ScalarHeadModel, build_tiny_model
 
     tok = build_tokenizer(vocab_size or DEFAULT_VOCAB_SIZE)
-    build_tiny_model(tok, seed=0).save_pretrained(f"{tmp}/policy")
+    shape = dict(zip(("hidden_size", "num_layers", "intermediate_size", "num_heads"),
+                     map(int, llama.split(",")))) if llama else {}
+    build_tiny_model(tok, seed=0, **shape).save_pretrained(f"{tmp}/policy")
     tok.save_pretrained(f"{tmp}/policy")
     ScalarHeadModel.from_pretrained(f"{tmp}/policy").save_pretrained(f"{tmp}/rm")
     return f"{tmp}/policy", f"{tmp}/rm"
@@ -55,10 +63,11 @@ def embedded_worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        policy, rm = _models(tmp, args.vocab_size)
+        policy, rm = _models(tmp, args.vocab_size, args.llama if args.case == "llama" else "")
         cfg = PPOConfig(model=policy, reward_models=[rm], out=f"{tmp}/out", batch_size=args.batch_size,
                         max_new_tokens=args.max_new_tokens, eval_prompts=0, progress=False, threads=args.threads,
-                        backend=None if args.backend == "auto" else args.backend)
+                        backend=None if args.backend == "auto" else args.backend, algo=args.algo,
+                        group_size=args.group_size, generate_cache=args.generate_cache)
         with rlhf_fast.use_backend(args.backend) if args.backend != "auto" else contextlib.nullcontext():
             trainer = PPOTrainer(cfg)
             times = {"generate": [], "score": [], "learn": [], "total": []}
@@ -74,7 +83,9 @@ def embedded_worker(args) -> dict:
                     for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
                         times[k].append(v)
         peak = _peak(trainer.device)
-    return {"backend": args.backend, **{k: statistics.median(v) for k, v in times.items()}, "peak_bytes": peak}
+    n_params = sum(p.numel() for p in trainer.policy.module.parameters())
+    return {"backend": args.backend, "generate_cache": args.generate_cache, "params": n_params,
+            **{k: statistics.median(v) for k, v in times.items()}, "peak_bytes": peak}
 
 
 def padded_hidden(body, batch):
@@ -144,7 +155,8 @@ def mixed_worker(args) -> dict:
 
 def _run(args, **worker_args) -> dict:
     cmd = [sys.executable, __file__, "--iterations", str(args.iterations), "--batch-size", str(args.batch_size),
-           "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads), "--case", args.case]
+           "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads), "--case", args.case,
+           "--llama", args.llama, "--algo", args.algo, "--group-size", str(args.group_size)]
     for k, v in worker_args.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True,
@@ -154,7 +166,10 @@ def _run(args, **worker_args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--case", choices=("embedded", "mixed"), default="embedded")
+    parser.add_argument("--case", choices=("embedded", "mixed", "llama"), default="embedded")
+    parser.add_argument("--llama", default="256,4,1024,4", help="llama case: hidden,layers,intermediate,heads")
+    parser.add_argument("--algo", default=None, help="ppo | grpo | dr_grpo | rloo (default: ppo; llama case: grpo)")
+    parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=10)
@@ -165,10 +180,12 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=0, help=argparse.SUPPRESS)  # worker mode
     parser.add_argument("--backend", default=None, help=argparse.SUPPRESS)  # worker mode (embedded)
     parser.add_argument("--layout", default=None, help=argparse.SUPPRESS)  # worker mode (mixed)
+    parser.add_argument("--generate-cache", default="auto", help=argparse.SUPPRESS)  # worker mode
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args()
     if args.reps:
         args.iterations = args.reps
+    args.algo = args.algo or ("grpo" if args.case == "llama" else "ppo")
     if args.quick:
         args.iterations, args.batch_size, args.max_new_tokens, args.vocab_sizes = 1, 8, 4, "0"
     if args.backend or args.layout:
@@ -178,7 +195,20 @@ def main() -> None:
 
     vocabs = [int(v) for v in args.vocab_sizes.split(",")]
     rows, table = [], []
-    if args.case == "mixed":
+    if args.case == "llama":
+        for cache in ("dynamic", "static"):
+            rows.append(_run(args, backend="auto", vocab_size=32000, generate_cache=cache))
+        for r in rows:
+            table.append([r["generate_cache"], f"{r['generate']:.3f}", f"{r['score']:.3f}", f"{r['learn']:.3f}",
+                          f"{r['total']:.3f}", f"{r['peak_bytes'] / 2**20:.0f}",
+                          f"{rows[0]['generate'] / r['generate']:.2f}x", f"{rows[0]['total'] / r['total']:.2f}x"])
+        print(f"{args.algo} iteration, random-init Llama (hidden, layers, intermediate, heads = {args.llama}; "
+              f"{rows[0]['params'] / 1e6:.1f} M parameters, V=32000), {args.batch_size} prompts x {args.group_size} "
+              f"samples, {args.max_new_tokens} new tokens, {args.threads} thread(s); median of {args.iterations} "
+              "iterations (s)")
+        print(tabulate(table, headers=["generate cache", "generate", "score", "learn", "total", "peak MiB",
+                                       "generate speed-up", "total speed-up"]))
+    elif args.case == "mixed":
         for vocab in vocabs:
             for layout in ("padded", "packed"):
                 rows.append({"vocab": vocab, **_run(args, layout=layout, vocab_size=vocab)})

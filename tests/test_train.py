@@ -177,8 +177,8 @@ def test_rm_packed_equals_padded(tmp_path):
     ref = -torch.nn.functional.logsigmoid(r[:2] - r[2:]).mean()
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     assert correct.tolist() == (r[:2] > r[2:]).float().tolist()
-    for g, g_ref in zip(grads_of(rm, bradley_terry(rm, batch, w)[0]), grads_of(rm, ref)):
-        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
+    for g, g_ref in zip(grads_of(rm, bradley_terry(rm, batch, w)[0]), grads_of(rm, ref)):  # fp32 summation order
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5 * float(g_ref.abs().max()))
 
 
 def test_rm_learns_and_saves_score_statistics(pipeline):
@@ -299,8 +299,12 @@ def test_ppo_loss_types_route_to_the_fused_objective(tmp_path, loss_type, ratio_
                                            (dict(ratio_level="group"), "ratio_level='group'"),
                                            (dict(loss_type="cispo"), "needs clip_high"),
                                            (dict(loss_type="vespo", ratio_level="sequence"), "must be 'token'"),
-                                           (dict(loss_type="sapo", dual_clip=3.0), "dual_clip is for")])
-def test_ppo_config_loss_type_validation(kwargs, match):
+                                           (dict(loss_type="sapo", dual_clip=3.0), "dual_clip is for"),
+                                           (dict(generate_cache="paged"), "generate_cache='paged'"),
+                                           (dict(generate_batch_size=-8), "generate_batch_size=-8"),
+                                           (dict(algo="grpo", group_size=4, generate_batch_size=6),
+                                            "multiple of the 4 sample")])
+def test_ppo_config_validation(kwargs, match):
     with pytest.raises(common.ConfigError, match=match):
         PPOConfig(model="x", **kwargs).validate("ppo.")
 
@@ -356,7 +360,8 @@ def test_grpo_group_advantages_without_critic(pipeline, tmp_path):
     out, _ = pipeline
     cfg = PPOConfig(model=os.path.join(out, "sft", "model"), reward_models=[os.path.join(out, "rm", "model")],
                     out=str(tmp_path / "grpo"), algo="grpo", iterations=2, batch_size=8, group_size=4,
-                    minibatch_size=16, kl_kind="k3", eval_prompts=0, progress=False)
+                    minibatch_size=16, kl_kind="k3", eval_prompts=0, progress=False,
+                    generate_batch_size=8)  # 2 prompts' groups decode at once, the others refill finished slots
     trainer = PPOTrainer(cfg)
     assert trainer.critic is None
     batch, _ = trainer.score(*trainer.rollout(trainer.prompts(0)))

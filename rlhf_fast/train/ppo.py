@@ -40,6 +40,7 @@ from .. import gae, generate, group_advantages, kl_penalty, mismatch_metrics, pp
 from ..batch import TokenBatch
 from ..data import DataError, prompt_batch, read_jsonl, sft_batch, task
 from ..data.rollouts import load_rollouts, rollout_batch
+from ..generation import CACHE_MODES
 from ..models import ScalarHeadModel, disable_dropout, float32_head, load_causal_lm, load_tokenizer, \
     sequence_cross_entropy, sequence_logprobs, sequence_ppo_loss
 from ..ops.ppo_loss import POLICY_LOSS_TYPES, RATIO_LEVELS, _policy_variant
@@ -61,6 +62,9 @@ class PPOConfig(RewardConfig, common.RunConfig):
     epochs: int = 2              # passes over each rollout batch
     max_new_tokens: int = 10     # longest response sampled
     max_prompt_len: int = 256    # a longer prompt keeps its last tokens
+    generate_cache: str = "auto"  # auto | static | dynamic: rlhf_fast.generate's KV cache (auto: static if it can)
+    generate_batch_size: int = 0  # rows decoded at once (static cache; 0 = all): a row that stops frees its slot
+    #                              for the next pending prompt (refill), so long-tailed lengths do not idle the batch
     temperature: float = 1.0     # of the sampler and of every log-prob
     top_k: int = 0               # sampler filters: 0 = off
     top_p: float = 1.0           # 1 = off
@@ -127,6 +131,13 @@ class PPOConfig(RewardConfig, common.RunConfig):
                             (2.0, 3.0), (3.0, 2.0))
         except ValueError as e:
             raise common.ConfigError(f"{prefix}loss_type={self.loss_type!r}: {e}") from None
+        if self.generate_cache not in CACHE_MODES:
+            raise common.ConfigError(f"{prefix}generate_cache={self.generate_cache!r}: must be one of "
+                                     + ", ".join(CACHE_MODES))
+        samples = self.group_size if self.algo in GROUP_MODES else 1
+        if self.generate_batch_size < 0 or self.generate_batch_size % samples:
+            raise common.ConfigError(f"{prefix}generate_batch_size={self.generate_batch_size}: must be 0 (all rows) "
+                                     f"or a positive multiple of the {samples} sample(s) per prompt")
         if self.icepop_low >= self.icepop_high:
             raise common.ConfigError(f"{prefix}icepop_low={self.icepop_low}: must be below icepop_high="
                                      f"{self.icepop_high}")
@@ -270,7 +281,8 @@ class PPOTrainer(common.Trainer):
             out = self.policy.local(generate, ids, mask, max_new_tokens=cfg.max_new_tokens,
                                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                                    generator=self.generator, num_samples=self.samples)
+                                    generator=self.generator, num_samples=self.samples, cache=cfg.generate_cache,
+                                    batch_size=cfg.generate_batch_size or None)
         self.policy.train()
         prompt_mask = mask.repeat_interleave(self.samples, 0)
         batch = TokenBatch.from_generation(out.sequences, prompt_mask, out.response_mask,
