@@ -605,3 +605,105 @@ def test_offpolicy_metrics_and_combined_hand_computed():
     assert verl.compute_rollout_correction_and_rejection_mask(old, roll, m)[0] is None
     with pytest.raises(ValueError, match="rollout_rs_threshold"):
         verl.compute_rollout_correction_and_rejection_mask(old, roll, m, rollout_rs="token_k1")
+
+
+def _ratios_case():
+    # IS ratios pi_train / pi_rollout per token; row 0 has three tokens, row 1 two
+    rho = torch.tensor([[3.0, 1.0, 0.4, 1.0], [1.5, 0.6, 1.0, 1.0]])
+    return torch.log(rho), torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+
+
+def test_v07_rejection_by_ratio_hand_computed():
+    lr, m = _ratios_case()
+    # "token": each ratio in [0.5, 2] (lower defaults to 1 / upper): 3 and 0.4 go
+    mask, metrics = verl.compute_rollout_rejection_mask(lr, m, "token", 2.0, version="0.7")
+    assert torch.equal(mask, torch.tensor([[0.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]]))
+    assert metrics["rollout_rs_masked_fraction"] == pytest.approx(2 / 5)
+    assert metrics["rollout_rs_seq_masked_fraction"] == pytest.approx(1 / 2)
+    assert metrics["rollout_rs_mean"] == pytest.approx((3 + 1 + 0.4 + 1.5 + 0.6) / 5)
+    assert (metrics["rollout_rs_max"], metrics["rollout_rs_min"]) == (pytest.approx(3.0), pytest.approx(0.4))
+    assert metrics["rollout_rs_ratio_fraction_high"] == pytest.approx(1 / 5)
+    assert metrics["rollout_rs_ratio_fraction_low"] == pytest.approx(1 / 5)
+    # "sequence": products 1.2 and 0.9 against [0.8, 1.1]: row 0 goes whole
+    mask, metrics = verl.compute_rollout_rejection_mask(lr, m, "sequence", 1.1, 0.8, version="0.6.1")
+    assert torch.equal(mask, torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]]))
+    assert metrics["rollout_rs_masked_fraction"] == pytest.approx(3 / 5)
+    assert (metrics["rollout_rs_max"], metrics["rollout_rs_min"]) == (pytest.approx(1.2), pytest.approx(0.9))
+    assert metrics["rollout_rs_ratio_fraction_high"] == pytest.approx(1 / 2)
+    # "geometric": 1.2 ** (1/3) = 1.063 and 0.9 ** (1/2) = 0.949 against [0.9, 1.05]
+    mask, metrics = verl.compute_rollout_rejection_mask(lr, m, "geometric", 1.05, 0.9, version="0.7")
+    assert torch.equal(mask, torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]]))
+    assert metrics["rollout_rs_max"] == pytest.approx(1.2 ** (1 / 3), rel=1e-5)
+    assert metrics["rollout_rs_seq_masked_fraction"] == pytest.approx(1 / 2)
+
+
+def test_v07_veto_hand_computed():
+    lr, m = _ratios_case()
+    roll = torch.full_like(lr, -1.0)
+    old = roll + lr
+    # a token with ratio 0.4 < 0.5 vetoes row 0 whole; the IS weights are untouched (min(rho, 2), 0 off the mask)
+    weights, mask, metrics = verl.compute_rollout_correction_and_rejection_mask(
+        old, roll, m, rollout_is="token", rollout_token_veto_threshold=0.5, version="0.7")
+    assert torch.equal(mask, torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]]))
+    expected = torch.tensor([[2.0, 1.0, 0.4, 0.0], [1.5, 0.6, 0.0, 0.0]])
+    assert torch.allclose(weights.batch["rollout_is_weights"], expected)
+    assert metrics["rollout_corr/rollout_is_veto_fraction"] == pytest.approx(1 / 2)
+    assert metrics["rollout_corr/rollout_is_catastrophic_token_fraction"] == pytest.approx(1 / 5)
+    # veto after the rejection: "token" in [0.5, 2] drops 3 and 0.4, the veto then row 0's last token
+    _, mask, metrics = verl.compute_rollout_correction_and_rejection_mask(
+        old, roll, m, rollout_rs="token", rollout_rs_threshold=2.0, rollout_token_veto_threshold=0.5, version="0.6.1")
+    assert torch.equal(mask, torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]]))
+    assert metrics["rollout_corr/rollout_rs_masked_fraction"] == pytest.approx(2 / 5)  # before the veto
+    _, mask, metrics = verl.compute_rollout_correction_and_rejection_mask(old, roll, m, version="0.7")
+    assert torch.equal(mask, m) and metrics["rollout_corr/rollout_is_veto_fraction"] == 0.0
+    assert "rollout_corr/rollout_is_veto_fraction" not in verl.compute_rollout_correction_and_rejection_mask(
+        old, roll, m)[2]  # HEAD: no veto
+
+
+def test_rollout_correction_versions_not_mixed():
+    lr, m = _ratios_case()
+    old = lr - 1.0
+    roll = torch.full_like(lr, -1.0)
+    with pytest.raises(ValueError, match="rollout_rs"):
+        verl.compute_rollout_rejection_mask(lr, m, "token", 2.0)  # HEAD has k-options only
+    with pytest.raises(ValueError, match="rollout_rs"):
+        verl.compute_rollout_rejection_mask(lr, m, "token_k1", 2.0, version="0.7")
+    with pytest.raises(ValueError, match="threshold_lower"):
+        verl.compute_rollout_rejection_mask(lr, m, "token_k1", 2.0, 0.5)
+    with pytest.raises(ValueError, match="veto"):
+        verl.compute_rollout_correction_and_rejection_mask(old, roll, m, rollout_token_veto_threshold=1e-4)
+    with pytest.raises(ValueError, match="0.6.0"):
+        verl.compute_rollout_correction_weights(lr, m, version="0.6.0")
+    with pytest.raises(ValueError, match="positive"):
+        verl.compute_rollout_correction_and_rejection_mask(old, roll, m, rollout_token_veto_threshold=0.0,
+                                                           version="0.7")
+
+
+def test_v061_sequence_batch_normalize_counts_empty_rows():
+    lr, m = _ratios_case()
+    lr, m = torch.cat([lr, torch.zeros(1, 4)]), torch.cat([m, torch.zeros(1, 4)])
+    # sequence weights 1.2 and 0.9 (below the cap 2); HEAD / 0.7 divide by their mean 1.05, 0.6.1 by (1.2+0.9+0)/3
+    for version, mean in (("0.8.dev", 1.05), ("0.7", 1.05), ("0.6.1", 0.7)):
+        w, metrics = verl.compute_rollout_correction_weights(lr, m, "sequence", 2.0, True, version=version)
+        assert metrics["rollout_is_batch_norm_factor"] == pytest.approx(mean)
+        assert w[0, 0].item() == pytest.approx(1.2 / mean) and w[1, 1].item() == pytest.approx(0.9 / mean)
+
+
+def test_v07_bypass_mode_and_head_version_of_losses():
+    lr, m = _ratios_case()
+    roll = torch.full_like(lr, -1.0)
+    lp, adv = roll + lr, torch.ones_like(lr)
+    cfg = _bypass_config(loss_type="ppo_clip", rollout_rs="token", rollout_rs_threshold=2.0,
+                         rollout_token_veto_threshold=0.5)
+    _, metrics = verl.compute_policy_loss_bypass_mode(roll, lp, adv, m, "token-mean", cfg, version="0.7")
+    assert metrics["rollout_corr/rollout_rs_masked_fraction"] == pytest.approx(2 / 5)
+    assert metrics["rollout_corr/rollout_is_veto_fraction"] == pytest.approx(1 / 2)
+    with pytest.raises(ValueError, match="bypass_mode"):
+        verl.compute_policy_loss_bypass_mode(roll, lp, adv, m, "token-mean", cfg, version="0.6.1")
+    # "0.8.dev" (HEAD) is "0.7" for the policy losses and agg_loss
+    vcfg = {"clip_ratio": 0.2}
+    assert verl.compute_policy_loss_vanilla(roll, lp, adv, m, "seq-mean-token-mean", vcfg, version="0.8.dev")[0] \
+        .item() == pytest.approx(verl.compute_policy_loss_vanilla(roll, lp, adv, m, "seq-mean-token-mean", vcfg)[0]
+                                 .item())
+    assert verl.agg_loss(lp, m, "token-mean", dp_size=2, version="0.8.dev").item() == pytest.approx(
+        verl.agg_loss(lp, m, "token-mean", dp_size=2).item())

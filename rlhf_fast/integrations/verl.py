@@ -15,18 +15,24 @@ Covered (docs/integrations.md): ``verl/utils/torch_functional.py``: ``logprobs_f
 ``compute_reinforce_plus_plus_outcome_advantage``, ``compute_reinforce_plus_plus_baseline_outcome_advantage``,
 ``compute_remax_outcome_advantage``, ``compute_opo_outcome_advantage``, ``compute_gpg_outcome_advantage``,
 ``compute_grpo_passk_outcome_advantage``, ``compute_policy_loss_reinforce`` and the "bypass_mode" loss.
-``verl/trainer/ppo/rollout_corr_helper.py`` (HEAD's options and metric keys): ``compute_rollout_correction_weights``,
-``compute_rollout_rejection_mask``, ``compute_offpolicy_metrics``, ``compute_rollout_correction_and_rejection_mask``,
-``compute_rollout_corr_metrics_from_logprobs``, on ``rlhf_fast.rollout_correction`` / ``rollout_rejection``.
+``verl/trainer/ppo/rollout_corr_helper.py`` (HEAD's options and metric keys; v0.7.0 / v0.6.1's with ``version``):
+``compute_rollout_correction_weights``, ``compute_rollout_rejection_mask``, ``compute_offpolicy_metrics``,
+``compute_rollout_correction_and_rejection_mask``, ``compute_rollout_corr_metrics_from_logprobs``,
+on ``rlhf_fast.rollout_correction`` / ``rollout_rejection``.
 
 Versions: the semantics of veRL 0.7 (v0.7.0 and HEAD of 2026-01-29, 0.8.0.dev) by default; the functions whose
 behaviour changed take a keyword-only ``version``:
+  - ``"0.8.dev"`` (veRL HEAD of 2026-01-29; default of the rollout-correction functions): HEAD's rejection options
+    (``token_k1`` ...); for every other function the same as ``"0.7"``.
   - ``"0.7"``: policy losses return ``(loss, metrics)`` (metrics: dict of Python floats, veRL's ``"actor/..."``
     keys); they aggregate with ``config.global_batch_info`` (``dp_size``, ``batch_num_tokens``,
     ``global_batch_size``, ``loss_scale_factor``); fully masked rows are left out of the seq-mean modes.
   - ``"0.6.1"``: the same returns and row exclusion, no global-batch arguments.
   - ``"0.6.0"``: policy losses return ``(pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower)`` (0-d tensors) and the
     seq-mean modes divide by every row, empty ones included.
+  Rollout correction: ``"0.7"`` and ``"0.6.1"`` give v0.7.0 / v0.6.1's rejection (``rollout_rs`` "token" / "sequence" /
+  "geometric" with ``rollout_rs_threshold_lower``) and per-token veto; ``"0.6.1"`` also its batch normalisation of
+  sequence weights (over every row); ``"0.6.0"`` has no rollout_corr_helper (ValueError).
 A warning is given (once, at import) when the installed verl is outside 0.6.0 .. 0.8.0.dev.
 
 Semantics follow veRL, not docs/formulas.md, where they differ (each docstring says how). Every aggregated loss is
@@ -70,7 +76,9 @@ __all__ = [
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-VERSIONS = ("0.7", "0.6.1", "0.6.0")
+VERSIONS = ("0.8.dev", "0.7", "0.6.1", "0.6.0")
+_GLOBAL_BATCH = ("0.8.dev", "0.7")  # versions whose losses take global-batch info
+_OLD_RS = ("0.7", "0.6.1")  # rejection by IS-ratio bounds ("token" / "sequence" / "geometric") and the veto
 _KL_KINDS = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
 _COVERED = ((0, 6, 0), (0, 8, 0))  # 0.6.0 .. 0.8.0.dev (HEAD of 2026-01-29)
 
@@ -221,7 +229,7 @@ def agg_loss(loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str, dp_size: i
     sum(l*m) / (loss_scale_factor or T). The global-batch arguments exist since veRL 0.7 (``version="0.7"``).
     Values outside the mask (NaN too) do not count; a normaliser of 0 gives 0.
     """
-    if version != "0.7" and (dp_size != 1 or batch_num_tokens is not None or global_batch_size is not None
+    if version not in _GLOBAL_BATCH and (dp_size != 1 or batch_num_tokens is not None or global_batch_size is not None
                              or loss_scale_factor is not None):
         raise ValueError(f"dp_size, batch_num_tokens, global_batch_size, loss_scale_factor exist since veRL 0.7, "
                          f"not in version {version!r}")
@@ -263,7 +271,7 @@ def _require(config: Any, loss: str) -> None:
 
 
 def _weights(mask: Tensor, mode: str, config: Any, version: str, rollout_is_weights: Optional[Tensor]) -> Tensor:
-    info = dict(_get(config, "global_batch_info", None) or {}) if version == "0.7" else {}
+    info = dict(_get(config, "global_batch_info", None) or {}) if version in _GLOBAL_BATCH else {}
     w = _verl_weights(mask, mode, version=version, **info)
     return w if rollout_is_weights is None else w * rollout_is_weights.detach().float()
 
@@ -531,7 +539,7 @@ def compute_policy_loss_reinforce(rollout_log_prob: Tensor, log_prob: Tensor, ad
 
 def compute_policy_loss_bypass_mode(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
                                     loss_agg_mode: str = "token-mean", config: Any = None,
-                                    rollout_is_weights: Optional[Tensor] = None):
+                                    rollout_is_weights: Optional[Tensor] = None, *, version: str = "0.8.dev"):
     """veRL's "bypass_mode" loss (>= 0.7): the trainer passes the rollout engine's log-probs as ``old_log_prob``.
     From ``config.policy_loss.rollout_correction`` (``loss_type`` "ppo_clip" | "reinforce", ``rollout_is``,
     ``rollout_is_threshold``, ``rollout_is_batch_normalize``, ``rollout_rs``, ``rollout_rs_threshold``): the IS
@@ -539,11 +547,16 @@ def compute_policy_loss_bypass_mode(old_log_prob: Tensor, log_prob: Tensor, adva
     (``compute_rollout_correction_and_rejection_mask``, no grad), then on the kept tokens either the vanilla PPO
     loss with ratio pi / pi_rollout and no IS weights (the ratio is the correction) or the REINFORCE loss times the
     IS weights. ``rollout_is_weights`` is ignored (recomputed). -> (pg_loss, the loss's metrics + the
-    "rollout_corr/..." metrics)."""
+    "rollout_corr/..." metrics). ``version="0.7"``: v0.7.0's rejection keys (``rollout_rs`` "token" / "sequence" /
+    "geometric", ``rollout_rs_threshold_lower``, ``rollout_token_veto_threshold``)."""
     _require(config, "bypass_mode")
+    if _check_version(version) not in ("0.8.dev", "0.7"):
+        raise ValueError(f"the bypass_mode loss exists since veRL 0.7, not in version {version!r}")
     corr = _get(_get(config, "policy_loss"), "rollout_correction")
     if corr is None:
         raise ValueError("loss_mode='bypass_mode' needs config.policy_loss.rollout_correction")
+    old = {k: _get(corr, k) for k in ("rollout_rs_threshold_lower", "rollout_token_veto_threshold")
+           } if version == "0.7" else {}
     loss_type = _get(corr, "loss_type", "ppo_clip")
     if loss_type not in ("ppo_clip", "reinforce"):
         raise ValueError(f"Invalid loss_type: {loss_type}. Must be 'reinforce' or 'ppo_clip'.")
@@ -552,7 +565,8 @@ def compute_policy_loss_bypass_mode(old_log_prob: Tensor, log_prob: Tensor, adva
             log_prob.detach(), old_log_prob, response_mask, rollout_is=_get(corr, "rollout_is"),
             rollout_is_threshold=_get(corr, "rollout_is_threshold", 2.0),
             rollout_is_batch_normalize=_get(corr, "rollout_is_batch_normalize", False),
-            rollout_rs=_get(corr, "rollout_rs"), rollout_rs_threshold=_get(corr, "rollout_rs_threshold"))
+            rollout_rs=_get(corr, "rollout_rs"), rollout_rs_threshold=_get(corr, "rollout_rs_threshold"), **old,
+            version=version)
     if loss_type == "reinforce":
         w = None if weights is None else weights.batch["rollout_is_weights"]
         loss, metrics = compute_policy_loss_reinforce(old_log_prob, log_prob, advantages, mask, loss_agg_mode, config,
@@ -838,16 +852,52 @@ def _masked_extreme(x: Tensor, mask: Tensor, largest: bool) -> float:
     return _item(x.max() if largest else x.min())
 
 
+def _rc_version(version: str) -> str:
+    if _check_version(version) == "0.6.0":
+        raise ValueError("veRL 0.6.0 has no rollout_corr_helper (its mismatch_helper is not covered)")
+    return version
+
+
+def _ratio_metrics(p: str, w: Tensor, row_lr: Optional[Tensor], m: Tensor, lo: float, hi: float) -> dict[str, float]:
+    """veRL's statistics of IS ratios ``w`` [B, T] (exp of the clamped log ratio, on the tokens of ``m``) bounded by
+    [lo, hi], keys ``p + "_mean"`` ...: token level (``row_lr`` None) from ``w``; sequence level from the per-row log
+    ratio ``row_lr`` [B, 1] (max / min / fraction_high / _low over every row)."""
+    out = {f"{p}_mean": _item(masked_mean(w, m))}
+    if row_lr is None:
+        out[f"{p}_ratio_fraction_high"] = _item(masked_mean((w > hi).float(), m))
+        out[f"{p}_ratio_fraction_low"] = _item(masked_mean((w < lo).float(), m))
+        out[f"{p}_max"] = _masked_extreme(w, m, True)
+        out[f"{p}_min"] = _masked_extreme(w, m, False)
+    else:
+        out[f"{p}_max"] = _item(torch.exp(row_lr.max().clamp(max=SAFETY_BOUND)))
+        out[f"{p}_min"] = _item(torch.exp(row_lr.min()))
+        out[f"{p}_ratio_fraction_high"] = _item((row_lr > math.log(hi)).float().mean())
+        out[f"{p}_ratio_fraction_low"] = _item((row_lr < math.log(lo)).float().mean())
+    clamped = w.clamp(lo, hi)
+    mean_c = masked_mean(clamped, m)
+    var = masked_mean(clamped.square(), m) - mean_c.square()
+    out[f"{p}_std"] = _item(var.clamp(min=0).sqrt()) if m.sum() > 1 else 0.0
+    out[f"{p}_eff_sample_size"] = 1.0 / _item(masked_mean((clamped / (mean_c + 1e-8)).square(), m))
+    seq = masked_mean(w, m, axis=-1)
+    out.update({f"{p}_seq_mean": _item(seq.mean()), f"{p}_seq_std": _item(seq.std()) if seq.numel() > 1 else 0.0,
+                f"{p}_seq_max": _item(seq.max()), f"{p}_seq_min": _item(seq.min()),
+                f"{p}_seq_max_deviation": _item((seq - 1.0).abs().max()),
+                f"{p}_seq_fraction_high": _item((seq > hi).float().mean()),
+                f"{p}_seq_fraction_low": _item((seq < lo).float().mean())})
+    return out
+
+
 def compute_rollout_correction_weights(log_ratio: Tensor, response_mask: Tensor, rollout_is: str = "token",
-                                       rollout_is_threshold: float = 2.0, rollout_is_batch_normalize: bool = False
-                                       ) -> tuple[Tensor, dict[str, float]]:
+                                       rollout_is_threshold: float = 2.0, rollout_is_batch_normalize: bool = False,
+                                       *, version: str = "0.8.dev") -> tuple[Tensor, dict[str, float]]:
     """Truncated IS weights from ``log_ratio`` = log pi_train - log pi_rollout [B, T]: ``rollout_is="token"`` ->
     min(rho_t, threshold), "sequence" -> min(rho_s, threshold) on every token (``rlhf_fast.rollout_correction`` modes
     tis / seq_tis), 0 off the mask, detached; ``rollout_is_batch_normalize``: divided by their mean over the tokens
-    (token) or over the non-empty sequences (sequence), on this process only. -> (weights float32, metrics): veRL's
-    "rollout_is_*" keys (mean / max / min / ratio_fraction_high / _low of the untruncated weights, std and
-    eff_sample_size of the weights clamped to [1/threshold, threshold], seq_* of the per-sequence mean weight,
-    batch_norm_factor), Python floats."""
+    (token) or over the non-empty sequences (sequence; ``version="0.6.1"``: over every row, an empty one counting
+    0), on this process only. -> (weights float32, metrics): veRL's "rollout_is_*" keys (mean / max / min /
+    ratio_fraction_high / _low of the untruncated weights, std and eff_sample_size of the weights clamped to
+    [1/threshold, threshold], seq_* of the per-sequence mean weight, batch_norm_factor), Python floats."""
+    _rc_version(version)
     if rollout_is not in ("token", "sequence"):
         raise ValueError(f"Invalid rollout_is: {rollout_is}. Must be one of {{'token', 'sequence'}}.")
     if not rollout_is_threshold > 0:
@@ -860,32 +910,12 @@ def compute_rollout_correction_weights(log_ratio: Tensor, response_mask: Tensor,
         seq_lr = (torch.where(m != 0, lr, 0.0) * m).sum(-1, keepdim=True)
         level_lr = lr if rollout_is == "token" else seq_lr.expand_as(lr)
         raw = torch.exp(level_lr.clamp(-SAFETY_BOUND, SAFETY_BOUND)) * m  # untruncated, for the metrics
-        metrics = {"rollout_is_mean": _item(masked_mean(raw, m))}
-        if rollout_is == "token":
-            metrics["rollout_is_ratio_fraction_high"] = _item(masked_mean((raw > thr).float(), m))
-            metrics["rollout_is_ratio_fraction_low"] = _item(masked_mean((raw < lo).float(), m))
-            metrics["rollout_is_max"] = _masked_extreme(raw, m, True)
-            metrics["rollout_is_min"] = _masked_extreme(raw, m, False)
-        else:
-            metrics["rollout_is_max"] = _item(torch.exp(seq_lr.max().clamp(max=SAFETY_BOUND)))
-            metrics["rollout_is_min"] = _item(torch.exp(seq_lr.min()))
-            metrics["rollout_is_ratio_fraction_high"] = _item((seq_lr > math.log(thr)).float().mean())
-            metrics["rollout_is_ratio_fraction_low"] = _item((seq_lr < math.log(lo)).float().mean())
-        clamped = raw.clamp(lo, thr)
-        mean_c = masked_mean(clamped, m)
-        var = masked_mean(clamped.square(), m) - mean_c.square()
-        metrics["rollout_is_std"] = _item(var.clamp(min=0).sqrt()) if m.sum() > 1 else 0.0
-        metrics["rollout_is_eff_sample_size"] = 1.0 / _item(masked_mean((clamped / (mean_c + 1e-8)).square(), m))
-        seq = masked_mean(raw, m, axis=-1)
-        metrics.update({"rollout_is_seq_mean": _item(seq.mean()),
-                        "rollout_is_seq_std": _item(seq.std()) if seq.numel() > 1 else 0.0,
-                        "rollout_is_seq_max": _item(seq.max()), "rollout_is_seq_min": _item(seq.min()),
-                        "rollout_is_seq_max_deviation": _item((seq - 1.0).abs().max()),
-                        "rollout_is_seq_fraction_high": _item((seq > thr).float().mean()),
-                        "rollout_is_seq_fraction_low": _item((seq < lo).float().mean())})
+        metrics = _ratio_metrics("rollout_is", raw, None if rollout_is == "token" else seq_lr, m, lo, thr)
         if rollout_is_batch_normalize:
             if rollout_is == "token":
                 mean_w = masked_mean(weights, m)
+            elif version == "0.6.1":
+                mean_w = masked_mean(weights, m, axis=-1).mean()
             else:
                 valid = (m.sum(-1) > 0).float()
                 mean_w = (masked_mean(weights, m, axis=-1) * valid).sum() / valid.sum().clamp(min=1e-8)
@@ -929,15 +959,62 @@ def _rs_thresholds(options: list[str], spec) -> dict[str, tuple[Optional[float],
     return out
 
 
+_OLD_RS_LEVELS = {"token": "token", "sequence": "seq_sum", "geometric": "seq_mean"}
+
+
+def _rejection_by_ratio(log_ratio: Tensor, response_mask: Tensor, rollout_rs: str, upper, lower
+                        ) -> tuple[Tensor, dict[str, float]]:
+    """veRL 0.7.0 / 0.6.1's rejection: the IS ratio of the token ("token"), of the sequence (product, "sequence") or
+    its geometric mean ("geometric") must lie in [lower, upper] (lower default 1/upper); on
+    ``rlhf_fast.rollout_rejection`` with k1 = -log ratio, so the bounds are -log upper <= k1 <= -log lower."""
+    if rollout_rs not in _OLD_RS_LEVELS:
+        raise ValueError(f"Invalid rollout_rs: {rollout_rs}. Must be one of {set(_OLD_RS_LEVELS)}.")
+    if upper is None:
+        raise ValueError("rollout_rs_threshold must be provided for rejection sampling.")
+    upper = float(upper)
+    lower = 1.0 / upper if lower is None else float(lower)
+    if not bool(response_mask.any()):
+        raise ValueError("response_mask must contain at least one valid token (1).")
+    lr, m = log_ratio.detach().float(), response_mask.float()
+    low, high = -math.log(upper), -math.log(lower)
+    keep, s, _ = ops.rollout_rejection(lr, torch.zeros_like(lr), m, stat="k1", level=_OLD_RS_LEVELS[rollout_rs],
+                                       low=low, high=high)
+    with torch.no_grad():
+        if rollout_rs == "token":
+            row_lr, w = None, torch.exp(-s)
+            seq_rejected = (m.bool() & ~keep).any(-1)
+        else:  # one statistic per row, 0 for an empty row (ratio 1), as veRL
+            row_lr = -masked_mean(s, m, axis=-1).unsqueeze(-1)
+            w = torch.exp(row_lr.clamp(-SAFETY_BOUND, SAFETY_BOUND)).expand_as(lr)
+            seq_rejected = ~((-row_lr >= low) & (-row_lr <= high)).squeeze(-1)
+        metrics = _ratio_metrics("rollout_rs", w, row_lr, m, lower, upper)
+        metrics["rollout_rs_masked_fraction"] = _item(masked_mean((m.bool() & ~keep).float(), m))
+        metrics["rollout_rs_seq_masked_fraction"] = _item(seq_rejected.float().mean())
+    return (response_mask * keep).to(response_mask.dtype), metrics
+
+
 def compute_rollout_rejection_mask(log_ratio: Tensor, response_mask: Tensor, rollout_rs: str = "token_k1",
-                                   rollout_rs_threshold=None) -> tuple[Tensor, dict[str, float]]:
+                                   rollout_rs_threshold=None, rollout_rs_threshold_lower: Optional[float] = None,
+                                   *, version: str = "0.8.dev") -> tuple[Tensor, dict[str, float]]:
     """Hard trust region (veRL HEAD's rejection sampling): ``rollout_rs`` a comma list of ``token_k{1,2,3}``,
     ``seq_sum_k{1,2,3}``, ``seq_mean_k{1,2,3}``, ``seq_max_k{2,3}``; a token stays in the mask when it passes every
     option (``rlhf_fast.rollout_rejection`` with the k1 bounds in log space: log lower <= k1 <= log upper; k2, k3 <=
     upper). -> (response_mask with the rejected tokens set to 0, its dtype; metrics): per option
     "rollout_rs_<option>_{mean, max, min, fraction_high, fraction_low, std, seq_mean, seq_std, seq_max, seq_min,
     seq_max_deviation, seq_fraction_high[, seq_fraction_low], masked_fraction, seq_masked_fraction}" and the overall
-    "rollout_rs_masked_fraction", "rollout_rs_seq_masked_fraction", Python floats (veRL's definitions)."""
+    "rollout_rs_masked_fraction", "rollout_rs_seq_masked_fraction", Python floats (veRL's definitions).
+
+    ``version="0.7"`` / ``"0.6.1"``: those releases' rejection instead, ``rollout_rs`` "token" | "sequence" |
+    "geometric": the token's IS ratio, the sequence's (product) or its geometric mean must lie in
+    [``rollout_rs_threshold_lower`` (default 1 / upper), ``rollout_rs_threshold``]; metrics "rollout_rs_{mean, max,
+    min, ratio_fraction_high, ratio_fraction_low, std, eff_sample_size, seq_*, masked_fraction,
+    seq_masked_fraction}" as the "rollout_is_*" ones of ``compute_rollout_correction_weights`` with these bounds."""
+    if _rc_version(version) in _OLD_RS:
+        return _rejection_by_ratio(log_ratio, response_mask, rollout_rs, rollout_rs_threshold,
+                                   rollout_rs_threshold_lower)
+    if rollout_rs_threshold_lower is not None:
+        raise ValueError("rollout_rs_threshold_lower is veRL 0.7.0 / 0.6.1's (version='0.7' / '0.6.1'); at HEAD a k1 "
+                         "option takes 'lower_upper' in rollout_rs_threshold")
     if not isinstance(rollout_rs, str):
         raise ValueError("rollout_rs must be a non-empty string (comma separated for multiple options).")
     if rollout_rs_threshold is None:
@@ -1040,11 +1117,24 @@ def compute_rollout_correction_and_rejection_mask(old_log_prob: Tensor, rollout_
                                                   response_mask: Tensor, rollout_is: Optional[str] = None,
                                                   rollout_is_threshold: Optional[float] = 2.0,
                                                   rollout_is_batch_normalize: bool = False,
-                                                  rollout_rs: Optional[str] = None, rollout_rs_threshold=None):
+                                                  rollout_rs: Optional[str] = None, rollout_rs_threshold=None,
+                                                  rollout_rs_threshold_lower: Optional[float] = None,
+                                                  rollout_token_veto_threshold: Optional[float] = None,
+                                                  *, version: str = "0.8.dev"):
     """IS weights (``rollout_is`` set) and rejection mask (``rollout_rs`` set) of the training log-probs against the
     rollout ones, plus ``compute_offpolicy_metrics``. -> (weights wrapped as veRL does,
     ``.batch["rollout_is_weights"]``, or None; the response mask after rejection; metrics with the "rollout_corr/"
-    prefix)."""
+    prefix). Positional arguments follow HEAD's order; pass the others by keyword.
+
+    ``version="0.7"`` / ``"0.6.1"``: those releases' ``rollout_rs`` / ``rollout_rs_threshold_lower``
+    (``compute_rollout_rejection_mask``) and the veto: with ``rollout_token_veto_threshold`` (> 0) a sequence with
+    any token whose IS ratio is below it leaves the mask (whatever the rejection said; the IS weights are kept);
+    metrics "rollout_is_veto_fraction" (sequences vetoed, over every row) and
+    "rollout_is_catastrophic_token_fraction" (tokens below it), 0.0 without a veto threshold."""
+    old = _rc_version(version) in _OLD_RS
+    if not old and (rollout_rs_threshold_lower is not None or rollout_token_veto_threshold is not None):
+        raise ValueError("rollout_rs_threshold_lower and rollout_token_veto_threshold are veRL 0.7.0 / 0.6.1's "
+                         "(version='0.7' / '0.6.1'), removed at HEAD")
     if not bool(response_mask.any()):
         raise ValueError("response_mask must contain at least one valid token (1).")
     if old_log_prob.shape != rollout_log_prob.shape:
@@ -1058,14 +1148,27 @@ def compute_rollout_correction_and_rejection_mask(old_log_prob: Tensor, rollout_
     weights = None
     if rollout_is is not None and rollout_is_threshold is not None:
         weights, is_metrics = compute_rollout_correction_weights(log_ratio, response_mask, rollout_is,
-                                                                 rollout_is_threshold, rollout_is_batch_normalize)
+                                                                 rollout_is_threshold, rollout_is_batch_normalize,
+                                                                 version=version)
         metrics.update(is_metrics)
     mask = response_mask.clone()
     if rollout_rs is not None:
         if rollout_rs_threshold is None:
             raise ValueError("rollout_rs_threshold must be explicitly provided when rollout_rs is enabled.")
-        mask, rs_metrics = compute_rollout_rejection_mask(log_ratio, response_mask, rollout_rs, rollout_rs_threshold)
+        mask, rs_metrics = compute_rollout_rejection_mask(log_ratio, response_mask, rollout_rs, rollout_rs_threshold,
+                                                          rollout_rs_threshold_lower, version=version)
         metrics.update(rs_metrics)
+    if old:
+        metrics["rollout_is_veto_fraction"] = metrics["rollout_is_catastrophic_token_fraction"] = 0.0
+        if rollout_token_veto_threshold is not None:
+            if not rollout_token_veto_threshold > 0:
+                raise ValueError(f"rollout_token_veto_threshold must be positive, got {rollout_token_veto_threshold}.")
+            with torch.no_grad():
+                bad = (log_ratio.detach() < math.log(rollout_token_veto_threshold)) & (response_mask != 0)
+                vetoed = bad.any(-1, keepdim=True)
+                metrics["rollout_is_veto_fraction"] = _item(vetoed.float().mean())
+                metrics["rollout_is_catastrophic_token_fraction"] = _item(masked_mean(bad.float(), response_mask))
+            mask = mask * ~vetoed
     metrics.update(compute_offpolicy_metrics(old_log_prob, rollout_log_prob, response_mask))
     return (None if weights is None else _is_weights_batch(weights), mask,
             {f"rollout_corr/{k}": v for k, v in metrics.items()})
