@@ -139,7 +139,9 @@ def threshold_with_margin(logits: Tensor, kept_min: Tensor) -> Tensor:
     trainer whose recomputed logits differ from the sampler's by rounding rebuilds the same set (a threshold AT the
     smallest kept logit would drop that token whenever the recomputed value came out lower: a ratio bias of that
     token's probability). kept_min itself where nothing lies below it or the midpoint rounds onto the lower logit;
-    -inf (no filter) and NaN stay. One pass over the logits."""
+    -inf (no filter) and NaN stay. One pass over the logits, none on the CPU when no row is filtered."""
+    if kept_min.device.type == "cpu" and bool(torch.isneginf(kept_min).all()):
+        return kept_min
     below = logits.masked_fill(logits >= kept_min[:, None], float("-inf")).amax(-1).float()  # kept_min: a logit
     mid = below + (kept_min - below) * 0.5
     return torch.where(below.isfinite() & (mid > below) & (mid <= kept_min), mid, kept_min)
