@@ -134,7 +134,7 @@ def test_a_pair_larger_than_the_chunk_budget_is_cut_into_pieces(monkeypatch, kw)
     monkeypatch.setitem(lce.CHUNK_BYTES, "cpu", 4 * 3 * 41)
     assert ll._pair_chunks([7, 0, 2], 3) == [(0, 1, 0, 7), (1, 3, 7, 9)]
     shapes, tile = [], ll._tile_logits
-    monkeypatch.setattr(ll, "_tile_logits", lambda h, *a: shapes.append(h.shape[0]) or tile(h, *a))
+    monkeypatch.setattr(ll, "_tile_logits", lambda h, *a, **k: shapes.append(h.shape[0]) or tile(h, *a, **k))
     check(packed_pairs([(4, 3), (0, 0), (1, 1)], 16, 41, torch.float32), kw)
     assert max(shapes) == 3 and shapes[:6] == [3, 3, 1, 3, 3, 1]
 

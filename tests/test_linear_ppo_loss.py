@@ -441,8 +441,9 @@ def test_variants_equal_ppo_objective_on_the_linear_logprobs(loss_type, ratio_le
         logp, ent = rlhf_fast.linear_logprobs(h, wt, labels, bias=b, return_entropy=True)
         return rlhf_fast.ppo_objective(logp, old, adv, w, entropy=ent, ref_logp=ref, seq_ids=seq, **kw)
 
+    # two float32 paths that sum in different orders (a sequence ratio exponentiates the sums): 1e-4 relative
     for o, t in zip(loss_and_grads(ours, inputs), loss_and_grads(composite, inputs)):
-        torch.testing.assert_close(o, t, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(o, t, rtol=1e-4, atol=1e-5)
     stats, expected = ours(*inputs[:3])[1], composite(*inputs[:3])[1]
     for name, value in expected.items():
         torch.testing.assert_close(stats[name], value, rtol=1e-5, atol=1e-6, msg=name)

@@ -530,3 +530,25 @@ def test_triton_kernels_compile_for_hopper():
     """The Triton log-prob / entropy / KL kernels compiled for sm_90 without a GPU: what the interpreter cannot check
     (globals, types, scalar/block mixing)."""
     compiles_for_hopper(COMPILE_FOR_HOPPER)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kept", [False, True])
+def test_backward_written_over_the_logits_equals_a_fresh_one(dtype, kept):
+    """The fused-linear losses let the CPU kernel write d logits over the logits they are done with (no new [N, V]
+    buffer): bit for bit the gradient into a new tensor, the label's entry included (read before the row is written)."""
+    if kept:
+        logits, labels, thr = kept_inputs((37,), 101, dtype)
+    else:
+        (logits, labels), thr = make_inputs((37,), 101, dtype), None
+    gen = torch.Generator().manual_seed(3)
+    _, entropy, lse, lse_kept = L._logprobs_fwd("cpp", logits, labels, thr, 0.7, -100, True)
+    g_logp, g_ent, g_lse = (torch.randn(37, generator=gen) for _ in range(3))
+    args = (g_logp, g_ent, g_lse, torch.randn(37, generator=gen) if kept else None, logits, labels, thr, lse,
+            lse_kept if kept else None, entropy, 0.7, -100)
+    fresh = L._logprobs_bwd("cpp", *args)
+    over = logits.clone()
+    assert L._logprobs_bwd_over_logits("cpp", *args[:4], over, *args[5:]).data_ptr() == over.data_ptr()
+    assert torch.equal(over, fresh)
+    with pytest.raises(RuntimeError, match="out must be a contiguous tensor"):
+        torch.ops.rlhf_fast_C.logprobs_bwd_into(*args, logits[:5])

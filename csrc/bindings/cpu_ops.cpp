@@ -11,6 +11,9 @@ TORCH_LIBRARY(rlhf_fast_C, m) {
   m.def("logprobs_bwd(Tensor grad_logp, Tensor grad_entropy, Tensor grad_lse, Tensor? grad_lse_kept, Tensor logits,"
         " Tensor? labels, Tensor? kept_threshold, Tensor lse, Tensor? lse_kept, Tensor entropy, float temperature,"
         " int ignore_index) -> Tensor");
+  m.def("logprobs_bwd_into(Tensor grad_logp, Tensor grad_entropy, Tensor grad_lse, Tensor? grad_lse_kept,"
+        " Tensor logits, Tensor? labels, Tensor? kept_threshold, Tensor lse, Tensor? lse_kept, Tensor entropy,"
+        " float temperature, int ignore_index, Tensor(a!) out) -> ()");
   m.def("kl_div_fwd(Tensor logits, Tensor ref_logits, float temperature)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("kl_div_bwd(Tensor grad_kl, Tensor logits, Tensor ref_logits, Tensor max_p, Tensor max_q, Tensor log_s_p,"
@@ -20,6 +23,7 @@ TORCH_LIBRARY(rlhf_fast_C, m) {
 TORCH_LIBRARY_IMPL(rlhf_fast_C, CPU, m) {
   m.impl("logprobs_fwd", &rlhf_fast::cpu::logprobs_fwd_cpu);
   m.impl("logprobs_bwd", &rlhf_fast::cpu::logprobs_bwd_cpu);
+  m.impl("logprobs_bwd_into", &rlhf_fast::cpu::logprobs_bwd_into_cpu);
   m.impl("kl_div_fwd", &rlhf_fast::cpu::kl_div_fwd_cpu);
   m.impl("kl_div_bwd", &rlhf_fast::cpu::kl_div_bwd_cpu);
 }

@@ -169,12 +169,13 @@ void plain_row_grad(const T* x, int64_t vocab, float c, float gh, float row_lse,
     const Vec lp = z - vlse;
     return Vec::blendv(lp.exp_u20() * (vc - vgh * lp) * vinv, zero, z == neg_inf);
   };
+  const float x_label = label >= 0 ? static_cast<float>(x[label]) : 0.f;  // read first: gx may be x itself
   int64_t j = 0;
   for (; j + 2 * W <= vocab; j += 2 * W) {
     store_float2(gx + j, vec_element(load_float(x + j)), vec_element(load_float(x + j + W)));
   }
   for (; j < vocab; ++j) gx[j] = static_cast<T>(element(static_cast<float>(x[j]) * inv_t));
-  if (label >= 0) gx[label] = static_cast<T>(element(static_cast<float>(x[label]) * inv_t) + gy);
+  if (label >= 0) gx[label] = static_cast<T>(element(x_label * inv_t) + gy);
 }
 
 // gx_j = (p_j (c - gh lp_j) + q_j ck) / T + [j == label] gy, q_j = [x_j >= thr or j == label] e^(z_j - lse_kept);
@@ -200,12 +201,13 @@ void kept_row_grad(const T* x, int64_t vocab, float c, float gh, float ck, float
     }
     return Vec::blendv(out * vinv, zero, z == neg_inf);
   };
+  const float x_label = label >= 0 ? static_cast<float>(x[label]) : 0.f;  // read first: gx may be x itself
   int64_t j = 0;
   for (; j + 2 * W <= vocab; j += 2 * W) {
     store_float2(gx + j, vec_element(load_float(x + j)), vec_element(load_float(x + j + W)));
   }
   for (; j < vocab; ++j) gx[j] = static_cast<T>(element(static_cast<float>(x[j]), static_cast<float>(x[j]) >= thr));
-  if (label >= 0) gx[label] = static_cast<T>(element(static_cast<float>(x[label]), true) + gy);
+  if (label >= 0) gx[label] = static_cast<T>(element(x_label, true) + gy);
 }
 
 // grad_z_j = g [j == y] + p_j (c - gH lp_j), lp_j = z_j - lse, c = gL - g - gH H; grad_x = grad_z / T.
@@ -410,12 +412,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(
   return {logp, entropy, lse, lse_kept};
 }
 
-at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& grad_lse,
-                            const std::optional<at::Tensor>& grad_lse_kept, const at::Tensor& logits,
-                            const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& kept_threshold,
-                            const at::Tensor& lse, const std::optional<at::Tensor>& lse_kept,
-                            const at::Tensor& entropy, double temperature, int64_t ignore_index) {
+void logprobs_bwd_into_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& grad_lse,
+                           const std::optional<at::Tensor>& grad_lse_kept, const at::Tensor& logits,
+                           const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& kept_threshold,
+                           const at::Tensor& lse, const std::optional<at::Tensor>& lse_kept, const at::Tensor& entropy,
+                           double temperature, int64_t ignore_index, const at::Tensor& grad) {
   check_rows(logits, "logits");
+  TORCH_CHECK(grad.sizes() == logits.sizes() && grad.scalar_type() == logits.scalar_type() &&
+                  grad.device() == logits.device() && grad.is_contiguous(),
+              "out must be a contiguous tensor of the shape, dtype and device of logits ", logits.sizes());
+  TORCH_CHECK(!grad.is_same(logits) || logits.is_contiguous(), "out may be logits only when logits are contiguous");
   const int64_t n = logits.size(0);
   for (const auto& [t, name] : {std::pair{&grad_logp, "grad_logp"}, {&grad_entropy, "grad_entropy"},
                                 {&grad_lse, "grad_lse"}, {&lse, "lse"}, {&entropy, "entropy"}}) {
@@ -431,7 +437,6 @@ at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_
       check_vector(*t, n, at::kFloat, name);
     }
   }
-  at::Tensor grad = at::empty({n, logits.size(1)}, logits.options());
   RLHF_FAST_DISPATCH_LOGITS(logits.scalar_type(), "logprobs_bwd_cpu", [&] {
     const auto run = [&](auto with_kept) {
       logprobs_bwd_kernel<scalar_t, decltype(with_kept)::value>(
@@ -445,6 +450,17 @@ at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_
     };
     kept ? run(std::true_type{}) : run(std::false_type{});
   });
+}
+
+at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& grad_lse,
+                            const std::optional<at::Tensor>& grad_lse_kept, const at::Tensor& logits,
+                            const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& kept_threshold,
+                            const at::Tensor& lse, const std::optional<at::Tensor>& lse_kept,
+                            const at::Tensor& entropy, double temperature, int64_t ignore_index) {
+  check_rows(logits, "logits");
+  at::Tensor grad = at::empty({logits.size(0), logits.size(1)}, logits.options());
+  logprobs_bwd_into_cpu(grad_logp, grad_entropy, grad_lse, grad_lse_kept, logits, labels, kept_threshold, lse,
+                        lse_kept, entropy, temperature, ignore_index, grad);
   return grad;
 }
 

@@ -19,6 +19,13 @@ at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_
                             const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& kept_threshold,
                             const at::Tensor& lse, const std::optional<at::Tensor>& lse_kept,
                             const at::Tensor& entropy, double temperature, int64_t ignore_index);
+// The same gradient written into ``grad`` (contiguous, the shape and dtype of logits), which may be logits itself:
+// each row is read before it is overwritten, so a caller done with the logits reuses their memory.
+void logprobs_bwd_into_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& grad_lse,
+                           const std::optional<at::Tensor>& grad_lse_kept, const at::Tensor& logits,
+                           const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& kept_threshold,
+                           const at::Tensor& lse, const std::optional<at::Tensor>& lse_kept, const at::Tensor& entropy,
+                           double temperature, int64_t ignore_index, const at::Tensor& grad);
 // -> (kl, max_p, max_q, log_s_p, mean_d), each float32 [N]: KL(p || q) and the state its backward needs (see
 // logprobs.cpp: the raw row maxima of logits and ref_logits, log sum e^((x - max_p) / T), and sum p (dz - dw)).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_div_fwd_cpu(const at::Tensor& logits,

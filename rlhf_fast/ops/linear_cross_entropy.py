@@ -28,7 +28,7 @@ from torch import Tensor
 from .. import _backend
 from . import _checks
 from .linear_logprobs import LINEAR_LOGPROBS_BACKENDS, _balanced, _check_inputs, _gemm, _row_chunks, _tile_logits
-from .token_logprobs import _logprobs_bwd, _logprobs_fwd, logprobs_ref
+from .token_logprobs import _logprobs_bwd_over_logits, _logprobs_fwd, logprobs_ref
 
 OP_BACKENDS = {"linear_cross_entropy": LINEAR_LOGPROBS_BACKENDS}
 
@@ -63,17 +63,18 @@ def _linear_cross_entropy_fwd(hidden, weight, bias, labels, coef, temperature, i
     loss = torch.zeros((), **f32)
     grad_logp = -coef.float()
     no_grad = torch.zeros(min(rows, n), **f32)  # entropy and lse carry no gradient here
+    buffer = hidden.new_empty(min(rows, n), vocab)  # every chunk's logits, then their gradient
     for start, end in _row_chunks(n, rows):
         h = hidden[start:end]
-        logits = _tile_logits(h, weight, bias, 0, vocab)
+        logits = _tile_logits(h, weight, bias, 0, vocab, out=buffer)
         logp, entropy, lse, _ = _logprobs_fwd(backend, logits, labels[start:end], None, temperature, ignore_index,
                                               False)
         loss = loss + (grad_logp[start:end] * logp).sum()
         if not any(need_grads):
             continue
         zeros = no_grad[:end - start]
-        grad_logits = _logprobs_bwd(backend, grad_logp[start:end], zeros, zeros, None, logits, labels[start:end], None,
-                                    lse, None, entropy, temperature, ignore_index)
+        grad_logits = _logprobs_bwd_over_logits(backend, grad_logp[start:end], zeros, zeros, None, logits,
+                                                labels[start:end], None, lse, None, entropy, temperature, ignore_index)
         del logits
         if need_hidden:
             _gemm(grad_hidden[start:end], grad_logits, weight, accumulate=False)

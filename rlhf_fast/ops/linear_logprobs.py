@@ -115,7 +115,13 @@ def _balanced(total: int, most: int, align: int) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _tile_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], v0: int, v1: int) -> Tensor:
+def _tile_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], v0: int, v1: int,
+                 out: Optional[Tensor] = None) -> Tensor:
+    """h @ weight[v0:v1].T (+ bias), into ``out`` [rows >= len(h), v1 - v0] when given (its leading rows)."""
+    if out is not None:
+        out = out[:h.shape[0]]
+        return torch.mm(h, weight[v0:v1].t(), out=out) if bias is None else \
+            torch.addmm(bias[v0:v1], h, weight[v0:v1].t(), out=out)
     if bias is None:
         return torch.mm(h, weight[v0:v1].t())
     return torch.addmm(bias[v0:v1], h, weight[v0:v1].t())

@@ -38,7 +38,7 @@ from .linear_cross_entropy import CHUNK_BYTES, chunk_rows
 from .linear_logprobs import LINEAR_LOGPROBS_BACKENDS, _balanced, _check_inputs, _gemm, _tile_logits
 from .ppo_loss import (_kl_dlogp, _policy_variant, _sequence_log_ratio, _variant_log_ratio,
                        _variant_terms, ppo_objective)
-from .token_logprobs import (_kept_threshold, _logprobs_bwd, _logprobs_fwd, entropy_ref, kept_logprobs_ref,
+from .token_logprobs import (_kept_threshold, _logprobs_bwd_over_logits, _logprobs_fwd, entropy_ref, kept_logprobs_ref,
                              kl_penalty_ref, logprobs_ref)
 
 OP_BACKENDS = {"linear_ppo_loss": LINEAR_LOGPROBS_BACKENDS, "linear_dpo_loss": LINEAR_LOGPROBS_BACKENDS}
@@ -111,10 +111,12 @@ def _linear_ppo_fwd(hidden, weight, bias, labels, old_logp, advantages, weights,
     loss = torch.zeros((), **f32)
     logps = torch.empty(n, **f32)
     sums = torch.zeros(len(PPO_STATS), **f32)  # ratio_max in slot 4 is a max
-    zeros = torch.zeros(max((e - a for a, e in chunks), default=0), **f32)
+    longest = max((e - a for a, e in chunks), default=0)
+    zeros = torch.zeros(longest, **f32)
+    buffer = hidden.new_empty(longest, vocab)  # every chunk's logits, then their gradient
     for start, end in chunks:
         h, y, keep = hidden[start:end], labels[start:end], keep_all[start:end]
-        logits = _tile_logits(h, weight, bias, 0, vocab)
+        logits = _tile_logits(h, weight, bias, 0, vocab, out=buffer)
         thr = None if kept_threshold is None else kept_threshold[start:end]
         logp, ent, lse, lse_kept = _logprobs_fwd(backend, logits, y, thr, temperature, ignore_index, True)
         logps[start:end] = logp
@@ -138,8 +140,9 @@ def _linear_ppo_fwd(hidden, weight, bias, labels, old_logp, advantages, weights,
         g_logp = torch.where(keep, g_logp, 0.0)
         g_ent = torch.where(keep, -entropy_coef * w, 0.0)
         no_grad = zeros[:end - start]
-        grad_logits = _logprobs_bwd(backend, g_logp, g_ent, no_grad, None if thr is None else no_grad, logits, y, thr,
-                                    lse, None if thr is None else lse_kept, ent, temperature, ignore_index)
+        grad_logits = _logprobs_bwd_over_logits(backend, g_logp, g_ent, no_grad, None if thr is None else no_grad,
+                                                logits, y, thr, lse, None if thr is None else lse_kept, ent,
+                                                temperature, ignore_index)
         del logits
         if need_hidden:
             _gemm(grad_hidden[start:end], grad_logits, weight, accumulate=False)
@@ -287,7 +290,7 @@ def _linear_dpo_fwd(hidden, weight, bias, labels, seq_ids, ref_c, ref_r, pair_we
         gradients from pairs a:b's d loss / d s (``grads``)."""
         idx = order[t0:t1]
         h, y, s = hidden.index_select(0, idx), labels.index_select(0, idx), seq_ids.index_select(0, idx)
-        logits = _tile_logits(h, weight, bias, 0, vocab)
+        logits = _tile_logits(h, weight, bias, 0, vocab, out=buffer)
         logp, ent, lse, _ = _logprobs_fwd(backend, logits, y, None, temperature, ignore_index, False)
         u = nll_weights.index_select(0, idx).float()
         if accumulate:
@@ -299,8 +302,8 @@ def _linear_dpo_fwd(hidden, weight, bias, labels, seq_ids, ref_c, ref_r, pair_we
         g_seq[a:b], g_seq[pairs + a:pairs + b] = pair_weights[a:b] * g_c, pair_weights[a:b] * g_r
         g_logp = g_seq.index_select(0, s) - nll_coef * u
         zeros = torch.zeros(t1 - t0, **f32)
-        grad_logits = _logprobs_bwd(backend, g_logp, zeros, zeros, None, logits, y, None, lse, None, ent, temperature,
-                                    ignore_index)
+        grad_logits = _logprobs_bwd_over_logits(backend, g_logp, zeros, zeros, None, logits, y, None, lse, None, ent,
+                                                temperature, ignore_index)
         del logits
         if need_hidden:
             g = grad_hidden.new_empty(t1 - t0, size)
@@ -312,7 +315,9 @@ def _linear_dpo_fwd(hidden, weight, bias, labels, seq_ids, ref_c, ref_r, pair_we
             grad_bias.add_(grad_logits.sum(0, dtype=torch.float32))
 
     grads = any(needs)
-    for a, b, t0, t1 in _pair_chunks(torch.bincount(pair_of, minlength=pairs).tolist(), rows):
+    chunks = _pair_chunks(torch.bincount(pair_of, minlength=pairs).tolist(), rows)
+    buffer = hidden.new_empty(min(max((t1 - t0 for _, _, t0, t1 in chunks), default=0), rows), vocab)
+    for a, b, t0, t1 in chunks:
         if t1 - t0 <= rows:
             if t1 > t0:
                 visit(a, b, t0, t1, True, grads)

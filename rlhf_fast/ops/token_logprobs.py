@@ -204,6 +204,17 @@ def _logprobs_bwd(backend, *args):
     return torch.ops.rlhf_fast_C.logprobs_bwd(*args)
 
 
+def _logprobs_bwd_over_logits(backend, *args):
+    """``_logprobs_bwd`` for a caller done with the logits (args[4]): the compiled CPU kernel writes the gradient
+    over them (on the CPU a fresh [N, V] buffer costs page faults on the order of the GEMM that fills it); other
+    backends return a new tensor."""
+    logits = args[4]
+    if backend == "cpp" and logits.device.type == "cpu" and logits.is_contiguous():
+        torch.ops.rlhf_fast_C.logprobs_bwd_into(*args, logits)
+        return logits
+    return _logprobs_bwd(backend, *args)
+
+
 def _kl_div_fwd(backend, *args):
     if backend == "torch":
         return _kl_div_fwd_torch(*args)
