@@ -148,7 +148,7 @@ def main():
             if kind == "ppo" and base != row["impl"] and base in med:
                 row["impl"] += f" ({med[row['impl']] / med[base]:.2f}x token ppo)"
         report(f"{kind} loss fwd+bwd, N={inputs[0].shape[0]} H={h} V={v} {args.dtype} (interleaved, medians of "
-               f"{args.reps}; shared machine)", rows, args, device)
+               f"{args.reps})", rows, args, device)
 
 
 if __name__ == "__main__":

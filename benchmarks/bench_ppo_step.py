@@ -198,13 +198,14 @@ def main() -> None:
     if args.case == "llama":
         for cache in ("dynamic", "static"):
             rows.append(_run(args, backend="auto", vocab_size=32000, generate_cache=cache))
+        samples = 1 if args.algo == "ppo" else args.group_size
         for r in rows:
             table.append([r["generate_cache"], f"{r['generate']:.3f}", f"{r['score']:.3f}", f"{r['learn']:.3f}",
                           f"{r['total']:.3f}", f"{r['peak_bytes'] / 2**20:.0f}",
                           f"{rows[0]['generate'] / r['generate']:.2f}x", f"{rows[0]['total'] / r['total']:.2f}x"])
         print(f"{args.algo} iteration, random-init Llama (hidden, layers, intermediate, heads = {args.llama}; "
-              f"{rows[0]['params'] / 1e6:.1f} M parameters, V=32000), {args.batch_size} prompts x {args.group_size} "
-              f"samples, {args.max_new_tokens} new tokens, {args.threads} thread(s); median of {args.iterations} "
+              f"{rows[0]['params'] / 1e6:.1f} M parameters, V=32000), {args.batch_size} prompts x {samples} "
+              f"sample(s), {args.max_new_tokens} new tokens, {args.threads} thread(s); median of {args.iterations} "
               "iterations (s)")
         print(tabulate(table, headers=["generate cache", "generate", "score", "learn", "total", "peak MiB",
                                        "generate speed-up", "total speed-up"]))
