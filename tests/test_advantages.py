@@ -171,6 +171,27 @@ def test_large_batch_rows_match_rows_alone(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("n_steps", [5, 8, 301])
+def test_row_blocks_match_rows_alone(device, backend, n_steps):
+    """The cpp backend scans contiguous float32 rows 8 at a time (SIMD lanes, steps in tiles of 8, the first T % 8
+    one by one) and the others alone: both give the same bits, whatever the mask kinds and per-row factors."""
+    rewards, values, mask = all_mask_kinds(3, n_steps, seed=n_steps, device=device)  # 18 rows: 2 blocks + 2 alone
+    gen = torch.Generator().manual_seed(n_steps)
+    gamma, lam = torch.rand(len(rewards), generator=gen).to(device), torch.rand(len(rewards), generator=gen).to(device)
+    with rlhf_fast.use_backend(backend):
+        adv, ret = rlhf_fast.gae(rewards, values, mask, gamma=gamma, lam=lam)
+        returns = rlhf_fast.discounted_returns(rewards, mask, gamma=gamma)
+        for b in range(len(rewards)):
+            row = rlhf_fast.gae(rewards[b:b + 1], values[b:b + 1], mask[b:b + 1], gamma=gamma[b:b + 1],
+                                lam=lam[b:b + 1])
+            torch.testing.assert_close(adv[b:b + 1], row[0], rtol=0, atol=0, msg=f"row {b} advantages")
+            torch.testing.assert_close(ret[b:b + 1], row[1], rtol=0, atol=0, msg=f"row {b} returns")
+            alone = rlhf_fast.discounted_returns(rewards[b:b + 1], mask[b:b + 1], gamma=gamma[b:b + 1])
+            torch.testing.assert_close(returns[b:b + 1], alone, rtol=0, atol=0, msg=f"row {b} discounted returns")
+    check_gae(backend, rewards, values, mask, gamma, lam, f"{backend} T={n_steps} per-row factors")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
 def test_per_sequence_gamma_and_lam(device, backend):
     rewards, values, mask = make_inputs(6, 29, "holes", seed=2, device=device)
     gamma = torch.tensor([0.0, 0.5, 0.95, 1.0, 0.99, 0.3], device=device)
@@ -210,7 +231,7 @@ def test_non_contiguous_inputs(device, backend):
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_masked_positions_are_never_read(device, backend):
-    rewards, values, mask = make_inputs(4, 33, "holes", seed=5, device=device)
+    rewards, values, mask = make_inputs(12, 37, "holes", seed=5, device=device)  # cpp: one block of 8 rows + 4 alone
     junk_r = torch.where(mask, rewards, float("nan"))
     junk_v = torch.where(mask, values, float("inf"))
     with rlhf_fast.use_backend(backend):

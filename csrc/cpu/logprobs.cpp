@@ -5,6 +5,7 @@
 // kept threshold m, the kept sum (the entries with raw logit >= m, relative to the same running max). Rows run
 // in parallel with at::parallel_for; no [N, V] temporary is ever allocated.
 #include "logprobs.h"
+#include "memory.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -458,7 +459,7 @@ at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& grad_
                             const at::Tensor& lse, const std::optional<at::Tensor>& lse_kept,
                             const at::Tensor& entropy, double temperature, int64_t ignore_index) {
   check_rows(logits, "logits");
-  at::Tensor grad = at::empty({logits.size(0), logits.size(1)}, logits.options());
+  at::Tensor grad = empty_output({logits.size(0), logits.size(1)}, logits.options());
   logprobs_bwd_into_cpu(grad_logp, grad_entropy, grad_lse, grad_lse_kept, logits, labels, kept_threshold, lse,
                         lse_kept, entropy, temperature, ignore_index, grad);
   return grad;
@@ -491,7 +492,7 @@ at::Tensor kl_div_bwd_cpu(const at::Tensor& grad_kl, const at::Tensor& logits, c
                                 {&log_s_p, "log_s_p"}, {&mean_d, "mean_d"}}) {
     check_vector(*t, n, at::kFloat, name);
   }
-  at::Tensor grad = at::empty({n, logits.size(1)}, logits.options());
+  at::Tensor grad = empty_output({n, logits.size(1)}, logits.options());
   RLHF_FAST_DISPATCH_LOGITS(logits.scalar_type(), "kl_div_bwd_cpu", [&] {
     kl_div_bwd_kernel<scalar_t>(grad_kl.const_data_ptr<float>(), logits, ref_logits, max_p.const_data_ptr<float>(),
                                 max_q.const_data_ptr<float>(), log_s_p.const_data_ptr<float>(),

@@ -7,6 +7,7 @@
 // forward task keeps its own partial sums (fp32 within a block of kBlock tokens, fp64 across blocks), added in task
 // order at the end, so the result does not depend on the thread count.
 #include "ppo_loss.h"
+#include "memory.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -245,7 +246,7 @@ at::Tensor backward(Op op, const at::Tensor& grad_loss, const at::Tensor& x, con
   TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must be a scalar");
   op.g = grad_loss.item<float>();
   // mixed input dtypes run in float32 (in.x), the gradient is then converted to x's dtype
-  at::Tensor grad = at::empty(x.sizes(), in.x.options());
+  at::Tensor grad = empty_output(x.sizes(), in.x.options());
   RLHF_FAST_DISPATCH_LOGITS(in.x.scalar_type(), "ppo_loss_bwd_cpu", [&] {
     backward_tokens(op, in.x.const_data_ptr<scalar_t>(), in.y.const_data_ptr<scalar_t>(),
                     in.z.const_data_ptr<scalar_t>(), in.weights.const_data_ptr<float>(), x.numel(),
