@@ -128,15 +128,18 @@ def test_packed_matches_reference(device, backend, dtype, kw, monkeypatch):
     check(packed_pairs(LENS, 16, 41, dtype, device=device), kw, temperature=0.9, backend=backend)
 
 
-@pytest.mark.parametrize("kw", [CASES[1], CASES[-1]], ids=[CASES[1]["loss_type"], CASES[-1]["loss_type"]])
+@pytest.mark.parametrize("kw", CASES, ids=[f"{c['loss_type']}-{i}" for i, c in enumerate(CASES)])
 def test_a_pair_larger_than_the_chunk_budget_is_cut_into_pieces(monkeypatch, kw):
-    """Pair 0 (7 tokens) spans three pieces of 3 rows; no chunk ever holds more than 3 rows of logits."""
+    """Pairs 0 (7 tokens) and 3 (5) span pieces of 3 rows; no chunk ever holds more than 3 rows of logits. Their
+    pieces go through the logits once (gradients scaled by the pair's slope at the end), twice with an NLL term."""
     monkeypatch.setitem(lce.CHUNK_BYTES, "cpu", 4 * 3 * 41)
-    assert ll._pair_chunks([7, 0, 2], 3) == [(0, 1, 0, 7), (1, 3, 7, 9)]
+    assert ll._pair_chunks([7, 0, 2, 5], 3) == [(0, 1, 0, 7), (1, 3, 7, 9), (3, 4, 9, 14)]
     shapes, tile = [], ll._tile_logits
     monkeypatch.setattr(ll, "_tile_logits", lambda h, *a, **k: shapes.append(h.shape[0]) or tile(h, *a, **k))
-    check(packed_pairs([(4, 3), (0, 0), (1, 1)], 16, 41, torch.float32), kw)
-    assert max(shapes) == 3 and shapes[:6] == [3, 3, 1, 3, 3, 1]
+    check(packed_pairs([(4, 3), (0, 0), (1, 1), (2, 3)], 16, 41, torch.float32), kw)
+    twice = 2 if kw.get("nll_coef") else 1
+    expected = [3, 3, 1] * twice + [2] + [3, 2] * twice
+    assert max(shapes) == 3 and shapes[:len(expected)] == expected
 
 
 def test_padded_layout_and_weights():

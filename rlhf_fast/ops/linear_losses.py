@@ -223,7 +223,8 @@ linear_ppo_loss_op.register_autograd(_grad, setup_context=_setup_grads(18))
 # DPO on packed pairs: seq_ids [N] in [0, 2P), sequence s < P the chosen response of pair s and sequence P + i the
 # rejected response of pair i (pair_batch's order). The response tokens are visited pair by pair, so that a chunk
 # holds whole pairs: each pair's d loss / d s is known once the chunk's log-probs are. A pair longer than a chunk
-# is visited twice, piece by piece: its log-probs, then its gradients.
+# is visited piece by piece, its gradients scaled once the pair's slope is known (with an NLL term: visited twice,
+# its log-probs, then its gradients).
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -252,6 +253,14 @@ def _dpo_pair_terms(s_c, s_r, ref_c, ref_r, n_c, n_r, beta, loss_type, label_smo
             loss = (-(1 - ls) * logsigmoid(m) + ls * logsigmoid(-m)) / (1 - 2 * ls)
             dm = (-(1 - ls) * (1 - sig) - ls * sig) / (1 - 2 * ls)
     return loss, beta * dm * drho_c, -beta * dm * drho_r, beta * rho_c, beta * rho_r
+
+
+def _dpo_slope_scales(n_c, n_r, loss_type, simpo_gamma):
+    """(k_c, k_r) with d loss / d s_c = D k_c and d loss / d s_r = -D k_r for one unknown D per pair: every loss of
+    _dpo_pair_terms is a function of the difference of the two (length-normalised for ipo and SimPO) log-ratios."""
+    if loss_type == "ipo" or simpo_gamma is not None:
+        return 1.0 / n_c.clamp_min(1.0), 1.0 / n_r.clamp_min(1.0)
+    return torch.ones_like(n_c), torch.ones_like(n_r)
 
 
 def _pair_chunks(counts: list[int], rows: int) -> list[tuple[int, int, int, int]]:
@@ -285,9 +294,10 @@ def _linear_dpo_fwd(hidden, weight, bias, labels, seq_ids, ref_c, ref_r, pair_we
     terms = lambda a, b: _dpo_pair_terms(  # noqa: E731
         seq_logps[a:b], seq_logps[pairs + a:pairs + b], ref_c[a:b].float(), ref_r[a:b].float(), lens[a:b],
         lens[pairs + a:pairs + b], beta, loss_type, label_smoothing, simpo_gamma)
-    def visit(a, b, t0, t1, accumulate, grads):
+    def visit(a, b, t0, t1, accumulate, grads, scaled_later=False):
         """Rows t0:t1 of the pair-sorted tokens (of pairs a:b): their log-probs into the sums (``accumulate``), their
-        gradients from pairs a:b's d loss / d s (``grads``)."""
+        gradients from pairs a:b's d loss / d s (``grads``); ``scaled_later``: from the slope scales of the one pair
+        a instead, d weight and d bias into later_weight / later_bias, all to be multiplied by D once it is known."""
         idx = order[t0:t1]
         h, y, s = hidden.index_select(0, idx), labels.index_select(0, idx), seq_ids.index_select(0, idx)
         logits = _tile_logits(h, weight, bias, 0, vocab, out=buffer)
@@ -298,8 +308,12 @@ def _linear_dpo_fwd(hidden, weight, bias, labels, seq_ids, ref_c, ref_r, pair_we
             nll.sub_((u * logp).sum())
         if not grads:
             return
-        _, g_c, g_r, _, _ = terms(a, b)
-        g_seq[a:b], g_seq[pairs + a:pairs + b] = pair_weights[a:b] * g_c, pair_weights[a:b] * g_r
+        if scaled_later:
+            k_c, k_r = _dpo_slope_scales(lens[a:b], lens[pairs + a:pairs + b], loss_type, simpo_gamma)
+            g_seq[a:b], g_seq[pairs + a:pairs + b] = k_c, -k_r
+        else:
+            _, g_c, g_r, _, _ = terms(a, b)
+            g_seq[a:b], g_seq[pairs + a:pairs + b] = pair_weights[a:b] * g_c, pair_weights[a:b] * g_r
         g_logp = g_seq.index_select(0, s) - nll_coef * u
         zeros = torch.zeros(t1 - t0, **f32)
         grad_logits = _logprobs_bwd_over_logits(backend, g_logp, zeros, zeros, None, logits, y, None, lse, None, ent,
@@ -310,11 +324,12 @@ def _linear_dpo_fwd(hidden, weight, bias, labels, seq_ids, ref_c, ref_r, pair_we
             _gemm(g, grad_logits, weight, accumulate=False)
             grad_hidden.index_copy_(0, idx, g)
         if need_weight:
-            _gemm(grad_weight, grad_logits.t(), h, accumulate=True)
+            _gemm(later_weight if scaled_later else grad_weight, grad_logits.t(), h, accumulate=True)
         if need_bias:
-            grad_bias.add_(grad_logits.sum(0, dtype=torch.float32))
+            (later_bias if scaled_later else grad_bias).add_(grad_logits.sum(0, dtype=torch.float32))
 
     grads = any(needs)
+    later_weight = later_bias = None
     chunks = _pair_chunks(torch.bincount(pair_of, minlength=pairs).tolist(), rows)
     buffer = hidden.new_empty(min(max((t1 - t0 for _, _, t0, t1 in chunks), default=0), rows), vocab)
     for a, b, t0, t1 in chunks:
@@ -322,13 +337,33 @@ def _linear_dpo_fwd(hidden, weight, bias, labels, seq_ids, ref_c, ref_r, pair_we
             if t1 > t0:
                 visit(a, b, t0, t1, True, grads)
             continue
-        # one pair longer than a chunk: its d loss / d s needs all its log-probs first, so its rows go through the
-        # logits twice (a fourth GEMM on its tokens, memory within the chunk budget)
+        # One pair longer than a chunk, cut into pieces: its d loss / d s needs all its log-probs first. Without the
+        # NLL term the slopes are D * (k_c, -k_r) with D unknown until the end, so the pieces go through the logits
+        # once with the slope scales, and their gradients are multiplied by D afterwards (at the cost of one [V, H]
+        # float32 sum). With it, the pieces go through the logits twice (a fourth GEMM on their tokens).
         pieces = [(p0, min(p0 + rows, t1)) for p0 in range(t0, t1, rows)]
+        if not grads or nll_coef != 0.0:
+            for p0, p1 in pieces:
+                visit(a, b, p0, p1, True, False)
+            for p0, p1 in pieces if grads else ():
+                visit(a, b, p0, p1, False, True)
+            continue
+        if need_weight:
+            later_weight = torch.zeros(weight.shape, **f32) if later_weight is None else later_weight.zero_()
+        if need_bias:
+            later_bias = torch.zeros(vocab, **f32) if later_bias is None else later_bias.zero_()
         for p0, p1 in pieces:
-            visit(a, b, p0, p1, True, False)
-        for p0, p1 in pieces if grads else ():
-            visit(a, b, p0, p1, False, True)
+            visit(a, b, p0, p1, True, True, scaled_later=True)
+        _, g_c, _, _, _ = terms(a, b)
+        k_c, _ = _dpo_slope_scales(lens[a:b], lens[pairs + a:pairs + b], loss_type, simpo_gamma)
+        d = pair_weights[a:b].float() * g_c / k_c
+        if need_hidden:
+            idx = order[t0:t1]
+            grad_hidden.index_copy_(0, idx, grad_hidden.index_select(0, idx).mul_(d))
+        if need_weight:
+            grad_weight.add_(later_weight.mul_(d))
+        if need_bias:
+            grad_bias.add_(later_bias.mul_(d))
     pair_loss, _, _, r_c, r_r = terms(0, pairs)
     loss = (pair_weights.float() * pair_loss).sum() + nll_coef * nll
     stats = torch.stack([r_c.sum(), r_r.sum(), (r_c - r_r).sum(), (r_c > r_r).float().sum()]) / max(pairs, 1)
@@ -526,8 +561,8 @@ def linear_dpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, ref_chosen_l
                     nll_weights: Optional[Tensor] = None, bias: Optional[Tensor] = None, temperature: float = 1.0,
                     ignore_index: int = -100, return_sequence_logps: bool = False):
     """The DPO family of pairwise losses from hidden states (docs/formulas.md, "DPO"), gradients formed in the
-    forward (3 GEMMs), chunks of whole pairs (a pair longer than the chunk budget: 4 GEMMs on its tokens); the
-    [N, V] logits never exist.
+    forward (3 GEMMs), chunks of whole pairs (a pair longer than the chunk budget: one [V, H] float32 sum more, or
+    with nll_coef 4 GEMMs on its tokens); the [N, V] logits never exist.
 
     Layout, packed: hidden [N, H], labels [N] and ``seq_ids`` [N] int64 in [0, 2P): sequence i < P is the chosen
     response of pair i, sequence P + i its rejected response (the order of ``rlhf_fast.data.pair_batch``). Or padded,
