@@ -139,10 +139,9 @@ void gae_kernel(Rows<T> rewards, Rows<T> values, Rows<bool> mask, int64_t n_rows
     const float g = gamma_seq ? gamma_seq[b] : gamma;
     return std::pair<float, float>{g, kValues ? g * (lam_seq ? lam_seq[b] : lam) : g};
   };
-  bool rows_of_8 = false;
 #if defined(__AVX2__)
-  rows_of_8 = std::is_same_v<T, float> && rewards.stride_t == 1 && (!kValues || values.stride_t == 1) &&
-              mask.stride_t == 1;
+  const bool rows_of_8 = std::is_same_v<T, float> && rewards.stride_t == 1 && (!kValues || values.stride_t == 1) &&
+                         mask.stride_t == 1;
 #endif
   // Tasks of >= 2^16 steps (~0.1 ms): a smaller batch runs on one thread, as one parallel region costs more than it
   // saves there, and far more on an oversubscribed machine (threads waiting to be scheduled).
