@@ -73,11 +73,12 @@ def static_cache_unsupported(model) -> Optional[str]:
 
 class SlotCache:
     """KV cache of ``slots`` rows x ``length`` columns per layer, duck-typed as a transformers ``Cache``: ``update``
-    writes the new keys/values at ``self.columns`` (a [q] tensor, set before each forward) and returns the whole
-    buffers. Allocated on the first update (heads, head size and dtype come from the model)."""
+    writes the new keys/values at ``self.columns`` (a [q] tensor, set before each forward) and returns the buffers'
+    first ``self.visible`` columns (all of them unless set lower: the columns not yet written need no attention).
+    Allocated on the first update (heads, head size and dtype come from the model)."""
 
     def __init__(self, slots: int, length: int, device):
-        self.slots, self.length = slots, length
+        self.slots, self.length, self.visible = slots, length, length
         self.columns = torch.zeros(1, dtype=torch.int64, device=device)
         self.keys: list[Tensor] = []
         self.values: list[Tensor] = []
@@ -92,7 +93,7 @@ class SlotCache:
                 torch._dynamo.mark_static_address(self.values[-1])
         self.keys[layer_idx].index_copy_(2, self.columns, key)
         self.values[layer_idx].index_copy_(2, self.columns, value)
-        return self.keys[layer_idx], self.values[layer_idx]
+        return self.keys[layer_idx][:, :, :self.visible], self.values[layer_idx][:, :, :self.visible]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # never used: every forward passes position_ids and a 4-D mask
@@ -121,7 +122,8 @@ class _Decoder:
         self.fn = fn
 
     def _step(self, model, token, position, bias, uniforms, temperature, top_k, top_p, min_p):
-        logits = _forward_logits(model, token[:, None], bias[:, None, None, :], position[:, None], self.cache)
+        bias = bias[:, None, None, :self.cache.visible]
+        logits = _forward_logits(model, token[:, None], bias, position[:, None], self.cache)
         return sample_op(logits.contiguous(), uniforms, temperature, top_k, top_p, min_p, self.backend)
 
 
@@ -332,6 +334,8 @@ def _generate_static(model, input_ids, mask, N, params, eos, pad, generator, G, 
                 break
         col = t % L
         slots.columns.fill_(col)
+        # eager: attend to the columns written so far (all once the ring has wrapped); compiled: one shape, all L
+        slots.visible = L if compile or t >= L else t + 1
         bias[:, col] = 0.0
         uniforms = torch.rand(W, generator=generator, device=device, dtype=torch.float32)
         tok, *floats = decoder.fn(model, token, position, bias, uniforms, *slot_params)
