@@ -230,16 +230,16 @@ linear_ppo_loss_op.register_autograd(_grad, setup_context=_setup_grads(18))
 
 def _dpo_pair_terms(s_c, s_r, ref_c, ref_r, n_c, n_r, beta, loss_type, label_smoothing, simpo_gamma):
     """Per-pair float32 [k] terms of the DPO family (docs/formulas.md, "DPO") from the sequence log-probs s_*, the
-    reference's ref_* and the response lengths n_* -> (loss, d loss / d s_c, d loss / d s_r, r_c, r_r), the
-    implicit rewards r = beta * rho."""
+    reference's ref_* and the response lengths n_* -> (loss, slope D, r_c, r_r), with d loss / d s_c = D k_c and
+    d loss / d s_r = -D k_r (k from _dpo_slope_scales), and the implicit rewards r = beta * rho."""
     n_c, n_r = n_c.clamp_min(1.0), n_r.clamp_min(1.0)
     if simpo_gamma is not None:  # SimPO: no reference, length-normalised log-probs, target margin gamma
-        rho_c, rho_r, drho_c, drho_r, gamma = s_c / n_c, s_r / n_r, 1.0 / n_c, 1.0 / n_r, simpo_gamma
+        rho_c, rho_r, gamma = s_c / n_c, s_r / n_r, simpo_gamma
     else:
-        rho_c, rho_r, drho_c, drho_r, gamma = s_c - ref_c, s_r - ref_r, 1.0, 1.0, 0.0
+        rho_c, rho_r, gamma = s_c - ref_c, s_r - ref_r, 0.0
     if loss_type == "ipo":  # on the length-normalised log-ratios
         e = rho_c / n_c - rho_r / n_r - 1.0 / (2.0 * beta)
-        return e * e, 2.0 * e / n_c, -2.0 * e / n_r, beta * rho_c, beta * rho_r
+        return e * e, 2.0 * e, beta * rho_c, beta * rho_r
     m = beta * (rho_c - rho_r) - gamma
     ls = label_smoothing
     logsigmoid = torch.nn.functional.logsigmoid
@@ -252,12 +252,13 @@ def _dpo_pair_terms(s_c, s_r, ref_c, ref_r, n_c, n_r, beta, loss_type, label_smo
         else:  # robust
             loss = (-(1 - ls) * logsigmoid(m) + ls * logsigmoid(-m)) / (1 - 2 * ls)
             dm = (-(1 - ls) * (1 - sig) - ls * sig) / (1 - 2 * ls)
-    return loss, beta * dm * drho_c, -beta * dm * drho_r, beta * rho_c, beta * rho_r
+    return loss, beta * dm, beta * rho_c, beta * rho_r
 
 
 def _dpo_slope_scales(n_c, n_r, loss_type, simpo_gamma):
-    """(k_c, k_r) with d loss / d s_c = D k_c and d loss / d s_r = -D k_r for one unknown D per pair: every loss of
-    _dpo_pair_terms is a function of the difference of the two (length-normalised for ipo and SimPO) log-ratios."""
+    """(k_c, k_r) with d loss / d s_c = D k_c and d loss / d s_r = -D k_r, D the pair's slope (_dpo_pair_terms):
+    every loss there is a function of the difference of the two (length-normalised for ipo and SimPO) log-ratios, so
+    k depends on the lengths only, and D is the one factor known only once the pair's log-probs are."""
     if loss_type == "ipo" or simpo_gamma is not None:
         return 1.0 / n_c.clamp_min(1.0), 1.0 / n_r.clamp_min(1.0)
     return torch.ones_like(n_c), torch.ones_like(n_r)
@@ -294,10 +295,12 @@ def _linear_dpo_fwd(hidden, weight, bias, labels, seq_ids, ref_c, ref_r, pair_we
     terms = lambda a, b: _dpo_pair_terms(  # noqa: E731
         seq_logps[a:b], seq_logps[pairs + a:pairs + b], ref_c[a:b].float(), ref_r[a:b].float(), lens[a:b],
         lens[pairs + a:pairs + b], beta, loss_type, label_smoothing, simpo_gamma)
+    k_c, k_r = _dpo_slope_scales(lens[:pairs], lens[pairs:], loss_type, simpo_gamma)
+
     def visit(a, b, t0, t1, accumulate, grads, scaled_later=False):
         """Rows t0:t1 of the pair-sorted tokens (of pairs a:b): their log-probs into the sums (``accumulate``), their
-        gradients from pairs a:b's d loss / d s (``grads``); ``scaled_later``: from the slope scales of the one pair
-        a instead, d weight and d bias into later_weight / later_bias, all to be multiplied by D once it is known."""
+        gradients from pairs a:b's d loss / d s (``grads``); ``scaled_later``: from the slope scales k alone (D = 1),
+        d weight and d bias into later_weight / later_bias, all to be multiplied by the pair's w D once it is known."""
         idx = order[t0:t1]
         h, y, s = hidden.index_select(0, idx), labels.index_select(0, idx), seq_ids.index_select(0, idx)
         logits = _tile_logits(h, weight, bias, 0, vocab, out=buffer)
@@ -308,12 +311,8 @@ def _linear_dpo_fwd(hidden, weight, bias, labels, seq_ids, ref_c, ref_r, pair_we
             nll.sub_((u * logp).sum())
         if not grads:
             return
-        if scaled_later:
-            k_c, k_r = _dpo_slope_scales(lens[a:b], lens[pairs + a:pairs + b], loss_type, simpo_gamma)
-            g_seq[a:b], g_seq[pairs + a:pairs + b] = k_c, -k_r
-        else:
-            _, g_c, g_r, _, _ = terms(a, b)
-            g_seq[a:b], g_seq[pairs + a:pairs + b] = pair_weights[a:b] * g_c, pair_weights[a:b] * g_r
+        d = 1.0 if scaled_later else pair_weights[a:b].float() * terms(a, b)[1]
+        g_seq[a:b], g_seq[pairs + a:pairs + b] = d * k_c[a:b], -d * k_r[a:b]
         g_logp = g_seq.index_select(0, s) - nll_coef * u
         zeros = torch.zeros(t1 - t0, **f32)
         grad_logits = _logprobs_bwd_over_logits(backend, g_logp, zeros, zeros, None, logits, y, None, lse, None, ent,
@@ -354,9 +353,7 @@ def _linear_dpo_fwd(hidden, weight, bias, labels, seq_ids, ref_c, ref_r, pair_we
             later_bias = torch.zeros(vocab, **f32) if later_bias is None else later_bias.zero_()
         for p0, p1 in pieces:
             visit(a, b, p0, p1, True, True, scaled_later=True)
-        _, g_c, _, _, _ = terms(a, b)
-        k_c, _ = _dpo_slope_scales(lens[a:b], lens[pairs + a:pairs + b], loss_type, simpo_gamma)
-        d = pair_weights[a:b].float() * g_c / k_c
+        d = pair_weights[a:b].float() * terms(a, b)[1]
         if need_hidden:
             idx = order[t0:t1]
             grad_hidden.index_copy_(0, idx, grad_hidden.index_select(0, idx).mul_(d))
@@ -364,7 +361,7 @@ def _linear_dpo_fwd(hidden, weight, bias, labels, seq_ids, ref_c, ref_r, pair_we
             grad_weight.add_(later_weight.mul_(d))
         if need_bias:
             grad_bias.add_(later_bias.mul_(d))
-    pair_loss, _, _, r_c, r_r = terms(0, pairs)
+    pair_loss, _, r_c, r_r = terms(0, pairs)
     loss = (pair_weights.float() * pair_loss).sum() + nll_coef * nll
     stats = torch.stack([r_c.sum(), r_r.sum(), (r_c - r_r).sum(), (r_c > r_r).float().sum()]) / max(pairs, 1)
     return (loss, torch.cat([stats, nll[None]]), seq_logps, grad_hidden.to(hidden.dtype),
@@ -517,7 +514,7 @@ def dpo_pair_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps
     all [P] (docs/formulas.md, "DPO"); differentiable. ``simpo_gamma`` not None: SimPO (the reference is ignored).
     -> (loss [P], chosen_rewards [P], rejected_rewards [P]); the rewards beta * rho, detached."""
     f = lambda x: torch.as_tensor(x).float()  # noqa: E731
-    loss, _, _, r_c, r_r = _dpo_pair_terms(f(chosen_logps), f(rejected_logps), f(ref_chosen_logps),
+    loss, _, r_c, r_r = _dpo_pair_terms(f(chosen_logps), f(rejected_logps), f(ref_chosen_logps),
                                            f(ref_rejected_logps), f(chosen_lens), f(rejected_lens), beta, loss_type,
                                            label_smoothing, simpo_gamma)
     return loss, r_c.detach(), r_r.detach()
