@@ -23,7 +23,7 @@ an fp32 loop over T), cuda and triton; arithmetic is fp32 whatever the input dty
 Masked mean/variance/whitening and group advantages are one PyTorch implementation for every device (their cost is
 a few reductions); mean, variance and whitening are differentiable w.r.t. ``x``.
 
-Each op is a torch.library custom op in the ``rlhf_fast`` namespace with a fake implementation, so
+Each op is a torch.library op in the ``rlhf_fast`` namespace with a fake implementation, so
 ``torch.compile`` traces it without graph breaks; the backend is chosen in Python and passed to the op.
 """
 
@@ -166,7 +166,7 @@ def _triton():
     return triton_advantages
 
 
-def _gae_fwd(backend, rewards, values, mask, gamma_seq, lam_seq, gamma, lam):
+def _gae_fwd(rewards, values, mask, gamma_seq, lam_seq, gamma, lam, backend):
     if backend == "torch":
         adv, ret = gae_ref(rewards, values, mask, gamma if gamma_seq is None else gamma_seq,
                            lam if lam_seq is None else lam_seq)
@@ -176,7 +176,7 @@ def _gae_fwd(backend, rewards, values, mask, gamma_seq, lam_seq, gamma, lam):
     return torch.ops.rlhf_fast_C.gae_fwd(rewards, values, mask, gamma_seq, lam_seq, gamma, lam)  # cpp / cuda
 
 
-def _discounted_returns_fwd(backend, rewards, mask, gamma_seq, gamma):
+def _discounted_returns_fwd(rewards, mask, gamma_seq, gamma, backend):
     if backend == "torch":
         return discounted_returns_ref(rewards, mask, gamma if gamma_seq is None else gamma_seq).contiguous()
     if backend == "triton":
@@ -188,28 +188,28 @@ def _discounted_returns_fwd(backend, rewards, mask, gamma_seq, gamma):
 # Custom ops (inputs already validated) with fake implementations; autograd only where a gradient is meaningful.
 # ---------------------------------------------------------------------------------------------------------------
 
+# The two scans are a schema and one CompositeExplicitAutograd kernel on a torch.library.Library rather than
+# torch.library.custom_op ops: they have no autograd, and custom_op's Python layers (autograd wrapper, dynamo
+# guard, alias check) cost ~20 us a call, as much as the whole scan at [64, 2048].
+_lib = torch.library.Library("rlhf_fast", "FRAGMENT")
+_lib.define("gae(Tensor rewards, Tensor values, Tensor mask, Tensor? gamma_seq, Tensor? lam_seq, float gamma, "
+            "float lam, str backend) -> (Tensor, Tensor)")
+_lib.define("discounted_returns(Tensor rewards, Tensor mask, Tensor? gamma_seq, float gamma, str backend) -> Tensor")
+_lib.impl("gae", _gae_fwd, "CompositeExplicitAutograd")
+_lib.impl("discounted_returns", _discounted_returns_fwd, "CompositeExplicitAutograd")
+# rewards, values [B, T] float/bf16/fp16, mask [B, T] bool -> (advantages, returns), float32 [B, T]
+gae_op = torch.ops.rlhf_fast.gae.default
+# rewards [B, T] float/bf16/fp16, mask [B, T] bool -> returns float32 [B, T]
+discounted_returns_op = torch.ops.rlhf_fast.discounted_returns.default
 
-@torch.library.custom_op("rlhf_fast::gae", mutates_args=())
-def gae_op(rewards: Tensor, values: Tensor, mask: Tensor, gamma_seq: Optional[Tensor], lam_seq: Optional[Tensor],
-           gamma: float, lam: float, backend: str) -> tuple[Tensor, Tensor]:
-    """rewards, values [B, T] float/bf16/fp16, mask [B, T] bool -> (advantages, returns), float32 [B, T]."""
-    return _gae_fwd(backend, rewards, values, mask, gamma_seq, lam_seq, gamma, lam)
 
-
-@gae_op.register_fake
+@torch.library.register_fake("rlhf_fast::gae", lib=_lib)
 def _(rewards, values, mask, gamma_seq, lam_seq, gamma, lam, backend):
     return (rewards.new_empty(rewards.shape, dtype=torch.float32),
             rewards.new_empty(rewards.shape, dtype=torch.float32))
 
 
-@torch.library.custom_op("rlhf_fast::discounted_returns", mutates_args=())
-def discounted_returns_op(rewards: Tensor, mask: Tensor, gamma_seq: Optional[Tensor], gamma: float, backend: str
-                          ) -> Tensor:
-    """rewards [B, T] float/bf16/fp16, mask [B, T] bool -> returns float32 [B, T]."""
-    return _discounted_returns_fwd(backend, rewards, mask, gamma_seq, gamma)
-
-
-@discounted_returns_op.register_fake
+@torch.library.register_fake("rlhf_fast::discounted_returns", lib=_lib)
 def _(rewards, mask, gamma_seq, gamma, backend):
     return rewards.new_empty(rewards.shape, dtype=torch.float32)
 
