@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from rlhf_fast import _backend
@@ -42,6 +43,31 @@ def device_backends(implemented: tuple[str, ...]) -> list:
         for p in usable_backends(implemented, device):
             params.append(pytest.param(device, p.values[0], marks=p.marks, id=f"{device}-{p.id}"))
     return params
+
+
+class _NewTensors(TorchDispatchMode):
+    """The sizes of the tensors with new storage (not in-place results, views or detached aliases) that ops create
+    while the mode is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        self.sizes += [t.numel() for t in torch.utils._pytree.tree_leaves(out)
+                       if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs]
+        return out
+
+
+def largest_new_tensor_in_backward(loss: torch.Tensor) -> int:
+    """Runs loss.backward() and returns the numel of the largest tensor it creates (0 if none): a fused loss whose
+    gradients are formed in the forward only scales them in place, and autograd adopts them without a copy."""
+    with _NewTensors() as mode:
+        loss.backward()
+    return max(mode.sizes, default=0)
 
 
 def assert_within_ref_error(out, ref_same_dtype, exact, *, name: str, factor: float = 2.0, floor: float = 1e-5):

@@ -9,7 +9,7 @@ import torch
 from test_linear_logprobs import _LargestAllocation, make_inputs
 
 import rlhf_fast
-from _testing import assert_within_ref_error, device_backends
+from _testing import assert_within_ref_error, device_backends, largest_new_tensor_in_backward
 
 lce = importlib.import_module("rlhf_fast.ops.linear_cross_entropy")
 BACKENDS = device_backends(lce.LINEAR_LOGPROBS_BACKENDS)
@@ -117,6 +117,14 @@ def test_gradient_is_not_copied_and_second_backward_is_refused():
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()  # the saved gradients were scaled in place: a wrong second result is impossible
     assert w.grad.data_ptr() == saved
+
+
+def test_backward_creates_no_gradient_sized_tensor():
+    hidden, weight, bias, labels = make_inputs((10,), 8, 50, torch.float32)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = rlhf_fast.linear_cross_entropy(h, w, labels, bias=bias)
+    # no zero gradients for the op's gradient outputs, no copy of the gradients formed in the forward
+    assert largest_new_tensor_in_backward(loss * 2) < h.numel() < w.numel()
 
 
 def test_all_ignored_and_empty():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import rlhf_fast
-from _testing import assert_within_ref_error, device_backends
+from _testing import assert_within_ref_error, device_backends, largest_new_tensor_in_backward
 
 ll = importlib.import_module("rlhf_fast.ops.linear_losses")
 lce = importlib.import_module("rlhf_fast.ops.linear_cross_entropy")
@@ -177,6 +177,16 @@ def test_stats_and_sequence_logps():
     for name, value in expect.items():
         torch.testing.assert_close(stats[name], value, rtol=1e-5, atol=1e-5, msg=name)
     assert 0 < stats["accuracy"] < 1
+
+
+def test_only_the_loss_is_differentiable_and_backward_copies_nothing():
+    hidden, weight, bias, labels, seq_ids, ref_c, ref_r = packed_pairs(LENS, 8, 300, torch.float32)
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    loss, stats, seq = rlhf_fast.linear_dpo_loss(h, w, labels, ref_c, ref_r, bias=bias, seq_ids=seq_ids,
+                                                 return_sequence_logps=True)
+    assert loss.requires_grad and not seq.requires_grad and not any(v.requires_grad for v in stats.values())
+    # no zero gradients for the op's other outputs (two of them [N, H] and [V, H]), no copy of the gradients
+    assert largest_new_tensor_in_backward(loss * 2) < h.numel() < w.numel()
 
 
 def test_sigmoid_at_zero_margin_is_log2():

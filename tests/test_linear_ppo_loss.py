@@ -11,7 +11,7 @@ import torch
 from test_linear_logprobs import make_inputs, robust_thresholds
 
 import rlhf_fast
-from _testing import assert_within_ref_error, device_backends
+from _testing import assert_within_ref_error, device_backends, largest_new_tensor_in_backward
 
 ll = importlib.import_module("rlhf_fast.ops.linear_losses")
 lce = importlib.import_module("rlhf_fast.ops.linear_cross_entropy")
@@ -213,6 +213,16 @@ def test_stats_are_plain_means_over_kept_tokens():
     for name, value in expect.items():
         torch.testing.assert_close(stats[name], value, rtol=1e-5, atol=1e-6, msg=name)
     assert 0 < stats["clip_frac"] < 1
+
+
+def test_only_the_loss_is_differentiable_and_backward_copies_nothing():
+    hidden, weight, bias, labels = make_inputs((12,), 8, 50, torch.float32)
+    old, adv, ref, w = side_inputs(labels)
+    h, wt = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, stats = rlhf_fast.linear_ppo_loss(h, wt, labels, old, adv, w, ref_logp=ref, kl_coef=0.1)
+    assert loss.requires_grad and not any(v.requires_grad for v in stats.values())
+    # no zero gradients for the op's other outputs (two of them [N, H] and [V, H]), no copy of the gradients
+    assert largest_new_tensor_in_backward(loss * 2) < h.numel() < wt.numel()
 
 
 def test_all_masked_and_empty():

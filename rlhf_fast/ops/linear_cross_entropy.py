@@ -111,6 +111,9 @@ def _(hidden, weight, bias, labels, coef, temperature, ignore_index, rows, need_
 
 def _setup(ctx, inputs, output):
     _, grad_hidden, grad_weight, grad_bias = output
+    # only the loss is differentiable; no zero gradients for the gradient outputs ([N, H] and [V, H])
+    ctx.mark_non_differentiable(grad_hidden, grad_weight, grad_bias)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
     ctx.needs = inputs[8:11]
 

@@ -205,6 +205,9 @@ def _scale(g: Tensor, grad_loss: Tensor) -> Tensor:
 
 def _setup_grads(first_need: int):
     def setup(ctx, inputs, output):
+        # only the loss is differentiable; no zero gradients for the other outputs (two of them [V, H] and [N, H])
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(*output[-3:])
         ctx.needs = inputs[first_need:first_need + 3]
         ctx.n_inputs = len(inputs)
