@@ -45,29 +45,33 @@ def device_backends(implemented: tuple[str, ...]) -> list:
     return params
 
 
-class _NewTensors(TorchDispatchMode):
-    """The sizes of the tensors with new storage (not in-place results, views or detached aliases) that ops create
-    while the mode is on."""
+class NewTensors(TorchDispatchMode):
+    """``created``: (op, dtype, numel) of every tensor with new storage (not an in-place result, a view or a detached
+    alias of an input) that an op creates while the mode is on; ``largest``: the largest of those numels (0: none)."""
 
     def __init__(self):
         super().__init__()
-        self.sizes: list[int] = []
+        self.created: list[tuple[str, torch.dtype, int]] = []
+
+    @property
+    def largest(self) -> int:
+        return max((n for _, _, n in self.created), default=0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
                   if isinstance(t, torch.Tensor)}
-        self.sizes += [t.numel() for t in torch.utils._pytree.tree_leaves(out)
-                       if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs]
+        self.created += [(str(func), t.dtype, t.numel()) for t in torch.utils._pytree.tree_leaves(out)
+                         if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs]
         return out
 
 
 def largest_new_tensor_in_backward(loss: torch.Tensor) -> int:
     """Runs loss.backward() and returns the numel of the largest tensor it creates (0 if none): a fused loss whose
     gradients are formed in the forward only scales them in place, and autograd adopts them without a copy."""
-    with _NewTensors() as mode:
+    with NewTensors() as mode:
         loss.backward()
-    return max(mode.sizes, default=0)
+    return mode.largest
 
 
 def assert_within_ref_error(out, ref_same_dtype, exact, *, name: str, factor: float = 2.0, floor: float = 1e-5):

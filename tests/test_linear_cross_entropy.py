@@ -6,10 +6,10 @@ import importlib
 
 import pytest
 import torch
-from test_linear_logprobs import _LargestAllocation, make_inputs
+from test_linear_logprobs import make_inputs
 
 import rlhf_fast
-from _testing import assert_within_ref_error, device_backends, largest_new_tensor_in_backward
+from _testing import NewTensors, assert_within_ref_error, device_backends, largest_new_tensor_in_backward
 
 lce = importlib.import_module("rlhf_fast.ops.linear_cross_entropy")
 BACKENDS = device_backends(lce.LINEAR_LOGPROBS_BACKENDS)
@@ -144,7 +144,7 @@ def test_all_ignored_and_empty():
 def test_never_materializes_all_logits():
     n, hidden_size, vocab, rows = 64, 8, 101, 8
     hidden, weight, bias, labels = make_inputs((n,), hidden_size, vocab, torch.float32)
-    with _LargestAllocation() as mode:
+    with NewTensors() as mode:
         lce._linear_cross_entropy_fwd(hidden, weight, bias, labels, torch.rand(n), 1.0, -100, rows,
                                       (True, True, True), "cpp")
     assert mode.largest <= max(rows * vocab, vocab * hidden_size, n * hidden_size) < n * vocab

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from _testing import assert_within_ref_error, compiles_for_hopper, device_backends, usable_backends
+from _testing import NewTensors, assert_within_ref_error, compiles_for_hopper, device_backends, usable_backends
 
 import rlhf_fast
 from rlhf_fast import AGG_MODES, loss_normalizer, loss_weights
@@ -446,32 +446,17 @@ def test_ppo_objective_matches_reference_and_is_the_from_logits_objective(dtype)
 def test_from_logits_writes_no_other_vocab_sized_tensor(backend):
     """The fused ops' outputs are per-token vectors forward and the gradient alone backward: no [B, T, V] tensor is
     produced by any op of the composition but grad_logits (dispatch-level view of every op's outputs)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class BigOutputs(TorchDispatchMode):
-        def __init__(self, numel):
-            super().__init__()
-            self.numel, self.seen = numel, []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
-            for t in (out if isinstance(out, (tuple, list)) else (out,)):
-                new = isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs  # not a view
-                if new and t.numel() >= self.numel:
-                    self.seen.append((str(func), t.dtype))
-            return out
-
     logits, labels, old_logp, adv, mask, ref_logp = _logits_inputs((2, 7, 64), torch.bfloat16)
     logits.requires_grad_(True)
     kw = dict(FULL, ref_logp=ref_logp)
     with _use_backend(backend):
-        with BigOutputs(logits.numel()) as fwd:
+        with NewTensors() as fwd:
             out, _ = rlhf_fast.ppo_loss_from_logits(logits, labels, old_logp, adv, loss_weights(mask), **kw)
-        with BigOutputs(logits.numel()) as bwd:
+        with NewTensors() as bwd:
             out.backward()
-    assert fwd.seen == []
-    assert bwd.seen == [("rlhf_fast.logprobs_entropy_backward.default", torch.bfloat16)]
+    big = lambda mode: [(op, dtype) for op, dtype, n in mode.created if n >= logits.numel()]  # noqa: E731
+    assert big(fwd) == []
+    assert big(bwd) == [("rlhf_fast.logprobs_entropy_backward.default", torch.bfloat16)]
 
 
 # --------------------------------------------------------------------------------------------------------------

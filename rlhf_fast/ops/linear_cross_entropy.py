@@ -109,13 +109,8 @@ def _(hidden, weight, bias, labels, coef, temperature, ignore_index, rows, need_
             weight.new_empty((weight.shape[0],) if need_bias else (0,)))
 
 
-def _setup(ctx, inputs, output):
-    _, grad_hidden, grad_weight, grad_bias = output
-    # only the loss is differentiable; no zero gradients for the gradient outputs ([N, H] and [V, H])
-    ctx.mark_non_differentiable(grad_hidden, grad_weight, grad_bias)
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-    ctx.needs = inputs[8:11]
+# The autograd of every loss whose gradients are formed in the forward (this one, linear_ppo_loss, linear_dpo_loss):
+# the op returns them as its last three outputs, and backward only scales them by the upstream gradient.
 
 
 def _scale(g: Tensor, grad_loss: Tensor) -> Tensor:
@@ -128,12 +123,31 @@ def _scale(g: Tensor, grad_loss: Tensor) -> Tensor:
     return g * grad_loss.to(g.dtype)
 
 
-def _grad(ctx, grad_loss, *_):
+def setup_grads_in_forward(first_need: int):
+    """setup_context for an op whose output 0 is the loss and whose last three outputs are the gradients of hidden,
+    weight and bias, with the need_hidden / need_weight / need_bias flags at inputs[first_need:first_need + 3]."""
+    def setup(ctx, inputs, output):
+        # only the loss is differentiable; no zero gradients for the other outputs (two of them [V, H] and [N, H])
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*output[-3:])
+        ctx.needs = inputs[first_need:first_need + 3]
+        ctx.n_inputs = len(inputs)
+    return setup
+
+
+def _needs(hidden, weight, bias) -> list[bool]:
+    """The need_hidden / need_weight / need_bias flags of such an op."""
+    on = torch.is_grad_enabled()
+    return [on and x is not None and x.requires_grad for x in (hidden, weight, bias)]
+
+
+def grads_in_forward(ctx, grad_loss, *_):
     scaled = [_scale(g, grad_loss) if need else None for g, need in zip(ctx.saved_tensors, ctx.needs)]
-    return (*scaled, *[None] * 9)
+    return (*scaled, *[None] * (ctx.n_inputs - 3))
 
 
-linear_cross_entropy_op.register_autograd(_grad, setup_context=_setup)
+linear_cross_entropy_op.register_autograd(grads_in_forward, setup_context=setup_grads_in_forward(8))
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, weights: Optional[Tensor] = None,
@@ -164,8 +178,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, weig
     coef = w / w.sum().clamp_min(torch.finfo(torch.float32).tiny) if reduction == "mean" else w
     backend = _backend.select("linear_cross_entropy", LINEAR_LOGPROBS_BACKENDS, hidden.device)
     rows_2d = hidden.reshape(-1, hidden.shape[-1]).contiguous()
-    grads_on = torch.is_grad_enabled()
-    needs = [grads_on and x is not None and x.requires_grad for x in (hidden, weight, bias)]
+    needs = _needs(hidden, weight, bias)
     rows = chunk_rows(rows_2d.shape[0], weight.shape[0], hidden.device)
     loss, *_ = linear_cross_entropy_op(rows_2d, weight, bias, labels.reshape(-1).contiguous(),
                                        coef.reshape(-1).contiguous(), temperature, ignore_index, rows, *needs, backend)

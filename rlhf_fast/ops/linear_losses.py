@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .. import _backend
 from . import _checks
-from .linear_cross_entropy import CHUNK_BYTES, chunk_rows
+from .linear_cross_entropy import CHUNK_BYTES, _needs, chunk_rows, grads_in_forward, setup_grads_in_forward
 from .linear_logprobs import LINEAR_LOGPROBS_BACKENDS, _balanced, _check_inputs, _gemm, _tile_logits
 from .ppo_loss import (_kl_dlogp, _policy_variant, _sequence_log_ratio, _variant_log_ratio,
                        _variant_terms, ppo_objective)
@@ -196,30 +196,7 @@ def _(hidden, weight, bias, labels, old_logp, advantages, weights, ref_logp, kep
             *_fake_grads(hidden, weight, need_hidden, need_weight, need_bias))
 
 
-def _scale(g: Tensor, grad_loss: Tensor) -> Tensor:
-    # as linear_cross_entropy: in place in eager (no second [V, H] buffer), out of place when traced
-    if type(g) is torch.Tensor:
-        return g.mul_(grad_loss.to(g.dtype))
-    return g * grad_loss.to(g.dtype)
-
-
-def _setup_grads(first_need: int):
-    def setup(ctx, inputs, output):
-        # only the loss is differentiable; no zero gradients for the other outputs (two of them [V, H] and [N, H])
-        ctx.mark_non_differentiable(*output[1:])
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*output[-3:])
-        ctx.needs = inputs[first_need:first_need + 3]
-        ctx.n_inputs = len(inputs)
-    return setup
-
-
-def _grad(ctx, grad_loss, *_):
-    scaled = [_scale(g, grad_loss) if need else None for g, need in zip(ctx.saved_tensors, ctx.needs)]
-    return (*scaled, *[None] * (ctx.n_inputs - 3))
-
-
-linear_ppo_loss_op.register_autograd(_grad, setup_context=_setup_grads(18))
+linear_ppo_loss_op.register_autograd(grads_in_forward, setup_context=setup_grads_in_forward(18))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -395,7 +372,7 @@ def _(hidden, weight, bias, labels, seq_ids, ref_chosen_logp, ref_rejected_logp,
             *_fake_grads(hidden, weight, need_hidden, need_weight, need_bias))
 
 
-linear_dpo_loss_op.register_autograd(_grad, setup_context=_setup_grads(17))
+linear_dpo_loss_op.register_autograd(grads_in_forward, setup_context=setup_grads_in_forward(17))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -420,11 +397,6 @@ def _check_vector(x, name: str, labels: Tensor) -> None:
     _checks.float_tensor(x, name)
     _checks.same_shape(x, name, labels.shape, "labels.shape")
     _checks.same_device(x, name, labels, "labels")
-
-
-def _needs(hidden, weight, bias):
-    on = torch.is_grad_enabled()
-    return [on and x is not None and x.requires_grad for x in (hidden, weight, bias)]
 
 
 def _flat(x: Optional[Tensor]) -> Optional[Tensor]:
