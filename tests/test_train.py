@@ -148,6 +148,11 @@ def test_long_prompts_are_cut_from_the_left():
     pairs = [{"prompt": "+1 2 =", "chosen": "2", "rejected": "2 3 4 5"}]
     with pytest.warns(UserWarning, match="1 of 1 rows"):
         assert warn_truncation(tok, pairs, 6, ("chosen", "rejected")) == 1
+    # words the tokenizer does not know: both responses become the same unknown tokens
+    pairs += [{"prompt": "+1 2 =", "chosen": "good great", "rejected": "bad awful"}]
+    with pytest.warns(UserWarning, match=r"1 of 2 pairs have chosen and rejected responses that tokenize to the "
+                                         r"same tokens \(the unknown-word token is '<unk>'\)"):
+        warn_truncation(tok, pairs, 16, ("chosen", "rejected"))
 
 
 def test_bradley_terry_loss_and_accuracy():

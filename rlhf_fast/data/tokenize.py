@@ -60,18 +60,26 @@ def fit(prompt: list[int], response: list[int], max_len: int) -> tuple[list[int]
 def warn_truncation(tokenizer, rows: list[dict], max_len: int, response_keys: Optional[tuple] = None) -> int:
     """Warns once, with counts, when rows do not fit ``max_len`` (``fit`` then cuts their prompts from the left, and
     their responses where the prompt alone cannot give enough room). The responses are ``completion_text(row)`` or
-    ``row[k]`` for each of ``response_keys`` (preference pairs). -> the number of rows cut."""
-    cut = cut_response = 0
+    ``row[k]`` for each of ``response_keys`` (preference pairs; then also when a pair's responses tokenize the same,
+    say from words the tokenizer does not know: such a pair has no preference to learn). -> the number of rows cut."""
+    cut = cut_response = same = 0
     for row in rows:
         prompt = encode_prompt(tokenizer, prompt_text(tokenizer, row))
         responses = [completion_text(row)] if response_keys is None else [row[k] for k in response_keys]
-        lens = [len(encode_response(tokenizer, r)) for r in responses]
+        tokens = [encode_response(tokenizer, r) for r in responses]
+        lens = [len(t) for t in tokens]
         cut += len(prompt) + max(lens) > max_len
         cut_response += max(lens) > max_len - 1  # fit keeps one prompt token
+        same += len(tokens) > 1 and all(t == tokens[0] for t in tokens[1:])
     if cut:
         warnings.warn(f"{cut} of {len(rows)} rows are longer than max_len={max_len} tokens: their prompts lose tokens "
                       f"from the left{f', and {cut_response} responses are cut at the end' if cut_response else ''}; "
                       "raise max_len to keep them whole", stacklevel=2)
+    if same:
+        unk = f" (the unknown-word token is {tokenizer.unk_token!r})" if tokenizer.unk_token else ""
+        warnings.warn(f"{same} of {len(rows)} pairs have {' and '.join(response_keys)} responses that tokenize to the "
+                      f"same tokens{unk}: they carry no preference (zero margin, no gradient); check the data "
+                      "against the model's tokenizer", stacklevel=2)
     return cut
 
 
