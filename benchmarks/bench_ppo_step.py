@@ -6,7 +6,9 @@
   ``--max-new-tokens``) of a random-init Llama built here (``--llama hidden,layers,intermediate,heads``; default
   256,4,1024,4: 20.6 M parameters at V=32000), the rollout from ``rlhf_fast.generate`` with its static cache
   (shared prefill) vs its dynamic-cache path (``generate_cache=dynamic``, what the trainer used before the static
-  path), e.g. ``--llama 512,8,1344,8 --max-new-tokens 128`` for bench_generate's config (b);
+  path), e.g. ``--llama 512,8,1344,8 --max-new-tokens 128`` for bench_generate's config (b); also the learn
+  phase's seconds inside matrix products (one more, profiled learn), the floor below which only fewer or faster
+  GEMMs can take it;
 * ``--case mixed``: the learn phase (policy and critic forward + backward over every minibatch) on a rollout of
   mixed lengths (prompts 8-256 tokens, responses 4-128), the trainer's packed batches vs the same computation on
   padded [S, L] rows with an attention mask: tokens/s and peak memory.
@@ -82,10 +84,34 @@ def embedded_worker(args) -> dict:
                 if it:
                     for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
                         times[k].append(v)
-        peak = _peak(trainer.device)
+            peak = _peak(trainer.device)
+            gemm = learn_gemm_time(trainer, batch) if args.case == "llama" else {}
     n_params = sum(p.numel() for p in trainer.policy.module.parameters())
     return {"backend": args.backend, "generate_cache": args.generate_cache, "params": n_params,
-            **{k: statistics.median(v) for k, v in times.items()}, "peak_bytes": peak}
+            **{k: statistics.median(v) for k, v in times.items()}, "peak_bytes": peak, **gemm}
+
+
+GEMM_OPS = {"aten::mm": 0, "aten::bmm": 0, "aten::addmm": 1, "aten::addmm_": 1, "aten::baddbmm": 1}  # -> first factor
+
+
+def learn_gemm_time(trainer, batch) -> dict:
+    """One more (profiled) learn on ``batch``: the seconds spent inside matrix products and their GFLOP (from the
+    recorded shapes: the profiler counts none for the in-place ``addmm_``), i.e. the floor that no change outside the
+    GEMMs can go below."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = trainer.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        trainer.learn(batch)
+    seconds = flops = 0.0
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key in GEMM_OPS:
+            a, b = e.input_shapes[GEMM_OPS[e.key]:][:2]  # [..., M, K] x [..., K, N]
+            batch_size = a[0] if len(a) == 3 else 1
+            flops += 2 * batch_size * a[-2] * a[-1] * b[-1] * e.count
+            seconds += (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e6
+    return {"learn_gemm": seconds, "learn_gflop": flops / 1e9}
 
 
 def padded_hidden(body, batch):
@@ -201,14 +227,16 @@ def main() -> None:
         samples = 1 if args.algo == "ppo" else args.group_size
         for r in rows:
             table.append([r["generate_cache"], f"{r['generate']:.3f}", f"{r['score']:.3f}", f"{r['learn']:.3f}",
+                          f"{r['learn_gemm']:.3f}", f"{r['learn_gflop'] / r['learn_gemm']:.0f}",
                           f"{r['total']:.3f}", f"{r['peak_bytes'] / 2**20:.0f}",
                           f"{rows[0]['generate'] / r['generate']:.2f}x", f"{rows[0]['total'] / r['total']:.2f}x"])
         print(f"{args.algo} iteration, random-init Llama (hidden, layers, intermediate, heads = {args.llama}; "
               f"{rows[0]['params'] / 1e6:.1f} M parameters, V=32000), {args.batch_size} prompts x {samples} "
               f"sample(s), {args.max_new_tokens} new tokens, {args.threads} thread(s); median of {args.iterations} "
               "iterations (s)")
-        print(tabulate(table, headers=["generate cache", "generate", "score", "learn", "total", "peak MiB",
-                                       "generate speed-up", "total speed-up"]))
+        print("learn GEMMs: the seconds of one more (profiled) learn spent in matrix products, and their GFLOP/s")
+        print(tabulate(table, headers=["generate cache", "generate", "score", "learn", "learn GEMMs", "GEMM GFLOP/s",
+                                       "total", "peak MiB", "generate speed-up", "total speed-up"]))
     elif args.case == "mixed":
         for vocab in vocabs:
             for layout in ("padded", "packed"):
