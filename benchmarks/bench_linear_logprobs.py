@@ -210,7 +210,7 @@ def main():
                 ("4 GEMMs (3 + logits again: recompute floor)", three + gemm_ms["logits"], 4)]
 
     rows = []
-    for mode in ("fwd", "fwd+bwd"):
+    for mode in ("fwd+bwd",) if args.quick else ("fwd", "fwd+bwd"):  # quick: a smoke run (the test suite's)
         floors = floor_rows(mode)
         floor_ms = floors[0][1]
         for name, ms, count in floors:
